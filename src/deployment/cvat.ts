@@ -1,0 +1,90 @@
+/**
+ * Everything the tool knows about CVAT itself lives here: which services exist, which volume holds
+ * what, the order services start in, where the version is written. Other modules ask this one.
+ * Facts from cvat-ai/cvat up to v2.73.0 (docker-compose.yml and its -f variants).
+ */
+
+export type VolumeRole = 'database' | 'media' | 'keys' | 'logs' | 'events' | 'inmem' | 'cache' | 'certificates' | 'other';
+
+interface KnownVolume {
+  role: VolumeRole;
+  /** The service whose container moves this volume's data (it has the right image for helpers). */
+  ownerService: string;
+  description: string;
+}
+
+const KNOWN_VOLUMES: Record<string, KnownVolume> = {
+  cvat_db: { role: 'database', ownerService: 'cvat_db', description: 'PostgreSQL data' },
+  cvat_data: { role: 'media', ownerService: 'cvat_server', description: 'uploaded and prepared media' },
+  cvat_keys: { role: 'keys', ownerService: 'cvat_server', description: 'Django secret key' },
+  cvat_logs: { role: 'logs', ownerService: 'cvat_server', description: 'backend logs' },
+  cvat_events_db: { role: 'events', ownerService: 'cvat_clickhouse', description: 'ClickHouse events' },
+  cvat_inmem_db: { role: 'inmem', ownerService: 'cvat_redis_inmem', description: 'Redis queues and state' },
+  cvat_cache_db: { role: 'cache', ownerService: 'cvat_redis_ondisk', description: 'regenerable chunk cache' },
+  cvat_letsencrypt: { role: 'certificates', ownerService: 'traefik', description: "Let's Encrypt certificates" },
+};
+
+export function volumeRole(composeName: string): VolumeRole {
+  return KNOWN_VOLUMES[composeName]?.role ?? 'other';
+}
+
+export function volumeDescription(composeName: string): string {
+  return KNOWN_VOLUMES[composeName]?.description ?? 'named volume';
+}
+
+export function ownerServiceOf(composeName: string): string | undefined {
+  return KNOWN_VOLUMES[composeName]?.ownerService;
+}
+
+/** Whether a volume is archived unless the user says otherwise. The cache is regenerable. */
+export function backedUpByDefault(role: VolumeRole): boolean {
+  return role !== 'cache';
+}
+
+/** The service that identifies a CVAT deployment and tells its version. */
+export const SERVER_SERVICE = 'cvat_server';
+
+export function isServerImage(image: string): boolean {
+  return /(^|\/)cvat\/server([:@]|$)/.test(image);
+}
+
+/**
+ * Start order tiers when compose did not record `com.docker.compose.depends_on` (compose v1, or
+ * containers created by other tools): data services first, then the backend, then the edge.
+ * Stop order is the reverse.
+ */
+export function startTier(service: string): number {
+  if (['cvat_db', 'cvat_redis_inmem', 'cvat_redis_ondisk', 'cvat_redis', 'cvat_clickhouse', 'cvat_opa'].includes(service)) return 0;
+  if (service === 'cvat_server' || service.startsWith('cvat_worker')) return 1;
+  return 2;
+}
+
+/** Versions from an image reference like `cvat/server:v2.73.0`; undefined for dev/latest/digests. */
+export function versionFromImageTag(image: string): string | undefined {
+  const match = /:v?(\d+\.\d+\.\d+)$/.exec(image);
+  return match?.[1];
+}
+
+/** Where `cvat/__init__.py` lives in the server image: /opt/cvat since v2.72, /home/django before. */
+export const VERSION_FILE_PATHS = ['/opt/cvat/cvat/__init__.py', '/home/django/cvat/__init__.py'] as const;
+
+/** Parses `VERSION = (2, 73, 0, "final", 0)`; pre-releases keep their label (2.74.0-alpha). */
+export function versionFromInitPy(text: string): string | undefined {
+  const match = /^VERSION\s*=\s*\(\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*["'](\w+)["']/m.exec(text);
+  if (!match) return undefined;
+  const base = `${match[1]}.${match[2]}.${match[3]}`;
+  return match[4] === 'final' ? base : `${base}-${match[4]}`;
+}
+
+/** Why a bind mount is not backed up, in words a CVAT administrator recognises. */
+export function bindMountReason(destination: string): string {
+  if (destination === '/home/django/share') return "CVAT's read-only share of source files on the host: not CVAT's data";
+  if (destination.endsWith('docker.sock')) return 'the Docker socket';
+  return 'a host folder, not a Docker volume: back it up with the host';
+}
+
+/** What to run when the project's containers are gone (`docker compose down`). */
+export function recreateContainersHint(version: string | undefined): string {
+  const env = version ? `CVAT_VERSION=v${version} ` : '';
+  return `in the CVAT folder run '${env}docker compose up --no-start' (with the same -f files) to create the containers, then restore again`;
+}

@@ -1,0 +1,219 @@
+/**
+ * `restore DIR`: plan → verify → rollback point → write volumes → start.
+ *
+ * 1. Plan: map every archive of the set (ours, or hand-made with the guide's commands) to a volume
+ *    of the deployment and its mount path; refuse when the containers are gone (`compose down`),
+ *    a volume is missing, or the CVAT versions differ (the guide's rule).
+ * 2. Verify every archive to its end before anything is touched.
+ * 3. Stop the project; in every target volume move the old files aside (rollback point).
+ * 4. Extract each archive into its emptied volume through the engine (owners and modes kept).
+ * 5. Success: drop the rollback points. Failure: put the old files back. Then start CVAT.
+ */
+import { createReadStream } from 'node:fs';
+import { createGunzip } from 'node:zlib';
+import type { DockerEngine } from '../docker/engine.js';
+import type { ProgressListener } from '../events.js';
+import {
+  ContainersMissingError,
+  CorruptArchiveError,
+  RestoreFailedError,
+  VersionMismatchError,
+  VolumeMissingError,
+  classifyError,
+} from '../errors.js';
+import { discoverDeployment, type Deployment } from '../deployment/discover.js';
+import { recreateContainersHint } from '../deployment/cvat.js';
+import { startContainers, withDeploymentStopped } from '../deployment/lifecycle.js';
+import { acquireProjectLock } from '../deployment/lock.js';
+import { readArchiveSet, verifyArchiveSet, type ArchiveSet } from '../archive/archive-set.js';
+import { memberPrefixOf } from '../archive/manifest.js';
+import { commitVolume, prepareRollback, rollbackVolume, type VolumeTarget } from './volume-rollback.js';
+
+export interface ArchiveRestoreOptions {
+  project?: string | undefined;
+  from: string;
+  allowVersionMismatch?: boolean;
+  /** The CVAT version of a hand-made set (no manifest). */
+  cvatVersion?: string | undefined;
+  signal?: AbortSignal;
+  onProgress?: ProgressListener;
+  now?: () => number;
+}
+
+export interface RestoredVolume {
+  composeName: string;
+  files: number;
+  bytes: number;
+}
+
+export interface ArchiveRestoreResult {
+  project: string;
+  backupVersion: string | undefined;
+  deploymentVersion: string | undefined;
+  volumes: RestoredVolume[];
+  downtimeMs: number;
+  durationMs: number;
+}
+
+interface PlannedVolume {
+  target: VolumeTarget;
+  archivePath: string;
+}
+
+function normaliseVersion(v: string | undefined): string | undefined {
+  return v?.replace(/^v/, '');
+}
+
+export function checkVersions(
+  backupVersion: string | undefined,
+  deploymentVersion: string | undefined,
+  options: { allowVersionMismatch?: boolean; handMade: boolean },
+): string | undefined {
+  if (options.allowVersionMismatch) {
+    return backupVersion !== deploymentVersion
+      ? `restoring a CVAT ${backupVersion ?? 'unknown'} backup into CVAT ${deploymentVersion ?? 'unknown'} (--allow-version-mismatch)`
+      : undefined;
+  }
+  if (backupVersion === undefined) {
+    throw new VersionMismatchError(
+      options.handMade
+        ? `this backup has no manifest, so its CVAT version is unknown: name it with --cvat-version X (it must match the deployment's ${deploymentVersion ?? 'unknown'}), or accept the risk with --allow-version-mismatch`
+        : 'the backup does not record its CVAT version: pass --allow-version-mismatch to restore it anyway',
+    );
+  }
+  if (deploymentVersion === undefined) {
+    throw new VersionMismatchError(
+      `the deployment's CVAT version cannot be determined (dev/latest image?) and the backup is CVAT ${backupVersion}: run CVAT_VERSION=v${backupVersion}, or pass --allow-version-mismatch`,
+    );
+  }
+  if (backupVersion !== deploymentVersion) {
+    throw new VersionMismatchError(
+      `the backup is CVAT ${backupVersion} but the deployment runs CVAT ${deploymentVersion}: in the CVAT folder run 'CVAT_VERSION=v${backupVersion} docker compose up -d', restore, then upgrade (or pass --allow-version-mismatch)`,
+    );
+  }
+  return undefined;
+}
+
+function plan(set: ArchiveSet, deployment: Deployment): PlannedVolume[] {
+  const planned: PlannedVolume[] = [];
+  for (const archive of set.volumes) {
+    const volume = deployment.volumes.find((v) => v.composeName === archive.composeName);
+    if (!volume) {
+      throw new VolumeMissingError(
+        `the backup holds volume '${archive.composeName}' but project '${deployment.project}' has no such volume: create the deployment with the same compose files first`,
+      );
+    }
+    if (!volume.container || volume.mountPath === undefined) {
+      throw new VolumeMissingError(`volume '${archive.composeName}' is not mounted by any container of project '${deployment.project}'`);
+    }
+    if (archive.mountPath !== undefined && archive.mountPath !== volume.mountPath) {
+      throw new CorruptArchiveError(
+        `volume '${archive.composeName}' was backed up from ${archive.mountPath} but is mounted at ${volume.mountPath} now: restore under the backup's CVAT version`,
+      );
+    }
+    planned.push({
+      archivePath: archive.path,
+      target: {
+        composeName: volume.composeName,
+        containerId: volume.container.id,
+        image: volume.container.image,
+        mountPath: volume.mountPath,
+      },
+    });
+  }
+  return planned;
+}
+
+export async function restoreFromArchiveSet(engine: DockerEngine, options: ArchiveRestoreOptions): Promise<ArchiveRestoreResult> {
+  const now = options.now ?? Date.now;
+  const onProgress = options.onProgress ?? (() => undefined);
+  const signalOption = options.signal ? { signal: options.signal } : {};
+  const startedAt = now();
+  const set = await readArchiveSet(options.from);
+  const deployment = await discoverDeployment(engine, { project: options.project, ...signalOption });
+  const backupVersion = normaliseVersion(set.manifest?.cvat.version ?? options.cvatVersion);
+  if (deployment.containers.length === 0) {
+    throw new ContainersMissingError(
+      `project '${deployment.project}' has volumes but no containers (after 'docker compose down'?): ${recreateContainersHint(backupVersion)}`,
+    );
+  }
+  const deploymentVersion = deployment.version.version;
+  const warning = checkVersions(backupVersion, deploymentVersion, {
+    allowVersionMismatch: options.allowVersionMismatch ?? false,
+    handMade: set.manifest === undefined,
+  });
+  if (warning) onProgress({ type: 'warning', message: warning });
+  const planned = plan(set, deployment);
+
+  onProgress({ type: 'phase', message: 'verifying archives' });
+  const verified = await verifyArchiveSet(set, {
+    prefixFor: (name) => {
+      const mount = deployment.volumes.find((v) => v.composeName === name)?.mountPath;
+      return mount === undefined ? undefined : memberPrefixOf(mount);
+    },
+    ...signalOption,
+    onVolume: (volume, phase, stats) => {
+      if (phase === 'start') onProgress({ type: 'volume-start', volume, totalBytes: undefined });
+      else onProgress({ type: 'volume-done', volume, bytes: stats?.bytes ?? 0, files: stats?.files ?? 0 });
+    },
+    onProgress: (volume, stats) => onProgress({ type: 'volume-progress', volume, ...stats }),
+  });
+
+  const lockImage = deployment.version.serverImage ?? planned[0]!.target.image;
+  const lock = await acquireProjectLock(engine, deployment.project, lockImage, 'restore');
+  try {
+    const wasRunning = deployment.containers.some((c) => c.state === 'running' || c.state === 'restarting');
+    const { window } = await withDeploymentStopped(
+      engine,
+      deployment.containers,
+      onProgress,
+      async () => {
+        const prepared: VolumeTarget[] = [];
+        try {
+          onProgress({ type: 'phase', message: 'setting rollback points' });
+          for (const { target } of planned) {
+            prepared.push(target);
+            await prepareRollback(engine, target);
+          }
+          for (const { target, archivePath } of planned) {
+            options.signal?.throwIfAborted();
+            onProgress({ type: 'phase', message: `writing volume ${target.composeName}` });
+            const tar = createReadStream(archivePath, { highWaterMark: 1 << 20 }).pipe(createGunzip());
+            await engine.writeArchive(target.containerId, '/', tar, options.signal);
+          }
+        } catch (error) {
+          onProgress({ type: 'phase', message: 'restore failed: putting the previous data back' });
+          const rollbackErrors: unknown[] = [];
+          for (const target of prepared) {
+            await rollbackVolume(engine, target).catch((e: unknown) => rollbackErrors.push(e));
+          }
+          const cause = classifyError(error);
+          const suffix =
+            rollbackErrors.length === 0
+              ? 'the previous data was put back'
+              : `AND putting the previous data back failed (${rollbackErrors.map((e) => (e as Error).message).join('; ')}): the old files are in .cvat-backup-rollback/ inside the volumes`;
+          if ((cause as { name?: string }).name === 'InterruptedError') throw cause;
+          throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; ${suffix}`, { cause });
+        }
+        onProgress({ type: 'phase', message: 'removing rollback points' });
+        for (const { target } of planned) await commitVolume(engine, target);
+      },
+      now,
+    );
+    if (!wasRunning) {
+      // Containers made with `docker compose up --no-start`: a restore brings CVAT up.
+      onProgress({ type: 'phase', message: 'starting CVAT' });
+      await startContainers(engine, deployment.containers, onProgress);
+    }
+    return {
+      project: deployment.project,
+      backupVersion,
+      deploymentVersion,
+      volumes: verified.map((v) => ({ composeName: v.composeName, files: v.check.files, bytes: v.check.bytes })),
+      downtimeMs: window.downtimeMs,
+      durationMs: now() - startedAt,
+    };
+  } finally {
+    await lock.release().catch(() => undefined);
+  }
+}
