@@ -2,7 +2,8 @@
  * Durable file writes: data goes to a hidden `.partial` file, is fsynced, renamed into place and
  * the directory fsynced, so a crash leaves either the old state or the complete new file.
  */
-import { open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { createWriteStream } from 'node:fs';
+import { open, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { Transform, type TransformCallback, type Writable } from 'node:stream';
 import { createHash, type Hash } from 'node:crypto';
@@ -20,29 +21,39 @@ export async function fsyncDirectory(dir: string): Promise<void> {
   }
 }
 
-/** An exclusive, durable file: `stream` to write, then `commit()` or `abort()`. */
+/**
+ * An exclusive, durable file: write `stream`, then `commit()` (fsync, rename into place, fsync the
+ * folder) or `abort()`. The stream closes its own descriptor (pipeline waits for 'close'); commit
+ * fsyncs through a second descriptor, which on Linux flushes the same inode.
+ */
 export class DurableFile {
   private constructor(
     readonly finalPath: string,
-    private readonly handle: FileHandle,
     readonly stream: Writable,
   ) {}
 
   static async create(finalPath: string): Promise<DurableFile> {
-    const handle = await open(partialPath(finalPath), 'wx', 0o600);
-    const stream = handle.createWriteStream({ autoClose: false, highWaterMark: 1 << 20 });
-    return new DurableFile(finalPath, handle, stream);
+    const stream = createWriteStream(partialPath(finalPath), { flags: 'wx', mode: 0o600, highWaterMark: 1 << 20 });
+    await new Promise<void>((resolve, reject) => {
+      stream.once('open', () => resolve());
+      stream.once('error', reject);
+    });
+    return new DurableFile(finalPath, stream);
   }
 
   async commit(): Promise<void> {
-    await this.handle.sync();
-    await this.handle.close();
+    const handle = await open(partialPath(this.finalPath), 'r');
+    try {
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
     await rename(partialPath(this.finalPath), this.finalPath);
     await fsyncDirectory(dirname(this.finalPath));
   }
 
   async abort(): Promise<void> {
-    await this.handle.close().catch(() => undefined);
+    this.stream.destroy();
     await rm(partialPath(this.finalPath), { force: true });
   }
 }
@@ -52,7 +63,8 @@ export async function writeFileDurably(finalPath: string, content: string | Buff
   try {
     await new Promise<void>((resolve, reject) => {
       file.stream.once('error', reject);
-      file.stream.end(content, () => resolve());
+      file.stream.once('close', () => resolve());
+      file.stream.end(content);
     });
     await file.commit();
   } catch (error) {

@@ -256,6 +256,15 @@ function report(error: unknown): number {
 
 export async function main(argv: string[], engineFactory?: () => DockerEngine): Promise<void> {
   const program = buildProgram(engineFactory);
+  // A promise that never settles would let Node exit 0 silently; make that a loud internal error.
+  let settled = false;
+  const onBeforeExit = (): void => {
+    if (settled) return;
+    settled = true;
+    process.stderr.write('cvat-backup: internal error: the operation stalled before finishing; check that CVAT is running (cvat-backup status)\n');
+    process.exitCode = ExitCode.internal;
+  };
+  process.once('beforeExit', onBeforeExit);
   try {
     await program.parseAsync(argv, { from: 'user' });
     process.exitCode = ExitCode.ok;
@@ -265,5 +274,8 @@ export async function main(argv: string[], engineFactory?: () => DockerEngine): 
       return;
     }
     process.exitCode = report(error);
+  } finally {
+    settled = true;
+    process.off('beforeExit', onBeforeExit);
   }
 }
