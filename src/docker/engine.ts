@@ -253,8 +253,8 @@ class DockerodeEngine implements DockerEngine {
   async writeArchive(containerId: string, path: string, tar: Readable, signal?: AbortSignal): Promise<void> {
     // dockerode's request consumes `tar`; errors of the source stream must fail the request too.
     const body = new PassThrough({ highWaterMark: 1 << 20 });
-    let sourceError: unknown;
-    tar.on('error', (error) => {
+    let sourceError: Error | undefined;
+    tar.on('error', (error: Error) => {
       sourceError = error;
       body.destroy(error);
     });
@@ -303,7 +303,7 @@ class DockerodeEngine implements DockerEngine {
       const logs = await this.call('read helper logs', () =>
         container.logs({ stdout: true, stderr: true, follow: false }),
       );
-      const { stdout, stderr } = demuxLogs(logs as unknown as Buffer);
+      const { stdout, stderr } = demuxLogs(logs);
       return { exitCode: status.StatusCode, stdout, stderr };
     } finally {
       await container.remove({ force: true }).catch(() => undefined);
