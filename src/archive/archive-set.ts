@@ -37,7 +37,8 @@ export interface WrittenArchive extends TarStats {
 
 export type ByteProgress = (stats: TarStats) => void;
 
-function throttled(report: ByteProgress | undefined, intervalMs = 200): (stats: TarStats, force?: boolean) => void {
+/** Calls `report` at most every `intervalMs` (or when forced). */
+export function throttled(report: ByteProgress | undefined, intervalMs = 200): (stats: TarStats, force?: boolean) => void {
   let last = 0;
   return (stats, force = false) => {
     if (!report) return;

@@ -57,6 +57,7 @@ function lineRenderer(stream: NodeJS.WriteStream, verb: string): ProgressRendere
         break;
       case 'volume-start':
         started.set(event.volume, Date.now());
+        lastReport.set(event.volume, Date.now());
         write(`${verb} ${event.volume}${event.totalBytes !== undefined ? ` (${formatBytes(event.totalBytes)})` : ''}`);
         break;
       case 'volume-progress': {

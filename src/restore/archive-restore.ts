@@ -25,8 +25,9 @@ import { discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { recreateContainersHint } from '../deployment/cvat.js';
 import { startContainers, withDeploymentStopped } from '../deployment/lifecycle.js';
 import { acquireProjectLock } from '../deployment/lock.js';
-import { readArchiveSet, verifyArchiveSet, type ArchiveSet } from '../archive/archive-set.js';
+import { readArchiveSet, throttled, verifyArchiveSet, type ArchiveSet } from '../archive/archive-set.js';
 import { memberPrefixOf } from '../archive/manifest.js';
+import { TarProcessor, type TarStats } from '../archive/tar.js';
 import { commitVolume, prepareRollback, rollbackVolume, type VolumeTarget } from './volume-rollback.js';
 
 export interface ArchiveRestoreOptions {
@@ -153,10 +154,10 @@ export async function restoreFromArchiveSet(engine: DockerEngine, options: Archi
     },
     ...signalOption,
     onVolume: (volume, phase, stats) => {
-      if (phase === 'start') onProgress({ type: 'volume-start', volume, totalBytes: undefined });
-      else onProgress({ type: 'volume-done', volume, bytes: stats?.bytes ?? 0, files: stats?.files ?? 0 });
+      if (phase === 'start') onProgress({ type: 'volume-start', volume: `${volume} (verify)`, totalBytes: undefined });
+      else onProgress({ type: 'volume-done', volume: `${volume} (verify)`, bytes: stats?.bytes ?? 0, files: stats?.files ?? 0 });
     },
-    onProgress: (volume, stats) => onProgress({ type: 'volume-progress', volume, ...stats }),
+    onProgress: (volume, stats) => onProgress({ type: 'volume-progress', volume: `${volume} (verify)`, ...stats }),
   });
 
   const lockImage = deployment.version.serverImage ?? planned[0]!.target.image;
@@ -177,9 +178,13 @@ export async function restoreFromArchiveSet(engine: DockerEngine, options: Archi
           }
           for (const { target, archivePath } of planned) {
             options.signal?.throwIfAborted();
-            onProgress({ type: 'phase', message: `writing volume ${target.composeName}` });
-            const tar = createReadStream(archivePath, { highWaterMark: 1 << 20 }).pipe(createGunzip());
+            const expected = verified.find((v) => v.composeName === target.composeName)?.check;
+            onProgress({ type: 'volume-start', volume: target.composeName, totalBytes: expected?.bytes });
+            const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
+            const processor: TarProcessor = new TarProcessor({ onData: () => report(processor.stats) });
+            const tar = createReadStream(archivePath, { highWaterMark: 1 << 20 }).pipe(createGunzip()).pipe(processor);
             await engine.writeArchive(target.containerId, '/', tar, options.signal);
+            onProgress({ type: 'volume-done', volume: target.composeName, bytes: processor.stats.bytes, files: processor.stats.files });
           }
         } catch (error) {
           onProgress({ type: 'phase', message: 'restore failed: putting the previous data back' });
