@@ -6,13 +6,14 @@
 import { createReadStream } from 'node:fs';
 import { readFile, readdir, stat } from 'node:fs/promises';
 import { join, posix } from 'node:path';
-import { Writable } from 'node:stream';
+import { Writable, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
 import type { DockerEngine } from '../docker/engine.js';
 import { CorruptArchiveError, InterruptedError } from '../errors.js';
 import { DurableFile, HashingCounter } from './files.js';
 import { ParallelGzip } from './pgzip.js';
+import { hostTarStream } from './host-tar.js';
 import { TarProcessor, normaliseMemberName, type TarEntry, type TarStats } from './tar.js';
 import {
   MANIFEST_FILE,
@@ -22,11 +23,9 @@ import {
   type ArchiveSetManifest,
 } from './manifest.js';
 
-export interface VolumeSource {
-  composeName: string;
-  containerId: string;
-  mountPath: string;
-}
+export type VolumeSource =
+  | { kind: 'engine'; composeName: string; containerId: string; mountPath: string }
+  | { kind: 'host'; composeName: string; hostPath: string; mountPath: string };
 
 export interface WrittenArchive extends TarStats {
   archive: string;
@@ -51,8 +50,9 @@ export function throttled(report: ByteProgress | undefined, intervalMs = 200): (
 }
 
 /**
- * Streams one volume out of the engine into `<dir>/<composeName>.tar.gz`, renaming members from
- * `basename(mount)/…` to `mount-path/…`. Durable: the archive appears only when complete.
+ * Streams one volume into `<dir>/<composeName>.tar.gz` with members named `mount-path/…`: from the
+ * engine (renaming its `basename(mount)/…` members) or from the volume's folder on this host.
+ * Durable: the archive appears only when complete.
  */
 export async function writeVolumeArchive(
   engine: DockerEngine,
@@ -66,25 +66,39 @@ export async function writeVolumeArchive(
   const archive = archiveFileName(source.composeName);
   const file = await DurableFile.create(join(dir, archive));
   try {
-    const tarStream = await engine.readArchive(source.containerId, source.mountPath, options.signal);
     const report = throttled(options.onProgress);
-    const processor: TarProcessor = new TarProcessor({
-      ...(renamePrefix ? { renamePrefix } : {}),
-      onEntry: () => report(processor.stats),
-      onData: () => report(processor.stats),
-    });
+    let tarStream: Readable;
+    let stats: () => TarStats;
+    if (source.kind === 'engine') {
+      const engineStream = await engine.readArchive(source.containerId, source.mountPath, options.signal);
+      const processor: TarProcessor = new TarProcessor({
+        ...(renamePrefix ? { renamePrefix } : {}),
+        onEntry: () => report(processor.stats),
+        onData: () => report(processor.stats),
+      });
+      tarStream = engineStream.pipe(processor);
+      engineStream.on('error', (error) => processor.destroy(error));
+      stats = () => processor.stats;
+    } else {
+      const host = hostTarStream(source.hostPath, {
+        memberPrefix,
+        ...(options.signal ? { signal: options.signal } : {}),
+        onProgress: (s) => report(s),
+      });
+      tarStream = host.stream;
+      stats = () => host.stats;
+    }
     const hasher = new HashingCounter();
     await pipeline(
       tarStream,
-      processor,
       new ParallelGzip(options.level === undefined ? {} : { level: options.level }),
       hasher,
       file.stream,
       options.signal ? { signal: options.signal } : {},
     );
     await file.commit();
-    report(processor.stats, true);
-    return { ...processor.stats, archive, archiveBytes: hasher.bytes, sha256: hasher.digest(), memberPrefix };
+    report(stats(), true);
+    return { ...stats(), archive, archiveBytes: hasher.bytes, sha256: hasher.digest(), memberPrefix };
   } catch (error) {
     await file.abort();
     throw error;

@@ -20,6 +20,8 @@ const volumeRecord = z.object({
   bytes: z.number().int().nonnegative(),
   archiveBytes: z.number().int().nonnegative(),
   sha256: z.string().regex(/^[0-9a-f]{64}$/),
+  /** How the bytes moved: through the engine's archive API or from the volume's folder. */
+  transport: z.enum(['engine', 'host']).optional(),
 });
 
 export const manifestSchema = z.object({

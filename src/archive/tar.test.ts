@@ -8,6 +8,7 @@ import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { randomBytes } from 'node:crypto';
 import { TarProcessor, normaliseMemberName } from './tar.js';
+import { encodeHeader } from './host-tar.js';
 
 async function process(input: Buffer, renamePrefix?: Buffer): Promise<{ output: Buffer; names: string[]; processor: TarProcessor }> {
   const names: string[] = [];
@@ -100,6 +101,25 @@ void describe('TarProcessor', () => {
     } finally {
       rmSync(work, { recursive: true, force: true });
     }
+  });
+
+  void it('carries a member over 8 GiB (PAX size record, as the engine writes it) and renames it', async () => {
+    const size = 8 * 1024 ** 3 + 4097;
+    const header = encodeHeader({ name: Buffer.from('data/huge.bin'), type: '0', mode: 0o644, uid: 1000, gid: 1000, size, mtime: 1700000000 });
+    const zeros = Buffer.alloc(4 << 20);
+    async function* archive(): AsyncGenerator<Buffer> {
+      yield header;
+      for (let left = size; left > 0; left -= zeros.length) yield zeros.subarray(0, Math.min(zeros.length, left));
+      yield Buffer.alloc(512 - (size % 512));
+      yield Buffer.alloc(1024);
+    }
+    const names: string[] = [];
+    let out = 0;
+    const processor = new TarProcessor({ renamePrefix: Buffer.from('home/django/'), onEntry: (e) => names.push(normaliseMemberName(e.name)) });
+    await pipeline(Readable.from(archive()), processor, new Writable({ write: (c: Buffer, _e, cb) => ((out += c.length), cb()) }));
+    assert.deepEqual(names, ['home/django/data/huge.bin']);
+    assert.equal(processor.stats.bytes, size);
+    assert.equal(out % 512, 0);
   });
 
   void it('refuses a truncated archive and a damaged header', async () => {

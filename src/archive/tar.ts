@@ -34,6 +34,8 @@ export interface TarEntry {
   uid: number;
   gid: number;
   mtime: number;
+  /** PAX records that applied to this member (global and local), raw values. */
+  pax: Map<string, Buffer>;
 }
 
 export interface TarStats {
@@ -51,7 +53,14 @@ export interface TarProcessorOptions {
   onEntry?: (entry: TarEntry) => void;
   /** Called with each piece of a member's data. */
   onData?: (entry: TarEntry, chunk: Buffer) => void;
+  /**
+   * 'bytes' (default): the output is the archive. 'entries': the output is an object stream of
+   * TarItem (each member, then its data in pieces), for extractors.
+   */
+  output?: 'bytes' | 'entries';
 }
+
+export type TarItem = { kind: 'entry'; entry: TarEntry } | { kind: 'data'; chunk: Buffer };
 
 const REGULAR_TYPES = new Set(['0', '\0', '7', 'S']);
 
@@ -236,8 +245,16 @@ export class TarProcessor extends Transform {
   private zeroBlocks = 0;
   private globalPax: PaxRecord[] = [];
 
+  private readonly entriesMode: boolean;
+
   constructor(private readonly options: TarProcessorOptions = {}) {
-    super({ highWaterMark: 1 << 20 });
+    const entriesMode = options.output === 'entries';
+    super(entriesMode ? { readableObjectMode: true, writableHighWaterMark: 1 << 20, readableHighWaterMark: 64 } : { highWaterMark: 1 << 20 });
+    this.entriesMode = entriesMode;
+  }
+
+  private emitBytes(buffer: Buffer): void {
+    if (!this.entriesMode) this.push(buffer);
   }
 
   private takeBytes(length: number): Buffer | undefined {
@@ -274,7 +291,7 @@ export class TarProcessor extends Transform {
       switch (this.state) {
         case 'end': {
           const rest = this.takeBytes(this.bufferedLength);
-          if (rest && rest.length > 0) this.push(rest);
+          if (rest && rest.length > 0) this.emitBytes(rest);
           return;
         }
         case 'data': {
@@ -282,7 +299,8 @@ export class TarProcessor extends Transform {
           const all = this.takeBytes(Math.min(this.remaining, this.bufferedLength))!;
           this.remaining -= all.length;
           if (this.current && this.options.onData) this.options.onData(this.current, all);
-          this.push(all);
+          if (this.entriesMode) this.push({ kind: 'data', chunk: all } satisfies TarItem);
+          else this.push(all);
           if (this.remaining === 0) this.enterPadding(this.current?.size ?? 0);
           continue;
         }
@@ -290,7 +308,7 @@ export class TarProcessor extends Transform {
           const pad = this.takeBytes(Math.min(this.remaining, this.bufferedLength));
           if (!pad || pad.length === 0) return;
           this.remaining -= pad.length;
-          this.push(pad);
+          this.emitBytes(pad);
           if (this.remaining === 0) this.state = 'header';
           continue;
         }
@@ -323,7 +341,7 @@ export class TarProcessor extends Transform {
     if (isZeroBlock(block)) {
       if (this.extensions.length > 0) throw new CorruptArchiveError('tar extension header without a member');
       this.zeroBlocks++;
-      this.push(block);
+      this.emitBytes(block);
       if (this.zeroBlocks === 2) this.state = 'end';
       return;
     }
@@ -373,6 +391,9 @@ export class TarProcessor extends Transform {
         size = parseInt(record.value.toString('latin1'), 10);
       }
     }
+    // GNU sparse 1.0 (PAX): the real name and size are in GNU.sparse.* records.
+    const sparseName = pax.find((r) => r.key === 'GNU.sparse.name')?.value;
+    const sparseSize = pax.find((r) => r.key === 'GNU.sparse.realsize')?.value;
     const isHardLink = type === '1';
     const prefix = this.options.renamePrefix;
     const out: Buffer[] = [];
@@ -380,7 +401,9 @@ export class TarProcessor extends Transform {
       for (const ext of this.extensions) {
         if (ext.type === 'x') {
           const records = parsePax(ext.data).map((r) =>
-            r.key === 'path' || (r.key === 'linkpath' && isHardLink) ? { key: r.key, value: Buffer.concat([prefix, r.value]) } : r,
+            r.key === 'path' || r.key === 'GNU.sparse.name' || (r.key === 'linkpath' && isHardLink)
+              ? { key: r.key, value: Buffer.concat([prefix, r.value]) }
+              : r,
           );
           const data = encodePax(records);
           const header = Buffer.from(ext.header);
@@ -412,12 +435,12 @@ export class TarProcessor extends Transform {
     }
     this.extensions = [];
     out.push(block);
-    for (const b of out) this.push(b);
+    for (const b of out) this.emitBytes(b);
 
     // Hard links, symlinks, directories and devices carry no data whatever the size field says.
     const dataSize = type === '1' || type === '2' || type === '5' || type === '3' || type === '4' || type === '6' ? 0 : size;
     const entry: TarEntry = {
-      name,
+      name: sparseName && !prefix ? sparseName : sparseName && prefix ? Buffer.concat([prefix, sparseName]) : name,
       linkName,
       type,
       size: dataSize,
@@ -425,11 +448,20 @@ export class TarProcessor extends Transform {
       uid: parseNumeric(block, 108, 8),
       gid: parseNumeric(block, 116, 8),
       mtime: parseNumeric(block, 136, 12),
+      pax: new Map(pax.map((r) => [r.key, r.value])),
     };
+    const paxNumber = (key: string): number | undefined => {
+      const v = entry.pax.get(key);
+      return v === undefined ? undefined : Number(v.toString('latin1'));
+    };
+    entry.uid = paxNumber('uid') ?? entry.uid;
+    entry.gid = paxNumber('gid') ?? entry.gid;
+    entry.mtime = Math.floor(paxNumber('mtime') ?? entry.mtime);
     this.stats.entries++;
     if (isRegularType(type) || isHardLink) this.stats.files++;
-    this.stats.bytes += dataSize;
+    this.stats.bytes += sparseSize ? Number(sparseSize.toString('latin1')) : dataSize;
     this.options.onEntry?.(entry);
+    if (this.entriesMode) this.push({ kind: 'entry', entry } satisfies TarItem);
     this.current = entry;
     if (dataSize > 0) {
       this.remaining = dataSize;

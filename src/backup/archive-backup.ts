@@ -14,7 +14,8 @@ import { TargetNotEmptyError, UsageError, VolumeMissingError } from '../errors.j
 import { discoverDeployment, type Deployment, type DeploymentVolume } from '../deployment/discover.js';
 import { withDeploymentStopped } from '../deployment/lifecycle.js';
 import { acquireProjectLock } from '../deployment/lock.js';
-import { writeVolumeArchive } from '../archive/archive-set.js';
+import { writeVolumeArchive, type VolumeSource } from '../archive/archive-set.js';
+import { chooseTransport, type ChosenTransport, type TransportChoice } from '../archive/transport.js';
 import { writeFileDurably } from '../archive/files.js';
 import {
   MANIFEST_FILE,
@@ -30,6 +31,7 @@ export interface ArchiveBackupOptions {
   to: string;
   includeCache?: boolean;
   compressionLevel?: number;
+  via?: TransportChoice;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   now?: () => number;
@@ -88,6 +90,8 @@ export async function backupToArchiveSet(engine: DockerEngine, options: ArchiveB
   }
   await prepareTarget(options.to);
   const lockImage = deployment.version.serverImage ?? selected[0]!.container.image;
+  const transports = new Map<string, ChosenTransport>();
+  for (const v of selected) transports.set(v.composeName, await chooseTransport(engine, v.name, options.via ?? 'auto'));
   const lock = await acquireProjectLock(engine, deployment.project, lockImage, 'backup');
   const written: string[] = [];
   try {
@@ -103,9 +107,14 @@ export async function backupToArchiveSet(engine: DockerEngine, options: ArchiveB
           options.signal?.throwIfAborted();
           onProgress({ type: 'volume-start', volume: volume.composeName, totalBytes: sizes.get(volume.name) });
           written.push(archiveFileName(volume.composeName));
+          const chosen = transports.get(volume.composeName)!;
+          const source: VolumeSource =
+            chosen.hostPath !== undefined
+              ? { kind: 'host', composeName: volume.composeName, hostPath: chosen.hostPath, mountPath: volume.mountPath }
+              : { kind: 'engine', composeName: volume.composeName, containerId: volume.container.id, mountPath: volume.mountPath };
           const archive = await writeVolumeArchive(
             engine,
-            { composeName: volume.composeName, containerId: volume.container.id, mountPath: volume.mountPath },
+            source,
             options.to,
             {
               ...(options.compressionLevel === undefined ? {} : { level: options.compressionLevel }),
@@ -126,6 +135,7 @@ export async function backupToArchiveSet(engine: DockerEngine, options: ArchiveB
             bytes: archive.bytes,
             archiveBytes: archive.archiveBytes,
             sha256: archive.sha256,
+            transport: chosen.transport,
           });
         }
         return out;

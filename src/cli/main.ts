@@ -11,6 +11,7 @@ import { backupToArchiveSet, selectVolumes } from '../backup/archive-backup.js';
 import { readArchiveSet, verifyArchiveSet } from '../archive/archive-set.js';
 import { restoreFromArchiveSet } from '../restore/archive-restore.js';
 import { TOOL_VERSION } from '../version.js';
+import type { TransportChoice } from '../archive/transport.js';
 import { createProgressRenderer, formatBytes, formatDuration, table } from './render.js';
 
 interface GlobalOptions {
@@ -21,6 +22,16 @@ interface GlobalOptions {
 function out(text: string): void {
   process.stdout.write(`${text}\n`);
 }
+
+function transportChoice(value: string): TransportChoice {
+  if (value !== 'auto' && value !== 'engine' && value !== 'host') throw new InvalidArgumentError('auto, engine or host');
+  return value;
+}
+
+const viaOption = (): Option =>
+  new Option('--via <transport>', 'how volume data moves: engine (Docker archive API), host (volume folders, needs root on the Docker host; keeps sparse files), auto')
+    .argParser(transportChoice)
+    .default('auto');
 
 function compressionLevel(value: string): number {
   const n = Number(value);
@@ -124,7 +135,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .requiredOption('--to <dir>', 'new or empty folder for the archive set')
     .option('--include-cache', 'also archive cvat_cache_db (a regenerable cache)')
     .addOption(new Option('--compression-level <n>', 'gzip level 1-9').argParser(compressionLevel).default(3))
-    .action(async (options: { to: string; includeCache?: boolean; compressionLevel: number }) => {
+    .addOption(viaOption())
+    .action(async (options: { to: string; includeCache?: boolean; compressionLevel: number; via: TransportChoice }) => {
       const engine = engineFactory();
       const progress = createProgressRenderer(process.stderr, 'archiving');
       const { signal, dispose } = interruptible();
@@ -134,6 +146,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           to: resolve(options.to),
           includeCache: options.includeCache ?? false,
           compressionLevel: options.compressionLevel,
+          via: options.via,
           signal,
           onProgress: progress.listener,
         });
@@ -210,7 +223,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .argument('<dir>', 'folder with the archives')
     .option('--allow-version-mismatch', 'restore even if the CVAT versions differ (risky: see README)')
     .option('--cvat-version <version>', 'CVAT version of a hand-made archive set (no manifest)')
-    .action(async (dir: string, options: { allowVersionMismatch?: boolean; cvatVersion?: string }) => {
+    .addOption(viaOption())
+    .action(async (dir: string, options: { allowVersionMismatch?: boolean; cvatVersion?: string; via: TransportChoice }) => {
       const engine = engineFactory();
       const progress = createProgressRenderer(process.stderr, 'verifying');
       const { signal, dispose } = interruptible();
@@ -220,6 +234,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           from: resolve(dir),
           allowVersionMismatch: options.allowVersionMismatch ?? false,
           cvatVersion: options.cvatVersion,
+          via: options.via,
           signal,
           onProgress: progress.listener,
         });

@@ -62,6 +62,8 @@ export interface HelperSpec {
 export interface DockerEngine {
   /** Describes the engine endpoint for messages (never contains secrets). */
   readonly endpoint: string;
+  /** True when the engine runs on this host (a unix socket), so volume folders may be reachable. */
+  readonly local: boolean;
   /** Fails with DockerUnavailableError when the engine cannot be reached or used. */
   ping(): Promise<void>;
   /** All containers (any state) matching every `key=value` label filter. */
@@ -144,10 +146,14 @@ export function createDockerEngine(options: Docker.DockerOptions = {}): DockerEn
 }
 
 class DockerodeEngine implements DockerEngine {
+  readonly local: boolean;
+
   constructor(
     private readonly docker: Docker,
     readonly endpoint: string,
-  ) {}
+  ) {
+    this.local = endpoint.startsWith('unix://') || endpoint.startsWith('/');
+  }
 
   private async call<T>(what: string, fn: () => Promise<T>): Promise<T> {
     try {

@@ -11,6 +11,7 @@
  */
 import { createReadStream } from 'node:fs';
 import { createGunzip } from 'node:zlib';
+import { pipeline } from 'node:stream/promises';
 import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
 import {
@@ -28,6 +29,8 @@ import { acquireProjectLock } from '../deployment/lock.js';
 import { readArchiveSet, throttled, verifyArchiveSet, type ArchiveSet } from '../archive/archive-set.js';
 import { memberPrefixOf } from '../archive/manifest.js';
 import { TarProcessor, type TarStats } from '../archive/tar.js';
+import { HostExtractor } from '../archive/host-extract.js';
+import { chooseTransport, type ChosenTransport, type TransportChoice } from '../archive/transport.js';
 import { commitVolume, prepareRollback, rollbackVolume, type VolumeTarget } from './volume-rollback.js';
 
 export interface ArchiveRestoreOptions {
@@ -36,6 +39,7 @@ export interface ArchiveRestoreOptions {
   allowVersionMismatch?: boolean;
   /** The CVAT version of a hand-made set (no manifest). */
   cvatVersion?: string | undefined;
+  via?: TransportChoice;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   now?: () => number;
@@ -59,6 +63,7 @@ export interface ArchiveRestoreResult {
 interface PlannedVolume {
   target: VolumeTarget;
   archivePath: string;
+  volumeName: string;
 }
 
 function normaliseVersion(v: string | undefined): string | undefined {
@@ -114,6 +119,7 @@ function plan(set: ArchiveSet, deployment: Deployment): PlannedVolume[] {
     }
     planned.push({
       archivePath: archive.path,
+      volumeName: volume.name,
       target: {
         composeName: volume.composeName,
         containerId: volume.container.id,
@@ -160,6 +166,8 @@ export async function restoreFromArchiveSet(engine: DockerEngine, options: Archi
     onProgress: (volume, stats) => onProgress({ type: 'volume-progress', volume: `${volume} (verify)`, ...stats }),
   });
 
+  const transports = new Map<string, ChosenTransport>();
+  for (const p of planned) transports.set(p.target.composeName, await chooseTransport(engine, p.volumeName, options.via ?? 'auto'));
   const lockImage = deployment.version.serverImage ?? planned[0]!.target.image;
   const lock = await acquireProjectLock(engine, deployment.project, lockImage, 'restore');
   try {
@@ -181,9 +189,19 @@ export async function restoreFromArchiveSet(engine: DockerEngine, options: Archi
             const expected = verified.find((v) => v.composeName === target.composeName)?.check;
             onProgress({ type: 'volume-start', volume: target.composeName, totalBytes: expected?.bytes });
             const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
-            const processor: TarProcessor = new TarProcessor({ onData: () => report(processor.stats) });
-            const tar = createReadStream(archivePath, { highWaterMark: 1 << 20 }).pipe(createGunzip()).pipe(processor);
-            await engine.writeArchive(target.containerId, '/', tar, options.signal);
+            const processor: TarProcessor = new TarProcessor({
+              onData: () => report(processor.stats),
+              ...(transports.get(target.composeName)?.hostPath === undefined ? {} : { output: 'entries' as const }),
+            });
+            const hostPath = transports.get(target.composeName)?.hostPath;
+            if (hostPath === undefined) {
+              const tar = createReadStream(archivePath, { highWaterMark: 1 << 20 }).pipe(createGunzip()).pipe(processor);
+              await engine.writeArchive(target.containerId, '/', tar, options.signal);
+            } else {
+              const extractor = new HostExtractor(hostPath, memberPrefixOf(target.mountPath));
+              await pipeline(createReadStream(archivePath, { highWaterMark: 1 << 20 }), createGunzip(), processor, extractor, signalOption);
+              for (const skipped of extractor.result.skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${skipped}` });
+            }
             onProgress({ type: 'volume-done', volume: target.composeName, bytes: processor.stats.bytes, files: processor.stats.files });
           }
         } catch (error) {
