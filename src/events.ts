@@ -2,12 +2,15 @@
  * The core never prints: long operations report progress as these events, and the CLI renders
  * them (bars on a TTY, plain lines otherwise, nothing on stdout with --json).
  */
+/** What is being done to a volume's data. */
+export type VolumeAction = 'archiving' | 'verifying' | 'restoring';
+
 export type ProgressEvent =
   | { type: 'phase'; message: string }
   | { type: 'container-stopped'; service: string; name: string }
   | { type: 'container-started'; service: string; name: string }
   | { type: 'container-start-failed'; service: string; name: string; error: string }
-  | { type: 'volume-start'; volume: string; totalBytes: number | undefined }
+  | { type: 'volume-start'; volume: string; action: VolumeAction; totalBytes: number | undefined }
   | { type: 'volume-progress'; volume: string; bytes: number; files: number }
   | { type: 'volume-done'; volume: string; bytes: number; files: number }
   | { type: 'warning'; message: string };

@@ -194,33 +194,35 @@ describe('errors and failures', () => {
     assert.equal(left.stdout.trim(), '', 'the lock is released');
   });
 
-  it('Ctrl-C during a backup: exit 130, CVAT running, no archive left', async () => {
-    const dir = join(work, 'interrupted');
-    const cli = startCli(['--project', f.project, 'backup', '--to', dir]);
-    await cli.waitForStderr('archiving cvat_data');
-    cli.kill('SIGINT');
-    const r = await cli.result;
-    assert.equal(r.code, 130, r.stderr);
-    assert.match(r.stderr, /interrupted/);
-    await allRunning(f);
-    assert.deepEqual(await readdir(dir), []);
-  });
+  for (const via of ['host', 'engine'] as const) {
+    it(`Ctrl-C during a backup (--via ${via}): exit 130, CVAT running, no archive left`, async () => {
+      const dir = join(work, `interrupted-${via}`);
+      const cli = startCli(['--project', f.project, 'backup', '--to', dir, '--via', via]);
+      await cli.waitForStderr('archiving cvat_data');
+      cli.kill('SIGINT');
+      const r = await cli.result;
+      assert.equal(r.code, 130, r.stderr);
+      assert.match(r.stderr, /interrupted/);
+      await allRunning(f);
+      assert.deepEqual(await readdir(dir), []);
+    });
 
-  it('Ctrl-C during a restore: the previous data is put back and CVAT runs', async () => {
-    await f.psql(`INSERT INTO engine_task (name) VALUES ('written after the backup')`);
-    await f.exec('cvat_server', 'echo after > /home/django/data/after-backup.txt');
-    const rows = await databaseFingerprint(f);
-    const media = await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true });
-    const cli = startCli(['--project', f.project, 'restore', good]);
-    await cli.waitForStderr('writing volume cvat_data', 120000);
-    cli.kill('SIGINT');
-    const r = await cli.result;
-    assert.equal(r.code, 130, r.stderr);
-    await allRunning(f);
-    await f.waitForDatabase();
-    assert.equal(await databaseFingerprint(f), rows, 'the rows of before the restore are back');
-    assert.deepEqual(await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true }), media);
-  });
+    it(`Ctrl-C during a restore (--via ${via}): the previous data is put back and CVAT runs`, async () => {
+      await f.psql(`INSERT INTO engine_task (name) VALUES ('written after the backup ' || '${via}')`);
+      await f.exec('cvat_server', 'echo after > /home/django/data/after-backup.txt');
+      const rows = await databaseFingerprint(f);
+      const media = await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true });
+      const cli = startCli(['--project', f.project, 'restore', good, '--via', via]);
+      await cli.waitForStderr('restoring cvat_data', 120000);
+      cli.kill('SIGINT');
+      const r = await cli.result;
+      assert.equal(r.code, 130, r.stderr);
+      await allRunning(f);
+      await f.waitForDatabase();
+      assert.equal(await databaseFingerprint(f), rows, 'the rows of before the restore are back');
+      assert.deepEqual(await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true }), media);
+    });
+  }
 
   it('containers removed by docker compose down: exit 11 with the command to run; then restore starts CVAT', async () => {
     await f.compose(['down', '-t', '2']);

@@ -107,7 +107,7 @@ void describe('TarProcessor', () => {
     const size = 8 * 1024 ** 3 + 4097;
     const header = encodeHeader({ name: Buffer.from('data/huge.bin'), type: '0', mode: 0o644, uid: 1000, gid: 1000, size, mtime: 1700000000 });
     const zeros = Buffer.alloc(4 << 20);
-    async function* archive(): AsyncGenerator<Buffer> {
+    function* archive(): Generator<Buffer> {
       yield header;
       for (let left = size; left > 0; left -= zeros.length) yield zeros.subarray(0, Math.min(zeros.length, left));
       yield Buffer.alloc(512 - (size % 512));

@@ -105,7 +105,7 @@ export async function backupToArchiveSet(engine: DockerEngine, options: ArchiveB
         const out: VolumeArchiveRecord[] = [];
         for (const volume of selected) {
           options.signal?.throwIfAborted();
-          onProgress({ type: 'volume-start', volume: volume.composeName, totalBytes: sizes.get(volume.name) });
+          onProgress({ type: 'volume-start', volume: volume.composeName, action: 'archiving', totalBytes: sizes.get(volume.name) });
           written.push(archiveFileName(volume.composeName));
           const chosen = transports.get(volume.composeName)!;
           const source: VolumeSource =

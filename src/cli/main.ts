@@ -138,7 +138,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .addOption(viaOption())
     .action(async (options: { to: string; includeCache?: boolean; compressionLevel: number; via: TransportChoice }) => {
       const engine = engineFactory();
-      const progress = createProgressRenderer(process.stderr, 'archiving');
+      const progress = createProgressRenderer(process.stderr);
       const { signal, dispose } = interruptible();
       try {
         const { manifest, dir } = await backupToArchiveSet(engine, {
@@ -190,7 +190,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .description('check an archive set: manifest, every checksum, every archive read to its end')
     .argument('<dir>', 'folder written by backup --to')
     .action(async (dir: string) => {
-      const progress = createProgressRenderer(process.stderr, 'verifying');
+      const progress = createProgressRenderer(process.stderr);
       const { signal, dispose } = interruptible();
       try {
         const set = await readArchiveSet(resolve(dir));
@@ -201,7 +201,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           signal,
           onVolume: (volume, phase, stats) =>
             phase === 'start'
-              ? progress.listener({ type: 'volume-start', volume, totalBytes: undefined })
+              ? progress.listener({ type: 'volume-start', volume, action: 'verifying', totalBytes: undefined })
               : progress.listener({ type: 'volume-done', volume, bytes: stats?.bytes ?? 0, files: stats?.files ?? 0 }),
           onProgress: (volume, stats) => progress.listener({ type: 'volume-progress', volume, ...stats }),
         });
@@ -226,7 +226,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .addOption(viaOption())
     .action(async (dir: string, options: { allowVersionMismatch?: boolean; cvatVersion?: string; via: TransportChoice }) => {
       const engine = engineFactory();
-      const progress = createProgressRenderer(process.stderr, 'verifying');
+      const progress = createProgressRenderer(process.stderr);
       const { signal, dispose } = interruptible();
       try {
         const result = await restoreFromArchiveSet(engine, {

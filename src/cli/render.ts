@@ -28,11 +28,11 @@ export interface ProgressRenderer {
   stop(): void;
 }
 
-export function createProgressRenderer(stream: NodeJS.WriteStream, verb: string): ProgressRenderer {
-  return stream.isTTY ? barRenderer(stream, verb) : lineRenderer(stream, verb);
+export function createProgressRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
+  return stream.isTTY ? barRenderer(stream) : lineRenderer(stream);
 }
 
-function lineRenderer(stream: NodeJS.WriteStream, verb: string): ProgressRenderer {
+function lineRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
   const lastReport = new Map<string, number>();
   const started = new Map<string, number>();
   const write = (line: string): void => {
@@ -58,7 +58,7 @@ function lineRenderer(stream: NodeJS.WriteStream, verb: string): ProgressRendere
       case 'volume-start':
         started.set(event.volume, Date.now());
         lastReport.set(event.volume, Date.now());
-        write(`${verb} ${event.volume}${event.totalBytes !== undefined ? ` (${formatBytes(event.totalBytes)})` : ''}`);
+        write(`${event.action} ${event.volume}${event.totalBytes !== undefined ? ` (${formatBytes(event.totalBytes)})` : ''}`);
         break;
       case 'volume-progress': {
         const now = Date.now();
@@ -77,7 +77,7 @@ function lineRenderer(stream: NodeJS.WriteStream, verb: string): ProgressRendere
   return { listener, stop: () => undefined };
 }
 
-function barRenderer(stream: NodeJS.WriteStream, verb: string): ProgressRenderer {
+function barRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
   const multi = new cliProgress.MultiBar(
     {
       stream,
@@ -92,14 +92,14 @@ function barRenderer(stream: NodeJS.WriteStream, verb: string): ProgressRenderer
     },
     cliProgress.Presets.shades_classic,
   );
-  const bars = new Map<string, { bar: cliProgress.SingleBar; started: number; total: number }>();
+  const bars = new Map<string, { bar: cliProgress.SingleBar; started: number; total: number; label: string }>();
   const log = (line: string): void => {
     multi.log(`${line}\n`);
   };
   const payload = (volume: string, bytes: number, files: number, total: number, startedAt: number): Record<string, string | number> => {
     const seconds = (Date.now() - startedAt) / 1000;
     return {
-      volume: volume.padEnd(16),
+      volume: volume.padEnd(26),
       value_h: formatBytes(bytes),
       total_h: total > 0 ? formatBytes(total) : '?',
       rate: seconds > 0 ? `${formatBytes(bytes / seconds)}/s` : '',
@@ -125,9 +125,9 @@ function barRenderer(stream: NodeJS.WriteStream, verb: string): ProgressRenderer
         break;
       case 'volume-start': {
         const total = event.totalBytes ?? 0;
-        const bar = multi.create(Math.max(total, 1), 0, payload(event.volume, 0, 0, total, Date.now()));
-        bars.set(event.volume, { bar, started: Date.now(), total });
-        log(`${verb} ${event.volume}`);
+        const label = `${event.action} ${event.volume}`;
+        const bar = multi.create(Math.max(total, 1), 0, payload(label, 0, 0, total, Date.now()));
+        bars.set(event.volume, { bar, started: Date.now(), total, label });
         break;
       }
       case 'volume-progress':
@@ -142,7 +142,7 @@ function barRenderer(stream: NodeJS.WriteStream, verb: string): ProgressRenderer
           entry.total = event.bytes;
           entry.bar.setTotal(Math.max(event.bytes, 1));
         }
-        entry.bar.update(event.type === 'volume-done' ? Math.max(event.bytes, 1) : event.bytes, payload(event.volume, event.bytes, event.files, entry.total, entry.started));
+        entry.bar.update(event.type === 'volume-done' ? Math.max(event.bytes, 1) : event.bytes, payload(entry.label, event.bytes, event.files, entry.total, entry.started));
         break;
       }
     }

@@ -160,10 +160,10 @@ export async function restoreFromArchiveSet(engine: DockerEngine, options: Archi
     },
     ...signalOption,
     onVolume: (volume, phase, stats) => {
-      if (phase === 'start') onProgress({ type: 'volume-start', volume: `${volume} (verify)`, totalBytes: undefined });
-      else onProgress({ type: 'volume-done', volume: `${volume} (verify)`, bytes: stats?.bytes ?? 0, files: stats?.files ?? 0 });
+      if (phase === 'start') onProgress({ type: 'volume-start', volume, action: 'verifying', totalBytes: undefined });
+      else onProgress({ type: 'volume-done', volume, bytes: stats?.bytes ?? 0, files: stats?.files ?? 0 });
     },
-    onProgress: (volume, stats) => onProgress({ type: 'volume-progress', volume: `${volume} (verify)`, ...stats }),
+    onProgress: (volume, stats) => onProgress({ type: 'volume-progress', volume, ...stats }),
   });
 
   const transports = new Map<string, ChosenTransport>();
@@ -187,7 +187,7 @@ export async function restoreFromArchiveSet(engine: DockerEngine, options: Archi
           for (const { target, archivePath } of planned) {
             options.signal?.throwIfAborted();
             const expected = verified.find((v) => v.composeName === target.composeName)?.check;
-            onProgress({ type: 'volume-start', volume: target.composeName, totalBytes: expected?.bytes });
+            onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring', totalBytes: expected?.bytes });
             const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
             const processor: TarProcessor = new TarProcessor({
               onData: () => report(processor.stats),
