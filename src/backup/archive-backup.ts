@@ -71,7 +71,8 @@ async function prepareTarget(dir: string): Promise<void> {
       if ((error as NodeJS.ErrnoException).code === 'ENOTDIR') throw new UsageError(`--to ${dir} is a file, not a folder`);
       throw error;
     }
-    await mkdir(dir, { recursive: true });
+    // The set holds the Django secret key in clear (as the guide's does): keep it private.
+    await mkdir(dir, { recursive: true, mode: 0o700 });
     return;
   }
   if (entries.length > 0) {
