@@ -139,10 +139,15 @@ function barRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
           entry.bar.setTotal(event.bytes);
         }
         if (event.type === 'volume-done') {
-          entry.total = event.bytes;
-          entry.bar.setTotal(Math.max(event.bytes, 1));
+          // A finished volume leaves the bars and becomes one line, so the screen stays tidy.
+          entry.bar.stop();
+          multi.remove(entry.bar);
+          bars.delete(event.volume);
+          const seconds = (Date.now() - entry.started) / 1000;
+          log(`  ${entry.label}: ${formatBytes(event.bytes)}, ${event.files} files in ${formatDuration(Date.now() - entry.started)}${seconds > 0.5 ? ` (${formatBytes(event.bytes / seconds)}/s)` : ''}`);
+          break;
         }
-        entry.bar.update(event.type === 'volume-done' ? Math.max(event.bytes, 1) : event.bytes, payload(entry.label, event.bytes, event.files, entry.total, entry.started));
+        entry.bar.update(event.bytes, payload(entry.label, event.bytes, event.files, entry.total, entry.started));
         break;
       }
     }
