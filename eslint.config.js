@@ -29,8 +29,10 @@ export default tseslint.config(
       '@typescript-eslint/only-throw-error': 'error',
     },
   },
-  layer(['src/docker/**'], ['deployment', 'archive', 'backup', 'restore', 'cli']),
-  layer(['src/archive/**'], ['deployment', 'backup', 'restore', 'cli']),
+  layer(['src/docker/**'], ['deployment', 'archive', 'backup', 'restore', 'cli', 'repository', 'backend']),
+  layer(['src/backend/**'], ['docker', 'deployment', 'archive', 'backup', 'restore', 'cli', 'repository']),
+  layer(['src/repository/**'], ['docker', 'deployment', 'backup', 'restore', 'cli']),
+  layer(['src/archive/**'], ['deployment', 'backup', 'restore', 'cli', 'repository', 'backend']),
   layer(['src/deployment/**'], ['backup', 'restore', 'cli']),
   layer(['src/backup/**', 'src/restore/**'], ['cli']),
   {

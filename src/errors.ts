@@ -18,6 +18,8 @@ export const ExitCode = {
   locked: 10,
   containersMissing: 11,
   restoreFailed: 12,
+  wrongPassword: 13,
+  repositoryMissing: 14,
   interrupted: 130,
 } as const;
 
@@ -92,6 +94,17 @@ export class LockedError extends CvatBackupError {
 export class RestoreFailedError extends CvatBackupError {
   readonly code = 'RESTORE_FAILED';
   readonly exitCode = ExitCode.restoreFailed;
+}
+
+export class WrongPasswordError extends CvatBackupError {
+  readonly code = 'WRONG_PASSWORD';
+  readonly exitCode = ExitCode.wrongPassword;
+}
+
+/** No repository where one was expected (or one already exists where `init` would create it). */
+export class RepositoryError extends CvatBackupError {
+  readonly code = 'REPOSITORY';
+  readonly exitCode = ExitCode.repositoryMissing;
 }
 
 export class InterruptedError extends CvatBackupError {

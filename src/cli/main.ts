@@ -5,18 +5,28 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { resolve } from 'node:path';
 import { createDockerEngine, type DockerEngine } from '../docker/engine.js';
-import { CvatBackupError, ExitCode, InterruptedError, UsageError, classifyError } from '../errors.js';
+import { CorruptArchiveError, CvatBackupError, ExitCode, InterruptedError, UsageError, classifyError } from '../errors.js';
 import { discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { backupToArchiveSet, selectVolumes } from '../backup/archive-backup.js';
 import { readArchiveSet, verifyArchiveSet } from '../archive/archive-set.js';
 import { restoreFromArchiveSet } from '../restore/archive-restore.js';
 import { TOOL_VERSION } from '../version.js';
+import { stat } from 'node:fs/promises';
+import { LocalBackend } from '../backend/local.js';
+import { Repository } from '../repository/repository.js';
+import { listSnapshots, shortId } from '../repository/snapshots.js';
+import { checkRepository } from '../repository/check.js';
+import { backupToRepository } from '../backup/repository-backup.js';
+import { restoreFromSnapshot } from '../restore/snapshot-restore.js';
+import { repositoryLocation, readPassword } from './secrets.js';
 import type { TransportChoice } from '../archive/transport.js';
 import { createProgressRenderer, formatBytes, formatDuration, table } from './render.js';
 
 interface GlobalOptions {
   project?: string;
   json?: boolean;
+  repo?: string;
+  passwordFile?: string;
 }
 
 function out(text: string): void {
@@ -114,6 +124,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .version(TOOL_VERSION)
     .option('-p, --project <name>', 'compose project of the CVAT deployment (default: the only one running cvat/server, else "cvat")')
     .option('--json', 'print the result as one JSON object on stdout')
+    .option('-r, --repo <path>', 'snapshot repository (default: $CVAT_BACKUP_REPO, else /var/backups/cvat-backup as root)')
+    .option('--password-file <file>', 'read the repository password from FILE (else $CVAT_BACKUP_PASSWORD, else a prompt)')
     .showHelpAfterError()
     .exitOverride();
 
@@ -131,13 +143,17 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
 
   program
     .command('backup')
-    .description('stop CVAT, archive every volume into DIR (seed-compatible .tar.gz + manifest.json), start CVAT')
-    .requiredOption('--to <dir>', 'new or empty folder for the archive set')
+    .description('stop CVAT, back up every volume into the repository (or with --to DIR into seed-compatible .tar.gz files), start CVAT')
+    .option('--to <dir>', 'write a seed-compatible archive set into this new or empty folder instead of the repository')
     .option('--include-cache', 'also archive cvat_cache_db (a regenerable cache)')
     .addOption(new Option('--compression-level <n>', 'gzip level 1-9').argParser(compressionLevel).default(3))
     .addOption(viaOption())
-    .action(async (options: { to: string; includeCache?: boolean; compressionLevel: number; via: TransportChoice }) => {
+    .action(async (options: { to?: string; includeCache?: boolean; compressionLevel: number; via: TransportChoice }) => {
       const engine = engineFactory();
+      if (options.to === undefined) {
+        await backupIntoRepository(engine, options.includeCache ?? false);
+        return;
+      }
       const progress = createProgressRenderer(process.stderr);
       const { signal, dispose } = interruptible();
       try {
@@ -219,13 +235,17 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
 
   program
     .command('restore')
-    .description('verify an archive set (ours or made with the guide), then replace the volumes with it and start CVAT')
-    .argument('<dir>', 'folder with the archives')
+    .description('verify a snapshot (latest or ID) or an archive set (DIR, ours or made with the guide), then replace the volumes with it and start CVAT')
+    .argument('<snapshot-or-dir>', "'latest', a snapshot id (prefix), or a folder with archives")
     .option('--allow-version-mismatch', 'restore even if the CVAT versions differ (risky: see README)')
     .option('--cvat-version <version>', 'CVAT version of a hand-made archive set (no manifest)')
     .addOption(viaOption())
     .action(async (dir: string, options: { allowVersionMismatch?: boolean; cvatVersion?: string; via: TransportChoice }) => {
       const engine = engineFactory();
+      if (await isSnapshotRef(dir)) {
+        await restoreSnapshot(engine, dir, options);
+        return;
+      }
       const progress = createProgressRenderer(process.stderr);
       const { signal, dispose } = interruptible();
       try {
@@ -250,7 +270,136 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
       }
     });
 
+  const openRepository = async (): Promise<Repository> =>
+    Repository.open(new LocalBackend(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false));
+
+  async function backupIntoRepository(engine: DockerEngine, includeCache: boolean): Promise<void> {
+    const repo = await openRepository();
+    const progress = createProgressRenderer(process.stderr);
+    const { signal, dispose } = interruptible();
+    try {
+      const { snapshot, bytesAdded, stats } = await backupToRepository(engine, repo, {
+        project: globals().project,
+        includeCache,
+        signal,
+        onProgress: progress.listener,
+      });
+      progress.stop();
+      if (globals().json) {
+        out(
+          JSON.stringify({
+            snapshot: snapshot.id,
+            repository: repo.backend.location,
+            project: snapshot.project,
+            cvatVersion: snapshot.cvat.version,
+            parent: snapshot.parent ?? null,
+            volumes: snapshot.volumes.map((v) => ({
+              name: v.composeName,
+              files: v.files,
+              bytes: v.bytes,
+              filesUnchanged: stats[v.composeName]?.filesUnchanged ?? 0,
+              bytesRead: stats[v.composeName]?.bytesRead ?? 0,
+            })),
+            bytesAdded,
+            downtimeMs: snapshot.downtimeMs,
+            durationMs: snapshot.durationMs,
+          }),
+        );
+      } else {
+        out(table([['VOLUME', 'FILES', 'DATA', 'UNCHANGED FILES', 'READ'], ...snapshot.volumes.map((v) => [v.composeName, String(v.files), formatBytes(v.bytes), String(stats[v.composeName]?.filesUnchanged ?? 0), formatBytes(stats[v.composeName]?.bytesRead ?? 0)])]));
+        out(`Snapshot ${shortId(snapshot.id)} of CVAT ${snapshot.cvat.version ?? '(version unknown)'} saved in ${repo.backend.location}; ${formatBytes(bytesAdded)} added`);
+        out(`Downtime ${formatDuration(snapshot.downtimeMs)}, total ${formatDuration(snapshot.durationMs)}`);
+      }
+    } finally {
+      progress.stop();
+      dispose();
+    }
+  }
+
+  async function restoreSnapshot(engine: DockerEngine, ref: string, options: { allowVersionMismatch?: boolean; via: TransportChoice }): Promise<void> {
+    const repo = await openRepository();
+    const progress = createProgressRenderer(process.stderr);
+    const { signal, dispose } = interruptible();
+    try {
+      const result = await restoreFromSnapshot(engine, repo, ref, {
+        project: globals().project,
+        allowVersionMismatch: options.allowVersionMismatch ?? false,
+        via: options.via,
+        signal,
+        onProgress: progress.listener,
+      });
+      progress.stop();
+      if (globals().json) out(JSON.stringify(result));
+      else {
+        out(`Restored snapshot ${shortId(result.snapshot)} (${result.volumes.length} volumes of CVAT ${result.backupVersion ?? '(unknown)'}) into project ${result.project}; CVAT is running.`);
+        out(`Downtime ${formatDuration(result.downtimeMs)}, total ${formatDuration(result.durationMs)}`);
+      }
+    } finally {
+      progress.stop();
+      dispose();
+    }
+  }
+
+  program
+    .command('init')
+    .description('create a snapshot repository (location: --repo, $CVAT_BACKUP_REPO or the default)')
+    .action(async () => {
+      const location = repositoryLocation(globals().repo);
+      const repo = await Repository.init(new LocalBackend(location), await readPassword(globals().passwordFile, true));
+      if (globals().json) out(JSON.stringify({ repository: location, id: repo.config.id }));
+      else out(`Created repository ${repo.config.id.slice(0, 10)} at ${location}. Keep the password safe: without it the backups cannot be read.`);
+    });
+
+  program
+    .command('snapshots')
+    .description('list the snapshots in the repository')
+    .action(async () => {
+      const repo = await openRepository();
+      const snapshots = await listSnapshots(repo);
+      const shown = globals().project === undefined ? snapshots : snapshots.filter((s) => s.project === globals().project);
+      if (globals().json) {
+        out(JSON.stringify(shown.map((s) => ({ id: s.id, time: s.time, project: s.project, cvatVersion: s.cvat.version, hostname: s.hostname, parent: s.parent ?? null, downtimeMs: s.downtimeMs, volumes: s.volumes.map((v) => ({ name: v.composeName, files: v.files, bytes: v.bytes })) }))));
+        return;
+      }
+      if (shown.length === 0) {
+        out(`no snapshots in ${repo.backend.location}`);
+        return;
+      }
+      out(table([['ID', 'TIME', 'PROJECT', 'CVAT', 'VOLUMES', 'DATA', 'DOWNTIME'], ...shown.map((s) => [shortId(s.id), s.time.replace('T', ' ').slice(0, 19), s.project, s.cvat.version ?? '?', String(s.volumes.length), formatBytes(s.volumes.reduce((sum, v) => sum + v.bytes, 0)), formatDuration(s.downtimeMs)])]));
+    });
+
+  program
+    .command('check')
+    .description('check the repository structure; --read-data also reads and authenticates every byte')
+    .option('--read-data', 'read every pack and verify every blob')
+    .action(async (options: { readData?: boolean }) => {
+      const repo = await openRepository();
+      const lock = await repo.lock(false, 'check');
+      const { signal, dispose } = interruptible();
+      try {
+        const result = await checkRepository(repo, { readData: options.readData ?? false, signal, onPhase: (m) => process.stderr.write(`${m}…\n`) });
+        if (globals().json) out(JSON.stringify({ ok: result.errors.length === 0, ...result }));
+        else {
+          for (const e of result.errors) process.stderr.write(`error: ${e}\n`);
+          if (result.errors.length === 0) out(`OK: ${result.snapshots} snapshots, ${result.packs} packs${result.readData ? `, ${result.blobs} blobs read and verified` : ''}`);
+        }
+        if (result.errors.length > 0) {
+          throw new CorruptArchiveError(`repository ${repo.backend.location} has ${result.errors.length} problem(s)${result.errors[0] ? `, first: ${result.errors[0]}` : ''}`);
+        }
+      } finally {
+        await lock.release().catch(() => undefined);
+        dispose();
+      }
+    });
+
   return program;
+}
+
+/** `restore` takes a snapshot ('latest' or a hex id prefix) unless the argument is a folder. */
+async function isSnapshotRef(arg: string): Promise<boolean> {
+  if (arg === 'latest') return true;
+  if (!/^[0-9a-f]{4,64}$/i.test(arg)) return false;
+  return (await stat(arg).catch(() => undefined)) === undefined;
 }
 
 function report(error: unknown): number {

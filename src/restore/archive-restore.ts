@@ -11,6 +11,7 @@
  */
 import { createReadStream } from 'node:fs';
 import { createGunzip } from 'node:zlib';
+import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
@@ -26,16 +27,31 @@ import { discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { recreateContainersHint } from '../deployment/cvat.js';
 import { startContainers, withDeploymentStopped } from '../deployment/lifecycle.js';
 import { acquireProjectLock } from '../deployment/lock.js';
-import { readArchiveSet, throttled, verifyArchiveSet, type ArchiveSet } from '../archive/archive-set.js';
+import { readArchiveSet, throttled, verifyArchiveSet } from '../archive/archive-set.js';
 import { memberPrefixOf } from '../archive/manifest.js';
 import { TarProcessor, type TarStats } from '../archive/tar.js';
 import { HostExtractor } from '../archive/host-extract.js';
 import { chooseTransport, type ChosenTransport, type TransportChoice } from '../archive/transport.js';
 import { commitVolume, prepareRollback, rollbackVolume, type VolumeTarget } from './volume-rollback.js';
 
-export interface ArchiveRestoreOptions {
+/**
+ * Where a restore's data comes from: an archive set, or a repository snapshot. Everything else
+ * (version rule, plan, rollback points, start order) is the same for both.
+ */
+export interface RestoreSource {
+  /** CVAT version recorded by the backup (undefined: unknown). */
+  cvatVersion: string | undefined;
+  /** No recorded version by design (an archive set made by hand): --cvat-version applies. */
+  handMade: boolean;
+  volumes: { composeName: string; mountPath: string | undefined }[];
+  /** Reads everything once, end to end, before anything is touched; counts per volume. */
+  verify(memberPrefixFor: (composeName: string) => string, signal: AbortSignal | undefined, onProgress: ProgressListener): Promise<Map<string, TarStats>>;
+  /** The volume's data as an uncompressed tar stream, members under its mount path. */
+  openTar(composeName: string, signal: AbortSignal | undefined): Readable;
+}
+
+export interface RestoreOptions {
   project?: string | undefined;
-  from: string;
   allowVersionMismatch?: boolean;
   /** The CVAT version of a hand-made set (no manifest). */
   cvatVersion?: string | undefined;
@@ -51,6 +67,10 @@ export interface RestoredVolume {
   bytes: number;
 }
 
+export interface ArchiveRestoreOptions extends RestoreOptions {
+  from: string;
+}
+
 export interface ArchiveRestoreResult {
   project: string;
   backupVersion: string | undefined;
@@ -62,7 +82,6 @@ export interface ArchiveRestoreResult {
 
 interface PlannedVolume {
   target: VolumeTarget;
-  archivePath: string;
   volumeName: string;
 }
 
@@ -100,9 +119,9 @@ export function checkVersions(
   return undefined;
 }
 
-function plan(set: ArchiveSet, deployment: Deployment): PlannedVolume[] {
+function plan(source: RestoreSource, deployment: Deployment): PlannedVolume[] {
   const planned: PlannedVolume[] = [];
-  for (const archive of set.volumes) {
+  for (const archive of source.volumes) {
     const volume = deployment.volumes.find((v) => v.composeName === archive.composeName);
     if (!volume) {
       throw new VolumeMissingError(
@@ -118,7 +137,6 @@ function plan(set: ArchiveSet, deployment: Deployment): PlannedVolume[] {
       );
     }
     planned.push({
-      archivePath: archive.path,
       volumeName: volume.name,
       target: {
         composeName: volume.composeName,
@@ -131,14 +149,44 @@ function plan(set: ArchiveSet, deployment: Deployment): PlannedVolume[] {
   return planned;
 }
 
+/** An archive set as a restore source. */
+export async function archiveSetSource(dir: string, cvatVersionFlag: string | undefined): Promise<RestoreSource> {
+  const set = await readArchiveSet(dir);
+  return {
+    cvatVersion: set.manifest?.cvat.version ?? cvatVersionFlag,
+    handMade: set.manifest === undefined,
+    volumes: set.volumes.map((v) => ({ composeName: v.composeName, mountPath: v.mountPath })),
+    verify: async (memberPrefixFor, signal, onProgress) => {
+      onProgress({ type: 'phase', message: 'verifying archives' });
+      const verified = await verifyArchiveSet(set, {
+        prefixFor: memberPrefixFor,
+        ...(signal ? { signal } : {}),
+        onVolume: (volume, phase, stats) => {
+          if (phase === 'start') onProgress({ type: 'volume-start', volume, action: 'verifying', totalBytes: undefined });
+          else onProgress({ type: 'volume-done', volume, bytes: stats?.bytes ?? 0, files: stats?.files ?? 0 });
+        },
+        onProgress: (volume, stats) => onProgress({ type: 'volume-progress', volume, ...stats }),
+      });
+      return new Map(verified.map((v) => [v.composeName, v.check]));
+    },
+    openTar: (composeName) => {
+      const path = set.volumes.find((v) => v.composeName === composeName)!.path;
+      return createReadStream(path, { highWaterMark: 1 << 20 }).pipe(createGunzip());
+    },
+  };
+}
+
 export async function restoreFromArchiveSet(engine: DockerEngine, options: ArchiveRestoreOptions): Promise<ArchiveRestoreResult> {
+  return restoreFromSource(engine, await archiveSetSource(options.from, options.cvatVersion), options);
+}
+
+export async function restoreFromSource(engine: DockerEngine, source: RestoreSource, options: RestoreOptions): Promise<ArchiveRestoreResult> {
   const now = options.now ?? Date.now;
   const onProgress = options.onProgress ?? (() => undefined);
   const signalOption = options.signal ? { signal: options.signal } : {};
   const startedAt = now();
-  const set = await readArchiveSet(options.from);
   const deployment = await discoverDeployment(engine, { project: options.project, ...signalOption });
-  const backupVersion = normaliseVersion(set.manifest?.cvat.version ?? options.cvatVersion);
+  const backupVersion = normaliseVersion(source.cvatVersion);
   if (deployment.containers.length === 0) {
     throw new ContainersMissingError(
       `project '${deployment.project}' has volumes but no containers (after 'docker compose down'?): ${recreateContainersHint(backupVersion)}`,
@@ -147,24 +195,15 @@ export async function restoreFromArchiveSet(engine: DockerEngine, options: Archi
   const deploymentVersion = deployment.version.version;
   const warning = checkVersions(backupVersion, deploymentVersion, {
     allowVersionMismatch: options.allowVersionMismatch ?? false,
-    handMade: set.manifest === undefined,
+    handMade: source.handMade,
   });
   if (warning) onProgress({ type: 'warning', message: warning });
-  const planned = plan(set, deployment);
-
-  onProgress({ type: 'phase', message: 'verifying archives' });
-  const verified = await verifyArchiveSet(set, {
-    prefixFor: (name) => {
-      const mount = deployment.volumes.find((v) => v.composeName === name)?.mountPath;
-      return mount === undefined ? undefined : memberPrefixOf(mount);
-    },
-    ...signalOption,
-    onVolume: (volume, phase, stats) => {
-      if (phase === 'start') onProgress({ type: 'volume-start', volume, action: 'verifying', totalBytes: undefined });
-      else onProgress({ type: 'volume-done', volume, bytes: stats?.bytes ?? 0, files: stats?.files ?? 0 });
-    },
-    onProgress: (volume, stats) => onProgress({ type: 'volume-progress', volume, ...stats }),
-  });
+  const planned = plan(source, deployment);
+  const verified = await source.verify(
+    (name) => memberPrefixOf(deployment.volumes.find((v) => v.composeName === name)?.mountPath ?? ''),
+    options.signal,
+    onProgress,
+  );
 
   const transports = new Map<string, ChosenTransport>();
   for (const p of planned) transports.set(p.target.composeName, await chooseTransport(engine, p.volumeName, options.via ?? 'auto'));
@@ -184,9 +223,9 @@ export async function restoreFromArchiveSet(engine: DockerEngine, options: Archi
             prepared.push(target);
             await prepareRollback(engine, target);
           }
-          for (const { target, archivePath } of planned) {
+          for (const { target } of planned) {
             options.signal?.throwIfAborted();
-            const expected = verified.find((v) => v.composeName === target.composeName)?.check;
+            const expected = verified.get(target.composeName);
             onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring', totalBytes: expected?.bytes });
             const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
             const processor: TarProcessor = new TarProcessor({
@@ -195,11 +234,11 @@ export async function restoreFromArchiveSet(engine: DockerEngine, options: Archi
             });
             const hostPath = transports.get(target.composeName)?.hostPath;
             if (hostPath === undefined) {
-              const tar = createReadStream(archivePath, { highWaterMark: 1 << 20 }).pipe(createGunzip()).pipe(processor);
+              const tar = source.openTar(target.composeName, options.signal).pipe(processor);
               await engine.writeArchive(target.containerId, '/', tar, options.signal);
             } else {
               const extractor = new HostExtractor(hostPath, memberPrefixOf(target.mountPath));
-              await pipeline(createReadStream(archivePath, { highWaterMark: 1 << 20 }), createGunzip(), processor, extractor, signalOption);
+              await pipeline(source.openTar(target.composeName, options.signal), processor, extractor, signalOption);
               for (const skipped of extractor.result.skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${skipped}` });
             }
             onProgress({ type: 'volume-done', volume: target.composeName, bytes: processor.stats.bytes, files: processor.stats.files });
@@ -232,7 +271,7 @@ export async function restoreFromArchiveSet(engine: DockerEngine, options: Archi
       project: deployment.project,
       backupVersion,
       deploymentVersion,
-      volumes: verified.map((v) => ({ composeName: v.composeName, files: v.check.files, bytes: v.check.bytes })),
+      volumes: [...verified].map(([composeName, check]) => ({ composeName, files: check.files, bytes: check.bytes })),
       downtimeMs: window.downtimeMs,
       durationMs: now() - startedAt,
     };

@@ -1,0 +1,127 @@
+/**
+ * `backup` into the snapshot repository (the default destination).
+ *
+ * Order: discover → lock project → open repository (exclusive lock) → parent snapshot (latest of
+ * this project) → stop CVAT → archive every selected volume (only changed files are read; only
+ * new chunks are stored) → start CVAT (always) → write the last pack and the index → write the
+ * snapshot. A crash before the snapshot leaves no visible snapshot; the next backup reuses
+ * whatever packs were already indexed and `prune` removes unreferenced ones.
+ */
+import { hostname } from 'node:os';
+import type { DockerEngine } from '../docker/engine.js';
+import type { ProgressListener } from '../events.js';
+import { UsageError, VolumeMissingError } from '../errors.js';
+import { discoverDeployment } from '../deployment/discover.js';
+import { withDeploymentStopped } from '../deployment/lifecycle.js';
+import { acquireProjectLock } from '../deployment/lock.js';
+import { chooseTransport } from '../archive/transport.js';
+import type { Repository } from '../repository/repository.js';
+import { Archiver, type ArchiveStats } from '../repository/archiver.js';
+import { listSnapshots } from '../repository/snapshots.js';
+import type { Snapshot, SnapshotVolume } from '../repository/tree.js';
+import { TOOL_VERSION } from '../version.js';
+import { selectVolumes } from './archive-backup.js';
+
+export interface RepositoryBackupOptions {
+  project?: string | undefined;
+  includeCache?: boolean;
+  signal?: AbortSignal;
+  onProgress?: ProgressListener;
+  now?: () => number;
+}
+
+export interface RepositoryBackupResult {
+  snapshot: Snapshot & { id: string };
+  stats: Record<string, ArchiveStats>;
+  bytesAdded: number;
+}
+
+export async function backupToRepository(engine: DockerEngine, repo: Repository, options: RepositoryBackupOptions): Promise<RepositoryBackupResult> {
+  const now = options.now ?? Date.now;
+  const onProgress = options.onProgress ?? (() => undefined);
+  const startedAt = now();
+  const deployment = await discoverDeployment(engine, { project: options.project, ...(options.signal ? { signal: options.signal } : {}) });
+  const { selected, skipped } = selectVolumes(deployment, options.includeCache ?? false);
+  if (selected.length === 0) throw new VolumeMissingError(`project '${deployment.project}' has no mounted named volume to back up`);
+  const folders = new Map<string, string>();
+  for (const v of selected) {
+    const chosen = await chooseTransport(engine, v.name, 'auto');
+    if (chosen.hostPath === undefined) {
+      throw new UsageError(
+        `backing up into a repository reads volume folders directly, which needs root on the Docker host (volume ${v.name}); use 'backup --to DIR' for the engine path`,
+      );
+    }
+    folders.set(v.composeName, chosen.hostPath);
+  }
+  const lockImage = deployment.version.serverImage ?? selected[0]!.container.image;
+  const projectLock = await acquireProjectLock(engine, deployment.project, lockImage, 'backup');
+  try {
+    const repoLock = await repo.lock(true, 'backup');
+    try {
+      await repo.loadIndex();
+      const parent = (await listSnapshots(repo)).filter((s) => s.project === deployment.project).pop();
+      const stats: Record<string, ArchiveStats> = {};
+      const { result: volumes, window } = await withDeploymentStopped(
+        engine,
+        deployment.containers,
+        onProgress,
+        async () => {
+          const out: SnapshotVolume[] = [];
+          for (const volume of selected) {
+            options.signal?.throwIfAborted();
+            onProgress({ type: 'volume-start', volume: volume.composeName, action: 'archiving', totalBytes: undefined });
+            const archiver = new Archiver(repo, {
+              ...(options.signal ? { signal: options.signal } : {}),
+              onProgress: (s) => onProgress({ type: 'volume-progress', volume: volume.composeName, bytes: s.bytesRead, files: s.files }),
+            });
+            const parentTree = parent?.volumes.find((p) => p.composeName === volume.composeName && p.mountPath === volume.mountPath)?.tree;
+            const { tree, root } = await archiver.archive(folders.get(volume.composeName)!, parentTree);
+            stats[volume.composeName] = archiver.stats;
+            onProgress({ type: 'volume-done', volume: volume.composeName, bytes: archiver.stats.bytesRead, files: archiver.stats.files });
+            out.push({
+              composeName: volume.composeName,
+              name: volume.name,
+              role: volume.role,
+              mountPath: volume.mountPath,
+              tree,
+              root,
+              entries: archiver.stats.entries + 1,
+              files: archiver.stats.files,
+              bytes: archiver.stats.bytes,
+            });
+          }
+          return out;
+        },
+        now,
+      );
+      onProgress({ type: 'phase', message: 'writing index' });
+      await repo.flush();
+      const finishedAt = now();
+      const snapshot: Snapshot = {
+        version: 1,
+        time: new Date(startedAt).toISOString(),
+        hostname: hostname(),
+        tool: `cvat-backup ${TOOL_VERSION}`,
+        project: deployment.project,
+        cvat: {
+          version: deployment.version.version ?? null,
+          versionSource: deployment.version.source,
+          serverImage: deployment.version.serverImage ?? null,
+          serverImageDigest: deployment.version.serverImageDigest ?? null,
+        },
+        ...(parent ? { parent: parent.id } : {}),
+        downtimeMs: window.downtimeMs,
+        durationMs: finishedAt - startedAt,
+        volumes,
+        skipped,
+      };
+      const id = await repo.saveObject('snapshots', snapshot);
+      const bytesAdded = Object.values(stats).reduce((sum, s) => sum + s.bytesAdded, 0);
+      return { snapshot: { ...snapshot, id }, stats, bytesAdded };
+    } finally {
+      await repoLock.release().catch(() => undefined);
+    }
+  } finally {
+    await projectLock.release().catch(() => undefined);
+  }
+}

@@ -1,0 +1,58 @@
+/**
+ * Where the repository is and its password comes from. The password is never taken from argv:
+ * CVAT_BACKUP_PASSWORD, --password-file, or a hidden prompt on a terminal.
+ */
+import { readFile } from 'node:fs/promises';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { Writable } from 'node:stream';
+import { UsageError } from '../errors.js';
+
+/** Default repository: /var/backups/cvat-backup for root, else $XDG_DATA_HOME/cvat-backup/repo. */
+export function defaultRepository(): string {
+  if (process.getuid?.() === 0) return '/var/backups/cvat-backup';
+  return join(process.env['XDG_DATA_HOME'] ?? join(homedir(), '.local', 'share'), 'cvat-backup', 'repo');
+}
+
+export function repositoryLocation(flag: string | undefined): string {
+  return flag ?? process.env['CVAT_BACKUP_REPO'] ?? defaultRepository();
+}
+
+async function prompt(question: string): Promise<string> {
+  let muted = false;
+  const output = new Writable({
+    write: (chunk: Buffer, _encoding, callback) => {
+      if (!muted) process.stderr.write(chunk);
+      callback();
+    },
+  });
+  const rl = createInterface({ input: process.stdin, output, terminal: true });
+  return new Promise((resolve) => {
+    rl.question(question, (answer) => {
+      rl.close();
+      process.stderr.write('\n');
+      resolve(answer);
+    });
+    muted = true;
+  });
+}
+
+export async function readPassword(passwordFile: string | undefined, confirm: boolean): Promise<string> {
+  if (passwordFile !== undefined) {
+    const text = (await readFile(passwordFile, 'utf8').catch((error: unknown) => {
+      throw new UsageError(`cannot read --password-file ${passwordFile}: ${(error as Error).message}`);
+    })).replace(/\r?\n$/, '');
+    if (text === '') throw new UsageError(`--password-file ${passwordFile} is empty`);
+    return text;
+  }
+  const fromEnv = process.env['CVAT_BACKUP_PASSWORD'];
+  if (fromEnv !== undefined && fromEnv !== '') return fromEnv;
+  if (!process.stdin.isTTY) {
+    throw new UsageError('the repository needs a password: set CVAT_BACKUP_PASSWORD or pass --password-file FILE');
+  }
+  const password = await prompt('repository password: ');
+  if (password === '') throw new UsageError('an empty password is not allowed');
+  if (confirm && (await prompt('again: ')) !== password) throw new UsageError('the passwords differ');
+  return password;
+}

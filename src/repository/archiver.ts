@@ -1,0 +1,169 @@
+/**
+ * Archiver: stores a volume folder into the repository as chunks and trees.
+ *
+ * Incremental: with the parent snapshot's tree of the same volume, a file whose size, mtime (ns),
+ * ctime (ns) and inode are all unchanged keeps the parent's chunk list and is not read at all.
+ * Every other file is read, cut by the content-defined chunker, and only chunks the repository
+ * does not hold yet are stored. All-zero chunks are recorded as holes, not stored.
+ */
+import { createReadStream } from 'node:fs';
+import { lstat, readdir, readlink } from 'node:fs/promises';
+import type { BigIntStats } from 'node:fs';
+import { Chunker } from './chunker.js';
+import type { Repository } from './repository.js';
+import { ZERO_PREFIX, type NodeType, type Tree, type TreeNode } from './tree.js';
+
+export interface ArchiveStats {
+  entries: number;
+  files: number;
+  /** Logical bytes of all files. */
+  bytes: number;
+  /** Bytes of files that were read (changed or new). */
+  bytesRead: number;
+  /** Files that were not read thanks to the parent snapshot. */
+  filesUnchanged: number;
+  /** Sealed bytes added to the repository. */
+  bytesAdded: number;
+}
+
+export interface ArchiveOptions {
+  signal?: AbortSignal;
+  onProgress?: (stats: ArchiveStats) => void;
+}
+
+function isZero(chunk: Buffer): boolean {
+  // Compare in 64 KiB steps against a zero buffer (native memcmp).
+  for (let off = 0; off < chunk.length; off += ZEROS.length) {
+    const part = chunk.subarray(off, off + ZEROS.length);
+    if (!part.equals(ZEROS.subarray(0, part.length))) return false;
+  }
+  return true;
+}
+const ZEROS = Buffer.alloc(64 * 1024);
+
+function nodeType(st: BigIntStats): NodeType | undefined {
+  if (st.isFile()) return 'file';
+  if (st.isDirectory()) return 'dir';
+  if (st.isSymbolicLink()) return 'symlink';
+  if (st.isFIFO()) return 'fifo';
+  if (st.isCharacterDevice()) return 'chardev';
+  if (st.isBlockDevice()) return 'blockdev';
+  return undefined;
+}
+
+export class Archiver {
+  readonly stats: ArchiveStats = { entries: 0, files: 0, bytes: 0, bytesRead: 0, filesUnchanged: 0, bytesAdded: 0 };
+  private readonly seenInodes = new Map<string, string>();
+  private lastReport = 0;
+
+  constructor(
+    private readonly repo: Repository,
+    private readonly options: ArchiveOptions = {},
+  ) {}
+
+  private report(force = false): void {
+    const now = Date.now();
+    if (!force && now - this.lastReport < 200) return;
+    this.lastReport = now;
+    this.options.onProgress?.({ ...this.stats });
+  }
+
+  /** Archives the folder `root`; returns the id of its tree blob. */
+  async archive(root: string, parentTree: string | undefined): Promise<{ tree: string; root: TreeNode }> {
+    const st = await lstat(root, { bigint: true });
+    const tree = await this.folder(Buffer.from(root), Buffer.alloc(0), parentTree);
+    this.report(true);
+    return { tree, root: this.baseNode(Buffer.alloc(0), st, 'dir') };
+  }
+
+  private baseNode(name: Buffer, st: BigIntStats, type: NodeType): TreeNode {
+    return {
+      name: name.toString('base64'),
+      type,
+      mode: Number(st.mode & 0o7777n),
+      uid: Number(st.uid),
+      gid: Number(st.gid),
+      mtimeNs: st.mtimeNs.toString(),
+      ctimeNs: st.ctimeNs.toString(),
+      inode: st.ino.toString(),
+      size: type === 'file' ? Number(st.size) : 0,
+    };
+  }
+
+  private async folder(absolute: Buffer, relative: Buffer, parentTree: string | undefined): Promise<string> {
+    const parent = parentTree ? (JSON.parse((await this.repo.loadBlob(parentTree)).toString('utf8')) as Tree) : undefined;
+    const parentNodes = new Map(parent?.nodes.map((n) => [n.name, n]));
+    const names = (await readdir(absolute, { encoding: 'buffer' })).sort((a, b) => Buffer.compare(a, b));
+    const nodes: TreeNode[] = [];
+    for (const name of names) {
+      this.options.signal?.throwIfAborted();
+      const path = Buffer.concat([absolute, Buffer.from('/'), name]);
+      const rel = relative.length === 0 ? name : Buffer.concat([relative, Buffer.from('/'), name]);
+      const st = await lstat(path, { bigint: true });
+      const type = nodeType(st);
+      if (type === undefined) continue; // sockets
+      const node = this.baseNode(name, st, type);
+      const before = parentNodes.get(node.name);
+      this.stats.entries++;
+      if (type === 'dir') {
+        node.subtree = await this.folder(path, rel, before?.type === 'dir' ? before.subtree : undefined);
+      } else if (type === 'symlink') {
+        node.target = (await readlink(path, { encoding: 'buffer' })).toString('base64');
+      } else if (type === 'chardev' || type === 'blockdev') {
+        node.rdev = Number(st.rdev);
+      } else if (type === 'file') {
+        this.stats.files++;
+        this.stats.bytes += node.size;
+        const inodeKey = `${st.dev}:${st.ino}`;
+        const first = st.nlink > 1n ? this.seenInodes.get(inodeKey) : undefined;
+        if (first !== undefined) {
+          node.hardlink = first;
+        } else {
+          if (st.nlink > 1n) this.seenInodes.set(inodeKey, rel.toString('base64'));
+          const unchanged =
+            before?.type === 'file' &&
+            before.content !== undefined &&
+            before.size === node.size &&
+            before.mtimeNs === node.mtimeNs &&
+            before.ctimeNs === node.ctimeNs &&
+            before.inode === node.inode;
+          if (unchanged && before.content) {
+            node.content = before.content;
+            this.stats.filesUnchanged++;
+          } else {
+            node.content = await this.fileContent(path, node.size);
+          }
+        }
+      }
+      nodes.push(node);
+      this.report();
+    }
+    const saved = await this.repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes } satisfies Tree)));
+    this.stats.bytesAdded += saved.added;
+    return saved.id;
+  }
+
+  private async fileContent(path: Buffer, size: number): Promise<string[]> {
+    const chunker = new Chunker(this.repo.config.chunker);
+    const content: string[] = [];
+    const store = async (chunk: Buffer): Promise<void> => {
+      if (isZero(chunk)) {
+        content.push(`${ZERO_PREFIX}${chunk.length}`);
+        return;
+      }
+      const saved = await this.repo.saveBlob('data', chunk);
+      this.stats.bytesAdded += saved.added;
+      content.push(saved.id);
+    };
+    let read = 0;
+    for await (const piece of createReadStream(path, { highWaterMark: 1 << 20, ...(this.options.signal ? { signal: this.options.signal } : {}) })) {
+      read += (piece as Buffer).length;
+      this.stats.bytesRead += (piece as Buffer).length;
+      for (const chunk of chunker.push(piece as Buffer)) await store(chunk);
+      this.report();
+    }
+    for (const chunk of chunker.finish()) await store(chunk);
+    if (read !== size) throw new Error(`${path.toString()} changed size while it was read`);
+    return content;
+  }
+}

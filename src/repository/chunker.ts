@@ -1,0 +1,116 @@
+/**
+ * Content-defined chunking: FastCDC (Xia et al., USENIX ATC 2016) with normalized chunking.
+ *
+ * A gear hash rolls over the bytes: h = (h << 1) + GEAR[byte] (32 bits), so h depends on the
+ * last 32 bytes only. A boundary is declared where the hash's top bits are zero. Below the
+ * average size a stricter mask (more bits) is used, above it a looser one, which pulls chunk sizes
+ * toward the average; bytes before the minimum size are not hashed at all (the speed-up of
+ * FastCDC). Because boundaries depend only on nearby content, inserting bytes into a file moves
+ * only the chunks around the insertion: the rest deduplicate.
+ *
+ * The gear table comes from a per-repository secret seed (SHA-256 in counter mode), so chunk
+ * boundaries cannot be used to fingerprint files across repositories. Deterministic: the same
+ * seed and bytes always give the same chunks, however the input is split into pieces.
+ */
+import { createHash } from 'node:crypto';
+
+export interface ChunkerParams {
+  minSize: number;
+  avgSize: number;
+  maxSize: number;
+  /** Hex seed of the gear table. */
+  seed: string;
+}
+
+export const DEFAULT_CHUNKER: Omit<ChunkerParams, 'seed'> = { minSize: 512 * 1024, avgSize: 1024 * 1024, maxSize: 8 * 1024 * 1024 };
+
+export function gearTable(seed: string): Uint32Array {
+  const table = new Uint32Array(256);
+  const bytes: Buffer[] = [];
+  for (let i = 0; bytes.length * 32 < 1024; i++) {
+    bytes.push(createHash('sha256').update(Buffer.from(seed, 'hex')).update(String(i)).digest());
+  }
+  const all = Buffer.concat(bytes);
+  for (let i = 0; i < 256; i++) table[i] = all.readUInt32LE(i * 4);
+  return table;
+}
+
+function topMask(bits: number): number {
+  return (((1 << bits) - 1) << (32 - bits)) >>> 0;
+}
+
+/**
+ * Streaming chunker: `push(data)` returns the chunks completed so far; `finish()` the rest.
+ * Memory: at most one max-size chunk is held.
+ */
+export class Chunker {
+  private readonly gear: Uint32Array;
+  private readonly maskS: number;
+  private readonly maskL: number;
+  private pending: Buffer[] = [];
+  private pendingLength = 0;
+  /** Scan state for the current chunk. */
+  private hash = 0;
+  private scanned = 0;
+
+  constructor(private readonly params: ChunkerParams) {
+    this.gear = gearTable(params.seed);
+    const bits = Math.round(Math.log2(params.avgSize));
+    this.maskS = topMask(bits + 2);
+    this.maskL = topMask(bits - 2);
+  }
+
+  push(data: Buffer): Buffer[] {
+    this.pending.push(data);
+    this.pendingLength += data.length;
+    const out: Buffer[] = [];
+    for (;;) {
+      const cut = this.findBoundary();
+      if (cut === undefined) break;
+      out.push(this.take(cut));
+    }
+    return out;
+  }
+
+  finish(): Buffer[] {
+    if (this.pendingLength === 0) return [];
+    const last = this.take(this.pendingLength);
+    return [last];
+  }
+
+  private take(length: number): Buffer {
+    const all = this.pending.length === 1 ? this.pending[0]! : Buffer.concat(this.pending, this.pendingLength);
+    const chunk = all.subarray(0, length);
+    const rest = all.subarray(length);
+    this.pending = rest.length > 0 ? [rest] : [];
+    this.pendingLength = rest.length;
+    this.hash = 0;
+    this.scanned = 0;
+    return chunk;
+  }
+
+  /** Offset of the next boundary in the pending bytes, or undefined if more input is needed. */
+  private findBoundary(): number | undefined {
+    const { minSize, avgSize, maxSize } = this.params;
+    if (this.pendingLength <= minSize) return undefined;
+    if (this.pending.length > 1) this.pending = [Buffer.concat(this.pending, this.pendingLength)];
+    const buf = this.pending[0]!;
+    const gear = this.gear;
+    let hash = this.hash;
+    let i = Math.max(this.scanned, minSize);
+    const normal = Math.min(avgSize, buf.length);
+    for (; i < normal; i++) {
+      hash = ((hash << 1) + gear[buf[i]!]!) >>> 0;
+      if ((hash & this.maskS) === 0) return i + 1;
+    }
+    const end = Math.min(maxSize, buf.length);
+    for (; i < end; i++) {
+      hash = ((hash << 1) + gear[buf[i]!]!) >>> 0;
+      if ((hash & this.maskL) === 0) return i + 1;
+    }
+    if (buf.length >= maxSize) return maxSize;
+    this.hash = hash;
+    this.scanned = i;
+    return undefined;
+  }
+}

@@ -1,0 +1,60 @@
+/**
+ * zstd for repository blobs: Node's own zstd where the runtime has it (22.15+, 24), else a
+ * WebAssembly build of the reference library (Node 20). Both write standard zstd frames, so a
+ * repository written under one runtime reads under the other.
+ *
+ * Incompressible chunks (camera images, video) are stored as they are: a 32 KiB sample decides,
+ * the same test the archive compressor uses.
+ */
+import * as zlib from 'node:zlib';
+import { init as initWasm, compress as wasmCompress, decompress as wasmDecompress } from '@bokuweb/zstd-wasm';
+import { looksCompressible } from '../archive/pgzip.js';
+
+type Codec = { compress(data: Buffer): Buffer; decompress(data: Buffer, rawLength: number): Buffer };
+
+interface NativeZstd {
+  zstdCompressSync: (data: Buffer, options: { params: Record<number, number> }) => Buffer;
+  zstdDecompressSync: (data: Buffer) => Buffer;
+  constants: { ZSTD_c_compressionLevel: number };
+}
+
+let codec: Promise<Codec> | undefined;
+
+function loadCodec(): Promise<Codec> {
+  const native = zlib as unknown as Partial<NativeZstd>;
+  if (typeof native.zstdCompressSync === 'function' && typeof native.zstdDecompressSync === 'function') {
+    const { zstdCompressSync, zstdDecompressSync } = native as NativeZstd;
+    const level = (native as NativeZstd).constants.ZSTD_c_compressionLevel;
+    return Promise.resolve({
+      compress: (data) => zstdCompressSync(data, { params: { [level]: 3 } }),
+      decompress: (data) => zstdDecompressSync(data),
+    });
+  }
+  return initWasm().then(() => ({
+    compress: (data) => Buffer.from(wasmCompress(data, 3)),
+    decompress: (data, rawLength) => Buffer.from(wasmDecompress(data, { defaultHeapSize: rawLength + 1024 })),
+  }));
+}
+
+export function zstd(): Promise<Codec> {
+  codec ??= loadCodec();
+  return codec;
+}
+
+export const STORED = 0;
+export const ZSTD = 1;
+
+/** Frames a blob: one byte (0 stored, 1 zstd) then the payload. */
+export async function packPayload(data: Buffer): Promise<Buffer> {
+  if (data.length >= 512 && looksCompressible(data)) {
+    const compressed = (await zstd()).compress(data);
+    if (compressed.length < data.length) return Buffer.concat([Buffer.from([ZSTD]), compressed]);
+  }
+  return Buffer.concat([Buffer.from([STORED]), data]);
+}
+
+export async function unpackPayload(framed: Buffer, rawLength: number): Promise<Buffer> {
+  if (framed[0] === STORED) return framed.subarray(1);
+  if (framed[0] === ZSTD) return (await zstd()).decompress(framed.subarray(1), rawLength);
+  throw new Error(`unknown blob compression ${framed[0]}`);
+}

@@ -1,0 +1,272 @@
+/**
+ * The content-addressed snapshot repository (format: docs/repository-format.md).
+ *
+ * Blobs (file chunks and directory trees) are identified by the SHA-256 of their plaintext,
+ * compressed (zstd, unless incompressible), sealed (AES-256-GCM under the master key) and packed
+ * into pack files of about 16 MiB. Each pack ends with its own sealed header listing its blobs, so
+ * the index can be rebuilt from the packs alone. Index files map blob ids to (pack, offset,
+ * length); snapshots name the root trees of every volume.
+ *
+ * Crash-safe write order: a pack is saved (atomically, fsynced) before the index file that
+ * names it, and every index file before the snapshot that needs it. A crash leaves at worst
+ * unreferenced packs, which `prune` removes; never a snapshot that points at missing data.
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
+import type { Backend } from '../backend/backend.js';
+import { CorruptArchiveError, LockedError, RepositoryError } from '../errors.js';
+import { DEFAULT_CHUNKER, type ChunkerParams } from './chunker.js';
+import { open as openSealed, seal, unwrapMasterKey, wrapMasterKey, type KdfParams, type WrappedKey, DEFAULT_KDF } from './crypto.js';
+import { packPayload, unpackPayload } from './compression.js';
+
+export type BlobType = 'data' | 'tree';
+
+export interface BlobLocation {
+  pack: string;
+  type: BlobType;
+  offset: number;
+  length: number;
+  rawLength: number;
+}
+
+export interface RepositoryConfig {
+  version: 1;
+  id: string;
+  chunker: ChunkerParams;
+  created: string;
+}
+
+interface PackHeaderEntry {
+  id: string;
+  type: BlobType;
+  offset: number;
+  length: number;
+  rawLength: number;
+}
+
+interface IndexFile {
+  packs: { id: string; blobs: Omit<PackHeaderEntry, never>[] }[];
+}
+
+export const PACK_TARGET = 16 * 1024 * 1024;
+
+export function sha256(data: Buffer): string {
+  return createHash('sha256').update(data).digest('hex');
+}
+
+export interface RepositoryOptions {
+  now?: () => Date;
+  kdf?: Omit<KdfParams, 'salt'>;
+}
+
+export class Repository {
+  private readonly index = new Map<string, BlobLocation>();
+  private indexLoaded = false;
+  /** Blobs sealed but not yet written in a pack. */
+  private packParts: Buffer[] = [];
+  private packEntries: PackHeaderEntry[] = [];
+  private packSize = 0;
+  /** Packs written since the last index file. */
+  private unindexed: { id: string; blobs: PackHeaderEntry[] }[] = [];
+  private readonly pendingIds = new Set<string>();
+
+  private constructor(
+    readonly backend: Backend,
+    readonly config: RepositoryConfig,
+    private readonly key: Buffer,
+    private readonly now: () => Date,
+  ) {}
+
+  static async init(backend: Backend, password: string, options: RepositoryOptions = {}): Promise<Repository> {
+    if (await backend.exists()) throw new RepositoryError(`a repository already exists at ${backend.location}`);
+    const now = options.now ?? (() => new Date());
+    const master = randomBytes(32);
+    const config: RepositoryConfig = {
+      version: 1,
+      id: randomBytes(16).toString('hex'),
+      chunker: { ...DEFAULT_CHUNKER, seed: randomBytes(32).toString('hex') },
+      created: now().toISOString(),
+    };
+    await backend.create();
+    const wrapped = await wrapMasterKey(master, password, options.kdf ?? DEFAULT_KDF, now());
+    const keyFile = Buffer.from(JSON.stringify({ ...wrapped, hostname: hostname() }, null, 2));
+    await backend.save('keys', sha256(keyFile), keyFile);
+    // The config is written last: a repository exists once its config does.
+    await backend.save('config', 'config', seal(master, Buffer.from(JSON.stringify(config)), 'config'));
+    return new Repository(backend, config, master, now);
+  }
+
+  static async open(backend: Backend, password: string, options: RepositoryOptions = {}): Promise<Repository> {
+    if (!(await backend.exists())) {
+      throw new RepositoryError(`no repository at ${backend.location}: create one with 'cvat-backup init'`);
+    }
+    const keys = await backend.list('keys');
+    let master: Buffer | undefined;
+    let lastError: Error | undefined;
+    for (const name of keys) {
+      const wrapped = JSON.parse((await backend.load('keys', name)).toString('utf8')) as WrappedKey;
+      try {
+        master = await unwrapMasterKey(wrapped, password);
+        break;
+      } catch (error) {
+        lastError = error as Error;
+      }
+    }
+    if (!master) throw lastError ?? new RepositoryError(`no key in repository ${backend.location}`);
+    const config = JSON.parse(openSealed(master, await backend.load('config', 'config'), 'config', 'config').toString('utf8')) as RepositoryConfig;
+    return new Repository(backend, config, master, options.now ?? (() => new Date()));
+  }
+
+  // ---- objects sealed whole (index, snapshots) ----
+
+  async saveObject(kind: 'index' | 'snapshots', value: unknown): Promise<string> {
+    const sealed = seal(this.key, Buffer.from(JSON.stringify(value)), kind);
+    const id = sha256(sealed);
+    await this.backend.save(kind, id, sealed);
+    return id;
+  }
+
+  async loadObject<T>(kind: 'index' | 'snapshots', id: string): Promise<T> {
+    const sealed = await this.backend.load(kind, id);
+    if (sha256(sealed) !== id) throw new CorruptArchiveError(`${kind}/${id}: content does not match its name`);
+    return JSON.parse(openSealed(this.key, sealed, kind, `${kind}/${id}`).toString('utf8')) as T;
+  }
+
+  // ---- index ----
+
+  async loadIndex(): Promise<void> {
+    if (this.indexLoaded) return;
+    for (const name of await this.backend.list('index')) {
+      const file = await this.loadObject<IndexFile>('index', name);
+      for (const pack of file.packs) {
+        for (const b of pack.blobs) this.index.set(b.id, { pack: pack.id, type: b.type, offset: b.offset, length: b.length, rawLength: b.rawLength });
+      }
+    }
+    this.indexLoaded = true;
+  }
+
+  has(id: string): boolean {
+    return this.index.has(id) || this.pendingIds.has(id);
+  }
+
+  location(id: string): BlobLocation | undefined {
+    return this.index.get(id);
+  }
+
+  blobIds(): IterableIterator<[string, BlobLocation]> {
+    return this.index.entries();
+  }
+
+  // ---- blobs ----
+
+  /** Stores a blob unless the repository has it; returns its id and whether bytes were added. */
+  async saveBlob(type: BlobType, plaintext: Buffer): Promise<{ id: string; added: number }> {
+    const id = sha256(plaintext);
+    if (this.has(id)) return { id, added: 0 };
+    const sealed = seal(this.key, await packPayload(plaintext), `blob:${type}`);
+    this.packEntries.push({ id, type, offset: this.packSize, length: sealed.length, rawLength: plaintext.length });
+    this.packParts.push(sealed);
+    this.packSize += sealed.length;
+    this.pendingIds.add(id);
+    if (this.packSize >= PACK_TARGET) await this.writePack();
+    return { id, added: sealed.length };
+  }
+
+  async loadBlob(id: string): Promise<Buffer> {
+    const where = this.index.get(id);
+    if (!where) throw new CorruptArchiveError(`blob ${id.slice(0, 12)} is missing from the index`);
+    const sealed = await this.backend.load('data', where.pack, { offset: where.offset, length: where.length });
+    const framed = openSealed(this.key, sealed, `blob:${where.type}`, `pack ${where.pack.slice(0, 12)} blob ${id.slice(0, 12)}`);
+    const plaintext = await unpackPayload(framed, where.rawLength);
+    if (sha256(plaintext) !== id) throw new CorruptArchiveError(`blob ${id.slice(0, 12)} in pack ${where.pack.slice(0, 12)}: content does not match its id`);
+    return plaintext;
+  }
+
+  private async writePack(): Promise<void> {
+    if (this.packEntries.length === 0) return;
+    const header = seal(this.key, Buffer.from(JSON.stringify(this.packEntries)), 'pack-header');
+    const length = Buffer.alloc(4);
+    length.writeUInt32LE(header.length);
+    const pack = Buffer.concat([...this.packParts, header, length]);
+    const id = sha256(pack);
+    await this.backend.save('data', id, pack);
+    for (const e of this.packEntries) {
+      this.index.set(e.id, { pack: id, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+      this.pendingIds.delete(e.id);
+    }
+    this.unindexed.push({ id, blobs: this.packEntries });
+    this.packParts = [];
+    this.packEntries = [];
+    this.packSize = 0;
+  }
+
+  /** Writes the open pack and an index file for every pack not yet indexed. Call before a snapshot. */
+  async flush(): Promise<void> {
+    await this.writePack();
+    if (this.unindexed.length === 0) return;
+    await this.saveObject('index', { packs: this.unindexed } satisfies IndexFile);
+    this.unindexed = [];
+  }
+
+  /** Reads a pack's own header (used by check and prune to rebuild knowledge from the packs). */
+  async readPackHeader(packId: string): Promise<PackHeaderEntry[]> {
+    const size = await this.backend.stat('data', packId);
+    if (size === undefined || size < 4) throw new CorruptArchiveError(`pack ${packId.slice(0, 12)} is missing or truncated`);
+    const tail = await this.backend.load('data', packId, { offset: size - 4, length: 4 });
+    const headerLength = tail.readUInt32LE(0);
+    if (headerLength + 4 > size) throw new CorruptArchiveError(`pack ${packId.slice(0, 12)}: bad header length`);
+    const header = await this.backend.load('data', packId, { offset: size - 4 - headerLength, length: headerLength });
+    return JSON.parse(openSealed(this.key, header, 'pack-header', `pack ${packId.slice(0, 12)} header`).toString('utf8')) as PackHeaderEntry[];
+  }
+
+  // ---- locks ----
+
+  /**
+   * Takes the repository lock: exclusive for writers (backup, forget, prune), shared for readers.
+   * A lock of a dead process on this host, or older than `staleMs` without refresh, is stale.
+   */
+  async lock(exclusive: boolean, operation: string, staleMs = 30 * 60 * 1000): Promise<{ release: () => Promise<void> }> {
+    const now = this.now();
+    for (const name of await this.backend.list('locks')) {
+      let holder: { exclusive: boolean; pid: number; hostname: string; time: string; operation: string };
+      try {
+        holder = JSON.parse((await this.backend.load('locks', name)).toString('utf8')) as typeof holder;
+      } catch {
+        continue; // removed meanwhile, or half-written by a crashed process
+      }
+      const dead = holder.hostname === hostname() && !processAlive(holder.pid);
+      const old = now.getTime() - new Date(holder.time).getTime() > staleMs;
+      if (dead || old) {
+        await this.backend.remove('locks', name);
+        continue;
+      }
+      if (exclusive || holder.exclusive) {
+        throw new LockedError(
+          `repository ${this.backend.location} is locked by ${holder.operation} (pid ${holder.pid} on ${holder.hostname} since ${holder.time}); wait for it, or if it is gone remove ${this.backend.location}/locks/${name}`,
+        );
+      }
+    }
+    const name = randomBytes(16).toString('hex');
+    await this.backend.save('locks', name, Buffer.from(JSON.stringify({ exclusive, pid: process.pid, hostname: hostname(), time: now.toISOString(), operation })));
+    // Two processes may have listed at the same time: look again now that ours is visible, and
+    // back off if a conflicting lock appeared. Both may back off; never both go on.
+    for (const other of await this.backend.list('locks')) {
+      if (other === name) continue;
+      const holder = await this.backend.load('locks', other).then((b) => JSON.parse(b.toString('utf8')) as { exclusive: boolean }).catch(() => undefined);
+      if (holder && (exclusive || holder.exclusive)) {
+        await this.backend.remove('locks', name);
+        throw new LockedError(`repository ${this.backend.location} is locked by another cvat-backup: try again`);
+      }
+    }
+    return { release: () => this.backend.remove('locks', name) };
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

@@ -1,0 +1,166 @@
+/**
+ * Restorer: turns a snapshot's volume back into a tar stream whose members are named after the
+ * mount path — the same stream an archive set holds — so restore (through the engine or straight
+ * into the volume folder) and export reuse the archive code. Files with holes (`zero:` chunks)
+ * become GNU sparse 1.0 members, which the host extractor writes back as holes.
+ */
+import { Readable } from 'node:stream';
+import { encodeHeader, paxRecord } from '../archive/host-tar.js';
+import { memberPrefixOf } from '../archive/manifest.js';
+import type { TarStats } from '../archive/tar.js';
+import type { Repository } from './repository.js';
+import { isZeroChunk, zeroChunkLength, type SnapshotVolume, type Tree, type TreeNode } from './tree.js';
+
+const BLOCK = 512;
+
+function pad(size: number): Buffer {
+  const rest = size % BLOCK;
+  return rest === 0 ? Buffer.alloc(0) : Buffer.alloc(BLOCK - rest);
+}
+
+function seconds(ns: string): number {
+  return Number(BigInt(ns) / 1000000000n);
+}
+
+function meta(node: TreeNode): { mode: number; uid: number; gid: number; mtime: number } {
+  return { mode: node.mode, uid: node.uid, gid: node.gid, mtime: seconds(node.mtimeNs) };
+}
+
+export async function loadTree(repo: Repository, id: string): Promise<Tree> {
+  return JSON.parse((await repo.loadBlob(id)).toString('utf8')) as Tree;
+}
+
+function chunkLength(repo: Repository, ref: string): number {
+  if (isZeroChunk(ref)) return zeroChunkLength(ref);
+  const where = repo.location(ref);
+  if (!where) throw new Error(`blob ${ref.slice(0, 12)} is missing from the index`);
+  return where.rawLength;
+}
+
+async function* fileData(repo: Repository, node: TreeNode, name: Buffer): AsyncGenerator<Buffer> {
+  const content = node.content ?? [];
+  if (!content.some(isZeroChunk)) {
+    yield encodeHeader({ ...meta(node), name, type: '0', size: node.size });
+    for (const ref of content) yield await repo.loadBlob(ref);
+    yield pad(node.size);
+    return;
+  }
+  // Sparse: data segments are the runs of stored chunks; zero chunks are holes.
+  const segments: { offset: number; length: number }[] = [];
+  let offset = 0;
+  for (const ref of content) {
+    const length = chunkLength(repo, ref);
+    if (!isZeroChunk(ref)) {
+      const last = segments[segments.length - 1];
+      if (last && last.offset + last.length === offset) last.length += length;
+      else segments.push({ offset, length });
+    }
+    offset += length;
+  }
+  const last = segments[segments.length - 1];
+  if (!last || last.offset + last.length < node.size) segments.push({ offset: node.size, length: 0 });
+  const lines = [String(segments.length), ...segments.flatMap((s) => [String(s.offset), String(s.length)])];
+  const mapText = Buffer.from(`${lines.join('\n')}\n`, 'latin1');
+  const map = Buffer.concat([mapText, pad(mapText.length)]);
+  const dataBytes = segments.reduce((sum, s) => sum + s.length, 0);
+  const slash = name.lastIndexOf(0x2f);
+  const headerName = Buffer.concat([name.subarray(0, slash + 1), Buffer.from('GNUSparseFile.0/'), name.subarray(slash + 1)]);
+  yield encodeHeader({
+    ...meta(node),
+    name: headerName,
+    type: '0',
+    size: map.length + dataBytes,
+    pax: [
+      paxRecord('GNU.sparse.major', Buffer.from('1')),
+      paxRecord('GNU.sparse.minor', Buffer.from('0')),
+      paxRecord('GNU.sparse.name', name),
+      paxRecord('GNU.sparse.realsize', Buffer.from(String(node.size))),
+    ],
+  });
+  yield map;
+  for (const ref of content) if (!isZeroChunk(ref)) yield await repo.loadBlob(ref);
+  yield pad(map.length + dataBytes);
+}
+
+async function* treeEntries(repo: Repository, treeId: string, path: Buffer, prefix: Buffer, signal: AbortSignal | undefined): AsyncGenerator<Buffer> {
+  const tree = await loadTree(repo, treeId);
+  for (const node of tree.nodes) {
+    signal?.throwIfAborted();
+    const name = Buffer.concat([path, Buffer.from('/'), Buffer.from(node.name, 'base64')]);
+    switch (node.type) {
+      case 'dir':
+        yield encodeHeader({ ...meta(node), name: Buffer.concat([name, Buffer.from('/')]), type: '5', size: 0 });
+        if (node.subtree) yield* treeEntries(repo, node.subtree, name, prefix, signal);
+        break;
+      case 'symlink':
+        yield encodeHeader({ ...meta(node), name, type: '2', size: 0, linkName: Buffer.from(node.target ?? '', 'base64') });
+        break;
+      case 'file':
+        if (node.hardlink !== undefined) {
+          const target = Buffer.concat([prefix, Buffer.from('/'), Buffer.from(node.hardlink, 'base64')]);
+          yield encodeHeader({ ...meta(node), name, type: '1', size: 0, linkName: target });
+        } else {
+          yield* fileData(repo, node, name);
+        }
+        break;
+      case 'fifo':
+        yield encodeHeader({ ...meta(node), name, type: '6', size: 0 });
+        break;
+      case 'chardev':
+      case 'blockdev':
+        yield encodeHeader({
+          ...meta(node),
+          name,
+          type: node.type === 'chardev' ? '3' : '4',
+          size: 0,
+          devMajor: Math.floor((node.rdev ?? 0) / 256),
+          devMinor: (node.rdev ?? 0) % 256,
+        });
+        break;
+    }
+  }
+}
+
+/** The volume of a snapshot as an uncompressed tar stream. */
+export function snapshotVolumeTar(repo: Repository, volume: SnapshotVolume, signal?: AbortSignal): Readable {
+  const prefix = Buffer.from(memberPrefixOf(volume.mountPath), 'utf8');
+  async function* all(): AsyncGenerator<Buffer> {
+    yield encodeHeader({ ...meta(volume.root), name: Buffer.concat([prefix, Buffer.from('/')]), type: '5', size: 0 });
+    yield* treeEntries(repo, volume.tree, prefix, prefix, signal);
+    yield Buffer.alloc(BLOCK * 2);
+  }
+  return Readable.from(all(), { objectMode: false, highWaterMark: 1 << 20 });
+}
+
+/**
+ * Reads every tree and every blob of a volume (decrypting and hashing each), so a damaged
+ * repository is found before a restore touches anything. Returns what the volume holds.
+ */
+export async function verifySnapshotVolume(
+  repo: Repository,
+  volume: SnapshotVolume,
+  options: { signal?: AbortSignal; onProgress?: (stats: TarStats) => void } = {},
+): Promise<TarStats> {
+  const stats: TarStats = { entries: 1, files: 0, bytes: 0 };
+  const verified = new Set<string>();
+  const walk = async (treeId: string): Promise<void> => {
+    const tree = await loadTree(repo, treeId);
+    for (const node of tree.nodes) {
+      options.signal?.throwIfAborted();
+      stats.entries++;
+      if (node.type === 'dir' && node.subtree) await walk(node.subtree);
+      if (node.type !== 'file') continue;
+      stats.files++;
+      if (node.hardlink !== undefined) continue;
+      stats.bytes += node.size;
+      for (const ref of node.content ?? []) {
+        if (isZeroChunk(ref) || verified.has(ref)) continue;
+        await repo.loadBlob(ref);
+        verified.add(ref);
+      }
+      options.onProgress?.({ ...stats });
+    }
+  };
+  await walk(volume.tree);
+  return stats;
+}

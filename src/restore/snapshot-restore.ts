@@ -1,0 +1,60 @@
+/**
+ * `restore latest|ID`: a repository snapshot as a restore source. The same rules as an archive
+ * set: version check, every blob read and authenticated before anything is touched, rollback
+ * points, start in order.
+ */
+import type { DockerEngine } from '../docker/engine.js';
+import type { Repository } from '../repository/repository.js';
+import { snapshotVolumeTar, verifySnapshotVolume } from '../repository/restorer.js';
+import { resolveSnapshot, shortId } from '../repository/snapshots.js';
+import type { TarStats } from '../archive/tar.js';
+import { CorruptArchiveError } from '../errors.js';
+import { restoreFromSource, type ArchiveRestoreResult, type RestoreOptions, type RestoreSource } from './archive-restore.js';
+
+export interface SnapshotRestoreResult extends ArchiveRestoreResult {
+  snapshot: string;
+}
+
+export async function restoreFromSnapshot(
+  engine: DockerEngine,
+  repo: Repository,
+  ref: string,
+  options: RestoreOptions,
+): Promise<SnapshotRestoreResult> {
+  const lock = await repo.lock(false, 'restore');
+  try {
+    await repo.loadIndex();
+    const snapshot = await resolveSnapshot(repo, ref, options.project);
+    const source: RestoreSource = {
+      cvatVersion: snapshot.cvat.version ?? undefined,
+      handMade: false,
+      volumes: snapshot.volumes.map((v) => ({ composeName: v.composeName, mountPath: v.mountPath })),
+      verify: async (_prefixFor, signal, onProgress) => {
+        onProgress({ type: 'phase', message: `verifying snapshot ${shortId(snapshot.id)}` });
+        const out = new Map<string, TarStats>();
+        for (const volume of snapshot.volumes) {
+          onProgress({ type: 'volume-start', volume: volume.composeName, action: 'verifying', totalBytes: volume.bytes });
+          try {
+            const stats = await verifySnapshotVolume(repo, volume, {
+              ...(signal ? { signal } : {}),
+              onProgress: (s) => onProgress({ type: 'volume-progress', volume: volume.composeName, ...s }),
+            });
+            out.set(volume.composeName, stats);
+            onProgress({ type: 'volume-done', volume: volume.composeName, bytes: stats.bytes, files: stats.files });
+          } catch (error) {
+            if (error instanceof CorruptArchiveError) {
+              throw new CorruptArchiveError(`snapshot ${shortId(snapshot.id)} is damaged (volume ${volume.composeName}): ${error.message}`, { cause: error });
+            }
+            throw error;
+          }
+        }
+        return out;
+      },
+      openTar: (composeName, signal) => snapshotVolumeTar(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, signal),
+    };
+    const result = await restoreFromSource(engine, source, options);
+    return { ...result, snapshot: snapshot.id };
+  } finally {
+    await lock.release().catch(() => undefined);
+  }
+}
