@@ -13,7 +13,7 @@ import type { ProgressListener } from '../events.js';
 import { TargetNotEmptyError, UsageError, VolumeMissingError } from '../errors.js';
 import { discoverDeployment, type Deployment, type DeploymentVolume } from '../deployment/discover.js';
 import { withDeploymentStopped } from '../deployment/lifecycle.js';
-import { acquireProjectLock } from '../deployment/lock.js';
+import { lockDeployment } from '../deployment/lock.js';
 import { writeVolumeArchive, type VolumeSource } from '../archive/archive-set.js';
 import { chooseTransport, type ChosenTransport, type TransportChoice } from '../archive/transport.js';
 import { writeFileDurably } from '../archive/files.js';
@@ -84,16 +84,19 @@ export async function backupToArchiveSet(engine: DockerEngine, options: ArchiveB
   const now = options.now ?? Date.now;
   const onProgress = options.onProgress ?? (() => undefined);
   const startedAt = now();
-  const deployment = await discoverDeployment(engine, { project: options.project, ...(options.signal ? { signal: options.signal } : {}) });
+  const discover = (project: string | undefined): Promise<Deployment> =>
+    discoverDeployment(engine, { project, ...(options.signal ? { signal: options.signal } : {}) });
+  let deployment = await discover(options.project);
   const { selected, skipped } = selectVolumes(deployment, options.includeCache ?? false);
   if (selected.length === 0) {
     throw new VolumeMissingError(`project '${deployment.project}' has no mounted named volume to back up`);
   }
   await prepareTarget(options.to);
-  const lockImage = deployment.version.serverImage ?? selected[0]!.container.image;
   const transports = new Map<string, ChosenTransport>();
   for (const v of selected) transports.set(v.composeName, await chooseTransport(engine, v.name, options.via ?? 'auto'));
-  const lock = await acquireProjectLock(engine, deployment.project, lockImage, 'backup');
+  const locked = await lockDeployment(engine, deployment, 'backup', onProgress, () => discover(deployment.project));
+  const lock = locked.lock;
+  deployment = locked.deployment;
   const written: string[] = [];
   try {
     onProgress({ type: 'phase', message: 'measuring volumes' });

@@ -11,9 +11,9 @@ import { hostname } from 'node:os';
 import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
 import { UsageError, VolumeMissingError } from '../errors.js';
-import { discoverDeployment } from '../deployment/discover.js';
+import { discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { withDeploymentStopped } from '../deployment/lifecycle.js';
-import { acquireProjectLock } from '../deployment/lock.js';
+import { lockDeployment } from '../deployment/lock.js';
 import { chooseTransport } from '../archive/transport.js';
 import type { Repository } from '../repository/repository.js';
 import { Archiver, type ArchiveStats } from '../repository/archiver.js';
@@ -40,7 +40,9 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
   const now = options.now ?? Date.now;
   const onProgress = options.onProgress ?? (() => undefined);
   const startedAt = now();
-  const deployment = await discoverDeployment(engine, { project: options.project, ...(options.signal ? { signal: options.signal } : {}) });
+  const discover = (project: string | undefined): Promise<Deployment> =>
+    discoverDeployment(engine, { project, ...(options.signal ? { signal: options.signal } : {}) });
+  let deployment = await discover(options.project);
   const { selected, skipped } = selectVolumes(deployment, options.includeCache ?? false);
   if (selected.length === 0) throw new VolumeMissingError(`project '${deployment.project}' has no mounted named volume to back up`);
   const folders = new Map<string, string>();
@@ -53,8 +55,9 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
     }
     folders.set(v.composeName, chosen.hostPath);
   }
-  const lockImage = deployment.version.serverImage ?? selected[0]!.container.image;
-  const projectLock = await acquireProjectLock(engine, deployment.project, lockImage, 'backup');
+  const locked = await lockDeployment(engine, deployment, 'backup', onProgress, () => discover(deployment.project));
+  const projectLock = locked.lock;
+  deployment = locked.deployment;
   try {
     const repoLock = await repo.lock(true, 'backup');
     try {

@@ -8,11 +8,19 @@
 import { hostname } from 'node:os';
 import type { DockerEngine } from '../docker/engine.js';
 import { LockedError } from '../errors.js';
+import type { ProgressListener } from '../events.js';
+import type { Deployment } from './discover.js';
+import { isRunningState, startContainers } from './lifecycle.js';
 
 const LABEL = 'io.cvat-backup.lock';
 
 export interface ProjectLock {
   release(): Promise<void>;
+  /**
+   * Containers a killed cvat-backup had found running and may have left stopped: the new holder
+   * starts them again before it looks at the deployment.
+   */
+  leftStoppedByDeadHolder: string[];
 }
 
 export function lockName(project: string): string {
@@ -33,25 +41,31 @@ export async function acquireProjectLock(
   project: string,
   image: string,
   operation: string,
+  runningContainerIds: string[],
   now: () => Date = () => new Date(),
 ): Promise<ProjectLock> {
   const name = lockName(project);
-  const labels = {
+  const labels: Record<string, string> = {
     [LABEL]: project,
     'io.cvat-backup.pid': String(process.pid),
     'io.cvat-backup.host': hostname(),
     'io.cvat-backup.operation': operation,
     'io.cvat-backup.started': now().toISOString(),
+    'io.cvat-backup.running': runningContainerIds.join(','),
   };
+  let leftStopped: string[] = [];
   for (let attempt = 0; attempt < 2; attempt++) {
+    // What a dead holder left stopped stays recorded until it is running again, even if we die too.
+    labels['io.cvat-backup.running'] = [...new Set([...runningContainerIds, ...leftStopped])].join(',');
     if (await engine.createMarker(name, image, labels)) {
-      return { release: () => engine.removeContainer(name) };
+      return { release: () => engine.removeContainer(name), leftStoppedByDeadHolder: leftStopped };
     }
     const holder = await engine.inspectMarker(name);
     if (holder === undefined) continue; // released between our two calls
     const pid = Number(holder['io.cvat-backup.pid']);
     const sameHost = holder['io.cvat-backup.host'] === hostname();
     if (sameHost && Number.isInteger(pid) && !processAlive(pid)) {
+      leftStopped = (holder['io.cvat-backup.running'] ?? '').split(',').filter((id) => id !== '');
       await engine.removeContainer(name);
       continue;
     }
@@ -62,4 +76,33 @@ export async function acquireProjectLock(
     );
   }
   throw new LockedError(`could not take the lock ${name} for project '${project}': try again`);
+}
+
+/**
+ * Takes the project lock for an operation on `deployment`. If the previous holder was killed
+ * (SIGKILL, power cut) while CVAT was stopped, the containers it had found running are started
+ * again first, and the deployment is looked at anew.
+ */
+export async function lockDeployment(
+  engine: DockerEngine,
+  deployment: Deployment,
+  operation: string,
+  onProgress: ProgressListener,
+  rediscover: () => Promise<Deployment>,
+): Promise<{ lock: ProjectLock; deployment: Deployment }> {
+  const image = deployment.version.serverImage ?? deployment.containers[0]?.image;
+  if (image === undefined) throw new LockedError(`project '${deployment.project}' has no container image to hold the lock`);
+  const running = deployment.containers.filter((c) => isRunningState(c.state)).map((c) => c.id);
+  const lock = await acquireProjectLock(engine, deployment.project, image, operation, running);
+  const left = new Set(lock.leftStoppedByDeadHolder);
+  const toStart = deployment.containers.filter((c) => left.has(c.id) && !isRunningState(c.state));
+  if (toStart.length === 0) return { lock, deployment };
+  onProgress({ type: 'warning', message: `a previous cvat-backup was killed and left ${toStart.length} container(s) stopped: starting them again` });
+  try {
+    await startContainers(engine, toStart, onProgress);
+    return { lock, deployment: await rediscover() };
+  } catch (error) {
+    await lock.release().catch(() => undefined);
+    throw error;
+  }
 }

@@ -26,7 +26,7 @@ import {
 import { discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { recreateContainersHint } from '../deployment/cvat.js';
 import { startContainers, withDeploymentStopped } from '../deployment/lifecycle.js';
-import { acquireProjectLock } from '../deployment/lock.js';
+import { lockDeployment } from '../deployment/lock.js';
 import { readArchiveSet, throttled, verifyArchiveSet } from '../archive/archive-set.js';
 import { memberPrefixOf } from '../archive/manifest.js';
 import { TarProcessor, type TarStats } from '../archive/tar.js';
@@ -185,7 +185,8 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
   const onProgress = options.onProgress ?? (() => undefined);
   const signalOption = options.signal ? { signal: options.signal } : {};
   const startedAt = now();
-  const deployment = await discoverDeployment(engine, { project: options.project, ...signalOption });
+  const discover = (project: string | undefined): Promise<Deployment> => discoverDeployment(engine, { project, ...signalOption });
+  let deployment = await discover(options.project);
   const backupVersion = normaliseVersion(source.cvatVersion);
   if (deployment.containers.length === 0) {
     throw new ContainersMissingError(
@@ -207,8 +208,9 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
 
   const transports = new Map<string, ChosenTransport>();
   for (const p of planned) transports.set(p.target.composeName, await chooseTransport(engine, p.volumeName, options.via ?? 'auto'));
-  const lockImage = deployment.version.serverImage ?? planned[0]!.target.image;
-  const lock = await acquireProjectLock(engine, deployment.project, lockImage, 'restore');
+  const locked = await lockDeployment(engine, deployment, 'restore', onProgress, () => discover(deployment.project));
+  const lock = locked.lock;
+  deployment = locked.deployment;
   try {
     const wasRunning = deployment.containers.some((c) => c.state === 'running' || c.state === 'restarting');
     const { window } = await withDeploymentStopped(

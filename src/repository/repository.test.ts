@@ -1,0 +1,138 @@
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, readdirSync, readFileSync, writeFileSync, truncateSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Chunker, DEFAULT_CHUNKER } from './chunker.js';
+import { open, seal } from './crypto.js';
+import { Repository } from './repository.js';
+import { LocalBackend } from '../backend/local.js';
+import { checkRepository } from './check.js';
+import { WrongPasswordError } from '../errors.js';
+
+/** Deterministic pseudo-random bytes, so a failing case can be replayed. */
+function prngBytes(seed: number, length: number): Buffer {
+  const out = Buffer.alloc(length);
+  let s = seed >>> 0 || 1;
+  for (let i = 0; i < length; i++) {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    out[i] = s & 0xff;
+  }
+  return out;
+}
+
+const SMALL = { minSize: 2048, avgSize: 8192, maxSize: 32768, seed: '00'.repeat(32) };
+
+function chunk(data: Buffer, params = SMALL, pieces = 1): Buffer[] {
+  const c = new Chunker(params);
+  const out: Buffer[] = [];
+  const step = Math.max(1, Math.ceil(data.length / pieces));
+  for (let i = 0; i < data.length; i += step) out.push(...c.push(data.subarray(i, i + step)));
+  out.push(...c.finish());
+  return out;
+}
+
+const fastKdf = { algorithm: 'scrypt' as const, N: 1024, r: 8, p: 1 };
+
+void describe('Chunker (property tests)', () => {
+  void it('round-trips any byte sequence and is deterministic however the input is split', () => {
+    for (let seed = 1; seed <= 30; seed++) {
+      const data = prngBytes(seed, seed * 7919 % 300000);
+      const whole = chunk(data);
+      assert.ok(Buffer.concat(whole).equals(data), `seed ${seed}: concatenation`);
+      const split = chunk(data, SMALL, 1 + (seed % 13));
+      assert.deepEqual(split.map((c) => c.length), whole.map((c) => c.length), `seed ${seed}: split input`);
+      for (const c of whole.slice(0, -1)) assert.ok(c.length >= SMALL.minSize && c.length <= SMALL.maxSize, `seed ${seed}: size ${c.length}`);
+    }
+  });
+
+  void it('an insertion changes only the chunks around it', () => {
+    const data = prngBytes(99, 400000);
+    const edited = Buffer.concat([data.subarray(0, 200000), Buffer.from('inserted bytes'), data.subarray(200000)]);
+    const a = new Set(chunk(data).map((c) => c.toString('base64')));
+    const b = chunk(edited).map((c) => c.toString('base64'));
+    const shared = b.filter((c) => a.has(c)).length;
+    assert.ok(shared >= b.length - 3, `${shared} of ${b.length} chunks shared`);
+  });
+
+  void it('averages near 1 MiB with the default parameters', () => {
+    const data = prngBytes(7, 24 << 20);
+    const sizes = chunk(data, { ...DEFAULT_CHUNKER, seed: 'ab'.repeat(32) }, 24).map((c) => c.length);
+    const average = data.length / sizes.length;
+    assert.ok(average > 600 * 1024 && average < 1800 * 1024, `average ${average}`);
+  });
+});
+
+void describe('crypto', () => {
+  void it('seal/open round-trips and detects any flipped bit', () => {
+    const key = randomBytes(32);
+    for (let i = 0; i < 20; i++) {
+      const plain = prngBytes(i + 1, i * 100);
+      const sealed = seal(key, plain, 'blob:data');
+      assert.ok(open(key, sealed, 'blob:data', 'x').equals(plain));
+      const flipped = Buffer.from(sealed);
+      const at = Math.floor((sealed.length * (i + 0.5)) / 20);
+      flipped[at] = flipped[at]! ^ 0x01;
+      assert.throws(() => open(key, flipped, 'blob:data', 'x'), /damaged|not a sealed object/);
+    }
+    assert.throws(() => open(key, seal(key, Buffer.from('a'), 'index'), 'snapshots', 'x'), /damaged/);
+  });
+});
+
+void describe('Repository on a local backend', () => {
+  const withRepo = async (fn: (dir: string, repo: Repository) => Promise<void>): Promise<void> => {
+    const dir = mkdtempSync(join(tmpdir(), 'repo-test-'));
+    try {
+      await fn(dir, await Repository.init(new LocalBackend(join(dir, 'repo')), 'pw', { kdf: fastKdf }));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  };
+
+  void it('stores blobs once, reads them back after reopening, refuses a wrong password', async () => {
+    await withRepo(async (dir, repo) => {
+      const blobs = Array.from({ length: 40 }, (_, i) => (i % 2 ? prngBytes(i + 1, 300000) : Buffer.from('text '.repeat(i * 1000 + 1))));
+      const ids: string[] = [];
+      let added = 0;
+      for (const b of blobs) {
+        const r = await repo.saveBlob('data', b);
+        ids.push(r.id);
+        added += r.added;
+      }
+      const again = await repo.saveBlob('data', blobs[3]!);
+      assert.equal(again.added, 0, 'a known blob is not stored twice');
+      await repo.flush();
+      assert.ok(added < blobs.reduce((s, b) => s + b.length, 0), 'text compressed');
+      const reopened = await Repository.open(new LocalBackend(join(dir, 'repo')), 'pw');
+      await reopened.loadIndex();
+      for (let i = 0; i < blobs.length; i++) assert.ok((await reopened.loadBlob(ids[i]!)).equals(blobs[i]!));
+      await assert.rejects(Repository.open(new LocalBackend(join(dir, 'repo')), 'not the password'), WrongPasswordError);
+    });
+  });
+
+  void it('check --read-data finds a flipped bit and a truncated pack', async () => {
+    await withRepo(async (dir, repo) => {
+      for (let i = 0; i < 30; i++) await repo.saveBlob('data', prngBytes(100 + i, 1 << 20));
+      await repo.flush();
+      assert.deepEqual((await checkRepository(repo, { readData: true })).errors, []);
+      const dataDir = join(dir, 'repo', 'data');
+      const packs = readdirSync(dataDir).flatMap((sub) => readdirSync(join(dataDir, sub)).map((name) => join(dataDir, sub, name)));
+      assert.ok(packs.length >= 2);
+      const bytes = readFileSync(packs[0]!);
+      bytes[1000] = bytes[1000]! ^ 0x40;
+      writeFileSync(packs[0]!, bytes);
+      truncateSync(packs[1]!, Math.floor(statSync(packs[1]!).size / 2));
+      const fresh = await Repository.open(new LocalBackend(join(dir, 'repo')), 'pw');
+      const structural = await checkRepository(fresh, { readData: false });
+      assert.equal(structural.errors.length, 1, structural.errors.join('\n'));
+      assert.match(structural.errors[0]!, /truncated/);
+      const full = await checkRepository(fresh, { readData: true });
+      assert.ok(full.errors.some((e) => /damaged \(authentication failed\)/.test(e)), full.errors.join('\n'));
+    });
+  });
+});
