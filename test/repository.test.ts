@@ -145,6 +145,32 @@ describe('snapshot repository', { skip: !isRoot && 'repository backups read volu
     assert.equal(full.code, 0, full.stderr);
   });
 
+  it('forget --keep-last 2 --prune keeps two snapshots, frees the rest and leaves a sound repository', async () => {
+    const before = JSON.parse((await runCli(['--json', 'snapshots'], env)).stdout) as { id: string }[];
+    assert.ok(before.length >= 3, `${before.length} snapshots`);
+    const dry = await runCli(['forget', '--keep-last', '2', '--dry-run'], env);
+    assert.equal(dry.code, 0, dry.stderr);
+    assert.equal((JSON.parse((await runCli(['--json', 'snapshots'], env)).stdout) as unknown[]).length, before.length, 'dry run removes nothing');
+    const refused = await runCli(['forget'], env);
+    assert.equal(refused.code, 2, 'no rule, no forgetting');
+
+    const r = await runCli(['--json', 'forget', '--keep-last', '2', '--prune'], env);
+    assert.equal(r.code, 0, r.stderr);
+    const result = JSON.parse(r.stdout) as { kept: { id: string }[]; removed: string[]; prune: { bytesFreed: number; packsDeleted: number } };
+    assert.deepEqual(result.kept.map((k) => k.id), before.slice(-2).map((s) => s.id).reverse());
+    assert.ok(result.prune.packsDeleted > 0 && result.prune.bytesFreed > 0, JSON.stringify(result.prune));
+    const after = JSON.parse((await runCli(['--json', 'snapshots'], env)).stdout) as { id: string }[];
+    assert.deepEqual(after.map((s) => s.id), before.slice(-2).map((s) => s.id));
+    const full = await runCli(['check', '--read-data'], env);
+    assert.equal(full.code, 0, full.stderr);
+    const rows = await databaseFingerprint(f);
+    const restored = await runCli(['--project', f.project, 'restore', 'latest'], env);
+    assert.equal(restored.code, 0, restored.stderr);
+    await f.waitForDatabase();
+    assert.equal(await databaseFingerprint(f), rows);
+    first = { ...first, snapshot: after[0]!.id };
+  });
+
   it('a flipped bit: check --read-data names the damaged snapshot; restore refuses it before touching anything', async () => {
     const dataDir = join(work, 'repo', 'data');
     // One flipped bit in every pack (some packs are orphans of the killed backups).

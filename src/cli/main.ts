@@ -16,6 +16,8 @@ import { LocalBackend } from '../backend/local.js';
 import { Repository } from '../repository/repository.js';
 import { listSnapshots, shortId } from '../repository/snapshots.js';
 import { checkRepository } from '../repository/check.js';
+import { pruneRepository, type PruneResult } from '../repository/prune.js';
+import { applyRetention, isEmptyPolicy, type RetentionPolicy } from '../repository/retention.js';
 import { backupToRepository } from '../backup/repository-backup.js';
 import { restoreFromSnapshot } from '../restore/snapshot-restore.js';
 import { repositoryLocation, readPassword } from './secrets.js';
@@ -386,6 +388,78 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         if (result.errors.length > 0) {
           throw new CorruptArchiveError(`repository ${repo.backend.location} has ${result.errors.length} problem(s)${result.errors[0] ? `, first: ${result.errors[0]}` : ''}`);
         }
+      } finally {
+        await lock.release().catch(() => undefined);
+        dispose();
+      }
+    });
+
+  const count = (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError('a whole number');
+    return n;
+  };
+
+  async function prune(repo: Repository, signal: AbortSignal): Promise<PruneResult> {
+    const result = await pruneRepository(repo, { signal, onPhase: (m) => process.stderr.write(`${m}…\n`) });
+    if (!globals().json) {
+      out(`pruned: ${result.packsDeleted} packs deleted (${result.packsRepacked} repacked), ${formatBytes(result.bytesFreed)} freed`);
+    }
+    return result;
+  }
+
+  program
+    .command('forget')
+    .description('remove snapshots by a retention policy (restic semantics, per project); --prune also frees their data')
+    .addOption(new Option('--keep-last <n>', 'keep the n latest snapshots').argParser(count))
+    .addOption(new Option('--keep-hourly <n>', 'keep the latest snapshot of each of the last n hours that have one').argParser(count))
+    .addOption(new Option('--keep-daily <n>', 'likewise for days').argParser(count))
+    .addOption(new Option('--keep-weekly <n>', 'likewise for ISO weeks').argParser(count))
+    .addOption(new Option('--keep-monthly <n>', 'likewise for months').argParser(count))
+    .addOption(new Option('--keep-yearly <n>', 'likewise for years').argParser(count))
+    .option('--prune', 'then remove the data no snapshot needs')
+    .option('--dry-run', 'only show what would be removed')
+    .action(async (options: { keepLast?: number; keepHourly?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; keepYearly?: number; prune?: boolean; dryRun?: boolean }) => {
+      const policy: RetentionPolicy = {
+        ...(options.keepLast !== undefined ? { last: options.keepLast } : {}),
+        ...(options.keepHourly !== undefined ? { hourly: options.keepHourly } : {}),
+        ...(options.keepDaily !== undefined ? { daily: options.keepDaily } : {}),
+        ...(options.keepWeekly !== undefined ? { weekly: options.keepWeekly } : {}),
+        ...(options.keepMonthly !== undefined ? { monthly: options.keepMonthly } : {}),
+        ...(options.keepYearly !== undefined ? { yearly: options.keepYearly } : {}),
+      };
+      if (isEmptyPolicy(policy)) throw new UsageError('give at least one --keep-* rule (forget never removes every snapshot)');
+      const repo = await openRepository();
+      const lock = await repo.lock(true, 'forget');
+      const { signal, dispose } = interruptible();
+      try {
+        const all = await listSnapshots(repo);
+        const scope = globals().project === undefined ? all : all.filter((s) => s.project === globals().project);
+        const decision = applyRetention(scope, policy);
+        if (!options.dryRun) for (const s of decision.remove) await repo.backend.remove('snapshots', s.id);
+        const pruned = options.prune && !options.dryRun ? await prune(repo, signal) : undefined;
+        if (globals().json) {
+          out(JSON.stringify({ kept: decision.keep.map((k) => ({ id: k.snapshot.id, reasons: k.reasons })), removed: decision.remove.map((s) => s.id), dryRun: options.dryRun ?? false, prune: pruned ?? null }));
+        } else {
+          for (const k of decision.keep) out(`keep    ${shortId(k.snapshot.id)}  ${k.snapshot.time.replace('T', ' ').slice(0, 19)}  ${k.snapshot.project}  (${k.reasons.join(', ')})`);
+          for (const r of decision.remove) out(`${options.dryRun ? 'would remove' : 'removed'} ${shortId(r.id)}  ${r.time.replace('T', ' ').slice(0, 19)}  ${r.project}`);
+        }
+      } finally {
+        await lock.release().catch(() => undefined);
+        dispose();
+      }
+    });
+
+  program
+    .command('prune')
+    .description('remove the data no snapshot needs (and packs left by interrupted backups)')
+    .action(async () => {
+      const repo = await openRepository();
+      const lock = await repo.lock(true, 'prune');
+      const { signal, dispose } = interruptible();
+      try {
+        const result = await prune(repo, signal);
+        if (globals().json) out(JSON.stringify(result));
       } finally {
         await lock.release().catch(() => undefined);
         dispose();

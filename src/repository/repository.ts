@@ -208,6 +208,36 @@ export class Repository {
     this.unindexed = [];
   }
 
+  /** Prune: moves a blob, still sealed, into the pack being written (no decryption needed). */
+  async copyBlobToNewPack(id: string): Promise<void> {
+    const where = this.index.get(id);
+    if (!where) throw new CorruptArchiveError(`blob ${id.slice(0, 12)} is missing from the index`);
+    const sealed = await this.backend.load('data', where.pack, { offset: where.offset, length: where.length });
+    this.packEntries.push({ id, type: where.type, offset: this.packSize, length: sealed.length, rawLength: where.rawLength });
+    this.packParts.push(sealed);
+    this.packSize += sealed.length;
+    this.pendingIds.add(id);
+    if (this.packSize >= PACK_TARGET) await this.writePack();
+  }
+
+  /** Prune: writes the open pack without writing an index for it. */
+  async flushPacksOnly(): Promise<void> {
+    await this.writePack();
+  }
+
+  /** Prune: writes one index file naming exactly `keep` at their current places. */
+  async rewriteIndex(keep: Set<string>): Promise<void> {
+    const packs = new Map<string, PackHeaderEntry[]>();
+    for (const id of keep) {
+      const where = this.index.get(id);
+      if (!where) continue;
+      packs.set(where.pack, [...(packs.get(where.pack) ?? []), { id, type: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength }]);
+    }
+    await this.saveObject('index', { packs: [...packs].map(([id, blobs]) => ({ id, blobs })) } satisfies IndexFile);
+    for (const id of [...this.index.keys()]) if (!keep.has(id)) this.index.delete(id);
+    this.unindexed = [];
+  }
+
   /** Reads a pack's own header (used by check and prune to rebuild knowledge from the packs). */
   async readPackHeader(packId: string): Promise<PackHeaderEntry[]> {
     const size = await this.backend.stat('data', packId);
