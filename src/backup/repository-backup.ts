@@ -10,21 +10,27 @@
 import { hostname } from 'node:os';
 import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
-import { UsageError, VolumeMissingError } from '../errors.js';
+import { VolumeMissingError } from '../errors.js';
 import { discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { withDeploymentStopped } from '../deployment/lifecycle.js';
 import { lockDeployment } from '../deployment/lock.js';
-import { chooseTransport } from '../archive/transport.js';
+import { chooseTransport, type TransportChoice } from '../archive/transport.js';
+import { memberPrefixOf } from '../archive/manifest.js';
+import { TarProcessor } from '../archive/tar.js';
+import { TarTreeBuilder } from '../repository/tar-import.js';
+import { posix } from 'node:path';
+import { pipeline } from 'node:stream/promises';
 import type { Repository } from '../repository/repository.js';
 import { Archiver, type ArchiveStats } from '../repository/archiver.js';
 import { listSnapshots } from '../repository/snapshots.js';
-import type { Snapshot, SnapshotVolume } from '../repository/tree.js';
+import type { Snapshot, SnapshotVolume, TreeNode } from '../repository/tree.js';
 import { TOOL_VERSION } from '../version.js';
 import { selectVolumes } from './archive-backup.js';
 
 export interface RepositoryBackupOptions {
   project?: string | undefined;
   includeCache?: boolean;
+  via?: TransportChoice;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   now?: () => number;
@@ -39,22 +45,15 @@ export interface RepositoryBackupResult {
 export async function backupToRepository(engine: DockerEngine, repo: Repository, options: RepositoryBackupOptions): Promise<RepositoryBackupResult> {
   const now = options.now ?? Date.now;
   const onProgress = options.onProgress ?? (() => undefined);
+  const signalOption = options.signal ? { signal: options.signal } : {};
   const startedAt = now();
   const discover = (project: string | undefined): Promise<Deployment> =>
     discoverDeployment(engine, { project, ...(options.signal ? { signal: options.signal } : {}) });
   let deployment = await discover(options.project);
   const { selected, skipped } = selectVolumes(deployment, options.includeCache ?? false);
   if (selected.length === 0) throw new VolumeMissingError(`project '${deployment.project}' has no mounted named volume to back up`);
-  const folders = new Map<string, string>();
-  for (const v of selected) {
-    const chosen = await chooseTransport(engine, v.name, 'auto');
-    if (chosen.hostPath === undefined) {
-      throw new UsageError(
-        `backing up into a repository reads volume folders directly, which needs root on the Docker host (volume ${v.name}); use 'backup --to DIR' for the engine path`,
-      );
-    }
-    folders.set(v.composeName, chosen.hostPath);
-  }
+  const folders = new Map<string, string | undefined>();
+  for (const v of selected) folders.set(v.composeName, (await chooseTransport(engine, v.name, options.via ?? 'auto')).hostPath);
   const locked = await lockDeployment(engine, deployment, 'backup', onProgress, () => discover(deployment.project));
   const projectLock = locked.lock;
   deployment = locked.deployment;
@@ -73,24 +72,41 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
           for (const volume of selected) {
             options.signal?.throwIfAborted();
             onProgress({ type: 'volume-start', volume: volume.composeName, action: 'archiving', totalBytes: undefined });
-            const archiver = new Archiver(repo, {
-              ...(options.signal ? { signal: options.signal } : {}),
-              onProgress: (s) => onProgress({ type: 'volume-progress', volume: volume.composeName, bytes: s.bytesRead, files: s.files }),
-            });
-            const parentTree = parent?.volumes.find((p) => p.composeName === volume.composeName && p.mountPath === volume.mountPath)?.tree;
-            const { tree, root } = await archiver.archive(folders.get(volume.composeName)!, parentTree);
-            stats[volume.composeName] = archiver.stats;
-            onProgress({ type: 'volume-done', volume: volume.composeName, bytes: archiver.stats.bytesRead, files: archiver.stats.files });
+            const folder = folders.get(volume.composeName);
+            const progress = (s: { bytes: number; files: number }): void => onProgress({ type: 'volume-progress', volume: volume.composeName, ...s });
+            let result: { tree: string; root: TreeNode; stats: ArchiveStats };
+            if (folder !== undefined) {
+              const archiver = new Archiver(repo, { ...signalOption, onProgress: (s) => progress({ bytes: s.bytesRead, files: s.files }) });
+              const parentTree = parent?.volumes.find((p) => p.composeName === volume.composeName && p.mountPath === volume.mountPath)?.tree;
+              result = { ...(await archiver.archive(folder, parentTree)), stats: archiver.stats };
+              result.stats.entries++;
+            } else {
+              // Through the engine: no ctime/inode, so every file is read; chunks still deduplicate.
+              const prefix = memberPrefixOf(volume.mountPath);
+              const parentDir = posix.dirname(prefix);
+              const builder = new TarTreeBuilder(repo, prefix, (s) => progress(s));
+              await pipeline(
+                await engine.readArchive(volume.container.id, volume.mountPath, options.signal),
+                new TarProcessor({ output: 'entries', ...(parentDir === '.' ? {} : { renamePrefix: Buffer.from(`${parentDir}/`) }) }),
+                builder,
+                signalOption,
+              );
+              const built = await builder.finishTrees();
+              const s = builder.stats;
+              result = { ...built, stats: { entries: s.entries, files: s.files, bytes: s.bytes, bytesRead: s.bytes, filesUnchanged: 0, bytesAdded: s.bytesAdded } };
+            }
+            stats[volume.composeName] = result.stats;
+            onProgress({ type: 'volume-done', volume: volume.composeName, bytes: result.stats.bytesRead, files: result.stats.files });
             out.push({
               composeName: volume.composeName,
               name: volume.name,
               role: volume.role,
               mountPath: volume.mountPath,
-              tree,
-              root,
-              entries: archiver.stats.entries + 1,
-              files: archiver.stats.files,
-              bytes: archiver.stats.bytes,
+              tree: result.tree,
+              root: result.root,
+              entries: result.stats.entries,
+              files: result.stats.files,
+              bytes: result.stats.bytes,
             });
           }
           return out;

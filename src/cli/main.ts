@@ -16,6 +16,7 @@ import { LocalBackend } from '../backend/local.js';
 import { Repository } from '../repository/repository.js';
 import { listSnapshots, shortId } from '../repository/snapshots.js';
 import { checkRepository } from '../repository/check.js';
+import { exportSnapshot, importArchiveSet } from '../repository/archive-transfer.js';
 import { pruneRepository, type PruneResult } from '../repository/prune.js';
 import { applyRetention, isEmptyPolicy, type RetentionPolicy } from '../repository/retention.js';
 import { backupToRepository } from '../backup/repository-backup.js';
@@ -153,7 +154,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .action(async (options: { to?: string; includeCache?: boolean; compressionLevel: number; via: TransportChoice }) => {
       const engine = engineFactory();
       if (options.to === undefined) {
-        await backupIntoRepository(engine, options.includeCache ?? false);
+        await backupIntoRepository(engine, options.includeCache ?? false, options.via);
         return;
       }
       const progress = createProgressRenderer(process.stderr);
@@ -275,7 +276,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
   const openRepository = async (): Promise<Repository> =>
     Repository.open(new LocalBackend(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false));
 
-  async function backupIntoRepository(engine: DockerEngine, includeCache: boolean): Promise<void> {
+  async function backupIntoRepository(engine: DockerEngine, includeCache: boolean, via: TransportChoice): Promise<void> {
     const repo = await openRepository();
     const progress = createProgressRenderer(process.stderr);
     const { signal, dispose } = interruptible();
@@ -283,6 +284,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
       const { snapshot, bytesAdded, stats } = await backupToRepository(engine, repo, {
         project: globals().project,
         includeCache,
+        via,
         signal,
         onProgress: progress.listener,
       });
@@ -444,6 +446,55 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           for (const k of decision.keep) out(`keep    ${shortId(k.snapshot.id)}  ${k.snapshot.time.replace('T', ' ').slice(0, 19)}  ${k.snapshot.project}  (${k.reasons.join(', ')})`);
           for (const r of decision.remove) out(`${options.dryRun ? 'would remove' : 'removed'} ${shortId(r.id)}  ${r.time.replace('T', ' ').slice(0, 19)}  ${r.project}`);
         }
+      } finally {
+        await lock.release().catch(() => undefined);
+        dispose();
+      }
+    });
+
+  program
+    .command('export')
+    .description('write a snapshot as a seed-compatible archive set (<volume>.tar.gz + manifest.json) into a new folder')
+    .argument('<snapshot>', "'latest' or a snapshot id (prefix)")
+    .requiredOption('--to <dir>', 'new or empty folder')
+    .action(async (ref: string, options: { to: string }) => {
+      const repo = await openRepository();
+      const lock = await repo.lock(false, 'export');
+      const { signal, dispose } = interruptible();
+      try {
+        const { snapshot, manifest } = await exportSnapshot(repo, ref, resolve(options.to), {
+          project: globals().project,
+          toolVersion: TOOL_VERSION,
+          signal,
+          onVolume: (name) => process.stderr.write(`exporting ${name}…\n`),
+        });
+        if (globals().json) out(JSON.stringify({ snapshot: snapshot.id, dir: resolve(options.to), volumes: manifest.volumes.map((v) => ({ name: v.composeName, archive: v.archive, files: v.files, bytes: v.bytes })) }));
+        else out(`Exported snapshot ${shortId(snapshot.id)} (${manifest.volumes.length} volumes) to ${resolve(options.to)}`);
+      } finally {
+        await lock.release().catch(() => undefined);
+        dispose();
+      }
+    });
+
+  program
+    .command('import')
+    .description('store an archive set (from backup --to, or made by hand with the guide\'s tar commands) as a snapshot')
+    .argument('<dir>', 'folder with the archives')
+    .option('--cvat-version <version>', 'CVAT version of a hand-made archive set (no manifest)')
+    .action(async (dir: string, options: { cvatVersion?: string }) => {
+      const repo = await openRepository();
+      const lock = await repo.lock(true, 'import');
+      const { signal, dispose } = interruptible();
+      try {
+        const snapshot = await importArchiveSet(repo, resolve(dir), {
+          project: globals().project,
+          cvatVersion: options.cvatVersion,
+          toolVersion: TOOL_VERSION,
+          signal,
+          onVolume: (name) => process.stderr.write(`importing ${name}…\n`),
+        });
+        if (globals().json) out(JSON.stringify({ snapshot: snapshot.id, project: snapshot.project, cvatVersion: snapshot.cvat.version }));
+        else out(`Imported ${dir} as snapshot ${shortId(snapshot.id)} of project ${snapshot.project} (CVAT ${snapshot.cvat.version ?? 'unknown'})`);
       } finally {
         await lock.release().catch(() => undefined);
         dispose();

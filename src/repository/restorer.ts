@@ -9,6 +9,7 @@ import { encodeHeader, paxRecord } from '../archive/host-tar.js';
 import { memberPrefixOf } from '../archive/manifest.js';
 import type { TarStats } from '../archive/tar.js';
 import type { Repository } from './repository.js';
+import { CorruptArchiveError } from '../errors.js';
 import { isZeroChunk, zeroChunkLength, type SnapshotVolume, type Tree, type TreeNode } from './tree.js';
 
 const BLOCK = 512;
@@ -39,6 +40,10 @@ function chunkLength(repo: Repository, ref: string): number {
 
 async function* fileData(repo: Repository, node: TreeNode, name: Buffer): AsyncGenerator<Buffer> {
   const content = node.content ?? [];
+  const total = content.reduce((sum, ref) => sum + chunkLength(repo, ref), 0);
+  if (total !== node.size) {
+    throw new CorruptArchiveError(`${name.toString('utf8')}: its chunks hold ${total} bytes, the file ${node.size}`);
+  }
   if (!content.some(isZeroChunk)) {
     yield encodeHeader({ ...meta(node), name, type: '0', size: node.size });
     for (const ref of content) yield await repo.loadBlob(ref);
