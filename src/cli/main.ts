@@ -242,8 +242,9 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .argument('<snapshot-or-dir>', "'latest', a snapshot id (prefix), or a folder with archives")
     .option('--allow-version-mismatch', 'restore even if the CVAT versions differ (risky: see README)')
     .option('--cvat-version <version>', 'CVAT version of a hand-made archive set (no manifest)')
+    .option('--volume <name...>', 'restore only these volumes (e.g. cvat_data)')
     .addOption(viaOption())
-    .action(async (dir: string, options: { allowVersionMismatch?: boolean; cvatVersion?: string; via: TransportChoice }) => {
+    .action(async (dir: string, options: { allowVersionMismatch?: boolean; cvatVersion?: string; volume?: string[]; via: TransportChoice }) => {
       const engine = engineFactory();
       if (await isSnapshotRef(dir)) {
         await restoreSnapshot(engine, dir, options);
@@ -258,6 +259,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           allowVersionMismatch: options.allowVersionMismatch ?? false,
           cvatVersion: options.cvatVersion,
           via: options.via,
+          volumes: options.volume,
           signal,
           onProgress: progress.listener,
         });
@@ -320,7 +322,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     }
   }
 
-  async function restoreSnapshot(engine: DockerEngine, ref: string, options: { allowVersionMismatch?: boolean; via: TransportChoice }): Promise<void> {
+  async function restoreSnapshot(engine: DockerEngine, ref: string, options: { allowVersionMismatch?: boolean; via: TransportChoice; volume?: string[] }): Promise<void> {
     const repo = await openRepository();
     const progress = createProgressRenderer(process.stderr);
     const { signal, dispose } = interruptible();
@@ -329,6 +331,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         project: globals().project,
         allowVersionMismatch: options.allowVersionMismatch ?? false,
         via: options.via,
+        volumes: options.volume,
         signal,
         onProgress: progress.listener,
       });

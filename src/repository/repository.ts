@@ -182,27 +182,43 @@ export class Repository {
     return plaintext;
   }
 
+  /** Pack saves under way: the next blobs are sealed while the disk writes (at most 2 at once). */
+  private inFlight: Promise<void>[] = [];
+
   private async writePack(): Promise<void> {
     if (this.packEntries.length === 0) return;
-    const header = seal(this.key, Buffer.from(JSON.stringify(this.packEntries)), 'pack-header');
+    const entries = this.packEntries;
+    const header = seal(this.key, Buffer.from(JSON.stringify(entries)), 'pack-header');
     const length = Buffer.alloc(4);
     length.writeUInt32LE(header.length);
     const pack = Buffer.concat([...this.packParts, header, length]);
     const id = sha256(pack);
-    await this.backend.save('data', id, pack);
-    for (const e of this.packEntries) {
-      this.index.set(e.id, { pack: id, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
-      this.pendingIds.delete(e.id);
-    }
-    this.unindexed.push({ id, blobs: this.packEntries });
     this.packParts = [];
     this.packEntries = [];
     this.packSize = 0;
+    // A blob enters the index only once its pack is durable; until then it is "pending".
+    const saving = this.backend.save('data', id, pack).then(() => {
+      for (const e of entries) {
+        this.index.set(e.id, { pack: id, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+        this.pendingIds.delete(e.id);
+      }
+      this.unindexed.push({ id, blobs: entries });
+    });
+    this.inFlight.push(saving);
+    saving.catch(() => undefined); // awaited below or by flush; never unhandled
+    while (this.inFlight.length > 2) await this.inFlight.shift();
+  }
+
+  private async waitForPacks(): Promise<void> {
+    const pending = this.inFlight;
+    this.inFlight = [];
+    await Promise.all(pending);
   }
 
   /** Writes the open pack and an index file for every pack not yet indexed. Call before a snapshot. */
   async flush(): Promise<void> {
     await this.writePack();
+    await this.waitForPacks();
     if (this.unindexed.length === 0) return;
     await this.saveObject('index', { packs: this.unindexed } satisfies IndexFile);
     this.unindexed = [];
@@ -223,6 +239,7 @@ export class Repository {
   /** Prune: writes the open pack without writing an index for it. */
   async flushPacksOnly(): Promise<void> {
     await this.writePack();
+    await this.waitForPacks();
   }
 
   /** Prune: writes one index file naming exactly `keep` at their current places. */

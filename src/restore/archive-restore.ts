@@ -19,6 +19,7 @@ import {
   ContainersMissingError,
   CorruptArchiveError,
   RestoreFailedError,
+  UsageError,
   VersionMismatchError,
   VolumeMissingError,
   classifyError,
@@ -56,9 +57,22 @@ export interface RestoreOptions {
   /** The CVAT version of a hand-made set (no manifest). */
   cvatVersion?: string | undefined;
   via?: TransportChoice;
+  /** Restore only these volumes (compose names); all when undefined. */
+  volumes?: string[] | undefined;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   now?: () => number;
+}
+
+/** Keeps the volumes named in `only` (all if undefined); an unknown name is a usage error. */
+export function onlyVolumes<T extends { composeName: string }>(volumes: T[], only: string[] | undefined, where: string): T[] {
+  if (only === undefined || only.length === 0) return volumes;
+  for (const name of only) {
+    if (!volumes.some((v) => v.composeName === name)) {
+      throw new UsageError(`${where} holds no volume '${name}' (it holds ${volumes.map((v) => v.composeName).join(', ')})`);
+    }
+  }
+  return volumes.filter((v) => only.includes(v.composeName));
 }
 
 export interface RestoredVolume {
@@ -150,8 +164,9 @@ function plan(source: RestoreSource, deployment: Deployment): PlannedVolume[] {
 }
 
 /** An archive set as a restore source. */
-export async function archiveSetSource(dir: string, cvatVersionFlag: string | undefined): Promise<RestoreSource> {
-  const set = await readArchiveSet(dir);
+export async function archiveSetSource(dir: string, cvatVersionFlag: string | undefined, only?: string[]): Promise<RestoreSource> {
+  const full = await readArchiveSet(dir);
+  const set = { ...full, volumes: onlyVolumes(full.volumes, only, dir) };
   return {
     cvatVersion: set.manifest?.cvat.version ?? cvatVersionFlag,
     handMade: set.manifest === undefined,
@@ -177,7 +192,7 @@ export async function archiveSetSource(dir: string, cvatVersionFlag: string | un
 }
 
 export async function restoreFromArchiveSet(engine: DockerEngine, options: ArchiveRestoreOptions): Promise<ArchiveRestoreResult> {
-  return restoreFromSource(engine, await archiveSetSource(options.from, options.cvatVersion), options);
+  return restoreFromSource(engine, await archiveSetSource(options.from, options.cvatVersion, options.volumes), options);
 }
 
 export async function restoreFromSource(engine: DockerEngine, source: RestoreSource, options: RestoreOptions): Promise<ArchiveRestoreResult> {

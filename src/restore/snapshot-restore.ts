@@ -9,7 +9,7 @@ import { snapshotVolumeTar, verifySnapshotVolume } from '../repository/restorer.
 import { resolveSnapshot, shortId } from '../repository/snapshots.js';
 import type { TarStats } from '../archive/tar.js';
 import { CorruptArchiveError } from '../errors.js';
-import { restoreFromSource, type ArchiveRestoreResult, type RestoreOptions, type RestoreSource } from './archive-restore.js';
+import { onlyVolumes, restoreFromSource, type ArchiveRestoreResult, type RestoreOptions, type RestoreSource } from './archive-restore.js';
 
 export interface SnapshotRestoreResult extends ArchiveRestoreResult {
   snapshot: string;
@@ -24,7 +24,8 @@ export async function restoreFromSnapshot(
   const lock = await repo.lock(false, 'restore');
   try {
     await repo.loadIndex();
-    const snapshot = await resolveSnapshot(repo, ref, options.project);
+    const found = await resolveSnapshot(repo, ref, options.project);
+    const snapshot = { ...found, volumes: onlyVolumes(found.volumes, options.volumes, `snapshot ${shortId(found.id)}`) };
     const source: RestoreSource = {
       cvatVersion: snapshot.cvat.version ?? undefined,
       handMade: false,
