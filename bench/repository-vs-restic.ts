@@ -97,11 +97,20 @@ async function main(): Promise<void> {
     add('backup, nothing changed', o2.seconds, r2.seconds, secs);
     add('peak memory, first backup (MiB)', o1.maxRssMiB, r1.maxRssMiB, (n) => `${n.toFixed(0)} MiB`);
 
-    const restoreTarget = join(work, 'restic-restore');
+    // Restore of the media volume, the whole job for both: ours verifies first, stops CVAT, keeps
+    // a rollback point and starts CVAT; restic gets the same stop/start around an in-place restore
+    // into the volume's folder (emptied first, as ours does).
     const oR = await measure(process.execPath, [BIN, '--project', f.project, 'restore', 'latest', '--volume', 'cvat_data'], ours);
-    const rR = await measure('restic', ['restore', 'latest', '--target', restoreTarget, '--include', await f.volumePath('cvat_data')], restic);
-    add('restore of the media volume', oR.seconds, rR.seconds, secs);
-    await rm(restoreTarget, { recursive: true, force: true });
+    const mediaVolume = await f.volumePath('cvat_data');
+    const rR = await (async () => {
+      const start = process.hrtime.bigint();
+      await f.compose(['stop']);
+      await run('sh', ['-c', `find ${mediaVolume} -mindepth 1 -delete`]);
+      await measure('restic', ['restore', 'latest', '--target', '/', '--include', mediaVolume], restic);
+      await f.compose(['start']);
+      return { seconds: Number(process.hrtime.bigint() - start) / 1e9 };
+    })();
+    add('restore of the media volume (incl. stop/start)', oR.seconds, rR.seconds, secs);
 
     // Seven daily backups in all (the first above, six more): each day 1 % of media files
     // rewritten and 1 % added, and 2 % of the database's accounts updated (a contiguous range, as

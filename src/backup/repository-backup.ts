@@ -63,6 +63,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
       await repo.loadIndex();
       const parent = (await listSnapshots(repo)).filter((s) => s.project === deployment.project).pop();
       const stats: Record<string, ArchiveStats> = {};
+      const pool = repo.createChunkPool();
       const { result: volumes, window } = await withDeploymentStopped(
         engine,
         deployment.containers,
@@ -76,7 +77,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
             const progress = (s: { bytes: number; files: number }): void => onProgress({ type: 'volume-progress', volume: volume.composeName, ...s });
             let result: { tree: string; root: TreeNode; stats: ArchiveStats };
             if (folder !== undefined) {
-              const archiver = new Archiver(repo, { ...signalOption, onProgress: (s) => progress({ bytes: s.bytesRead, files: s.files }) });
+              const archiver = new Archiver(repo, { ...signalOption, pool, onProgress: (s) => progress({ bytes: s.bytesRead, files: s.files }) });
               const parentTree = parent?.volumes.find((p) => p.composeName === volume.composeName && p.mountPath === volume.mountPath)?.tree;
               result = { ...(await archiver.archive(folder, parentTree)), stats: archiver.stats };
               result.stats.entries++;
@@ -112,7 +113,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
           return out;
         },
         now,
-      );
+      ).finally(() => pool.close());
       onProgress({ type: 'phase', message: 'writing index' });
       await repo.flush();
       const finishedAt = now();

@@ -11,6 +11,7 @@ import { lstat, readdir, readlink } from 'node:fs/promises';
 import type { BigIntStats } from 'node:fs';
 import { Chunker } from './chunker.js';
 import type { Repository } from './repository.js';
+import type { ChunkPool } from './chunk-pool.js';
 import { ZERO_PREFIX, type NodeType, type Tree, type TreeNode } from './tree.js';
 
 export interface ArchiveStats {
@@ -29,6 +30,8 @@ export interface ArchiveStats {
 export interface ArchiveOptions {
   signal?: AbortSignal;
   onProgress?: (stats: ArchiveStats) => void;
+  /** Worker threads for chunking, hashing, compression and encryption (else: this thread). */
+  pool?: ChunkPool;
 }
 
 function isZero(chunk: Buffer): boolean {
@@ -95,6 +98,8 @@ export class Archiver {
     const parentNodes = new Map(parent?.nodes.map((n) => [n.name, n]));
     const names = (await readdir(absolute, { encoding: 'buffer' })).sort((a, b) => Buffer.compare(a, b));
     const nodes: TreeNode[] = [];
+    /** Files of this folder to read; read several at once when workers are there. */
+    const reads: { node: TreeNode; path: Buffer }[] = [];
     for (const name of names) {
       this.options.signal?.throwIfAborted();
       const path = Buffer.concat([absolute, Buffer.from('/'), name]);
@@ -131,11 +136,16 @@ export class Archiver {
             node.content = before.content;
             this.stats.filesUnchanged++;
           } else {
-            node.content = await this.fileContent(path, node.size);
+            reads.push({ node, path });
           }
         }
       }
       nodes.push(node);
+      this.report();
+    }
+    const window = this.options.pool ? this.options.pool.size * 2 : 1;
+    for (let i = 0; i < reads.length; i += window) {
+      await Promise.all(reads.slice(i, i + window).map(async (r) => (r.node.content = await this.fileContent(r.path, r.node.size))));
       this.report();
     }
     const saved = await this.repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes } satisfies Tree)));
@@ -144,6 +154,18 @@ export class Archiver {
   }
 
   private async fileContent(path: Buffer, size: number): Promise<string[]> {
+    this.options.signal?.throwIfAborted();
+    const pool = this.options.pool;
+    if (pool) {
+      const content: string[] = [];
+      await pool.processFile(path, size, async ({ id, rawLength, sealed }) => {
+        content.push(id);
+        this.stats.bytesRead += rawLength;
+        if (sealed) this.stats.bytesAdded += await this.repo.saveSealedBlob(id, 'data', sealed, rawLength);
+        this.report();
+      });
+      return content;
+    }
     const chunker = new Chunker(this.repo.config.chunker);
     const content: string[] = [];
     const store = async (chunk: Buffer): Promise<void> => {

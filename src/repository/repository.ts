@@ -18,6 +18,7 @@ import { CorruptArchiveError, LockedError, RepositoryError } from '../errors.js'
 import { DEFAULT_CHUNKER, type ChunkerParams } from './chunker.js';
 import { open as openSealed, seal, unwrapMasterKey, wrapMasterKey, type KdfParams, type WrappedKey, DEFAULT_KDF } from './crypto.js';
 import { packPayload, unpackPayload } from './compression.js';
+import { ChunkPool } from './chunk-pool.js';
 
 export type BlobType = 'data' | 'tree';
 
@@ -170,6 +171,25 @@ export class Repository {
     this.pendingIds.add(id);
     if (this.packSize >= PACK_TARGET) await this.writePack();
     return { id, added: sealed.length };
+  }
+
+  /**
+   * Stores a blob that a worker already sealed (see chunk-pool.ts) unless the repository has it.
+   * Returns the sealed bytes added (0 for a duplicate).
+   */
+  async saveSealedBlob(id: string, type: BlobType, sealed: Buffer, rawLength: number): Promise<number> {
+    if (this.has(id)) return 0;
+    this.packEntries.push({ id, type, offset: this.packSize, length: sealed.length, rawLength });
+    this.packParts.push(sealed);
+    this.packSize += sealed.length;
+    this.pendingIds.add(id);
+    if (this.packSize >= PACK_TARGET) await this.writePack();
+    return sealed.length;
+  }
+
+  /** Worker threads that chunk, hash, compress and seal files with this repository's key. */
+  createChunkPool(size?: number): ChunkPool {
+    return new ChunkPool(this.key, this.config.chunker, size);
   }
 
   async loadBlob(id: string): Promise<Buffer> {

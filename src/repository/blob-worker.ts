@@ -1,0 +1,112 @@
+/**
+ * Worker thread: reads one file at a time, cuts it into chunks, and for each chunk computes its
+ * id (SHA-256), notes an all-zero chunk as a hole, and otherwise compresses and seals it. The
+ * main thread only dedups and packs, so chunking, hashing, compression and encryption run on
+ * every core. Flow control: at most MAX_UNACKED chunks are sent before the main thread
+ * acknowledges them, so memory stays bounded even for a file of many GB.
+ *
+ * The master key arrives in workerData (memory shared with the parent), never in argv.
+ */
+import { createHash } from 'node:crypto';
+import { open } from 'node:fs/promises';
+import { parentPort, workerData } from 'node:worker_threads';
+import { Chunker, type ChunkerParams } from './chunker.js';
+import { seal } from './crypto.js';
+import { packPayload } from './compression.js';
+
+export const MAX_UNACKED = 4;
+
+export type WorkerRequest = { type: 'file'; task: number; path: Uint8Array; size: number } | { type: 'ack'; task: number };
+
+export type WorkerReply =
+  | { type: 'chunk'; task: number; id: string; rawLength: number; sealed: Uint8Array | undefined }
+  | { type: 'done'; task: number; bytesRead: number }
+  | { type: 'error'; task: number; message: string; code: string | undefined };
+
+interface WorkerData {
+  key: Uint8Array;
+  chunker: ChunkerParams;
+}
+
+const ZEROS = Buffer.alloc(64 * 1024);
+
+function isZero(chunk: Buffer): boolean {
+  for (let off = 0; off < chunk.length; off += ZEROS.length) {
+    const part = chunk.subarray(off, off + ZEROS.length);
+    if (!part.equals(ZEROS.subarray(0, part.length))) return false;
+  }
+  return true;
+}
+
+if (parentPort) {
+  const port = parentPort;
+  const data = workerData as WorkerData;
+  const key = Buffer.from(data.key);
+  let unacked = 0;
+  let wake: (() => void) | undefined;
+  const queue: { task: number; path: Uint8Array; size: number }[] = [];
+  let busy = false;
+
+  const send = async (reply: WorkerReply, transfer: ArrayBuffer[] = []): Promise<void> => {
+    if (reply.type === 'chunk') {
+      while (unacked >= MAX_UNACKED) await new Promise<void>((resolve) => (wake = resolve));
+      unacked++;
+    }
+    port.postMessage(reply, transfer);
+  };
+
+  const processFile = async (task: number, path: Uint8Array, size: number): Promise<void> => {
+    const chunker = new Chunker(data.chunker);
+    const emit = async (chunk: Buffer): Promise<void> => {
+      const id = createHash('sha256').update(chunk).digest('hex');
+      if (isZero(chunk)) {
+        await send({ type: 'chunk', task, id: `zero:${chunk.length}`, rawLength: chunk.length, sealed: undefined });
+        return;
+      }
+      const sealed = seal(key, await packPayload(chunk), 'blob:data');
+      const copy = new Uint8Array(sealed);
+      await send({ type: 'chunk', task, id, rawLength: chunk.length, sealed: copy }, [copy.buffer]);
+    };
+    const handle = await open(Buffer.from(path), 'r');
+    let read = 0;
+    try {
+      const buffer = Buffer.alloc(1 << 20);
+      for (;;) {
+        const { bytesRead } = await handle.read(buffer, 0, buffer.length, read);
+        if (bytesRead === 0) break;
+        read += bytesRead;
+        for (const chunk of chunker.push(Buffer.from(buffer.subarray(0, bytesRead)))) await emit(chunk);
+      }
+      for (const chunk of chunker.finish()) await emit(chunk);
+    } finally {
+      await handle.close();
+    }
+    if (read !== size) throw Object.assign(new Error(`${Buffer.from(path).toString()} changed size while it was read`), { code: 'ECHANGED' });
+    await send({ type: 'done', task, bytesRead: read });
+  };
+
+  const next = (): void => {
+    if (busy) return;
+    const job = queue.shift();
+    if (!job) return;
+    busy = true;
+    processFile(job.task, job.path, job.size)
+      .catch((error: unknown) => send({ type: 'error', task: job.task, message: (error as Error).message, code: (error as NodeJS.ErrnoException).code }))
+      .finally(() => {
+        busy = false;
+        next();
+      });
+  };
+
+  port.on('message', (message: WorkerRequest) => {
+    if (message.type === 'ack') {
+      unacked--;
+      const w = wake;
+      wake = undefined;
+      w?.();
+      return;
+    }
+    queue.push({ task: message.task, path: message.path, size: message.size });
+    next();
+  });
+}
