@@ -1,6 +1,6 @@
 /**
  * Where the repository is and its password comes from. The password is never taken from argv:
- * CVAT_BACKUP_PASSWORD, --password-file, or a hidden prompt on a terminal.
+ * --password-file (or $CVAT_BACKUP_PASSWORD_FILE), $CVAT_BACKUP_PASSWORD, or a hidden prompt.
  */
 import { readFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
@@ -38,7 +38,8 @@ async function prompt(question: string): Promise<string> {
   });
 }
 
-export async function readPassword(passwordFile: string | undefined, confirm: boolean): Promise<string> {
+export async function readPassword(passwordFileFlag: string | undefined, confirm: boolean): Promise<string> {
+  const passwordFile = passwordFileFlag ?? (process.env['CVAT_BACKUP_PASSWORD_FILE'] || undefined);
   if (passwordFile !== undefined) {
     const text = (await readFile(passwordFile, 'utf8').catch((error: unknown) => {
       throw new UsageError(`cannot read --password-file ${passwordFile}: ${(error as Error).message}`);
@@ -49,7 +50,7 @@ export async function readPassword(passwordFile: string | undefined, confirm: bo
   const fromEnv = process.env['CVAT_BACKUP_PASSWORD'];
   if (fromEnv !== undefined && fromEnv !== '') return fromEnv;
   if (!process.stdin.isTTY) {
-    throw new UsageError('the repository needs a password: set CVAT_BACKUP_PASSWORD or pass --password-file FILE');
+    throw new UsageError('the repository needs a password: pass --password-file FILE, or set CVAT_BACKUP_PASSWORD_FILE or CVAT_BACKUP_PASSWORD');
   }
   const password = await prompt('repository password: ');
   if (password === '') throw new UsageError('an empty password is not allowed');

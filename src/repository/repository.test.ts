@@ -8,6 +8,7 @@ import { Chunker, DEFAULT_CHUNKER } from './chunker.js';
 import { open, seal } from './crypto.js';
 import { Repository } from './repository.js';
 import { LocalBackend } from '../backend/local.js';
+import { FaultyBackend } from '../backend/faulty.js';
 import { checkRepository } from './check.js';
 import { WrongPasswordError } from '../errors.js';
 
@@ -112,6 +113,44 @@ void describe('Repository on a local backend', () => {
       await reopened.loadIndex();
       for (let i = 0; i < blobs.length; i++) assert.ok((await reopened.loadBlob(ids[i]!)).equals(blobs[i]!));
       await assert.rejects(Repository.open(new LocalBackend(join(dir, 'repo')), 'not the password'), WrongPasswordError);
+    });
+  });
+
+  void it('a backend that fails writes: the save fails, nothing half-written is visible, the next save works', async () => {
+    await withRepo(async (dir) => {
+      const healthy = new LocalBackend(join(dir, 'repo'));
+      for (const nth of [[1], [2], [3, 4]]) {
+        const faulty = await Repository.open(new FaultyBackend(healthy, { failSaves: { kind: 'data', nth } }), 'pw');
+        await faulty.loadIndex();
+        const ids: string[] = [];
+        await assert.rejects(async () => {
+          for (let i = 0; i < 80; i++) ids.push((await faulty.saveBlob('data', prngBytes(1000 + nth[0]! * 100 + i, 1 << 20))).id);
+          await faulty.flush();
+          await faulty.saveObject('snapshots', { ids });
+        }, /injected fault/);
+        // What a reader sees afterwards is consistent, and no snapshot appeared.
+        const reader = await Repository.open(healthy, 'pw');
+        assert.deepEqual((await checkRepository(reader, { readData: true })).errors, []);
+        assert.equal((await healthy.list('snapshots')).length, 0);
+        assert.equal((await healthy.list('data')).some((n) => n.startsWith('.tmp')), false);
+      }
+      const writer = await Repository.open(healthy, 'pw');
+      await writer.loadIndex();
+      const id = (await writer.saveBlob('data', Buffer.from('after the faults'))).id;
+      await writer.flush();
+      const reader = await Repository.open(healthy, 'pw');
+      await reader.loadIndex();
+      assert.equal((await reader.loadBlob(id)).toString(), 'after the faults');
+    });
+  });
+
+  void it('reading through a backend that truncates every pack read is refused, never wrong data', async () => {
+    await withRepo(async (dir, repo) => {
+      const id = (await repo.saveBlob('data', prngBytes(5, 300000))).id;
+      await repo.flush();
+      const truncating = await Repository.open(new FaultyBackend(new LocalBackend(join(dir, 'repo')), { truncateLoads: 'data' }), 'pw');
+      await truncating.loadIndex();
+      await assert.rejects(truncating.loadBlob(id), /damaged|not a sealed object/);
     });
   });
 
