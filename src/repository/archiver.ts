@@ -7,7 +7,7 @@
  * does not hold yet are stored. All-zero chunks are recorded as holes, not stored.
  */
 import { createReadStream } from 'node:fs';
-import { lstat, readdir, readlink } from 'node:fs/promises';
+import { lstat, readFile, readdir, readlink } from 'node:fs/promises';
 import type { BigIntStats } from 'node:fs';
 import { Chunker } from './chunker.js';
 import type { Repository } from './repository.js';
@@ -100,11 +100,22 @@ export class Archiver {
     const nodes: TreeNode[] = [];
     /** Files of this folder to read; read several at once when workers are there. */
     const reads: { node: TreeNode; path: Buffer }[] = [];
-    for (const name of names) {
+    // lstat in batches: the calls go to the thread pool, so a batch costs about one call.
+    const stats = new Map<Buffer, Promise<BigIntStats>>();
+    const statAhead = (from: number): void => {
+      for (const name of names.slice(from, from + 64)) {
+        const pending = lstat(Buffer.concat([absolute, Buffer.from('/'), name]), { bigint: true });
+        pending.catch(() => undefined); // awaited in turn below; never an unhandled rejection
+        stats.set(name, pending);
+      }
+    };
+    for (const [index, name] of names.entries()) {
       this.options.signal?.throwIfAborted();
+      if (index % 64 === 0) statAhead(index);
       const path = Buffer.concat([absolute, Buffer.from('/'), name]);
       const rel = relative.length === 0 ? name : Buffer.concat([relative, Buffer.from('/'), name]);
-      const st = await lstat(path, { bigint: true });
+      const st = await stats.get(name)!;
+      stats.delete(name);
       const type = nodeType(st);
       if (type === undefined) continue; // sockets
       const node = this.baseNode(name, st, type);
@@ -143,7 +154,7 @@ export class Archiver {
       nodes.push(node);
       this.report();
     }
-    const window = this.options.pool ? this.options.pool.size * 2 : 1;
+    const window = this.options.pool ? 16 : 1;
     for (let i = 0; i < reads.length; i += window) {
       await Promise.all(reads.slice(i, i + window).map(async (r) => (r.node.content = await this.fileContent(r.path, r.node.size))));
       this.report();
@@ -156,7 +167,8 @@ export class Archiver {
   private async fileContent(path: Buffer, size: number): Promise<string[]> {
     this.options.signal?.throwIfAborted();
     const pool = this.options.pool;
-    if (pool) {
+    // A file below the chunker's minimum is one chunk: handled here, without a worker round trip.
+    if (pool && size >= this.repo.config.chunker.minSize) {
       const content: string[] = [];
       await pool.processFile(path, size, async ({ id, rawLength, sealed }) => {
         content.push(id);
@@ -165,6 +177,17 @@ export class Archiver {
         this.report();
       });
       return content;
+    }
+    if (size < this.repo.config.chunker.minSize) {
+      // One chunk: read it whole (no stream, no chunker).
+      const data = await readFile(path, this.options.signal ? { signal: this.options.signal } : {});
+      if (data.length !== size) throw new Error(`${path.toString()} changed size while it was read`);
+      this.stats.bytesRead += data.length;
+      if (data.length === 0) return [];
+      if (isZero(data)) return [`${ZERO_PREFIX}${data.length}`];
+      const saved = await this.repo.saveBlob('data', data);
+      this.stats.bytesAdded += saved.added;
+      return [saved.id];
     }
     const chunker = new Chunker(this.repo.config.chunker);
     const content: string[] = [];

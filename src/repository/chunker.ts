@@ -24,7 +24,12 @@ export interface ChunkerParams {
 
 export const DEFAULT_CHUNKER: Omit<ChunkerParams, 'seed'> = { minSize: 512 * 1024, avgSize: 1024 * 1024, maxSize: 8 * 1024 * 1024 };
 
+/** Gear tables by seed: a pure function, memoised because a backup makes a chunker per file. */
+const gearTables = new Map<string, Uint32Array>();
+
 export function gearTable(seed: string): Uint32Array {
+  const known = gearTables.get(seed);
+  if (known) return known;
   const table = new Uint32Array(256);
   const bytes: Buffer[] = [];
   for (let i = 0; bytes.length * 32 < 1024; i++) {
@@ -32,6 +37,7 @@ export function gearTable(seed: string): Uint32Array {
   }
   const all = Buffer.concat(bytes);
   for (let i = 0; i < 256; i++) table[i] = all.readUInt32LE(i * 4);
+  gearTables.set(seed, table);
   return table;
 }
 

@@ -38,6 +38,25 @@ function chunkLength(repo: Repository, ref: string): number {
   return where.rawLength;
 }
 
+/** Loads blobs in order with up to `ahead` reads in flight, so disk and decryption overlap. */
+async function* prefetched(repo: Repository, refs: string[], ahead = 6): AsyncGenerator<Buffer> {
+  const queue: Promise<Buffer>[] = [];
+  let next = 0;
+  const fill = (): void => {
+    while (queue.length < ahead && next < refs.length) {
+      const p = repo.loadBlob(refs[next++]!);
+      p.catch(() => undefined); // awaited in order below
+      queue.push(p);
+    }
+  };
+  fill();
+  while (queue.length > 0) {
+    const blob = await queue.shift()!;
+    fill();
+    yield blob;
+  }
+}
+
 async function* fileData(repo: Repository, node: TreeNode, name: Buffer): AsyncGenerator<Buffer> {
   const content = node.content ?? [];
   const total = content.reduce((sum, ref) => sum + chunkLength(repo, ref), 0);
@@ -46,7 +65,7 @@ async function* fileData(repo: Repository, node: TreeNode, name: Buffer): AsyncG
   }
   if (!content.some(isZeroChunk)) {
     yield encodeHeader({ ...meta(node), name, type: '0', size: node.size });
-    for (const ref of content) yield await repo.loadBlob(ref);
+    yield* prefetched(repo, content);
     yield pad(node.size);
     return;
   }
@@ -83,7 +102,7 @@ async function* fileData(repo: Repository, node: TreeNode, name: Buffer): AsyncG
     ],
   });
   yield map;
-  for (const ref of content) if (!isZeroChunk(ref)) yield await repo.loadBlob(ref);
+  yield* prefetched(repo, content.filter((ref) => !isZeroChunk(ref)));
   yield pad(map.length + dataBytes);
 }
 
@@ -148,6 +167,23 @@ export async function verifySnapshotVolume(
 ): Promise<TarStats> {
   const stats: TarStats = { entries: 1, files: 0, bytes: 0 };
   const verified = new Set<string>();
+  const inFlight = new Set<Promise<void>>();
+  let failure: Error | undefined;
+  const check = async (ref: string): Promise<void> => {
+    // Up to 8 blobs at once: reads overlap with decryption and hashing.
+    while (inFlight.size >= 8) await Promise.race(inFlight);
+    if (failure) throw failure;
+    const tracked: Promise<void> = repo
+      .loadBlob(ref)
+      .then(
+        () => undefined,
+        (error: unknown) => {
+          failure ??= error as Error;
+        },
+      )
+      .finally(() => inFlight.delete(tracked));
+    inFlight.add(tracked);
+  };
   const walk = async (treeId: string): Promise<void> => {
     const tree = await loadTree(repo, treeId);
     for (const node of tree.nodes) {
@@ -160,12 +196,14 @@ export async function verifySnapshotVolume(
       stats.bytes += node.size;
       for (const ref of node.content ?? []) {
         if (isZeroChunk(ref) || verified.has(ref)) continue;
-        await repo.loadBlob(ref);
         verified.add(ref);
+        await check(ref);
       }
       options.onProgress?.({ ...stats });
     }
   };
   await walk(volume.tree);
+  await Promise.all(inFlight);
+  if (failure) throw failure;
   return stats;
 }
