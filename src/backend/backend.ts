@@ -24,4 +24,6 @@ export interface Backend {
   stat(kind: FileKind, name: string): Promise<number | undefined>;
   /** Idempotent. */
   remove(kind: FileKind, name: string): Promise<void>;
+  /** For backends on this machine's filesystem: the file's path, so worker threads can read it. */
+  localPath?(kind: FileKind, name: string): string;
 }

@@ -22,6 +22,10 @@ async function fsyncDir(dir: string): Promise<void> {
 export class LocalBackend implements Backend {
   constructor(readonly location: string) {}
 
+  localPath(kind: FileKind, name: string): string {
+    return this.path(kind, name);
+  }
+
   private path(kind: FileKind, name: string): string {
     if (kind === 'config') return join(this.location, 'config');
     if (kind === 'data') return join(this.location, 'data', name.slice(0, 2), name);

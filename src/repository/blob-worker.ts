@@ -11,17 +11,22 @@ import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { parentPort, workerData } from 'node:worker_threads';
 import { Chunker, type ChunkerParams } from './chunker.js';
-import { seal } from './crypto.js';
-import { packPayload } from './compression.js';
+import { open as openSealed, seal } from './crypto.js';
+import { packPayload, unpackPayload } from './compression.js';
+import { CorruptArchiveError } from '../errors.js';
 
 export const MAX_UNACKED = 4;
 
-export type WorkerRequest = { type: 'file'; task: number; path: Uint8Array; size: number } | { type: 'ack'; task: number };
+export type WorkerRequest =
+  | { type: 'file'; task: number; path: Uint8Array; size: number }
+  | { type: 'ack'; task: number }
+  | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number };
 
 export type WorkerReply =
   | { type: 'chunk'; task: number; id: string; rawLength: number; sealed: Uint8Array | undefined }
   | { type: 'done'; task: number; bytesRead: number }
-  | { type: 'error'; task: number; message: string; code: string | undefined };
+  | { type: 'error'; task: number; message: string; code: string | undefined; corrupt?: boolean }
+  | { type: 'blob'; task: number; data: Uint8Array };
 
 interface WorkerData {
   key: Uint8Array;
@@ -98,7 +103,43 @@ if (parentPort) {
       });
   };
 
+  /** Reads, authenticates, decompresses and checks one blob (restore and verification). */
+  const load = async (m: Extract<WorkerRequest, { type: 'load' }>): Promise<void> => {
+    try {
+      const handle = await open(m.packPath, 'r');
+      const sealed = Buffer.alloc(m.length);
+      try {
+        let read = 0;
+        while (read < m.length) {
+          const { bytesRead } = await handle.read(sealed, read, m.length - read, m.offset + read);
+          if (bytesRead === 0) break;
+          read += bytesRead;
+        }
+        if (read !== m.length) throw new CorruptArchiveError(`pack ${m.packPath.slice(-64, -52)} is truncated (blob ${m.id.slice(0, 12)})`);
+      } finally {
+        await handle.close();
+      }
+      const what = `pack ${m.packPath.slice(-64, -52)} blob ${m.id.slice(0, 12)}`;
+      const plain = await unpackPayload(openSealed(key, sealed, `blob:${m.blobType}`, what), m.rawLength);
+      if (createHash('sha256').update(plain).digest('hex') !== m.id) throw new CorruptArchiveError(`${what}: content does not match its id`);
+      const copy = new Uint8Array(plain);
+      port.postMessage({ type: 'blob', task: m.task, data: copy } satisfies WorkerReply, [copy.buffer]);
+    } catch (error) {
+      port.postMessage({
+        type: 'error',
+        task: m.task,
+        message: (error as Error).message,
+        code: (error as NodeJS.ErrnoException).code,
+        corrupt: error instanceof CorruptArchiveError,
+      } satisfies WorkerReply);
+    }
+  };
+
   port.on('message', (message: WorkerRequest) => {
+    if (message.type === 'load') {
+      void load(message);
+      return;
+    }
     if (message.type === 'ack') {
       unacked--;
       const w = wake;

@@ -7,8 +7,15 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { ChunkerParams } from './chunker.js';
 import type { WorkerReply, WorkerRequest } from './blob-worker.js';
+import { CorruptArchiveError } from '../errors.js';
 
 export type ChunkHandler = (chunk: { id: string; rawLength: number; sealed: Buffer | undefined }) => Promise<void>;
+
+interface LoadTask {
+  resolve: (data: Buffer) => void;
+  reject: (error: Error) => void;
+  slot: { load: number };
+}
 
 interface Task {
   worker: Worker;
@@ -22,6 +29,7 @@ interface Task {
 export class ChunkPool {
   private readonly workers: { worker: Worker; load: number }[] = [];
   private readonly tasks = new Map<number, Task>();
+  private readonly loads = new Map<number, LoadTask>();
   private nextTask = 1;
 
   constructor(key: Buffer, chunker: ChunkerParams, size = Math.max(1, availableParallelism())) {
@@ -60,7 +68,26 @@ export class ChunkPool {
     });
   }
 
+  /** Reads, authenticates and checks one blob on a worker. */
+  loadBlob(packPath: string, id: string, where: { type: string; offset: number; length: number; rawLength: number }): Promise<Buffer> {
+    const slot = this.workers.reduce((a, b) => (b.load < a.load ? b : a));
+    slot.load++;
+    const task = this.nextTask++;
+    return new Promise<Buffer>((resolve, reject) => {
+      this.loads.set(task, { resolve, reject, slot });
+      slot.worker.postMessage({ type: 'load', task, packPath, id, blobType: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength } satisfies WorkerRequest);
+    });
+  }
+
   private onReply(worker: Worker, reply: WorkerReply): void {
+    const load = this.loads.get(reply.task);
+    if (load) {
+      this.loads.delete(reply.task);
+      load.slot.load--;
+      if (reply.type === 'blob') load.resolve(Buffer.from(reply.data.buffer, reply.data.byteOffset, reply.data.byteLength));
+      else if (reply.type === 'error') load.reject(reply.corrupt ? new CorruptArchiveError(reply.message) : Object.assign(new Error(reply.message), { code: reply.code }));
+      return;
+    }
     const task = this.tasks.get(reply.task);
     if (!task) return;
     if (reply.type === 'chunk') {
@@ -81,7 +108,7 @@ export class ChunkPool {
       void task.chain.then(() => this.finish(reply.task, undefined, reply.bytesRead), () => undefined);
       return;
     }
-    this.finish(reply.task, Object.assign(new Error(reply.message), { code: reply.code }));
+    if (reply.type === 'error') this.finish(reply.task, Object.assign(new Error(reply.message), { code: reply.code }));
   }
 
   private finish(taskId: number, error: Error | undefined, bytesRead = 0): void {
@@ -94,6 +121,10 @@ export class ChunkPool {
 
   private failWorker(worker: Worker, error: Error): void {
     for (const [id, task] of this.tasks) if (task.worker === worker) this.finish(id, error);
+    for (const [id, load] of this.loads) {
+      this.loads.delete(id);
+      load.reject(error);
+    }
   }
 
   async close(): Promise<void> {

@@ -192,9 +192,12 @@ export class Repository {
     return new ChunkPool(this.key, this.config.chunker, size);
   }
 
-  async loadBlob(id: string): Promise<Buffer> {
+  /** Reads, authenticates and checks a blob; on a worker of `pool` when the backend is local. */
+  async loadBlob(id: string, pool?: ChunkPool): Promise<Buffer> {
     const where = this.index.get(id);
     if (!where) throw new CorruptArchiveError(`blob ${id.slice(0, 12)} is missing from the index`);
+    const local = pool ? this.backend.localPath?.('data', where.pack) : undefined;
+    if (pool && local !== undefined) return pool.loadBlob(local, id, where);
     const sealed = await this.backend.load('data', where.pack, { offset: where.offset, length: where.length });
     const framed = openSealed(this.key, sealed, `blob:${where.type}`, `pack ${where.pack.slice(0, 12)} blob ${id.slice(0, 12)}`);
     const plaintext = await unpackPayload(framed, where.rawLength);

@@ -9,6 +9,7 @@ import { encodeHeader, paxRecord } from '../archive/host-tar.js';
 import { memberPrefixOf } from '../archive/manifest.js';
 import type { TarStats } from '../archive/tar.js';
 import type { Repository } from './repository.js';
+import type { ChunkPool } from './chunk-pool.js';
 import { CorruptArchiveError } from '../errors.js';
 import { isZeroChunk, zeroChunkLength, type SnapshotVolume, type Tree, type TreeNode } from './tree.js';
 
@@ -38,26 +39,35 @@ function chunkLength(repo: Repository, ref: string): number {
   return where.rawLength;
 }
 
-/** Loads blobs in order with up to `ahead` reads in flight, so disk and decryption overlap. */
-async function* prefetched(repo: Repository, refs: string[], ahead = 6): AsyncGenerator<Buffer> {
-  const queue: Promise<Buffer>[] = [];
-  let next = 0;
-  const fill = (): void => {
-    while (queue.length < ahead && next < refs.length) {
-      const p = repo.loadBlob(refs[next++]!);
-      p.catch(() => undefined); // awaited in order below
-      queue.push(p);
+/**
+ * Loads the blobs of one folder's files in order, with up to `ahead` reads in flight across file
+ * boundaries, so reading, decryption (on workers) and writing overlap even for small files.
+ * One per folder: a sub-folder gets its own, so the order of consumption is the order of loading.
+ */
+class BlobPrefetcher {
+  private readonly queue: Promise<Buffer>[] = [];
+  private next = 0;
+
+  constructor(
+    private readonly repo: Repository,
+    private readonly refs: string[],
+    private readonly pool: ChunkPool | undefined,
+    private readonly ahead = 6,
+  ) {}
+
+  take(): Promise<Buffer> {
+    while (this.queue.length < this.ahead && this.next < this.refs.length) {
+      const p = this.repo.loadBlob(this.refs[this.next++]!, this.pool);
+      p.catch(() => undefined); // awaited in order by take()
+      this.queue.push(p);
     }
-  };
-  fill();
-  while (queue.length > 0) {
-    const blob = await queue.shift()!;
-    fill();
-    yield blob;
+    const head = this.queue.shift();
+    if (!head) throw new Error('restorer read past its blob list');
+    return head;
   }
 }
 
-async function* fileData(repo: Repository, node: TreeNode, name: Buffer): AsyncGenerator<Buffer> {
+async function* fileData(repo: Repository, node: TreeNode, name: Buffer, blobs: BlobPrefetcher): AsyncGenerator<Buffer> {
   const content = node.content ?? [];
   const total = content.reduce((sum, ref) => sum + chunkLength(repo, ref), 0);
   if (total !== node.size) {
@@ -65,7 +75,7 @@ async function* fileData(repo: Repository, node: TreeNode, name: Buffer): AsyncG
   }
   if (!content.some(isZeroChunk)) {
     yield encodeHeader({ ...meta(node), name, type: '0', size: node.size });
-    yield* prefetched(repo, content);
+    for (let i = 0; i < content.length; i++) yield await blobs.take();
     yield pad(node.size);
     return;
   }
@@ -102,19 +112,28 @@ async function* fileData(repo: Repository, node: TreeNode, name: Buffer): AsyncG
     ],
   });
   yield map;
-  yield* prefetched(repo, content.filter((ref) => !isZeroChunk(ref)));
+  for (const ref of content) if (!isZeroChunk(ref)) yield await blobs.take();
   yield pad(map.length + dataBytes);
 }
 
-async function* treeEntries(repo: Repository, treeId: string, path: Buffer, prefix: Buffer, signal: AbortSignal | undefined): AsyncGenerator<Buffer> {
+async function* treeEntries(
+  repo: Repository,
+  treeId: string,
+  path: Buffer,
+  prefix: Buffer,
+  signal: AbortSignal | undefined,
+  pool: ChunkPool | undefined,
+): AsyncGenerator<Buffer> {
   const tree = await loadTree(repo, treeId);
+  const refs = tree.nodes.flatMap((n) => (n.type === 'file' && n.hardlink === undefined ? (n.content ?? []).filter((r) => !isZeroChunk(r)) : []));
+  const blobs = new BlobPrefetcher(repo, refs, pool);
   for (const node of tree.nodes) {
     signal?.throwIfAborted();
     const name = Buffer.concat([path, Buffer.from('/'), Buffer.from(node.name, 'base64')]);
     switch (node.type) {
       case 'dir':
         yield encodeHeader({ ...meta(node), name: Buffer.concat([name, Buffer.from('/')]), type: '5', size: 0 });
-        if (node.subtree) yield* treeEntries(repo, node.subtree, name, prefix, signal);
+        if (node.subtree) yield* treeEntries(repo, node.subtree, name, prefix, signal, pool);
         break;
       case 'symlink':
         yield encodeHeader({ ...meta(node), name, type: '2', size: 0, linkName: Buffer.from(node.target ?? '', 'base64') });
@@ -124,7 +143,7 @@ async function* treeEntries(repo: Repository, treeId: string, path: Buffer, pref
           const target = Buffer.concat([prefix, Buffer.from('/'), Buffer.from(node.hardlink, 'base64')]);
           yield encodeHeader({ ...meta(node), name, type: '1', size: 0, linkName: target });
         } else {
-          yield* fileData(repo, node, name);
+          yield* fileData(repo, node, name, blobs);
         }
         break;
       case 'fifo':
@@ -146,11 +165,11 @@ async function* treeEntries(repo: Repository, treeId: string, path: Buffer, pref
 }
 
 /** The volume of a snapshot as an uncompressed tar stream. */
-export function snapshotVolumeTar(repo: Repository, volume: SnapshotVolume, signal?: AbortSignal): Readable {
+export function snapshotVolumeTar(repo: Repository, volume: SnapshotVolume, signal?: AbortSignal, pool?: ChunkPool): Readable {
   const prefix = Buffer.from(memberPrefixOf(volume.mountPath), 'utf8');
   async function* all(): AsyncGenerator<Buffer> {
     yield encodeHeader({ ...meta(volume.root), name: Buffer.concat([prefix, Buffer.from('/')]), type: '5', size: 0 });
-    yield* treeEntries(repo, volume.tree, prefix, prefix, signal);
+    yield* treeEntries(repo, volume.tree, prefix, prefix, signal, pool);
     yield Buffer.alloc(BLOCK * 2);
   }
   return Readable.from(all(), { objectMode: false, highWaterMark: 1 << 20 });
@@ -163,7 +182,7 @@ export function snapshotVolumeTar(repo: Repository, volume: SnapshotVolume, sign
 export async function verifySnapshotVolume(
   repo: Repository,
   volume: SnapshotVolume,
-  options: { signal?: AbortSignal; onProgress?: (stats: TarStats) => void } = {},
+  options: { signal?: AbortSignal; onProgress?: (stats: TarStats) => void; pool?: ChunkPool } = {},
 ): Promise<TarStats> {
   const stats: TarStats = { entries: 1, files: 0, bytes: 0 };
   const verified = new Set<string>();
@@ -174,7 +193,7 @@ export async function verifySnapshotVolume(
     while (inFlight.size >= 8) await Promise.race(inFlight);
     if (failure) throw failure;
     const tracked: Promise<void> = repo
-      .loadBlob(ref)
+      .loadBlob(ref, options.pool)
       .then(
         () => undefined,
         (error: unknown) => {

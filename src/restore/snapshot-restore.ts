@@ -22,6 +22,7 @@ export async function restoreFromSnapshot(
   options: RestoreOptions,
 ): Promise<SnapshotRestoreResult> {
   const lock = await repo.lock(false, 'restore');
+  const pool = repo.createChunkPool();
   try {
     await repo.loadIndex();
     const found = await resolveSnapshot(repo, ref, options.project);
@@ -38,6 +39,7 @@ export async function restoreFromSnapshot(
           try {
             const stats = await verifySnapshotVolume(repo, volume, {
               ...(signal ? { signal } : {}),
+              pool,
               onProgress: (s) => onProgress({ type: 'volume-progress', volume: volume.composeName, ...s }),
             });
             out.set(volume.composeName, stats);
@@ -51,11 +53,12 @@ export async function restoreFromSnapshot(
         }
         return out;
       },
-      openTar: (composeName, signal) => snapshotVolumeTar(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, signal),
+      openTar: (composeName, signal) => snapshotVolumeTar(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, signal, pool),
     };
     const result = await restoreFromSource(engine, source, options);
     return { ...result, snapshot: snapshot.id };
   } finally {
+    await pool.close();
     await lock.release().catch(() => undefined);
   }
 }
