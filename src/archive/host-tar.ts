@@ -55,7 +55,7 @@ export function paxRecord(key: string, value: Buffer): Buffer {
   return Buffer.concat([Buffer.from(String(length), 'latin1'), body]);
 }
 
-function pad(size: number): Buffer {
+export function pad(size: number): Buffer {
   const rest = size % BLOCK;
   return rest === 0 ? Buffer.alloc(0) : Buffer.alloc(BLOCK - rest);
 }
@@ -174,6 +174,36 @@ function sparseMap(segments: Segment[]): Buffer {
   return Buffer.concat([text, pad(text.length)]);
 }
 
+/**
+ * A GNU sparse 1.0 member: PAX header, ustar header and the padded map. The caller then writes
+ * the segments' data, then `pad(size)` (the member's size is map + data).
+ */
+export function encodeSparseMember(
+  spec: { name: Buffer; mode: number; uid: number; gid: number; mtime: number; realSize: number },
+  segments: Segment[],
+): { header: Buffer; size: number } {
+  const map = sparseMap(segments);
+  const size = map.length + segments.reduce((sum, s) => sum + s.length, 0);
+  const slash = spec.name.lastIndexOf(0x2f);
+  const headerName = Buffer.concat([spec.name.subarray(0, slash + 1), Buffer.from('GNUSparseFile.0/'), spec.name.subarray(slash + 1)]);
+  const header = encodeHeader({
+    mode: spec.mode,
+    uid: spec.uid,
+    gid: spec.gid,
+    mtime: spec.mtime,
+    name: headerName,
+    type: '0',
+    size,
+    pax: [
+      paxRecord('GNU.sparse.major', Buffer.from('1')),
+      paxRecord('GNU.sparse.minor', Buffer.from('0')),
+      paxRecord('GNU.sparse.name', spec.name),
+      paxRecord('GNU.sparse.realsize', Buffer.from(String(spec.realSize))),
+    ],
+  });
+  return { header: Buffer.concat([header, map]), size };
+}
+
 function typeOf(st: Stats): string | undefined {
   if (st.isFile()) return '0';
   if (st.isDirectory()) return '5';
@@ -244,31 +274,15 @@ async function* generate(root: string, options: HostTarOptions, stats: TarStats)
       return;
     }
     const segments = await dataSegments(absolute, st.size, options.signal);
-    const map = sparseMap(segments);
-    const dataBytes = segments.reduce((sum, s) => sum + s.length, 0);
-    const slash = memberName.lastIndexOf(0x2f);
-    const dir = slash === -1 ? Buffer.alloc(0) : memberName.subarray(0, slash + 1);
-    const headerName = Buffer.concat([dir, Buffer.from('GNUSparseFile.0/'), memberName.subarray(slash + 1)]);
-    yield encodeHeader({
-      ...base,
-      name: headerName,
-      type: '0',
-      size: map.length + dataBytes,
-      pax: [
-        paxRecord('GNU.sparse.major', Buffer.from('1')),
-        paxRecord('GNU.sparse.minor', Buffer.from('0')),
-        paxRecord('GNU.sparse.name', memberName),
-        paxRecord('GNU.sparse.realsize', Buffer.from(String(st.size))),
-      ],
-    });
-    yield map;
+    const member = encodeSparseMember({ ...base, name: memberName, realSize: st.size }, segments);
+    yield member.header;
     for (const s of segments) {
       for await (const chunk of readRange(absolute, s.offset, s.length, options.signal)) yield chunk;
     }
     // Bytes count the file's logical size, holes included, as readers of the archive see it.
     stats.bytes += st.size;
     report();
-    yield pad(map.length + dataBytes);
+    yield pad(member.size);
   }
 
   yield* entry(Buffer.from(root), prefix);

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
 import { TargetNotEmptyError, UsageError, VolumeMissingError } from '../errors.js';
-import { discoverDeployment, type Deployment, type DeploymentVolume } from '../deployment/discover.js';
+import { cvatRecord, discoverDeployment, type Deployment, type DeploymentVolume } from '../deployment/discover.js';
 import { withDeploymentStopped } from '../deployment/lifecycle.js';
 import { lockDeployment } from '../deployment/lock.js';
 import { writeVolumeArchive, type VolumeSource } from '../archive/archive-set.js';
@@ -152,12 +152,7 @@ export async function backupToArchiveSet(engine: DockerEngine, options: ArchiveB
       formatVersion: 1,
       tool: { name: 'cvat-backup', version: TOOL_VERSION },
       project: deployment.project,
-      cvat: {
-        version: deployment.version.version ?? null,
-        versionSource: deployment.version.source,
-        serverImage: deployment.version.serverImage ?? null,
-        serverImageDigest: deployment.version.serverImageDigest ?? null,
-      },
+      cvat: cvatRecord(deployment.version),
       startedAt: new Date(startedAt).toISOString(),
       finishedAt: new Date(finishedAt).toISOString(),
       durationMs: finishedAt - startedAt,

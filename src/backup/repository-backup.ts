@@ -11,7 +11,7 @@ import { hostname } from 'node:os';
 import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
 import { VolumeMissingError } from '../errors.js';
-import { discoverDeployment, type Deployment } from '../deployment/discover.js';
+import { cvatRecord, discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { withDeploymentStopped } from '../deployment/lifecycle.js';
 import { lockDeployment } from '../deployment/lock.js';
 import { chooseTransport, type TransportChoice } from '../archive/transport.js';
@@ -123,12 +123,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         hostname: hostname(),
         tool: `cvat-backup ${TOOL_VERSION}`,
         project: deployment.project,
-        cvat: {
-          version: deployment.version.version ?? null,
-          versionSource: deployment.version.source,
-          serverImage: deployment.version.serverImage ?? null,
-          serverImageDigest: deployment.version.serverImageDigest ?? null,
-        },
+        cvat: cvatRecord(deployment.version),
         ...(parent ? { parent: parent.id } : {}),
         downtimeMs: window.downtimeMs,
         durationMs: finishedAt - startedAt,

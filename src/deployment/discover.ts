@@ -79,6 +79,16 @@ export interface Deployment {
   version: CvatVersionInfo;
 }
 
+/** The CVAT facts every backup records (JSON-friendly: null for unknown). */
+export function cvatRecord(version: CvatVersionInfo): { version: string | null; versionSource: string; serverImage: string | null; serverImageDigest: string | null } {
+  return {
+    version: version.version ?? null,
+    versionSource: version.source,
+    serverImage: version.serverImage ?? null,
+    serverImageDigest: version.serverImageDigest ?? null,
+  };
+}
+
 function toDeploymentContainer(c: ContainerInfo): DeploymentContainer {
   const dependsLabel = c.labels[DEPENDS_ON_LABEL];
   return {

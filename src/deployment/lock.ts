@@ -8,6 +8,7 @@
 import { hostname } from 'node:os';
 import type { DockerEngine } from '../docker/engine.js';
 import { LockedError } from '../errors.js';
+import { processAlive } from '../host.js';
 import type { ProgressListener } from '../events.js';
 import type { Deployment } from './discover.js';
 import { isRunningState, startContainers } from './lifecycle.js';
@@ -25,15 +26,6 @@ export interface ProjectLock {
 
 export function lockName(project: string): string {
   return `cvat-backup-lock-${project.replace(/[^a-zA-Z0-9_.-]/g, '_')}`;
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 export async function acquireProjectLock(

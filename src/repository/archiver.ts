@@ -9,6 +9,7 @@
 import { createReadStream } from 'node:fs';
 import { lstat, readFile, readdir, readlink } from 'node:fs/promises';
 import type { BigIntStats } from 'node:fs';
+import { isAllZero } from './zero.js';
 import { Chunker } from './chunker.js';
 import type { Repository } from './repository.js';
 import type { ChunkPool } from './chunk-pool.js';
@@ -33,16 +34,6 @@ export interface ArchiveOptions {
   /** Worker threads for chunking, hashing, compression and encryption (else: this thread). */
   pool?: ChunkPool;
 }
-
-function isZero(chunk: Buffer): boolean {
-  // Compare in 64 KiB steps against a zero buffer (native memcmp).
-  for (let off = 0; off < chunk.length; off += ZEROS.length) {
-    const part = chunk.subarray(off, off + ZEROS.length);
-    if (!part.equals(ZEROS.subarray(0, part.length))) return false;
-  }
-  return true;
-}
-const ZEROS = Buffer.alloc(64 * 1024);
 
 function nodeType(st: BigIntStats): NodeType | undefined {
   if (st.isFile()) return 'file';
@@ -184,7 +175,7 @@ export class Archiver {
       if (data.length !== size) throw new Error(`${path.toString()} changed size while it was read`);
       this.stats.bytesRead += data.length;
       if (data.length === 0) return [];
-      if (isZero(data)) return [`${ZERO_PREFIX}${data.length}`];
+      if (isAllZero(data)) return [`${ZERO_PREFIX}${data.length}`];
       const saved = await this.repo.saveBlob('data', data);
       this.stats.bytesAdded += saved.added;
       return [saved.id];
@@ -192,7 +183,7 @@ export class Archiver {
     const chunker = new Chunker(this.repo.config.chunker);
     const content: string[] = [];
     const store = async (chunk: Buffer): Promise<void> => {
-      if (isZero(chunk)) {
+      if (isAllZero(chunk)) {
         content.push(`${ZERO_PREFIX}${chunk.length}`);
         return;
       }

@@ -10,6 +10,7 @@
 import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { parentPort, workerData } from 'node:worker_threads';
+import { isAllZero } from './zero.js';
 import { Chunker, type ChunkerParams } from './chunker.js';
 import { open as openSealed, seal } from './crypto.js';
 import { packPayload, unpackPayload } from './compression.js';
@@ -33,15 +34,6 @@ interface WorkerData {
   chunker: ChunkerParams;
 }
 
-const ZEROS = Buffer.alloc(64 * 1024);
-
-function isZero(chunk: Buffer): boolean {
-  for (let off = 0; off < chunk.length; off += ZEROS.length) {
-    const part = chunk.subarray(off, off + ZEROS.length);
-    if (!part.equals(ZEROS.subarray(0, part.length))) return false;
-  }
-  return true;
-}
 
 if (parentPort) {
   const port = parentPort;
@@ -64,7 +56,7 @@ if (parentPort) {
     const chunker = new Chunker(data.chunker);
     const emit = async (chunk: Buffer): Promise<void> => {
       const id = createHash('sha256').update(chunk).digest('hex');
-      if (isZero(chunk)) {
+      if (isAllZero(chunk)) {
         await send({ type: 'chunk', task, id: `zero:${chunk.length}`, rawLength: chunk.length, sealed: undefined });
         return;
       }

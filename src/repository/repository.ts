@@ -15,6 +15,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import type { Backend } from '../backend/backend.js';
 import { CorruptArchiveError, LockedError, RepositoryError } from '../errors.js';
+import { processAlive } from '../host.js';
 import { DEFAULT_CHUNKER, type ChunkerParams } from './chunker.js';
 import { open as openSealed, seal, unwrapMasterKey, wrapMasterKey, type KdfParams, type WrappedKey, DEFAULT_KDF } from './crypto.js';
 import { packPayload, unpackPayload } from './compression.js';
@@ -329,14 +330,5 @@ export class Repository {
       }
     }
     return { release: () => this.backend.remove('locks', name) };
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

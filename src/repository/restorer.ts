@@ -5,7 +5,7 @@
  * become GNU sparse 1.0 members, which the host extractor writes back as holes.
  */
 import { Readable } from 'node:stream';
-import { encodeHeader, paxRecord } from '../archive/host-tar.js';
+import { encodeHeader, encodeSparseMember, pad } from '../archive/host-tar.js';
 import { memberPrefixOf } from '../archive/manifest.js';
 import type { TarStats } from '../archive/tar.js';
 import type { Repository } from './repository.js';
@@ -14,11 +14,6 @@ import { CorruptArchiveError } from '../errors.js';
 import { isZeroChunk, zeroChunkLength, type SnapshotVolume, type Tree, type TreeNode } from './tree.js';
 
 const BLOCK = 512;
-
-function pad(size: number): Buffer {
-  const rest = size % BLOCK;
-  return rest === 0 ? Buffer.alloc(0) : Buffer.alloc(BLOCK - rest);
-}
 
 function seconds(ns: string): number {
   return Number(BigInt(ns) / 1000000000n);
@@ -93,27 +88,10 @@ async function* fileData(repo: Repository, node: TreeNode, name: Buffer, blobs: 
   }
   const last = segments[segments.length - 1];
   if (!last || last.offset + last.length < node.size) segments.push({ offset: node.size, length: 0 });
-  const lines = [String(segments.length), ...segments.flatMap((s) => [String(s.offset), String(s.length)])];
-  const mapText = Buffer.from(`${lines.join('\n')}\n`, 'latin1');
-  const map = Buffer.concat([mapText, pad(mapText.length)]);
-  const dataBytes = segments.reduce((sum, s) => sum + s.length, 0);
-  const slash = name.lastIndexOf(0x2f);
-  const headerName = Buffer.concat([name.subarray(0, slash + 1), Buffer.from('GNUSparseFile.0/'), name.subarray(slash + 1)]);
-  yield encodeHeader({
-    ...meta(node),
-    name: headerName,
-    type: '0',
-    size: map.length + dataBytes,
-    pax: [
-      paxRecord('GNU.sparse.major', Buffer.from('1')),
-      paxRecord('GNU.sparse.minor', Buffer.from('0')),
-      paxRecord('GNU.sparse.name', name),
-      paxRecord('GNU.sparse.realsize', Buffer.from(String(node.size))),
-    ],
-  });
-  yield map;
+  const sparse = encodeSparseMember({ ...meta(node), name, realSize: node.size }, segments);
+  yield sparse.header;
   for (const ref of content) if (!isZeroChunk(ref)) yield await blobs.take();
-  yield pad(map.length + dataBytes);
+  yield pad(sparse.size);
 }
 
 async function* treeEntries(

@@ -8,6 +8,7 @@
 import { Writable } from 'node:stream';
 import { CorruptArchiveError } from '../errors.js';
 import { normaliseMemberName, type TarEntry, type TarItem } from '../archive/tar.js';
+import { isAllZero } from './zero.js';
 import { Chunker } from './chunker.js';
 import type { Repository } from './repository.js';
 import { ZERO_PREFIX, type NodeType, type Tree, type TreeNode } from './tree.js';
@@ -19,13 +20,6 @@ interface DirState {
 
 const ZEROS = Buffer.alloc(1 << 20);
 
-function isZero(chunk: Buffer): boolean {
-  for (let off = 0; off < chunk.length; off += ZEROS.length) {
-    const part = chunk.subarray(off, off + ZEROS.length);
-    if (!part.equals(ZEROS.subarray(0, part.length))) return false;
-  }
-  return true;
-}
 
 function typeOf(entry: TarEntry): NodeType | 'hardlink' | undefined {
   switch (entry.type) {
@@ -142,7 +136,7 @@ export class TarTreeBuilder extends Writable {
   private async store(chunks: Buffer[]): Promise<void> {
     const file = this.file!;
     for (const chunk of chunks) {
-      if (isZero(chunk)) {
+      if (isAllZero(chunk)) {
         file.node.content!.push(`${ZERO_PREFIX}${chunk.length}`);
         continue;
       }
