@@ -14,6 +14,7 @@ import { isAllZero } from './zero.js';
 import { Chunker, type ChunkerParams } from './chunker.js';
 import { open as openSealed, seal } from './crypto.js';
 import { packPayload, unpackPayload } from './compression.js';
+import { blobAad } from './aad.js';
 import { CorruptArchiveError } from '../errors.js';
 
 export const MAX_UNACKED = 4;
@@ -21,7 +22,7 @@ export const MAX_UNACKED = 4;
 export type WorkerRequest =
   | { type: 'file'; task: number; path: Uint8Array; size: number }
   | { type: 'ack'; task: number }
-  | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number };
+  | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number; hash: boolean };
 
 export type WorkerReply =
   | { type: 'chunk'; task: number; id: string; rawLength: number; sealed: Uint8Array | undefined }
@@ -60,7 +61,7 @@ if (parentPort) {
         await send({ type: 'chunk', task, id: `zero:${chunk.length}`, rawLength: chunk.length, sealed: undefined });
         return;
       }
-      const sealed = seal(key, await packPayload(chunk), 'blob:data');
+      const sealed = seal(key, await packPayload(chunk), blobAad('data', id));
       const copy = new Uint8Array(sealed);
       await send({ type: 'chunk', task, id, rawLength: chunk.length, sealed: copy }, [copy.buffer]);
     };
@@ -112,8 +113,9 @@ if (parentPort) {
         await handle.close();
       }
       const what = `pack ${m.packPath.slice(-64, -52)} blob ${m.id.slice(0, 12)}`;
-      const plain = await unpackPayload(openSealed(key, sealed, `blob:${m.blobType}`, what), m.rawLength);
-      if (createHash('sha256').update(plain).digest('hex') !== m.id) throw new CorruptArchiveError(`${what}: content does not match its id`);
+      const plain = await unpackPayload(openSealed(key, sealed, blobAad(m.blobType, m.id), what), m.rawLength);
+      if (m.hash && createHash('sha256').update(plain).digest('hex') !== m.id) throw new CorruptArchiveError(`${what}: content does not match its id`);
+      if (plain.length !== m.rawLength) throw new CorruptArchiveError(`${what}: wrong length`);
       const copy = new Uint8Array(plain);
       port.postMessage({ type: 'blob', task: m.task, data: copy } satisfies WorkerReply, [copy.buffer]);
     } catch (error) {

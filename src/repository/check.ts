@@ -92,7 +92,7 @@ export async function checkRepository(
       for (const entry of header) {
         blobs++;
         try {
-          await repo.loadBlob(entry.id);
+          await repo.loadBlob(entry.id, undefined, { hash: true });
         } catch (error) {
           note(`${(error as Error).message}${affected(users, [entry.id])}`);
         }

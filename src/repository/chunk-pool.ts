@@ -69,13 +69,13 @@ export class ChunkPool {
   }
 
   /** Reads, authenticates and checks one blob on a worker. */
-  loadBlob(packPath: string, id: string, where: { type: string; offset: number; length: number; rawLength: number }): Promise<Buffer> {
+  loadBlob(packPath: string, id: string, where: { type: string; offset: number; length: number; rawLength: number }, hash: boolean): Promise<Buffer> {
     const slot = this.workers.reduce((a, b) => (b.load < a.load ? b : a));
     slot.load++;
     const task = this.nextTask++;
     return new Promise<Buffer>((resolve, reject) => {
       this.loads.set(task, { resolve, reject, slot });
-      slot.worker.postMessage({ type: 'load', task, packPath, id, blobType: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength } satisfies WorkerRequest);
+      slot.worker.postMessage({ type: 'load', task, packPath, id, blobType: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength, hash } satisfies WorkerRequest);
     });
   }
 
