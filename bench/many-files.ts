@@ -12,16 +12,10 @@ import { join } from 'node:path';
 import { createFixtureDeployment } from '../test/fixture/deployment.js';
 import { run } from '../test/fixture/engine.js';
 import { BIN } from '../test/fixture/cli.js';
+import { measure } from './measure.js';
 
 const COUNTS = (process.env['BENCH_FILES'] ?? '10000,1000000').split(',').map(Number);
 const VOLUMES = ['cvat_db', 'cvat_data', 'cvat_keys', 'cvat_logs', 'cvat_events_db', 'cvat_inmem_db'];
-
-async function timed(command: string, args: string[], env: NodeJS.ProcessEnv): Promise<{ seconds: number; maxRssMiB: number }> {
-  const start = process.hrtime.bigint();
-  const r = await run('/usr/bin/time', ['-f', 'MAXRSS=%M', command, ...args], { env: { ...process.env, ...env } });
-  const rss = /MAXRSS=(\d+)/.exec(r.stderr);
-  return { seconds: Number(process.hrtime.bigint() - start) / 1e9, maxRssMiB: rss ? Number(rss[1]) / 1024 : NaN };
-}
 
 async function main(): Promise<void> {
   for (const count of COUNTS) {
@@ -40,9 +34,9 @@ async function main(): Promise<void> {
       await run(process.execPath, [BIN, 'init'], { env: { ...process.env, ...ours } });
       await run('restic', ['init', '--repository-version', '2'], { env: { ...process.env, ...restic } });
       const folders = await Promise.all(VOLUMES.map((v) => f.volumePath(v)));
-      const o = await timed(process.execPath, [BIN, '--project', f.project, 'backup'], ours);
+      const o = await measure(process.execPath, [BIN, '--project', f.project, 'backup'], ours);
       await f.compose(['stop']);
-      const r = await timed('restic', ['backup', '-q', ...folders], restic);
+      const r = await measure('restic', ['backup', '-q', ...folders], restic);
       await f.compose(['start']);
       process.stdout.write(
         `${count} files: cvat-backup ${o.seconds.toFixed(1)} s, peak ${o.maxRssMiB.toFixed(0)} MiB (incl. stop/start) | restic ${r.seconds.toFixed(1)} s, peak ${r.maxRssMiB.toFixed(0)} MiB (backup only)\n`,

@@ -19,25 +19,12 @@ import { join } from 'node:path';
 import { createFixtureDeployment } from '../test/fixture/deployment.js';
 import { run } from '../test/fixture/engine.js';
 import { BIN } from '../test/fixture/cli.js';
+import { measure, type Measure } from './measure.js';
 
 const MEDIA_MB = Number(process.env['BENCH_MEDIA_MB'] ?? 2048);
 const DB_SCALE = Number(process.env['BENCH_DB_SCALE'] ?? 20);
 const SMALL_FILES = (process.env['BENCH_SMALL_FILES'] ?? '10000').split(',').map(Number);
 const VOLUMES = ['cvat_db', 'cvat_data', 'cvat_keys', 'cvat_logs', 'cvat_events_db', 'cvat_inmem_db'];
-
-interface Measure {
-  seconds: number;
-  maxRssMiB: number;
-}
-
-/** Runs a command under GNU time; returns wall seconds and peak memory. */
-async function measure(command: string, args: string[], env: NodeJS.ProcessEnv): Promise<Measure> {
-  const start = process.hrtime.bigint();
-  const r = await run('/usr/bin/time', ['-f', 'MAXRSS=%M', command, ...args], { env: { ...process.env, ...env } });
-  const seconds = Number(process.hrtime.bigint() - start) / 1e9;
-  const rss = /MAXRSS=(\d+)/.exec(r.stderr);
-  return { seconds, maxRssMiB: rss ? Number(rss[1]) / 1024 : NaN };
-}
 
 async function du(path: string): Promise<number> {
   return Number((await run('du', ['-sb', path])).stdout.split('\t')[0]);

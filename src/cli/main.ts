@@ -9,7 +9,7 @@ import { CorruptArchiveError, CvatBackupError, ExitCode, InterruptedError, Usage
 import { discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { backupToArchiveSet, selectVolumes } from '../backup/archive-backup.js';
 import { readArchiveSet, verifyArchiveSet } from '../archive/archive-set.js';
-import { restoreFromArchiveSet } from '../restore/archive-restore.js';
+import { restoreFromArchiveSet, type ArchiveRestoreResult } from '../restore/archive-restore.js';
 import { TOOL_VERSION } from '../version.js';
 import { stat } from 'node:fs/promises';
 import { LocalBackend } from '../backend/local.js';
@@ -133,6 +133,15 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .exitOverride();
 
   const globals = (): GlobalOptions => program.opts<GlobalOptions>();
+
+  const printRestore = (result: ArchiveRestoreResult, what: string): void => {
+    if (globals().json) {
+      out(JSON.stringify(result));
+      return;
+    }
+    out(`Restored ${what}${result.volumes.length} volumes of CVAT ${result.backupVersion ?? '(unknown)'} into project ${result.project}; CVAT is running.`);
+    out(`Downtime ${formatDuration(result.downtimeMs)}, total ${formatDuration(result.durationMs)}`);
+  };
 
   program
     .command('status')
@@ -264,11 +273,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           onProgress: progress.listener,
         });
         progress.stop();
-        if (globals().json) out(JSON.stringify(result));
-        else {
-          out(`Restored ${result.volumes.length} volumes of CVAT ${result.backupVersion ?? '(unknown)'} into project ${result.project}; CVAT is running.`);
-          out(`Downtime ${formatDuration(result.downtimeMs)}, total ${formatDuration(result.durationMs)}`);
-        }
+        printRestore(result, '');
       } finally {
         progress.stop();
         dispose();
@@ -336,11 +341,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         onProgress: progress.listener,
       });
       progress.stop();
-      if (globals().json) out(JSON.stringify(result));
-      else {
-        out(`Restored snapshot ${shortId(result.snapshot)} (${result.volumes.length} volumes of CVAT ${result.backupVersion ?? '(unknown)'}) into project ${result.project}; CVAT is running.`);
-        out(`Downtime ${formatDuration(result.downtimeMs)}, total ${formatDuration(result.durationMs)}`);
-      }
+      printRestore(result, `snapshot ${shortId(result.snapshot)}: `);
     } finally {
       progress.stop();
       dispose();

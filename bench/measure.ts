@@ -1,0 +1,14 @@
+/** Runs a command under GNU time: wall seconds and peak memory (max RSS). */
+import { run } from '../test/fixture/engine.js';
+
+export interface Measure {
+  seconds: number;
+  maxRssMiB: number;
+}
+
+export async function measure(command: string, args: string[], env: NodeJS.ProcessEnv): Promise<Measure> {
+  const start = process.hrtime.bigint();
+  const r = await run('/usr/bin/time', ['-f', 'MAXRSS=%M', command, ...args], { env: { ...process.env, ...env } });
+  const rss = /MAXRSS=(\d+)/.exec(r.stderr);
+  return { seconds: Number(process.hrtime.bigint() - start) / 1e9, maxRssMiB: rss ? Number(rss[1]) / 1024 : NaN };
+}
