@@ -52,6 +52,8 @@ interface IndexFile {
 }
 
 export const PACK_TARGET = 16 * 1024 * 1024;
+/** Blobs named per index file written during a backup. */
+const INDEX_EVERY = 50_000;
 
 export function sha256(data: Buffer): string {
   return createHash('sha256').update(data).digest('hex');
@@ -237,6 +239,16 @@ export class Repository {
     this.inFlight.push(saving);
     saving.catch(() => undefined); // awaited below or by flush; never unhandled
     while (this.inFlight.length > 2) await this.inFlight.shift();
+    // Index files are written along the way too, so memory and index file size stay bounded for
+    // backups of millions of small files (only packs already durable are named).
+    if (this.unindexed.reduce((n, p) => n + p.blobs.length, 0) >= INDEX_EVERY) await this.writeIndexFile();
+  }
+
+  private async writeIndexFile(): Promise<void> {
+    if (this.unindexed.length === 0) return;
+    const packs = this.unindexed;
+    this.unindexed = [];
+    await this.saveObject('index', { packs } satisfies IndexFile);
   }
 
   private async waitForPacks(): Promise<void> {
@@ -249,9 +261,7 @@ export class Repository {
   async flush(): Promise<void> {
     await this.writePack();
     await this.waitForPacks();
-    if (this.unindexed.length === 0) return;
-    await this.saveObject('index', { packs: this.unindexed } satisfies IndexFile);
-    this.unindexed = [];
+    await this.writeIndexFile();
   }
 
   /** Prune: moves a blob, still sealed, into the pack being written (no decryption needed). */
