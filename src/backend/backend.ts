@@ -13,9 +13,10 @@ export interface Backend {
   create(): Promise<void>;
   /**
    * Stores `data` under (kind, name) durably and atomically: after it resolves the file survives a
-   * crash; a crash before leaves no visible file. Idempotent for the same content.
+   * crash; a crash before leaves no visible file. Idempotent for the same content. `data` may come
+   * in parts (written in order, without joining them in memory).
    */
-  save(kind: FileKind, name: string, data: Buffer): Promise<void>;
+  save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void>;
   /** The whole file; throws if missing. `range` reads part of it. */
   load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer>;
   /** Names of the files of a kind (unordered). */

@@ -31,7 +31,7 @@ export class FaultyBackend implements Backend {
     return this.inner.create();
   }
 
-  async save(kind: FileKind, name: string, data: Buffer): Promise<void> {
+  async save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void> {
     const n = (this.saves.get(kind) ?? 0) + 1;
     this.saves.set(kind, n);
     if (this.script.failSaves?.kind === kind && this.script.failSaves.nth.includes(n)) {

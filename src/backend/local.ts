@@ -43,13 +43,15 @@ export class LocalBackend implements Backend {
     await fsyncDir(this.location);
   }
 
-  async save(kind: FileKind, name: string, data: Buffer): Promise<void> {
+  async save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void> {
     const target = this.path(kind, name);
     const temp = join(dirname(target), `.tmp-${randomBytes(8).toString('hex')}`);
     const handle = await open(temp, 'wx', 0o600);
     try {
-      let offset = 0;
-      while (offset < data.length) offset += (await handle.write(data, offset)).bytesWritten;
+      for (const part of Array.isArray(data) ? data : [data]) {
+        let offset = 0;
+        while (offset < part.length) offset += (await handle.write(part, offset)).bytesWritten;
+      }
       await handle.sync();
     } catch (error) {
       await handle.close().catch(() => undefined);
