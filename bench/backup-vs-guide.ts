@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { createFixtureDeployment, type FixtureDeployment } from '../test/fixture/deployment.js';
 import { SERVER_IMAGE, run } from '../test/fixture/engine.js';
 import { BIN } from '../test/fixture/cli.js';
+import { runBench } from './measure.js';
 
 const MEDIA_MB = Number(process.env['BENCH_MEDIA_MB'] ?? 2048);
 const DB_SCALE = Number(process.env['BENCH_DB_SCALE'] ?? 20);
@@ -103,7 +104,4 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((error: unknown) => {
-  process.stderr.write(`bench failed: ${(error as Error).stack ?? String(error)}\n`);
-  process.exitCode = 1;
-});
+runBench(main);

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { createFixtureDeployment } from '../test/fixture/deployment.js';
 import { run } from '../test/fixture/engine.js';
 import { BIN } from '../test/fixture/cli.js';
-import { measure } from './measure.js';
+import { measure, runBench } from './measure.js';
 
 const COUNTS = (process.env['BENCH_FILES'] ?? '10000,1000000').split(',').map(Number);
 const VOLUMES = ['cvat_db', 'cvat_data', 'cvat_keys', 'cvat_logs', 'cvat_events_db', 'cvat_inmem_db'];
@@ -48,7 +48,4 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((error: unknown) => {
-  process.stderr.write(`bench failed: ${(error as Error).stack ?? String(error)}\n`);
-  process.exitCode = 1;
-});
+runBench(main);

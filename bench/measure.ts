@@ -12,3 +12,11 @@ export async function measure(command: string, args: string[], env: NodeJS.Proce
   const rss = /MAXRSS=(\d+)/.exec(r.stderr);
   return { seconds: Number(process.hrtime.bigint() - start) / 1e9, maxRssMiB: rss ? Number(rss[1]) / 1024 : NaN };
 }
+
+/** Runs a benchmark's main; a failure prints its stack and sets a non-zero exit code. */
+export function runBench(main: () => Promise<void>): void {
+  main().catch((error: unknown) => {
+    process.stderr.write(`bench failed: ${(error as Error).stack ?? String(error)}\n`);
+    process.exitCode = 1;
+  });
+}

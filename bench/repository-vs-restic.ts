@@ -19,7 +19,7 @@ import { join } from 'node:path';
 import { createFixtureDeployment } from '../test/fixture/deployment.js';
 import { run } from '../test/fixture/engine.js';
 import { BIN } from '../test/fixture/cli.js';
-import { measure, type Measure } from './measure.js';
+import { measure, type Measure, runBench } from './measure.js';
 
 const MEDIA_MB = Number(process.env['BENCH_MEDIA_MB'] ?? 2048);
 const DB_SCALE = Number(process.env['BENCH_DB_SCALE'] ?? 20);
@@ -136,7 +136,4 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((error: unknown) => {
-  process.stderr.write(`bench failed: ${(error as Error).stack ?? String(error)}\n`);
-  process.exitCode = 1;
-});
+runBench(main);

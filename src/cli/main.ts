@@ -11,6 +11,7 @@ import { backupToArchiveSet, selectVolumes } from '../backup/archive-backup.js';
 import { readArchiveSet, verifyArchiveSet } from '../archive/archive-set.js';
 import { restoreFromArchiveSet, type ArchiveRestoreResult } from '../restore/archive-restore.js';
 import { TOOL_VERSION } from '../version.js';
+import type { ProgressListener } from '../events.js';
 import { stat } from 'node:fs/promises';
 import { LocalBackend } from '../backend/local.js';
 import { Repository } from '../repository/repository.js';
@@ -74,6 +75,21 @@ function interruptible(): { signal: AbortSignal; dispose: () => void } {
       process.off('SIGTERM', onSignal);
     },
   };
+}
+
+/**
+ * Runs a long operation with progress on stderr and Ctrl-C turned into an abort; the bars are
+ * gone and the signal handlers removed before the caller prints the result.
+ */
+async function withProgress<T>(work: (signal: AbortSignal, onProgress: ProgressListener) => Promise<T>): Promise<T> {
+  const progress = createProgressRenderer(process.stderr);
+  const { signal, dispose } = interruptible();
+  try {
+    return await work(signal, progress.listener);
+  } finally {
+    progress.stop();
+    dispose();
+  }
 }
 
 function renderStatus(d: Deployment, endpoint: string): string {
@@ -162,54 +178,49 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .addOption(viaOption())
     .action(async (options: { to?: string; includeCache?: boolean; compressionLevel: number; via: TransportChoice }) => {
       const engine = engineFactory();
-      if (options.to === undefined) {
+      const to = options.to;
+      if (to === undefined) {
         await backupIntoRepository(engine, options.includeCache ?? false, options.via);
         return;
       }
-      const progress = createProgressRenderer(process.stderr);
-      const { signal, dispose } = interruptible();
-      try {
-        const { manifest, dir } = await backupToArchiveSet(engine, {
+      const { manifest, dir } = await withProgress((signal, onProgress) =>
+        backupToArchiveSet(engine, {
           project: globals().project,
-          to: resolve(options.to),
+          to: resolve(to),
           includeCache: options.includeCache ?? false,
           compressionLevel: options.compressionLevel,
           via: options.via,
           signal,
-          onProgress: progress.listener,
-        });
-        progress.stop();
-        if (globals().json) {
-          out(
-            JSON.stringify({
-              dir,
-              project: manifest.project,
-              cvatVersion: manifest.cvat.version,
-              serverImageDigest: manifest.cvat.serverImageDigest,
-              volumes: manifest.volumes.map((v) => ({
-                name: v.composeName,
-                volume: v.name,
-                mountPath: v.mountPath,
-                archive: v.archive,
-                files: v.files,
-                bytes: v.bytes,
-                archiveBytes: v.archiveBytes,
-                sha256: v.sha256,
-              })),
-              skipped: manifest.skipped,
-              downtimeMs: manifest.downtimeMs,
-              durationMs: manifest.durationMs,
-            }),
-          );
-        } else {
-          out(table([['VOLUME', 'FILES', 'DATA', 'ARCHIVE'], ...manifest.volumes.map((v) => [v.composeName, String(v.files), formatBytes(v.bytes), `${v.archive} (${formatBytes(v.archiveBytes)})`])]));
-          for (const s of manifest.skipped) out(`skipped ${s.composeName}: ${s.reason}`);
-          out(`Backup of CVAT ${manifest.cvat.version ?? '(version unknown)'} written to ${dir}`);
-          out(`Downtime ${formatDuration(manifest.downtimeMs)}, total ${formatDuration(manifest.durationMs)}`);
-        }
-      } finally {
-        progress.stop();
-        dispose();
+          onProgress,
+        }),
+      );
+      if (globals().json) {
+        out(
+          JSON.stringify({
+            dir,
+            project: manifest.project,
+            cvatVersion: manifest.cvat.version,
+            serverImageDigest: manifest.cvat.serverImageDigest,
+            volumes: manifest.volumes.map((v) => ({
+              name: v.composeName,
+              volume: v.name,
+              mountPath: v.mountPath,
+              archive: v.archive,
+              files: v.files,
+              bytes: v.bytes,
+              archiveBytes: v.archiveBytes,
+              sha256: v.sha256,
+            })),
+            skipped: manifest.skipped,
+            downtimeMs: manifest.downtimeMs,
+            durationMs: manifest.durationMs,
+          }),
+        );
+      } else {
+        out(table([['VOLUME', 'FILES', 'DATA', 'ARCHIVE'], ...manifest.volumes.map((v) => [v.composeName, String(v.files), formatBytes(v.bytes), `${v.archive} (${formatBytes(v.archiveBytes)})`])]));
+        for (const s of manifest.skipped) out(`skipped ${s.composeName}: ${s.reason}`);
+        out(`Backup of CVAT ${manifest.cvat.version ?? '(version unknown)'} written to ${dir}`);
+        out(`Downtime ${formatDuration(manifest.downtimeMs)}, total ${formatDuration(manifest.durationMs)}`);
       }
     });
 
@@ -218,30 +229,24 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .description('check an archive set: manifest, every checksum, every archive read to its end')
     .argument('<dir>', 'folder written by backup --to')
     .action(async (dir: string) => {
-      const progress = createProgressRenderer(process.stderr);
-      const { signal, dispose } = interruptible();
-      try {
-        const set = await readArchiveSet(resolve(dir));
-        if (!set.manifest) {
-          throw new UsageError(`${dir} has no manifest.json (made by hand?): 'restore' checks such archives, 'verify' needs a cvat-backup set`);
-        }
-        const verified = await verifyArchiveSet(set, {
+      const set = await readArchiveSet(resolve(dir));
+      if (!set.manifest) {
+        throw new UsageError(`${dir} has no manifest.json (made by hand?): 'restore' checks such archives, 'verify' needs a cvat-backup set`);
+      }
+      const verified = await withProgress((signal, onProgress) =>
+        verifyArchiveSet(set, {
           signal,
           onVolume: (volume, phase, stats) =>
             phase === 'start'
-              ? progress.listener({ type: 'volume-start', volume, action: 'verifying', totalBytes: undefined })
-              : progress.listener({ type: 'volume-done', volume, bytes: stats?.bytes ?? 0, files: stats?.files ?? 0 }),
-          onProgress: (volume, stats) => progress.listener({ type: 'volume-progress', volume, ...stats }),
-        });
-        progress.stop();
-        if (globals().json) {
-          out(JSON.stringify({ ok: true, dir: set.dir, cvatVersion: set.manifest.cvat.version, volumes: verified.map((v) => ({ name: v.composeName, files: v.check.files, bytes: v.check.bytes, sha256: v.check.sha256 })) }));
-        } else {
-          out(`OK: ${verified.length} archives of CVAT ${set.manifest.cvat.version ?? '(unknown)'} verified in ${set.dir}`);
-        }
-      } finally {
-        progress.stop();
-        dispose();
+              ? onProgress({ type: 'volume-start', volume, action: 'verifying', totalBytes: undefined })
+              : onProgress({ type: 'volume-done', volume, bytes: stats?.bytes ?? 0, files: stats?.files ?? 0 }),
+          onProgress: (volume, stats) => onProgress({ type: 'volume-progress', volume, ...stats }),
+        }),
+      );
+      if (globals().json) {
+        out(JSON.stringify({ ok: true, dir: set.dir, cvatVersion: set.manifest.cvat.version, volumes: verified.map((v) => ({ name: v.composeName, files: v.check.files, bytes: v.check.bytes, sha256: v.check.sha256 })) }));
+      } else {
+        out(`OK: ${verified.length} archives of CVAT ${set.manifest.cvat.version ?? '(unknown)'} verified in ${set.dir}`);
       }
     });
 
@@ -259,10 +264,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         await restoreSnapshot(engine, dir, options);
         return;
       }
-      const progress = createProgressRenderer(process.stderr);
-      const { signal, dispose } = interruptible();
-      try {
-        const result = await restoreFromArchiveSet(engine, {
+      const result = await withProgress((signal, onProgress) =>
+        restoreFromArchiveSet(engine, {
           project: globals().project,
           from: resolve(dir),
           allowVersionMismatch: options.allowVersionMismatch ?? false,
@@ -270,14 +273,10 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           via: options.via,
           volumes: options.volume,
           signal,
-          onProgress: progress.listener,
-        });
-        progress.stop();
-        printRestore(result, '');
-      } finally {
-        progress.stop();
-        dispose();
-      }
+          onProgress,
+        }),
+      );
+      printRestore(result, '');
     });
 
   const openRepository = async (): Promise<Repository> =>
@@ -285,67 +284,55 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
 
   async function backupIntoRepository(engine: DockerEngine, includeCache: boolean, via: TransportChoice): Promise<void> {
     const repo = await openRepository();
-    const progress = createProgressRenderer(process.stderr);
-    const { signal, dispose } = interruptible();
-    try {
-      const { snapshot, bytesAdded, stats } = await backupToRepository(engine, repo, {
+    const { snapshot, bytesAdded, stats } = await withProgress((signal, onProgress) =>
+      backupToRepository(engine, repo, {
         project: globals().project,
         includeCache,
         via,
         signal,
-        onProgress: progress.listener,
-      });
-      progress.stop();
-      if (globals().json) {
-        out(
-          JSON.stringify({
-            snapshot: snapshot.id,
-            repository: repo.backend.location,
-            project: snapshot.project,
-            cvatVersion: snapshot.cvat.version,
-            parent: snapshot.parent ?? null,
-            volumes: snapshot.volumes.map((v) => ({
-              name: v.composeName,
-              files: v.files,
-              bytes: v.bytes,
-              filesUnchanged: stats[v.composeName]?.filesUnchanged ?? 0,
-              bytesRead: stats[v.composeName]?.bytesRead ?? 0,
-            })),
-            bytesAdded,
-            downtimeMs: snapshot.downtimeMs,
-            durationMs: snapshot.durationMs,
-          }),
-        );
-      } else {
-        out(table([['VOLUME', 'FILES', 'DATA', 'UNCHANGED FILES', 'READ'], ...snapshot.volumes.map((v) => [v.composeName, String(v.files), formatBytes(v.bytes), String(stats[v.composeName]?.filesUnchanged ?? 0), formatBytes(stats[v.composeName]?.bytesRead ?? 0)])]));
-        out(`Snapshot ${shortId(snapshot.id)} of CVAT ${snapshot.cvat.version ?? '(version unknown)'} saved in ${repo.backend.location}; ${formatBytes(bytesAdded)} added`);
-        out(`Downtime ${formatDuration(snapshot.downtimeMs)}, total ${formatDuration(snapshot.durationMs)}`);
-      }
-    } finally {
-      progress.stop();
-      dispose();
+        onProgress,
+      }),
+    );
+    if (globals().json) {
+      out(
+        JSON.stringify({
+          snapshot: snapshot.id,
+          repository: repo.backend.location,
+          project: snapshot.project,
+          cvatVersion: snapshot.cvat.version,
+          parent: snapshot.parent ?? null,
+          volumes: snapshot.volumes.map((v) => ({
+            name: v.composeName,
+            files: v.files,
+            bytes: v.bytes,
+            filesUnchanged: stats[v.composeName]?.filesUnchanged ?? 0,
+            bytesRead: stats[v.composeName]?.bytesRead ?? 0,
+          })),
+          bytesAdded,
+          downtimeMs: snapshot.downtimeMs,
+          durationMs: snapshot.durationMs,
+        }),
+      );
+    } else {
+      out(table([['VOLUME', 'FILES', 'DATA', 'UNCHANGED FILES', 'READ'], ...snapshot.volumes.map((v) => [v.composeName, String(v.files), formatBytes(v.bytes), String(stats[v.composeName]?.filesUnchanged ?? 0), formatBytes(stats[v.composeName]?.bytesRead ?? 0)])]));
+      out(`Snapshot ${shortId(snapshot.id)} of CVAT ${snapshot.cvat.version ?? '(version unknown)'} saved in ${repo.backend.location}; ${formatBytes(bytesAdded)} added`);
+      out(`Downtime ${formatDuration(snapshot.downtimeMs)}, total ${formatDuration(snapshot.durationMs)}`);
     }
   }
 
   async function restoreSnapshot(engine: DockerEngine, ref: string, options: { allowVersionMismatch?: boolean; via: TransportChoice; volume?: string[] }): Promise<void> {
     const repo = await openRepository();
-    const progress = createProgressRenderer(process.stderr);
-    const { signal, dispose } = interruptible();
-    try {
-      const result = await restoreFromSnapshot(engine, repo, ref, {
+    const result = await withProgress((signal, onProgress) =>
+      restoreFromSnapshot(engine, repo, ref, {
         project: globals().project,
         allowVersionMismatch: options.allowVersionMismatch ?? false,
         via: options.via,
         volumes: options.volume,
         signal,
-        onProgress: progress.listener,
-      });
-      progress.stop();
-      printRestore(result, `snapshot ${shortId(result.snapshot)}: `);
-    } finally {
-      progress.stop();
-      dispose();
-    }
+        onProgress,
+      }),
+    );
+    printRestore(result, `snapshot ${shortId(result.snapshot)}: `);
   }
 
   program
