@@ -8,6 +8,7 @@
  * The master key arrives in workerData (memory shared with the parent), never in argv.
  */
 import { createHash } from 'node:crypto';
+import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { parentPort, workerData } from 'node:worker_threads';
 import { isAllZero } from './zero.js';
@@ -22,13 +23,19 @@ export const MAX_UNACKED = 4;
 export type WorkerRequest =
   | { type: 'file'; task: number; path: Uint8Array; size: number }
   | { type: 'ack'; task: number }
-  | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number; hash: boolean };
+  | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number; hash: boolean; to: BlobDestination };
+
+/**
+ * Where a loaded blob goes: back to the main thread, nowhere (verification: only authenticated),
+ * or straight into an open file (restore: the plaintext never crosses threads).
+ */
+export type BlobDestination = { kind: 'reply' } | { kind: 'discard' } | { kind: 'file'; fd: number; position: number };
 
 export type WorkerReply =
   | { type: 'chunk'; task: number; id: string; rawLength: number; sealed: Uint8Array | undefined }
   | { type: 'done'; task: number; bytesRead: number }
   | { type: 'error'; task: number; message: string; code: string | undefined; corrupt?: boolean }
-  | { type: 'blob'; task: number; data: Uint8Array };
+  | { type: 'blob'; task: number; data: Uint8Array | undefined };
 
 interface WorkerData {
   key: Uint8Array;
@@ -96,28 +103,55 @@ if (parentPort) {
       });
   };
 
+  /**
+   * Pack files stay open between blobs (most consecutive blobs share a pack). Reads and writes
+   * here are synchronous: a worker is its own thread, and Node's async file calls would all queue
+   * on the process's four libuv threads, behind the main thread's own file work.
+   */
+  const packs = new Map<string, number>();
+  const packFd = (path: string): number => {
+    const open = packs.get(path);
+    if (open !== undefined) {
+      packs.delete(path);
+      packs.set(path, open); // most recently used last
+      return open;
+    }
+    const fd = openSync(path, 'r');
+    packs.set(path, fd);
+    if (packs.size > 8) {
+      const [oldest, oldFd] = packs.entries().next().value as [string, number];
+      packs.delete(oldest);
+      closeSync(oldFd);
+    }
+    return fd;
+  };
+
   /** Reads, authenticates, decompresses and checks one blob (restore and verification). */
   const load = async (m: Extract<WorkerRequest, { type: 'load' }>): Promise<void> => {
     try {
-      const handle = await open(m.packPath, 'r');
-      const sealed = Buffer.alloc(m.length);
-      try {
-        let read = 0;
-        while (read < m.length) {
-          const { bytesRead } = await handle.read(sealed, read, m.length - read, m.offset + read);
-          if (bytesRead === 0) break;
-          read += bytesRead;
-        }
-        if (read !== m.length) throw new CorruptArchiveError(`pack ${m.packPath.slice(-64, -52)} is truncated (blob ${m.id.slice(0, 12)})`);
-      } finally {
-        await handle.close();
-      }
       const what = `pack ${m.packPath.slice(-64, -52)} blob ${m.id.slice(0, 12)}`;
+      const sealed = Buffer.allocUnsafe(m.length);
+      const fd = packFd(m.packPath);
+      let read = 0;
+      while (read < m.length) {
+        const bytesRead = readSync(fd, sealed, read, m.length - read, m.offset + read);
+        if (bytesRead === 0) break;
+        read += bytesRead;
+      }
+      if (read !== m.length) throw new CorruptArchiveError(`pack ${m.packPath.slice(-64, -52)} is truncated (blob ${m.id.slice(0, 12)})`);
       const plain = await unpackPayload(openSealed(key, sealed, blobAad(m.blobType, m.id), what), m.rawLength);
       if (m.hash && createHash('sha256').update(plain).digest('hex') !== m.id) throw new CorruptArchiveError(`${what}: content does not match its id`);
       if (plain.length !== m.rawLength) throw new CorruptArchiveError(`${what}: wrong length`);
-      const copy = new Uint8Array(plain);
-      port.postMessage({ type: 'blob', task: m.task, data: copy } satisfies WorkerReply, [copy.buffer]);
+      if (m.to.kind === 'file') {
+        let written = 0;
+        while (written < plain.length) written += writeSync(m.to.fd, plain, written, plain.length - written, m.to.position + written);
+        port.postMessage({ type: 'blob', task: m.task, data: undefined } satisfies WorkerReply);
+      } else if (m.to.kind === 'discard') {
+        port.postMessage({ type: 'blob', task: m.task, data: undefined } satisfies WorkerReply);
+      } else {
+        const copy = new Uint8Array(plain);
+        port.postMessage({ type: 'blob', task: m.task, data: copy } satisfies WorkerReply, [copy.buffer]);
+      }
     } catch (error) {
       port.postMessage({
         type: 'error',

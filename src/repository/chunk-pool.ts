@@ -6,13 +6,13 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { ChunkerParams } from './chunker.js';
-import type { WorkerReply, WorkerRequest } from './blob-worker.js';
+import type { BlobDestination, WorkerReply, WorkerRequest } from './blob-worker.js';
 import { CorruptArchiveError } from '../errors.js';
 
 export type ChunkHandler = (chunk: { id: string; rawLength: number; sealed: Buffer | undefined }) => Promise<void>;
 
 interface LoadTask {
-  resolve: (data: Buffer) => void;
+  resolve: (data: Buffer | undefined) => void;
   reject: (error: Error) => void;
   slot: { load: number };
 }
@@ -68,14 +68,23 @@ export class ChunkPool {
     });
   }
 
-  /** Reads, authenticates and checks one blob on a worker. */
-  loadBlob(packPath: string, id: string, where: { type: string; offset: number; length: number; rawLength: number }, hash: boolean): Promise<Buffer> {
+  /**
+   * Reads, authenticates and checks one blob on a worker; returns its bytes when `to` is
+   * 'reply', else nothing (discarded after the check, or written into the file `to` names).
+   */
+  loadBlob(
+    packPath: string,
+    id: string,
+    where: { type: string; offset: number; length: number; rawLength: number },
+    hash: boolean,
+    to: BlobDestination = { kind: 'reply' },
+  ): Promise<Buffer | undefined> {
     const slot = this.workers.reduce((a, b) => (b.load < a.load ? b : a));
     slot.load++;
     const task = this.nextTask++;
-    return new Promise<Buffer>((resolve, reject) => {
+    return new Promise<Buffer | undefined>((resolve, reject) => {
       this.loads.set(task, { resolve, reject, slot });
-      slot.worker.postMessage({ type: 'load', task, packPath, id, blobType: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength, hash } satisfies WorkerRequest);
+      slot.worker.postMessage({ type: 'load', task, packPath, id, blobType: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength, hash, to } satisfies WorkerRequest);
     });
   }
 
@@ -84,7 +93,7 @@ export class ChunkPool {
     if (load) {
       this.loads.delete(reply.task);
       load.slot.load--;
-      if (reply.type === 'blob') load.resolve(Buffer.from(reply.data.buffer, reply.data.byteOffset, reply.data.byteLength));
+      if (reply.type === 'blob') load.resolve(reply.data && Buffer.from(reply.data.buffer, reply.data.byteOffset, reply.data.byteLength));
       else if (reply.type === 'error') load.reject(reply.corrupt ? new CorruptArchiveError(reply.message) : Object.assign(new Error(reply.message), { code: reply.code }));
       return;
     }

@@ -55,7 +55,9 @@ export function open(key: Buffer, sealed: Buffer, associated: string, what: stri
   decipher.setAAD(Buffer.from(associated));
   decipher.setAuthTag(tag);
   try {
-    return Buffer.concat([decipher.update(sealed.subarray(1 + NONCE, sealed.length - TAG)), decipher.final()]);
+    const body = decipher.update(sealed.subarray(1 + NONCE, sealed.length - TAG));
+    const tail = decipher.final();
+    return tail.length === 0 ? body : Buffer.concat([body, tail]);
   } catch (error) {
     throw new CorruptArchiveError(`${what}: damaged (authentication failed)`, { cause: error });
   }

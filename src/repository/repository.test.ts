@@ -1,7 +1,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, readdirSync, readFileSync, writeFileSync, truncateSync, statSync } from 'node:fs';
+import { chmodSync, linkSync, mkdirSync, mkdtempSync, readlinkSync, rmSync, readdirSync, readFileSync, symlinkSync, writeFileSync, truncateSync, statSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Chunker, DEFAULT_CHUNKER } from './chunker.js';
@@ -10,7 +10,10 @@ import { Repository } from './repository.js';
 import { LocalBackend } from '../backend/local.js';
 import { FaultyBackend } from '../backend/faulty.js';
 import { checkRepository } from './check.js';
-import { WrongPasswordError } from '../errors.js';
+import { CorruptArchiveError, WrongPasswordError } from '../errors.js';
+import { Archiver } from './archiver.js';
+import { restoreVolumeToFolder } from './folder-restore.js';
+import type { SnapshotVolume, TreeNode } from './tree.js';
 
 /** Deterministic pseudo-random bytes, so a failing case can be replayed. */
 function prngBytes(seed: number, length: number): Buffer {
@@ -173,5 +176,93 @@ void describe('Repository on a local backend', () => {
       const full = await checkRepository(fresh, { readData: true });
       assert.ok(full.errors.some((e) => /damaged \(authentication failed\)/.test(e)), full.errors.join('\n'));
     });
+  });
+});
+
+void describe('folder restore (trees written straight into a folder)', () => {
+  const snapshotVolume = (tree: string, root: TreeNode): SnapshotVolume => ({
+    composeName: 'cvat_data',
+    name: 'p_cvat_data',
+    role: 'media',
+    mountPath: '/home/django/data',
+    tree,
+    root,
+    entries: 0,
+    files: 0,
+    bytes: 0,
+  });
+
+  void it('gives back every byte, mode, time, link and hole, with and without workers', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'folder-restore-'));
+    try {
+      const src = join(dir, 'src');
+      mkdirSync(join(src, 'a/b'), { recursive: true });
+      writeFileSync(join(src, 'a/b/big.bin'), prngBytes(7, 3_000_000));
+      writeFileSync(join(src, 'a/small.txt'), 'small');
+      writeFileSync(join(src, 'empty'), '');
+      linkSync(join(src, 'a/small.txt'), join(src, 'a/b/hard.txt'));
+      symlinkSync('../a/small.txt', join(src, 'a/link'));
+      writeFileSync(join(src, 'sparse'), '');
+      truncateSync(join(src, 'sparse'), 8 << 20);
+      chmodSync(join(src, 'a/small.txt'), 0o640);
+      chmodSync(join(src, 'a/b'), 0o750);
+      utimesSync(join(src, 'a/b/big.bin'), 1_600_000_000.25, 1_600_000_000.25);
+      const repo = await Repository.init(new LocalBackend(join(dir, 'repo')), 'pw', { kdf: fastKdf });
+      for (const workers of [false, true]) {
+        const pool = workers ? repo.createChunkPool(2) : undefined;
+        try {
+          const archived = await new Archiver(repo, pool ? { pool } : {}).archive(src, undefined);
+          await repo.flush();
+          const out = join(dir, `out-${workers}`);
+          mkdirSync(out);
+          const result = await restoreVolumeToFolder(repo, snapshotVolume(archived.tree, archived.root), out, pool ? { pool } : {});
+          assert.equal(result.stats.files, 5);
+          for (const file of ['a/b/big.bin', 'a/small.txt', 'empty', 'sparse', 'a/b/hard.txt']) {
+            assert.ok(readFileSync(join(out, file)).equals(readFileSync(join(src, file))), file);
+          }
+          for (const path of ['a/small.txt', 'a/b', 'a/b/big.bin', 'a', '.']) {
+            const [a, b] = [statSync(join(src, path)), statSync(join(out, path))];
+            assert.equal(b.mode, a.mode, `${path} mode`);
+            assert.equal(b.uid, a.uid, `${path} owner`);
+            assert.equal(Math.round(b.mtimeMs), Math.round(a.mtimeMs), `${path} mtime`);
+          }
+          assert.equal(statSync(join(out, 'a/b/hard.txt')).ino, statSync(join(out, 'a/small.txt')).ino, 'hard link');
+          assert.equal(readlinkSync(join(out, 'a/link')), '../a/small.txt');
+          assert.ok(statSync(join(out, 'sparse')).blocks * 512 < 1 << 20, 'the hole stays a hole');
+        } finally {
+          await pool?.close();
+        }
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  void it('refuses a tree whose names would leave the folder', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'folder-restore-'));
+    try {
+      const repo = await Repository.init(new LocalBackend(join(dir, 'repo')), 'pw', { kdf: fastKdf });
+      const node = (name: string, type: TreeNode['type']): TreeNode => ({
+        name: Buffer.from(name).toString('base64'),
+        type,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtimeNs: '0',
+        ctimeNs: '0',
+        inode: '1',
+        size: 0,
+      });
+      mkdirSync(join(dir, 'outside'));
+      for (const bad of ['..', 'x/../../outside/f', '.', '']) {
+        const tree = await repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes: [{ ...node(bad, 'file'), content: [] }] })));
+        const out = mkdtempSync(join(dir, 'out-'));
+        await assert.rejects(restoreVolumeToFolder(repo, snapshotVolume(tree.id, node('', 'dir')), out), CorruptArchiveError, `name '${bad}'`);
+        assert.deepEqual(readdirSync(out), []);
+      }
+      assert.deepEqual(readdirSync(join(dir, 'outside')), []);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -12,6 +12,7 @@
  * unreferenced packs, which `prune` removes; never a snapshot that points at missing data.
  */
 import { createHash, randomBytes } from 'node:crypto';
+import { write } from 'node:fs';
 import { hostname } from 'node:os';
 import type { Backend } from '../backend/backend.js';
 import { CorruptArchiveError, LockedError, RepositoryError } from '../errors.js';
@@ -20,6 +21,7 @@ import { DEFAULT_CHUNKER, type ChunkerParams } from './chunker.js';
 import { open as openSealed, seal, unwrapMasterKey, wrapMasterKey, type KdfParams, type WrappedKey, DEFAULT_KDF } from './crypto.js';
 import { packPayload, unpackPayload } from './compression.js';
 import { ChunkPool } from './chunk-pool.js';
+import type { BlobDestination } from './blob-worker.js';
 import { blobAad } from './aad.js';
 
 export type BlobType = 'data' | 'tree';
@@ -198,16 +200,42 @@ export class Repository {
 
   /** Reads, authenticates and checks a blob; on a worker of `pool` when the backend is local. */
   async loadBlob(id: string, pool?: ChunkPool, options: { hash?: boolean } = {}): Promise<Buffer> {
+    return (await this.readBlob(id, pool, options.hash ?? false, { kind: 'reply' }))!;
+  }
+
+  /** Reads and authenticates a blob, keeping nothing (verification before a restore). */
+  async checkBlob(id: string, pool?: ChunkPool): Promise<void> {
+    await this.readBlob(id, pool, false, { kind: 'discard' });
+  }
+
+  /**
+   * Reads and authenticates a blob and writes it into the open file `fd` at `position`: on a
+   * worker when there is one, so the plaintext never crosses threads.
+   */
+  async writeBlobTo(id: string, pool: ChunkPool | undefined, fd: number, position: number): Promise<void> {
+    const data = await this.readBlob(id, pool, false, { kind: 'file', fd, position });
+    if (data === undefined) return;
+    let written = 0;
+    while (written < data.length) {
+      const { bytesWritten } = await new Promise<{ bytesWritten: number }>((resolve, reject) =>
+        write(fd, data, written, data.length - written, position + written, (error, bytesWritten) => (error ? reject(error) : resolve({ bytesWritten }))),
+      );
+      written += bytesWritten;
+    }
+  }
+
+  /** Returns the plaintext, or undefined when a worker disposed of it as `to` says. */
+  private async readBlob(id: string, pool: ChunkPool | undefined, hash: boolean, to: BlobDestination): Promise<Buffer | undefined> {
     const where = this.index.get(id);
     if (!where) throw new CorruptArchiveError(`blob ${id.slice(0, 12)} is missing from the index`);
     const local = pool ? this.backend.localPath?.('data', where.pack) : undefined;
-    if (pool && local !== undefined) return pool.loadBlob(local, id, where, options.hash ?? false);
+    if (pool && local !== undefined) return pool.loadBlob(local, id, where, hash, to);
     const sealed = await this.backend.load('data', where.pack, { offset: where.offset, length: where.length });
     const framed = openSealed(this.key, sealed, blobAad(where.type, id), `pack ${where.pack.slice(0, 12)} blob ${id.slice(0, 12)}`);
     const plaintext = await unpackPayload(framed, where.rawLength);
     // The id is authenticated with the blob (AAD), so a hash check only guards against our own bugs:
     // done where every byte is checked on purpose (check --read-data), skipped on the hot path.
-    if (options.hash && sha256(plaintext) !== id) {
+    if (hash && sha256(plaintext) !== id) {
       throw new CorruptArchiveError(`blob ${id.slice(0, 12)} in pack ${where.pack.slice(0, 12)}: content does not match its id`);
     }
     if (plaintext.length !== where.rawLength) throw new CorruptArchiveError(`blob ${id.slice(0, 12)} in pack ${where.pack.slice(0, 12)}: wrong length`);

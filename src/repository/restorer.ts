@@ -171,7 +171,7 @@ export async function verifySnapshotVolume(
     while (inFlight.size >= 8) await Promise.race(inFlight);
     if (failure) throw failure;
     const tracked: Promise<void> = repo
-      .loadBlob(ref, options.pool)
+      .checkBlob(ref, options.pool)
       .then(
         () => undefined,
         (error: unknown) => {

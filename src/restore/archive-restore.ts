@@ -7,7 +7,8 @@
  * 2. Verify every archive to its end before anything is touched.
  * 3. Stop the project; in every target volume move the old files aside (rollback point).
  * 4. Extract each archive into its emptied volume through the engine (owners and modes kept).
- * 5. Success: drop the rollback points. Failure: put the old files back. Then start CVAT.
+ * 5. Success: retire the rollback points (a rename). Failure: put the old files back. Then start
+ *    CVAT, and only then delete the retired old data.
  */
 import { createReadStream } from 'node:fs';
 import { createGunzip } from 'node:zlib';
@@ -33,7 +34,7 @@ import { memberPrefixOf } from '../archive/manifest.js';
 import { TarProcessor, type TarStats } from '../archive/tar.js';
 import { HostExtractor } from '../archive/host-extract.js';
 import { chooseTransport, type ChosenTransport, type TransportChoice } from '../archive/transport.js';
-import { commitVolume, prepareRollback, rollbackVolume, type VolumeTarget } from './volume-rollback.js';
+import { RETIRED_DIR, commitVolume, prepareRollback, removeRetired, rollbackVolume, type VolumeTarget } from './volume-rollback.js';
 
 /**
  * Where a restore's data comes from: an archive set, or a repository snapshot. Everything else
@@ -49,6 +50,16 @@ export interface RestoreSource {
   verify(memberPrefixFor: (composeName: string) => string, signal: AbortSignal | undefined, onProgress: ProgressListener): Promise<Map<string, TarStats>>;
   /** The volume's data as an uncompressed tar stream, members under its mount path. */
   openTar(composeName: string, signal: AbortSignal | undefined): Readable;
+  /**
+   * Optional direct path: writes the volume into its (emptied) folder on this host without a tar
+   * stream. Returns what it wrote and the entries it could not make.
+   */
+  writeFolder?(
+    composeName: string,
+    folder: string,
+    signal: AbortSignal | undefined,
+    onProgress: (stats: TarStats) => void,
+  ): Promise<{ stats: TarStats; skipped: string[] }>;
 }
 
 export interface RestoreOptions {
@@ -245,11 +256,17 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
             const expected = verified.get(target.composeName);
             onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring', totalBytes: expected?.bytes });
             const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
+            const hostPath = transports.get(target.composeName)?.hostPath;
+            if (hostPath !== undefined && source.writeFolder) {
+              const written = await source.writeFolder(target.composeName, hostPath, options.signal, report);
+              for (const skipped of written.skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${skipped}` });
+              onProgress({ type: 'volume-done', volume: target.composeName, bytes: written.stats.bytes, files: written.stats.files });
+              continue;
+            }
             const processor: TarProcessor = new TarProcessor({
               onData: () => report(processor.stats),
               ...(transports.get(target.composeName)?.hostPath === undefined ? {} : { output: 'entries' as const }),
             });
-            const hostPath = transports.get(target.composeName)?.hostPath;
             if (hostPath === undefined) {
               const tar = source.openTar(target.composeName, options.signal).pipe(processor);
               await engine.writeArchive(target.containerId, '/', tar, options.signal);
@@ -274,7 +291,6 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
           if ((cause as { name?: string }).name === 'InterruptedError') throw cause;
           throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; ${suffix}`, { cause });
         }
-        onProgress({ type: 'phase', message: 'removing rollback points' });
         for (const { target } of planned) await commitVolume(engine, target);
       },
       now,
@@ -283,6 +299,12 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
       // Containers made with `docker compose up --no-start`: a restore brings CVAT up.
       onProgress({ type: 'phase', message: 'starting CVAT' });
       await startContainers(engine, deployment.containers, onProgress);
+    }
+    onProgress({ type: 'phase', message: 'removing the old data' });
+    for (const { target } of planned) {
+      await removeRetired(engine, target).catch((error: unknown) =>
+        onProgress({ type: 'warning', message: `${(error as Error).message}: delete ${RETIRED_DIR}/ inside volume ${target.composeName} by hand` }),
+      );
     }
     return {
       project: deployment.project,

@@ -7,6 +7,7 @@ import type { DockerEngine } from '../docker/engine.js';
 import type { Repository } from '../repository/repository.js';
 import { snapshotVolumeTar, verifySnapshotVolume } from '../repository/restorer.js';
 import { resolveSnapshot, shortId } from '../repository/snapshots.js';
+import { restoreVolumeToFolder } from '../repository/folder-restore.js';
 import type { TarStats } from '../archive/tar.js';
 import { CorruptArchiveError } from '../errors.js';
 import { onlyVolumes, restoreFromSource, type ArchiveRestoreResult, type RestoreOptions, type RestoreSource } from './archive-restore.js';
@@ -54,6 +55,8 @@ export async function restoreFromSnapshot(
         return out;
       },
       openTar: (composeName, signal) => snapshotVolumeTar(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, signal, pool),
+      writeFolder: (composeName, folder, signal, onProgress) =>
+        restoreVolumeToFolder(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, folder, { ...(signal ? { signal } : {}), pool, onProgress }),
     };
     const result = await restoreFromSource(engine, source, options);
     return { ...result, snapshot: snapshot.id };

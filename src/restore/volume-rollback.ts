@@ -2,8 +2,9 @@
  * A rollback point inside a volume: before a restore writes a volume, everything in it is moved
  * (rename, no copy) into `.cvat-backup-rollback/` at the volume's root, with the root folder's
  * owner and mode saved beside it. The archive is then extracted into the emptied volume. On
- * success the rollback folder is deleted; on failure the new files are deleted and the old ones
- * moved back. Nothing is deleted before the new data is complete.
+ * success the rollback folder is renamed `.cvat-backup-retired/` and deleted once CVAT runs
+ * again (deleting terabytes is no reason to keep CVAT down); on failure the new files are deleted
+ * and the old ones moved back. Nothing is deleted before the new data is complete.
  *
  * A rollback folder left by a restore that was killed holds the last good data: `prepare` keeps
  * it and only clears what the killed restore had extracted.
@@ -14,9 +15,12 @@
 import type { DockerEngine } from '../docker/engine.js';
 
 export const ROLLBACK_DIR = '.cvat-backup-rollback';
+/** A rollback point no longer needed: renamed during the downtime, deleted once CVAT runs. */
+export const RETIRED_DIR = '.cvat-backup-retired';
 
 const PREPARE = `set -eu
 cd "$1"
+rm -rf -- ${RETIRED_DIR}
 rb=${ROLLBACK_DIR}
 if [ -d "$rb" ]; then
   for f in .[!.]* ..?* *; do
@@ -53,8 +57,15 @@ done
 rmdir "$rb"
 `;
 
-const COMMIT = `set -eu
-rm -rf -- "$1/${ROLLBACK_DIR}" "$1/${ROLLBACK_DIR}.tmp"
+// A rename: the old data stays until CVAT runs again, and leaves the downtime at once.
+const RETIRE = `set -eu
+cd "$1"
+rm -rf -- ${RETIRED_DIR} ${ROLLBACK_DIR}.tmp
+if [ -d ${ROLLBACK_DIR} ]; then mv ${ROLLBACK_DIR} ${RETIRED_DIR}; fi
+`;
+
+const REMOVE_RETIRED = `set -eu
+rm -rf -- "$1/${RETIRED_DIR}"
 `;
 
 export interface VolumeTarget {
@@ -79,6 +90,12 @@ export function rollbackVolume(engine: DockerEngine, target: VolumeTarget): Prom
   return run(engine, target, 'rolling back', ROLLBACK);
 }
 
+/** The restore succeeded: the rollback point is renamed out of the way (fast). */
 export function commitVolume(engine: DockerEngine, target: VolumeTarget): Promise<void> {
-  return run(engine, target, 'removing the rollback point', COMMIT);
+  return run(engine, target, 'retiring the rollback point', RETIRE);
+}
+
+/** Deletes a retired rollback point; run while CVAT is up again (it can take long on big volumes). */
+export function removeRetired(engine: DockerEngine, target: VolumeTarget): Promise<void> {
+  return run(engine, target, 'removing the old data', REMOVE_RETIRED);
 }
