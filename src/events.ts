@@ -3,12 +3,14 @@
  * them (bars on a TTY, plain lines otherwise, nothing on stdout with --json).
  */
 /** What is being done to a volume's data. */
-export type VolumeAction = 'archiving' | 'verifying' | 'restoring';
+export type VolumeAction = 'archiving' | 'copying while CVAT runs' | 'copying what changed' | 'verifying' | 'restoring';
 
 export type ProgressEvent =
   | { type: 'phase'; message: string }
   | { type: 'container-stopped'; service: string; name: string }
   | { type: 'container-started'; service: string; name: string }
+  | { type: 'containers-frozen'; count: number }
+  | { type: 'containers-thawed'; count: number }
   | { type: 'container-start-failed'; service: string; name: string; error: string }
   | { type: 'volume-start'; volume: string; action: VolumeAction; totalBytes: number | undefined }
   | { type: 'volume-progress'; volume: string; bytes: number; files: number }

@@ -2,17 +2,27 @@
  * `backup` into the snapshot repository (the default destination).
  *
  * Order: discover → lock project → open repository (exclusive lock) → parent snapshot (latest of
- * this project) → stop CVAT → archive every selected volume (only changed files are read; only
- * new chunks are stored) → start CVAT (always) → write the last pack and the index → write the
- * snapshot. A crash before the snapshot leaves no visible snapshot; the next backup reuses
- * whatever packs were already indexed and `prune` removes unreferenced ones.
+ * this project) → [two-phase: copy every volume while CVAT runs] → stop CVAT (or freeze it) →
+ * archive every selected volume, reading only files that changed since the last pass → start
+ * CVAT (always) → write the last pack and the index → write the snapshot. A crash before the
+ * snapshot leaves no visible snapshot; the next backup reuses whatever packs were already indexed
+ * and `prune` removes unreferenced ones.
+ *
+ * Modes:
+ * - offline: CVAT is stopped for the whole copy (the guide's way, made fast by the parent).
+ * - two-phase (default when CVAT runs and the volume folders are reachable): phase 1 copies while
+ *   CVAT runs; phase 2 stops CVAT and re-reads only what changed since phase 1 (size, mtime,
+ *   ctime, inode, and any file touched from phase 1's start on: the "racy" rule for changes
+ *   within one timestamp tick). The snapshot is what an offline backup at the stop would hold.
+ * - freeze: as two-phase, but phase 2 freezes the containers (`docker pause`) instead of
+ *   stopping them: no restart, a crash-consistent copy (see docs/architecture.md).
  */
 import { hostname } from 'node:os';
 import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
 import { VolumeMissingError } from '../errors.js';
 import { cvatRecord, discoverDeployment, type Deployment } from '../deployment/discover.js';
-import { withDeploymentStopped } from '../deployment/lifecycle.js';
+import { withDeploymentFrozen, withDeploymentStopped, type DowntimeWindow } from '../deployment/lifecycle.js';
 import { lockDeployment } from '../deployment/lock.js';
 import { chooseTransport, type TransportChoice } from '../archive/transport.js';
 import { memberPrefixOf } from '../archive/manifest.js';
@@ -27,19 +37,52 @@ import type { Snapshot, SnapshotVolume, TreeNode } from '../repository/tree.js';
 import { TOOL_VERSION } from '../version.js';
 import { selectVolumes } from './archive-backup.js';
 
+export type BackupMode = 'two-phase' | 'offline' | 'freeze';
+
 export interface RepositoryBackupOptions {
   project?: string | undefined;
   includeCache?: boolean;
   via?: TransportChoice;
+  /** Default two-phase. */
+  mode?: BackupMode;
+  /** Two-phase/freeze: repeat the copy while CVAT runs while a pass takes longer than this (ms); at most 3 passes. */
+  repeatPrecopyAfterMs?: number | undefined;
+  /**
+   * Runs while CVAT is still stopped or frozen, after the last pass: what it sees is the state the
+   * snapshot holds (the tests take an offline copy here to compare).
+   */
+  whileHeld?: () => Promise<void>;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   now?: () => number;
+}
+
+export interface BackupPass {
+  name: 'precopy' | 'final';
+  /** CVAT running (precopy), stopped or frozen (final). */
+  cvat: 'running' | 'stopped' | 'frozen';
+  durationMs: number;
+  filesRead: number;
+  bytesRead: number;
 }
 
 export interface RepositoryBackupResult {
   snapshot: Snapshot & { id: string };
   stats: Record<string, ArchiveStats>;
   bytesAdded: number;
+  /** The mode that ran (two-phase falls back to offline when it cannot apply). */
+  mode: BackupMode;
+  passes: BackupPass[];
+}
+
+/**
+ * A file touched this close before a pass began counts as racy in the next pass: covers the
+ * coarsest timestamp granularity of common file systems (ext4/xfs: one jiffy; FAT: 2 s).
+ */
+const RACY_SLACK_NS = 2_000_000_000n;
+
+function nowNs(): bigint {
+  return BigInt(Date.now()) * 1_000_000n;
 }
 
 export async function backupToRepository(engine: DockerEngine, repo: Repository, options: RepositoryBackupOptions): Promise<RepositoryBackupResult> {
@@ -58,62 +101,130 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
   const projectLock = locked.lock;
   deployment = locked.deployment;
   try {
+    let mode: BackupMode = options.mode ?? 'two-phase';
+    const running = deployment.containers.some((c) => c.state === 'running');
+    if (mode !== 'offline' && !running) mode = 'offline'; // nothing runs: one pass is already consistent
+    if (mode !== 'offline' && [...folders.values()].some((f) => f === undefined)) {
+      onProgress({
+        type: 'warning',
+        message: `a ${mode} backup needs the volume folders on this host (root, local engine), to see what changed: backing up with CVAT stopped instead`,
+      });
+      mode = 'offline';
+    }
     const repoLock = await repo.lock(true, 'backup');
     try {
       await repo.loadIndex();
       const parent = (await listSnapshots(repo)).filter((s) => s.project === deployment.project).pop();
-      const stats: Record<string, ArchiveStats> = {};
       const pool = repo.createChunkPool();
-      const { result: volumes, window } = await withDeploymentStopped(
-        engine,
-        deployment.containers,
-        onProgress,
-        async () => {
-          const out: SnapshotVolume[] = [];
-          for (const volume of selected) {
-            options.signal?.throwIfAborted();
-            onProgress({ type: 'volume-start', volume: volume.composeName, action: 'archiving', totalBytes: undefined });
-            const folder = folders.get(volume.composeName);
-            const progress = (s: { bytes: number; files: number }): void => onProgress({ type: 'volume-progress', volume: volume.composeName, ...s });
-            let result: { tree: string; root: TreeNode; stats: ArchiveStats };
-            if (folder !== undefined) {
-              const archiver = new Archiver(repo, { ...signalOption, pool, onProgress: (s) => progress({ bytes: s.bytesRead, files: s.files }) });
-              const parentTree = parent?.volumes.find((p) => p.composeName === volume.composeName && p.mountPath === volume.mountPath)?.tree;
-              result = { ...(await archiver.archive(folder, parentTree)), stats: archiver.stats };
-              result.stats.entries++;
-            } else {
-              // Through the engine: no ctime/inode, so every file is read; chunks still deduplicate.
-              const prefix = memberPrefixOf(volume.mountPath);
-              const parentDir = posix.dirname(prefix);
-              const builder = new TarTreeBuilder(repo, prefix, (s) => progress(s));
-              await pipeline(
-                await engine.readArchive(volume.container.id, volume.mountPath, options.signal),
-                new TarProcessor({ output: 'entries', ...(parentDir === '.' ? {} : { renamePrefix: Buffer.from(`${parentDir}/`) }) }),
-                builder,
-                signalOption,
-              );
-              const built = await builder.finishTrees();
-              const s = builder.stats;
-              result = { ...built, stats: { entries: s.entries, files: s.files, bytes: s.bytes, bytesRead: s.bytes, filesUnchanged: 0, bytesAdded: s.bytesAdded } };
-            }
-            stats[volume.composeName] = result.stats;
-            onProgress({ type: 'volume-done', volume: volume.composeName, bytes: result.stats.bytesRead, files: result.stats.files });
-            out.push({
-              composeName: volume.composeName,
-              name: volume.name,
-              role: volume.role,
-              mountPath: volume.mountPath,
-              tree: result.tree,
-              root: result.root,
-              entries: result.stats.entries,
-              files: result.stats.files,
-              bytes: result.stats.bytes,
-            });
+      const passes: BackupPass[] = [];
+      let stats: Record<string, ArchiveStats> = {};
+      const addedBefore: number[] = [];
+      /** One pass over every selected volume; `parents` gives each volume's tree to compare with. */
+      const pass = async (
+        name: BackupPass['name'],
+        cvat: BackupPass['cvat'],
+        parents: (volume: (typeof selected)[number]) => string | undefined,
+        archiveOptions: { tolerateChanges?: boolean; racySinceNs?: bigint },
+      ): Promise<SnapshotVolume[]> => {
+        const began = now();
+        const out: SnapshotVolume[] = [];
+        const passStats: Record<string, ArchiveStats> = {};
+        const action = name === 'precopy' ? 'copying while CVAT runs' : mode === 'offline' ? 'archiving' : 'copying what changed';
+        for (const volume of selected) {
+          options.signal?.throwIfAborted();
+          onProgress({ type: 'volume-start', volume: volume.composeName, action, totalBytes: undefined });
+          const folder = folders.get(volume.composeName);
+          const progress = (s: { bytes: number; files: number }): void => onProgress({ type: 'volume-progress', volume: volume.composeName, ...s });
+          let result: { tree: string; root: TreeNode; stats: ArchiveStats };
+          if (folder !== undefined) {
+            const archiver = new Archiver(repo, { ...signalOption, ...archiveOptions, pool, onProgress: (s) => progress({ bytes: s.bytesRead, files: s.files }) });
+            result = { ...(await archiver.archive(folder, parents(volume))), stats: archiver.stats };
+            result.stats.entries++;
+          } else {
+            // Through the engine: no ctime/inode, so every file is read; chunks still deduplicate.
+            const prefix = memberPrefixOf(volume.mountPath);
+            const parentDir = posix.dirname(prefix);
+            const builder = new TarTreeBuilder(repo, prefix, (s) => progress(s));
+            await pipeline(
+              await engine.readArchive(volume.container.id, volume.mountPath, options.signal),
+              new TarProcessor({ output: 'entries', ...(parentDir === '.' ? {} : { renamePrefix: Buffer.from(`${parentDir}/`) }) }),
+              builder,
+              signalOption,
+            );
+            const built = await builder.finishTrees();
+            const s = builder.stats;
+            result = { ...built, stats: { entries: s.entries, files: s.files, bytes: s.bytes, bytesRead: s.bytes, filesUnchanged: 0, bytesAdded: s.bytesAdded } };
           }
-          return out;
-        },
-        now,
-      ).finally(() => pool.close());
+          passStats[volume.composeName] = result.stats;
+          onProgress({ type: 'volume-done', volume: volume.composeName, bytes: result.stats.bytesRead, files: result.stats.files });
+          out.push({
+            composeName: volume.composeName,
+            name: volume.name,
+            role: volume.role,
+            mountPath: volume.mountPath,
+            tree: result.tree,
+            root: result.root,
+            entries: result.stats.entries,
+            files: result.stats.files,
+            bytes: result.stats.bytes,
+          });
+        }
+        const all = Object.values(passStats);
+        passes.push({
+          name,
+          cvat,
+          durationMs: now() - began,
+          filesRead: all.reduce((sum, s) => sum + s.files - s.filesUnchanged, 0),
+          bytesRead: all.reduce((sum, s) => sum + s.bytesRead, 0),
+        });
+        addedBefore.push(all.reduce((sum, s) => sum + s.bytesAdded, 0));
+        stats = passStats;
+        // The next pass compares with this pass's trees: they must be readable.
+        if (name === 'precopy') await repo.flushPacksOnly();
+        return out;
+      };
+      const fromParentSnapshot = (volume: (typeof selected)[number]): string | undefined =>
+        parent?.volumes.find((p) => p.composeName === volume.composeName && p.mountPath === volume.mountPath)?.tree;
+      let volumes: SnapshotVolume[];
+      let window: DowntimeWindow;
+      try {
+        if (mode === 'offline') {
+          const offline = async (): Promise<SnapshotVolume[]> => {
+            const result = await pass('final', 'stopped', fromParentSnapshot, {});
+            await options.whileHeld?.();
+            return result;
+          };
+          ({ result: volumes, window } = await withDeploymentStopped(engine, deployment.containers, onProgress, offline, now));
+        } else {
+          // Phase 1, CVAT running: nothing here is a snapshot yet.
+          onProgress({ type: 'phase', message: 'phase 1: copying while CVAT runs' });
+          let since = nowNs() - RACY_SLACK_NS;
+          let precopy = await pass('precopy', 'running', fromParentSnapshot, { tolerateChanges: true });
+          const repeatAfter = options.repeatPrecopyAfterMs;
+          while (repeatAfter !== undefined && passes.length < 3 && passes[passes.length - 1]!.durationMs > repeatAfter) {
+            onProgress({ type: 'phase', message: 'phase 1 again: copying what changed meanwhile' });
+            const previous = precopy;
+            const passSince = nowNs() - RACY_SLACK_NS;
+            precopy = await pass('precopy', 'running', (v) => previous.find((p) => p.composeName === v.composeName)?.tree, { tolerateChanges: true, racySinceNs: since });
+            since = passSince;
+          }
+          const last = precopy;
+          const final = async (): Promise<SnapshotVolume[]> => {
+            const result = await pass('final', mode === 'freeze' ? 'frozen' : 'stopped', (v) => last.find((p) => p.composeName === v.composeName)?.tree, {
+              racySinceNs: since,
+            });
+            await options.whileHeld?.();
+            return result;
+          };
+          onProgress({ type: 'phase', message: `phase 2: copying what changed with CVAT ${mode === 'freeze' ? 'frozen' : 'stopped'}` });
+          ({ result: volumes, window } =
+            mode === 'freeze'
+              ? await withDeploymentFrozen(engine, deployment.containers, onProgress, final, now)
+              : await withDeploymentStopped(engine, deployment.containers, onProgress, final, now));
+        }
+      } finally {
+        await pool.close();
+      }
       onProgress({ type: 'phase', message: 'writing index' });
       await repo.flush();
       const finishedAt = now();
@@ -125,14 +236,15 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         project: deployment.project,
         cvat: cvatRecord(deployment.version),
         ...(parent ? { parent: parent.id } : {}),
+        mode,
         downtimeMs: window.downtimeMs,
         durationMs: finishedAt - startedAt,
         volumes,
         skipped,
       };
       const id = await repo.saveObject('snapshots', snapshot);
-      const bytesAdded = Object.values(stats).reduce((sum, s) => sum + s.bytesAdded, 0);
-      return { snapshot: { ...snapshot, id }, stats, bytesAdded };
+      const bytesAdded = addedBefore.reduce((a, b) => a + b, 0);
+      return { snapshot: { ...snapshot, id }, stats, bytesAdded, mode, passes };
     } finally {
       await repoLock.release().catch(() => undefined);
     }

@@ -20,7 +20,7 @@ import { checkRepository } from '../repository/check.js';
 import { exportSnapshot, importArchiveSet } from '../repository/archive-transfer.js';
 import { pruneRepository, type PruneResult } from '../repository/prune.js';
 import { applyRetention, isEmptyPolicy, type RetentionPolicy } from '../repository/retention.js';
-import { backupToRepository } from '../backup/repository-backup.js';
+import { backupToRepository, type BackupMode } from '../backup/repository-backup.js';
 import { restoreFromSnapshot } from '../restore/snapshot-restore.js';
 import { repositoryLocation, readPassword } from './secrets.js';
 import type { TransportChoice } from '../archive/transport.js';
@@ -171,18 +171,43 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
 
   program
     .command('backup')
-    .description('stop CVAT, back up every volume into the repository (or with --to DIR into seed-compatible .tar.gz files), start CVAT')
+    .description(
+      'back up every volume into the repository: copy while CVAT runs, then stop it only to copy what changed (or with --to DIR: stop CVAT, write seed-compatible .tar.gz files)',
+    )
     .option('--to <dir>', 'write a seed-compatible archive set into this new or empty folder instead of the repository')
+    .addOption(
+      new Option('--mode <mode>', 'two-phase: copy while running, stop only for the changes; offline: stop CVAT for the whole copy')
+        .choices(['two-phase', 'offline'])
+        .default('two-phase'),
+    )
+    .option('--freeze', 'phase 2 freezes the containers (docker pause) instead of stopping them: no restart, a crash-consistent copy')
+    .option('--repeat-precopy', 'repeat the copy while CVAT runs (up to 3 passes) while a pass takes over 10 s, so less is left for the stop')
     .option('--include-cache', 'also archive cvat_cache_db (a regenerable cache)')
     .addOption(new Option('--compression-level <n>', 'gzip level 1-9').argParser(compressionLevel).default(3))
     .addOption(viaOption())
-    .action(async (options: { to?: string; includeCache?: boolean; compressionLevel: number; via: TransportChoice }) => {
+    .action(
+      async (options: {
+        to?: string;
+        includeCache?: boolean;
+        compressionLevel: number;
+        via: TransportChoice;
+        mode: 'two-phase' | 'offline';
+        freeze?: boolean;
+        repeatPrecopy?: boolean;
+      }) => {
       const engine = engineFactory();
       const to = options.to;
+      if (options.freeze && options.mode === 'offline') throw new UsageError('--freeze and --mode offline exclude each other');
       if (to === undefined) {
-        await backupIntoRepository(engine, options.includeCache ?? false, options.via);
+        await backupIntoRepository(engine, {
+          includeCache: options.includeCache ?? false,
+          via: options.via,
+          mode: options.freeze ? 'freeze' : options.mode,
+          repeatPrecopyAfterMs: options.repeatPrecopy ? 10_000 : undefined,
+        });
         return;
       }
+      if (options.freeze || options.repeatPrecopy) throw new UsageError('--freeze and --repeat-precopy apply to repository backups, not to --to DIR (which stops CVAT)');
       const { manifest, dir } = await withProgress((signal, onProgress) =>
         backupToArchiveSet(engine, {
           project: globals().project,
@@ -282,13 +307,15 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
   const openRepository = async (): Promise<Repository> =>
     Repository.open(new LocalBackend(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false));
 
-  async function backupIntoRepository(engine: DockerEngine, includeCache: boolean, via: TransportChoice): Promise<void> {
+  async function backupIntoRepository(
+    engine: DockerEngine,
+    choice: { includeCache: boolean; via: TransportChoice; mode: BackupMode; repeatPrecopyAfterMs: number | undefined },
+  ): Promise<void> {
     const repo = await openRepository();
-    const { snapshot, bytesAdded, stats } = await withProgress((signal, onProgress) =>
+    const { snapshot, bytesAdded, stats, mode, passes } = await withProgress((signal, onProgress) =>
       backupToRepository(engine, repo, {
         project: globals().project,
-        includeCache,
-        via,
+        ...choice,
         signal,
         onProgress,
       }),
@@ -309,6 +336,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
             bytesRead: stats[v.composeName]?.bytesRead ?? 0,
           })),
           bytesAdded,
+          mode,
+          passes,
           downtimeMs: snapshot.downtimeMs,
           durationMs: snapshot.durationMs,
         }),
@@ -316,7 +345,11 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     } else {
       out(table([['VOLUME', 'FILES', 'DATA', 'UNCHANGED FILES', 'READ'], ...snapshot.volumes.map((v) => [v.composeName, String(v.files), formatBytes(v.bytes), String(stats[v.composeName]?.filesUnchanged ?? 0), formatBytes(stats[v.composeName]?.bytesRead ?? 0)])]));
       out(`Snapshot ${shortId(snapshot.id)} of CVAT ${snapshot.cvat.version ?? '(version unknown)'} saved in ${repo.backend.location}; ${formatBytes(bytesAdded)} added`);
-      out(`Downtime ${formatDuration(snapshot.downtimeMs)}, total ${formatDuration(snapshot.durationMs)}`);
+      for (const p of passes) {
+        out(`${p.name === 'precopy' ? 'Copied while CVAT ran' : `Copied with CVAT ${p.cvat}`}: ${p.filesRead} files, ${formatBytes(p.bytesRead)} read in ${formatDuration(p.durationMs)}`);
+      }
+      const held = mode === 'freeze' ? 'Frozen' : 'Downtime';
+      out(`${held} ${formatDuration(snapshot.downtimeMs)} (${mode}), total ${formatDuration(snapshot.durationMs)}`);
     }
   }
 

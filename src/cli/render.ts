@@ -55,6 +55,12 @@ function lineRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
       case 'container-start-failed':
         write(`  FAILED to start ${event.name}: ${event.error}`);
         break;
+      case 'containers-frozen':
+        write(`  froze ${event.count} containers`);
+        break;
+      case 'containers-thawed':
+        write(`  thawed ${event.count} containers`);
+        break;
       case 'volume-start':
         started.set(event.volume, Date.now());
         lastReport.set(event.volume, Date.now());
@@ -122,6 +128,12 @@ function barRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
         break;
       case 'container-start-failed':
         log(`  FAILED to start ${event.name}: ${event.error}`);
+        break;
+      case 'containers-frozen':
+        log(`  froze ${event.count} containers`);
+        break;
+      case 'containers-thawed':
+        log(`  thawed ${event.count} containers`);
         break;
       case 'volume-start': {
         const total = event.totalBytes ?? 0;

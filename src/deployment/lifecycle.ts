@@ -149,3 +149,53 @@ export async function withDeploymentStopped<T>(
   await startContainers(engine, stopped, onProgress);
   return { result, window: { downtimeMs: stopped.length > 0 ? now() - began : 0, stopped } };
 }
+
+/**
+ * Runs `work` with the deployment's running containers frozen (`docker pause`: the cgroup
+ * freezer; no process notices, clients see a stall) and always thaws them again, also on error
+ * and abort. All are frozen at once: what `work` reads is the state one instant of a power cut
+ * would leave. Containers the user had paused stay paused.
+ */
+export async function withDeploymentFrozen<T>(
+  engine: DockerEngine,
+  containers: DeploymentContainer[],
+  onProgress: ProgressListener,
+  work: () => Promise<T>,
+  now: () => number = Date.now,
+): Promise<{ result: T; window: DowntimeWindow }> {
+  const running = containers.filter((c) => c.state === 'running');
+  const frozen: DeploymentContainer[] = [];
+  const thaw = async (): Promise<void> => {
+    const results = await Promise.allSettled(frozen.map((c) => engine.unpauseContainer(c.id)));
+    const failed = results.flatMap((r, i) => (r.status === 'rejected' ? [{ container: frozen[i]!, error: r.reason as unknown }] : []));
+    if (failed.length > 0) {
+      // One more try each, as startContainers does.
+      const again = await Promise.allSettled(failed.map((f) => engine.unpauseContainer(f.container.id)));
+      const still = failed.filter((_, i) => again[i]!.status === 'rejected');
+      if (still.length > 0) throw new StartFailure(still);
+    }
+    onProgress({ type: 'containers-thawed', count: frozen.length });
+  };
+  onProgress({ type: 'phase', message: 'freezing CVAT' });
+  const began = now();
+  let result: T;
+  try {
+    await Promise.all(
+      running.map(async (c) => {
+        await engine.pauseContainer(c.id);
+        frozen.push(c);
+      }),
+    );
+    onProgress({ type: 'containers-frozen', count: frozen.length });
+    result = await work();
+  } catch (error) {
+    try {
+      await thaw();
+    } catch (thawError) {
+      throw new AggregateError([error, thawError], `${(error as Error).message}; and ${(thawError as Error).message}`, { cause: error });
+    }
+    throw error;
+  }
+  await thaw();
+  return { result, window: { downtimeMs: frozen.length > 0 ? now() - began : 0, stopped: frozen } };
+}

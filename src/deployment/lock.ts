@@ -84,13 +84,19 @@ export async function lockDeployment(
 ): Promise<{ lock: ProjectLock; deployment: Deployment }> {
   const image = deployment.version.serverImage ?? deployment.containers[0]?.image;
   if (image === undefined) throw new LockedError(`project '${deployment.project}' has no container image to hold the lock`);
-  const running = deployment.containers.filter((c) => isRunningState(c.state)).map((c) => c.id);
+  // Paused by the user is not running: a holder that dies must not unpause what it did not freeze.
+  const running = deployment.containers.filter((c) => c.state === 'running' || c.state === 'restarting').map((c) => c.id);
   const lock = await acquireProjectLock(engine, deployment.project, image, operation, running);
   const left = new Set(lock.leftStoppedByDeadHolder);
   const toStart = deployment.containers.filter((c) => left.has(c.id) && !isRunningState(c.state));
-  if (toStart.length === 0) return { lock, deployment };
-  onProgress({ type: 'warning', message: `a previous cvat-backup was killed and left ${toStart.length} container(s) stopped: starting them again` });
+  const toThaw = deployment.containers.filter((c) => left.has(c.id) && c.state === 'paused');
+  if (toStart.length === 0 && toThaw.length === 0) return { lock, deployment };
+  onProgress({
+    type: 'warning',
+    message: `a previous cvat-backup was killed and left ${toStart.length + toThaw.length} container(s) stopped or frozen: starting them again`,
+  });
   try {
+    for (const c of toThaw) await engine.unpauseContainer(c.id);
     await startContainers(engine, toStart, onProgress);
     return { lock, deployment: await rediscover() };
   } catch (error) {

@@ -80,6 +80,10 @@ export interface DockerEngine {
   stopContainer(id: string): Promise<void>;
   /** Idempotent: starting a running container succeeds. */
   startContainer(id: string): Promise<void>;
+  /** Freezes every process of a running container (cgroup freezer). */
+  pauseContainer(id: string): Promise<void>;
+  /** Idempotent: unpausing a container that is not paused succeeds. */
+  unpauseContainer(id: string): Promise<void>;
   /** Tar stream of `path` inside the (possibly stopped) container; members start with basename(path). */
   readArchive(containerId: string, path: string, signal?: AbortSignal): Promise<Readable>;
   /** Extracts a tar stream under directory `path` of the (possibly stopped) container, keeping owners. */
@@ -245,6 +249,20 @@ class DockerodeEngine implements DockerEngine {
       await this.call(`start container ${id.slice(0, 12)}`, () => this.docker.getContainer(id).start());
     } catch (error) {
       if (error instanceof EngineError && error.statusCode === 304) return;
+      throw error;
+    }
+  }
+
+  async pauseContainer(id: string): Promise<void> {
+    await this.call(`pause container ${id.slice(0, 12)}`, () => this.docker.getContainer(id).pause());
+  }
+
+  async unpauseContainer(id: string): Promise<void> {
+    try {
+      await this.call(`unpause container ${id.slice(0, 12)}`, () => this.docker.getContainer(id).unpause());
+    } catch (error) {
+      // 409: not paused (already unpaused, or stopped meanwhile).
+      if (error instanceof EngineError && (error.statusCode === 304 || error.statusCode === 409)) return;
       throw error;
     }
   }

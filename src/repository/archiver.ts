@@ -33,6 +33,24 @@ export interface ArchiveOptions {
   onProgress?: (stats: ArchiveStats) => void;
   /** Worker threads for chunking, hashing, compression and encryption (else: this thread). */
   pool?: ChunkPool;
+  /**
+   * A copy taken while CVAT runs (phase 1 of a two-phase backup): entries that vanish, and files
+   * that change while they are read, are not errors. Such a file keeps no content, so the next
+   * pass reads it again.
+   */
+  tolerateChanges?: boolean;
+  /**
+   * Racy files: a file whose mtime or ctime is at or after this instant (ns since the epoch) is
+   * read again even if its metadata matches the parent's — it may have changed within the
+   * timestamp granularity of the parent pass's read, which metadata cannot show.
+   */
+  racySinceNs?: bigint;
+}
+
+/** Errors that mean "this entry changed or vanished while we looked". */
+function isChangeError(error: unknown): boolean {
+  const code = (error as NodeJS.ErrnoException).code;
+  return code === 'ENOENT' || code === 'ENOTDIR' || code === 'ECHANGED' || code === 'ELOOP';
 }
 
 function nodeType(st: BigIntStats): NodeType | undefined {
@@ -84,10 +102,25 @@ export class Archiver {
     };
   }
 
+  /** Runs a file system call; in a tolerant pass an entry that vanished or changed gives undefined. */
+  private async tolerant<T>(call: Promise<T>): Promise<T | undefined> {
+    try {
+      return await call;
+    } catch (error) {
+      if (this.options.tolerateChanges && isChangeError(error)) return undefined;
+      throw error;
+    }
+  }
+
+  private isRacy(node: TreeNode): boolean {
+    const since = this.options.racySinceNs;
+    return since !== undefined && (BigInt(node.mtimeNs) >= since || BigInt(node.ctimeNs) >= since);
+  }
+
   private async folder(absolute: Buffer, relative: Buffer, parentTree: string | undefined): Promise<string> {
     const parent = parentTree ? (JSON.parse((await this.repo.loadBlob(parentTree)).toString('utf8')) as Tree) : undefined;
     const parentNodes = new Map(parent?.nodes.map((n) => [n.name, n]));
-    const names = (await readdir(absolute, { encoding: 'buffer' })).sort((a, b) => Buffer.compare(a, b));
+    const names = ((await this.tolerant(readdir(absolute, { encoding: 'buffer' }))) ?? []).sort((a, b) => Buffer.compare(a, b));
     const nodes: TreeNode[] = [];
     /** Files of this folder to read; read several at once when workers are there. */
     const reads: { node: TreeNode; path: Buffer }[] = [];
@@ -105,8 +138,9 @@ export class Archiver {
       if (index % 64 === 0) statAhead(index);
       const path = Buffer.concat([absolute, Buffer.from('/'), name]);
       const rel = relative.length === 0 ? name : Buffer.concat([relative, Buffer.from('/'), name]);
-      const st = await stats.get(name)!;
+      const st = await this.tolerant(stats.get(name)!);
       stats.delete(name);
+      if (st === undefined) continue; // gone since readdir (a copy taken while CVAT runs)
       const type = nodeType(st);
       if (type === undefined) continue; // sockets
       const node = this.baseNode(name, st, type);
@@ -115,7 +149,9 @@ export class Archiver {
       if (type === 'dir') {
         node.subtree = await this.folder(path, rel, before?.type === 'dir' ? before.subtree : undefined);
       } else if (type === 'symlink') {
-        node.target = (await readlink(path, { encoding: 'buffer' })).toString('base64');
+        const target = await this.tolerant(readlink(path, { encoding: 'buffer' }));
+        if (target === undefined) continue;
+        node.target = target.toString('base64');
       } else if (type === 'chardev' || type === 'blockdev') {
         node.rdev = Number(st.rdev);
       } else if (type === 'file') {
@@ -133,7 +169,8 @@ export class Archiver {
             before.size === node.size &&
             before.mtimeNs === node.mtimeNs &&
             before.ctimeNs === node.ctimeNs &&
-            before.inode === node.inode;
+            before.inode === node.inode &&
+            !this.isRacy(node);
           if (unchanged && before.content) {
             node.content = before.content;
             this.stats.filesUnchanged++;
@@ -147,7 +184,13 @@ export class Archiver {
     }
     const window = this.options.pool ? 16 : 1;
     for (let i = 0; i < reads.length; i += window) {
-      await Promise.all(reads.slice(i, i + window).map(async (r) => (r.node.content = await this.fileContent(r.path, r.node.size))));
+      await Promise.all(
+        reads.slice(i, i + window).map(async (r) => {
+          const content = await this.tolerant(this.fileContent(r.path, r.node.size));
+          // No content: it changed while read; the next pass (CVAT stopped or frozen) reads it.
+          if (content !== undefined) r.node.content = content;
+        }),
+      );
       this.report();
     }
     const saved = await this.repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes } satisfies Tree)));
@@ -172,7 +215,7 @@ export class Archiver {
     if (size < this.repo.config.chunker.minSize) {
       // One chunk: read it whole (no stream, no chunker).
       const data = await readFile(path, this.options.signal ? { signal: this.options.signal } : {});
-      if (data.length !== size) throw new Error(`${path.toString()} changed size while it was read`);
+      if (data.length !== size) throw Object.assign(new Error(`${path.toString()} changed size while it was read`), { code: 'ECHANGED' });
       this.stats.bytesRead += data.length;
       if (data.length === 0) return [];
       if (isAllZero(data)) return [`${ZERO_PREFIX}${data.length}`];
@@ -199,7 +242,7 @@ export class Archiver {
       this.report();
     }
     for (const chunk of chunker.finish()) await store(chunk);
-    if (read !== size) throw new Error(`${path.toString()} changed size while it was read`);
+    if (read !== size) throw Object.assign(new Error(`${path.toString()} changed size while it was read`), { code: 'ECHANGED' });
     return content;
   }
 }

@@ -306,7 +306,10 @@ export class Repository {
     if (this.packSize >= PACK_TARGET) await this.writePack();
   }
 
-  /** Prune: writes the open pack without writing an index for it. */
+  /**
+   * Writes the open pack without writing an index for it: its blobs become readable (a pass of a
+   * two-phase backup reads the trees of the pass before), and prune gets its copies on disk.
+   */
   async flushPacksOnly(): Promise<void> {
     await this.writePack();
     await this.waitForPacks();

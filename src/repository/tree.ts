@@ -57,6 +57,9 @@ export interface Snapshot {
   project: string;
   cvat: { version: string | null; versionSource: string; serverImage: string | null; serverImageDigest: string | null };
   parent?: string;
+  /** How CVAT was held still: stopped for the whole copy, stopped for the delta only, or frozen. */
+  mode?: 'offline' | 'two-phase' | 'freeze';
+  /** First container stopped (or frozen) → last started (or thawed), ms. */
   downtimeMs: number;
   durationMs: number;
   volumes: SnapshotVolume[];

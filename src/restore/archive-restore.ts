@@ -239,6 +239,7 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
   deployment = locked.deployment;
   try {
     const wasRunning = deployment.containers.some((c) => c.state === 'running' || c.state === 'restarting');
+    let removal: Promise<void> = Promise.resolve();
     const { window } = await withDeploymentStopped(
       engine,
       deployment.containers,
@@ -292,6 +293,14 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
           throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; ${suffix}`, { cause });
         }
         for (const { target } of planned) await commitVolume(engine, target);
+        // The old data goes while CVAT starts: it is no longer needed, and deleting it is slow.
+        removal = Promise.all(
+          planned.map(({ target }) =>
+            removeRetired(engine, target, transports.get(target.composeName)?.hostPath).catch((error: unknown) =>
+              onProgress({ type: 'warning', message: `${(error as Error).message}: delete ${RETIRED_DIR}/ inside volume ${target.composeName} by hand` }),
+            ),
+          ),
+        ).then(() => undefined);
       },
       now,
     );
@@ -300,12 +309,7 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
       onProgress({ type: 'phase', message: 'starting CVAT' });
       await startContainers(engine, deployment.containers, onProgress);
     }
-    onProgress({ type: 'phase', message: 'removing the old data' });
-    for (const { target } of planned) {
-      await removeRetired(engine, target).catch((error: unknown) =>
-        onProgress({ type: 'warning', message: `${(error as Error).message}: delete ${RETIRED_DIR}/ inside volume ${target.composeName} by hand` }),
-      );
-    }
+    await removal;
     return {
       project: deployment.project,
       backupVersion,

@@ -12,6 +12,8 @@
  * The scripts run in a helper container made from the image of the volume's own container, so
  * they use only POSIX sh and BusyBox-compatible tools (mv, rm, mkdir, stat, chown, chmod).
  */
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { DockerEngine } from '../docker/engine.js';
 
 export const ROLLBACK_DIR = '.cvat-backup-rollback';
@@ -96,6 +98,7 @@ export function commitVolume(engine: DockerEngine, target: VolumeTarget): Promis
 }
 
 /** Deletes a retired rollback point; run while CVAT is up again (it can take long on big volumes). */
-export function removeRetired(engine: DockerEngine, target: VolumeTarget): Promise<void> {
-  return run(engine, target, 'removing the old data', REMOVE_RETIRED);
+export async function removeRetired(engine: DockerEngine, target: VolumeTarget, hostPath?: string): Promise<void> {
+  if (hostPath !== undefined) await rm(join(hostPath, RETIRED_DIR), { recursive: true, force: true });
+  else await run(engine, target, 'removing the old data', REMOVE_RETIRED);
 }
