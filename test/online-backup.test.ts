@@ -28,16 +28,15 @@ const isRoot = process.getuid?.() === 0;
 const PSQL = '/usr/lib/postgresql/15/bin/psql -X -q -At -h /var/run/postgresql -d cvat';
 
 /** A shell loop inside a service's container; it dies with the container (stop) and stalls with it (freeze). */
-function load(f: FixtureDeployment, containerId: string, script: string): { child: ChildProcess; lines: string[] } {
+function load(containerId: string, script: string): { child: ChildProcess; lines: string[] } {
   const child = spawn('docker', ['exec', containerId, '/bin/sh', '-c', script], { stdio: ['ignore', 'pipe', 'ignore'] });
   const lines: string[] = [];
   let partial = '';
-  child.stdout!.on('data', (data: Buffer) => {
+  child.stdout.on('data', (data: Buffer) => {
     const parts = (partial + data.toString()).split('\n');
     partial = parts.pop()!;
     lines.push(...parts);
   });
-  void f;
   return { child, lines };
 }
 
@@ -65,7 +64,6 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
     const server = await f.container('cvat_server');
     const db = await f.container('cvat_db');
     const files = load(
-      f,
       server,
       `d=/home/django/data/data/load; mkdir -p $d; i=0
        while true; do i=$((i+1))
@@ -78,7 +76,6 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
        done`,
     );
     const rows = load(
-      f,
       db,
       `i=0; while true; do i=$((i+1))
          su postgres -s /bin/sh -c "${PSQL} -c \\"INSERT INTO load_rows VALUES ($i, 'n$i'); UPDATE load_rows SET note = 'u$i' WHERE id = $i - 2; DELETE FROM load_rows WHERE id = $i - 5;\\"" || exit 1
@@ -130,7 +127,6 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
     await f.psql('TRUNCATE load_acks;');
     const db = await f.container('cvat_db');
     const rows = load(
-      f,
       db,
       `i=0; while true; do i=$((i+1))
          su postgres -s /bin/sh -c "${PSQL} -c 'INSERT INTO load_acks VALUES ($i)'" || exit 1
