@@ -13,44 +13,18 @@ import { mkdtemp, readdir, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createFixtureDeployment, type FixtureDeployment } from '../test/fixture/deployment.js';
-import { SERVER_IMAGE, run } from '../test/fixture/engine.js';
+import { run } from '../test/fixture/engine.js';
 import { BIN } from '../test/fixture/cli.js';
 import { runBench } from './measure.js';
+import { guideBackup, timed } from './guide.js';
 
 const MEDIA_MB = Number(process.env['BENCH_MEDIA_MB'] ?? 2048);
 const DB_SCALE = Number(process.env['BENCH_DB_SCALE'] ?? 20);
-
-const VOLUMES = [
-  { volume: 'cvat_db', service: 'cvat_db', path: '/var/lib/postgresql/data' },
-  { volume: 'cvat_data', service: 'cvat_server', path: '/home/django/data' },
-  { volume: 'cvat_keys', service: 'cvat_server', path: '/home/django/keys' },
-  { volume: 'cvat_logs', service: 'cvat_server', path: '/home/django/logs' },
-  { volume: 'cvat_events_db', service: 'cvat_clickhouse', path: '/var/lib/clickhouse' },
-  { volume: 'cvat_inmem_db', service: 'cvat_redis_inmem', path: '/data' },
-] as const;
 
 async function dirBytes(dir: string): Promise<number> {
   let total = 0;
   for (const name of await readdir(dir)) total += (await stat(join(dir, name))).size;
   return total;
-}
-
-async function timed<T>(fn: () => Promise<T>): Promise<{ ms: number; value: T }> {
-  const start = process.hrtime.bigint();
-  const value = await fn();
-  return { ms: Number(process.hrtime.bigint() - start) / 1e6, value };
-}
-
-async function guideBackup(f: FixtureDeployment, dir: string): Promise<void> {
-  await f.compose(['stop']);
-  for (const v of VOLUMES) {
-    await run('docker', [
-      'run', '--rm', '--network', 'none', '--volumes-from', await f.container(v.service),
-      '-v', `${dir}:/backup`, '-v', '/usr:/usr:ro', SERVER_IMAGE,
-      'tar', '-czvf', `/backup/${v.volume}.tar.gz`, v.path,
-    ]);
-  }
-  await f.compose(['start']);
 }
 
 async function main(): Promise<void> {
