@@ -12,7 +12,7 @@
 import { mkdtemp, readdir, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createFixtureDeployment, type FixtureDeployment } from '../test/fixture/deployment.js';
+import { createFixtureDeployment } from '../test/fixture/deployment.js';
 import { run } from '../test/fixture/engine.js';
 import { BIN } from '../test/fixture/cli.js';
 import { runBench } from './measure.js';
