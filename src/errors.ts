@@ -20,6 +20,7 @@ export const ExitCode = {
   restoreFailed: 12,
   wrongPassword: 13,
   repositoryMissing: 14,
+  database: 15,
   interrupted: 130,
 } as const;
 
@@ -105,6 +106,12 @@ export class WrongPasswordError extends CvatBackupError {
 export class RepositoryError extends CvatBackupError {
   readonly code = 'REPOSITORY';
   readonly exitCode = ExitCode.repositoryMissing;
+}
+
+/** A logical dump or load of CVAT's PostgreSQL failed (pg_dump/pg_restore said why), or its tools are missing. */
+export class DatabaseError extends CvatBackupError {
+  readonly code = 'DATABASE';
+  readonly exitCode = ExitCode.database;
 }
 
 export class InterruptedError extends CvatBackupError {

@@ -20,7 +20,10 @@
 import { hostname } from 'node:os';
 import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
-import { VolumeMissingError } from '../errors.js';
+import { DatabaseError, VolumeMissingError } from '../errors.js';
+import { DATABASE_SERVICE, SERVER_SERVICE } from '../deployment/cvat.js';
+import { dumpDatabase, openDatabase } from '../deployment/database.js';
+import { storeStream } from '../repository/stream-content.js';
 import { cvatRecord, discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { withDeploymentFrozen, withDeploymentStopped, type DowntimeWindow } from '../deployment/lifecycle.js';
 import { lockDeployment } from '../deployment/lock.js';
@@ -33,7 +36,7 @@ import { pipeline } from 'node:stream/promises';
 import type { Repository } from '../repository/repository.js';
 import { Archiver, type ArchiveStats } from '../repository/archiver.js';
 import { listSnapshots } from '../repository/snapshots.js';
-import type { Snapshot, SnapshotVolume, TreeNode } from '../repository/tree.js';
+import type { Snapshot, SnapshotDatabase, SnapshotVolume, TreeNode } from '../repository/tree.js';
 import { TOOL_VERSION } from '../version.js';
 import { selectVolumes } from './archive-backup.js';
 
@@ -45,6 +48,11 @@ export interface RepositoryBackupOptions {
   via?: TransportChoice;
   /** Default two-phase. */
   mode?: BackupMode;
+  /**
+   * files: the database volume is copied like the others; dump: a pg_dump of the running
+   * database is stored instead (nothing stopped for it). An external database is always dumped.
+   */
+  db?: 'files' | 'dump';
   /** Two-phase/freeze: repeat the copy while CVAT runs while a pass takes longer than this (ms); at most 3 passes. */
   repeatPrecopyAfterMs?: number | undefined;
   /**
@@ -58,7 +66,8 @@ export interface RepositoryBackupOptions {
 }
 
 export interface BackupPass {
-  name: 'precopy' | 'final';
+  /** dump: the database's pg_dump (CVAT running); precopy: phase 1; final: the pass that counts. */
+  name: 'dump' | 'precopy' | 'final';
   /** CVAT running (precopy), stopped or frozen (final). */
   cvat: 'running' | 'stopped' | 'frozen';
   durationMs: number;
@@ -93,8 +102,18 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
   const discover = (project: string | undefined): Promise<Deployment> =>
     discoverDeployment(engine, { project, ...(options.signal ? { signal: options.signal } : {}) });
   let deployment = await discover(options.project);
-  const { selected, skipped } = selectVolumes(deployment, options.includeCache ?? false);
-  if (selected.length === 0) throw new VolumeMissingError(`project '${deployment.project}' has no mounted named volume to back up`);
+  const selection = selectVolumes(deployment, options.includeCache ?? false);
+  const skipped = selection.skipped;
+  let selected = selection.selected;
+  const bundledDb = deployment.containers.some((c) => c.service === DATABASE_SERVICE);
+  const externalDb = !bundledDb && !deployment.volumes.some((v) => v.role === 'database') && deployment.containers.some((c) => c.service === SERVER_SERVICE);
+  const dumpDb = options.db === 'dump' || externalDb;
+  if (dumpDb && bundledDb) {
+    // The dump replaces the database's files.
+    for (const v of selected.filter((v) => v.role === 'database')) skipped.push({ composeName: v.composeName, reason: 'stored as a pg_dump (--db dump)' });
+    selected = selected.filter((v) => v.role !== 'database');
+  }
+  if (selected.length === 0 && !dumpDb) throw new VolumeMissingError(`project '${deployment.project}' has no mounted named volume to back up`);
   const folders = new Map<string, string | undefined>();
   for (const v of selected) folders.set(v.composeName, (await chooseTransport(engine, v.name, options.via ?? 'auto')).hostPath);
   const locked = await lockDeployment(engine, deployment, 'backup', onProgress, () => discover(deployment.project));
@@ -183,6 +202,39 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         if (name === 'precopy') await repo.flushPacksOnly();
         return out;
       };
+      let database: SnapshotDatabase | undefined;
+      if (dumpDb) {
+        // While CVAT runs: pg_dump sees one consistent state (MVCC) and blocks nobody.
+        const db = await openDatabase(engine, deployment, options.signal);
+        if (db.container && db.container.state !== 'running') {
+          throw new DatabaseError(`--db dump needs the ${DATABASE_SERVICE} container running (it is ${db.container.state}): start CVAT, or back up without --db dump`);
+        }
+        onProgress({ type: 'phase', message: `dumping the database from ${db.where}` });
+        onProgress({ type: 'volume-start', volume: 'database', action: 'dumping', totalBytes: undefined });
+        const began = now();
+        const dump = await dumpDatabase(db, options.signal);
+        let stored;
+        try {
+          stored = await storeStream(repo, dump.stdout, { ...signalOption, onProgress: (bytes) => onProgress({ type: 'volume-progress', volume: 'database', bytes, files: 1 }) });
+        } finally {
+          dump.stdout.resume();
+        }
+        const { exitCode, stderr } = await dump.exit;
+        if (exitCode !== 0) throw new DatabaseError(`pg_dump on ${db.where} failed (exit ${exitCode}): ${stderr.trim().split('\n').slice(-3).join(' ')}`);
+        onProgress({ type: 'volume-done', volume: 'database', bytes: stored.size, files: 1 });
+        passes.push({ name: 'dump', cvat: 'running', durationMs: now() - began, filesRead: 1, bytesRead: stored.size });
+        addedBefore.push(stored.bytesAdded);
+        database = {
+          engine: 'postgresql',
+          format: 'pg_dump-custom',
+          location: db.settings.kind,
+          dbname: db.settings.dbname,
+          content: stored.content,
+          size: stored.size,
+          time: new Date(began).toISOString(),
+          durationMs: now() - began,
+        };
+      }
       const fromParentSnapshot = (volume: (typeof selected)[number]): string | undefined =>
         parent?.volumes.find((p) => p.composeName === volume.composeName && p.mountPath === volume.mountPath)?.tree;
       let volumes: SnapshotVolume[];
@@ -201,7 +253,8 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
           let since = nowNs() - RACY_SLACK_NS;
           let precopy = await pass('precopy', 'running', fromParentSnapshot, { tolerateChanges: true });
           const repeatAfter = options.repeatPrecopyAfterMs;
-          while (repeatAfter !== undefined && passes.length < 3 && passes[passes.length - 1]!.durationMs > repeatAfter) {
+          const precopies = (): BackupPass[] => passes.filter((p) => p.name === 'precopy');
+          while (repeatAfter !== undefined && precopies().length < 3 && precopies().pop()!.durationMs > repeatAfter) {
             onProgress({ type: 'phase', message: 'phase 1 again: copying what changed meanwhile' });
             const previous = precopy;
             const passSince = nowNs() - RACY_SLACK_NS;
@@ -240,6 +293,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         downtimeMs: window.downtimeMs,
         durationMs: finishedAt - startedAt,
         volumes,
+        ...(database ? { database } : {}),
         skipped,
       };
       const id = await repo.saveObject('snapshots', snapshot);

@@ -155,7 +155,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
       out(JSON.stringify(result));
       return;
     }
-    out(`Restored ${what}${result.volumes.length} volumes of CVAT ${result.backupVersion ?? '(unknown)'} into project ${result.project}; CVAT is running.`);
+    const db = result.database ? ` and the database '${result.database.dbname}' (pg_restore of a ${formatBytes(result.database.bytes)} dump)` : '';
+    out(`Restored ${what}${result.volumes.length} volumes${db} of CVAT ${result.backupVersion ?? '(unknown)'} into project ${result.project}; CVAT is running.`);
     out(`Downtime ${formatDuration(result.downtimeMs)}, total ${formatDuration(result.durationMs)}`);
   };
 
@@ -181,6 +182,11 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         .default('two-phase'),
     )
     .option('--freeze', 'phase 2 freezes the containers (docker pause) instead of stopping them: no restart, a crash-consistent copy')
+    .addOption(
+      new Option('--db <how>', "files: copy the database volume like the others; dump: store a pg_dump of the running database instead (an external database is always dumped)")
+        .choices(['files', 'dump'])
+        .default('files'),
+    )
     .option('--repeat-precopy', 'repeat the copy while CVAT runs (up to 3 passes) while a pass takes over 10 s, so less is left for the stop')
     .option('--include-cache', 'also archive cvat_cache_db (a regenerable cache)')
     .addOption(new Option('--compression-level <n>', 'gzip level 1-9').argParser(compressionLevel).default(3))
@@ -192,6 +198,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         compressionLevel: number;
         via: TransportChoice;
         mode: 'two-phase' | 'offline';
+        db: 'files' | 'dump';
         freeze?: boolean;
         repeatPrecopy?: boolean;
       }) => {
@@ -203,10 +210,12 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           includeCache: options.includeCache ?? false,
           via: options.via,
           mode: options.freeze ? 'freeze' : options.mode,
+          db: options.db,
           repeatPrecopyAfterMs: options.repeatPrecopy ? 10_000 : undefined,
         });
         return;
       }
+      if (options.db === 'dump') throw new UsageError('--db dump applies to repository backups; an archive set holds the database files (cvat_db.tar.gz)');
       if (options.freeze || options.repeatPrecopy) throw new UsageError('--freeze and --repeat-precopy apply to repository backups, not to --to DIR (which stops CVAT)');
       const { manifest, dir } = await withProgress((signal, onProgress) =>
         backupToArchiveSet(engine, {
@@ -309,7 +318,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
 
   async function backupIntoRepository(
     engine: DockerEngine,
-    choice: { includeCache: boolean; via: TransportChoice; mode: BackupMode; repeatPrecopyAfterMs: number | undefined },
+    choice: { includeCache: boolean; via: TransportChoice; mode: BackupMode; db: 'files' | 'dump'; repeatPrecopyAfterMs: number | undefined },
   ): Promise<void> {
     const repo = await openRepository();
     const { snapshot, bytesAdded, stats, mode, passes } = await withProgress((signal, onProgress) =>
@@ -338,6 +347,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           bytesAdded,
           mode,
           passes,
+          database: snapshot.database ? { location: snapshot.database.location, dbname: snapshot.database.dbname, bytes: snapshot.database.size } : null,
           downtimeMs: snapshot.downtimeMs,
           durationMs: snapshot.durationMs,
         }),
@@ -346,7 +356,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
       out(table([['VOLUME', 'FILES', 'DATA', 'UNCHANGED FILES', 'READ'], ...snapshot.volumes.map((v) => [v.composeName, String(v.files), formatBytes(v.bytes), String(stats[v.composeName]?.filesUnchanged ?? 0), formatBytes(stats[v.composeName]?.bytesRead ?? 0)])]));
       out(`Snapshot ${shortId(snapshot.id)} of CVAT ${snapshot.cvat.version ?? '(version unknown)'} saved in ${repo.backend.location}; ${formatBytes(bytesAdded)} added`);
       for (const p of passes) {
-        out(`${p.name === 'precopy' ? 'Copied while CVAT ran' : `Copied with CVAT ${p.cvat}`}: ${p.filesRead} files, ${formatBytes(p.bytesRead)} read in ${formatDuration(p.durationMs)}`);
+        if (p.name === 'dump') out(`Dumped the database while CVAT ran: ${formatBytes(p.bytesRead)} in ${formatDuration(p.durationMs)}`);
+        else out(`${p.name === 'precopy' ? 'Copied while CVAT ran' : `Copied with CVAT ${p.cvat}`}: ${p.filesRead} files, ${formatBytes(p.bytesRead)} read in ${formatDuration(p.durationMs)}`);
       }
       const held = mode === 'freeze' ? 'Frozen' : 'Downtime';
       out(`${held} ${formatDuration(snapshot.downtimeMs)} (${mode}), total ${formatDuration(snapshot.durationMs)}`);

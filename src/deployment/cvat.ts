@@ -88,3 +88,48 @@ export function recreateContainersHint(version: string | undefined): string {
   const env = version ? `CVAT_VERSION=v${version} ` : '';
   return `in the CVAT folder run '${env}docker compose up --no-start' (with the same -f files) to create the containers, then restore again`;
 }
+
+/** The bundled PostgreSQL service (absent, `replicas: 0`, with docker-compose.external_db.yml). */
+export const DATABASE_SERVICE = 'cvat_db';
+
+/**
+ * How CVAT reaches its database, from the backend's `CVAT_POSTGRES_*` settings (defaults as in
+ * CVAT's settings: host cvat_db, port 5432, database cvat, user root) and, for the bundled
+ * service, the postgres image's own `POSTGRES_USER` / `POSTGRES_DB`.
+ */
+export interface DatabaseSettings {
+  /** bundled: the project's cvat_db container; external: a server the backend reaches over the network. */
+  kind: 'bundled' | 'external';
+  host: string;
+  port: number;
+  dbname: string;
+  user: string;
+  /** Path inside the backend's container of the password file (external_db.yml's secret). */
+  passwordFile: string | undefined;
+  /** Whether CVAT_POSTGRES_PASSWORD is set in the backend's environment (its value is never copied here). */
+  passwordInEnv: boolean;
+}
+
+export function databaseSettings(serverEnv: Record<string, string>, bundledEnv: Record<string, string> | undefined): DatabaseSettings {
+  if (bundledEnv !== undefined) {
+    // Inside the bundled container, over its socket, as the image's superuser.
+    return {
+      kind: 'bundled',
+      host: '/var/run/postgresql',
+      port: 5432,
+      dbname: serverEnv['CVAT_POSTGRES_DBNAME'] || bundledEnv['POSTGRES_DB'] || 'cvat',
+      user: bundledEnv['POSTGRES_USER'] || 'postgres',
+      passwordFile: undefined,
+      passwordInEnv: false,
+    };
+  }
+  return {
+    kind: 'external',
+    host: serverEnv['CVAT_POSTGRES_HOST'] || 'cvat_db',
+    port: Number(serverEnv['CVAT_POSTGRES_PORT'] || 5432),
+    dbname: serverEnv['CVAT_POSTGRES_DBNAME'] || 'cvat',
+    user: serverEnv['CVAT_POSTGRES_USER'] || 'root',
+    passwordFile: serverEnv['CVAT_POSTGRES_PASSWORD_FILE'] || undefined,
+    passwordInEnv: serverEnv['CVAT_POSTGRES_PASSWORD'] !== undefined,
+  };
+}

@@ -226,7 +226,7 @@ async function detectVersion(
 }
 
 /** Reads a small text file from a (possibly stopped) container; undefined if it does not exist. */
-async function readSmallFile(
+export async function readSmallFile(
   engine: DockerEngine,
   containerId: string,
   path: string,

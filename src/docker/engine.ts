@@ -7,7 +7,7 @@
  * (emptying it for a restore) run in a short-lived helper container made from the image the
  * volume's own container already has, with that container's mounts (`VolumesFrom`).
  */
-import { PassThrough, type Readable } from 'node:stream';
+import { PassThrough, Writable, type Duplex, type Readable } from 'node:stream';
 import Docker from 'dockerode';
 import { DockerUnavailableError } from '../errors.js';
 
@@ -55,6 +55,21 @@ export interface HelperSpec {
   signal?: AbortSignal;
 }
 
+export interface ExecSpec {
+  cmd: string[];
+  /** User inside the container (name or uid), default the container's. */
+  user?: string;
+  /** Streamed to the process's stdin, which is closed at its end. */
+  stdin?: Readable;
+  signal?: AbortSignal;
+}
+
+export interface ExecProcess {
+  stdout: Readable;
+  /** Resolves when the process has ended (stdout fully delivered), with the end of its stderr. */
+  exit: Promise<{ exitCode: number; stderr: string }>;
+}
+
 /**
  * What the tool needs from a Docker engine. Every method may be called any number of times;
  * all errors are either DockerUnavailableError (cannot talk to the engine) or the engine's own.
@@ -90,6 +105,13 @@ export interface DockerEngine {
   writeArchive(containerId: string, path: string, tar: Readable, signal?: AbortSignal): Promise<void>;
   /** Runs a helper container to completion and removes it. */
   runHelper(spec: HelperSpec): Promise<HelperResult>;
+  /** Environment of a container as `NAME → value` (its configuration; may hold secrets: never log it). */
+  containerEnv(id: string): Promise<Record<string, string>>;
+  /**
+   * Runs a process in a running container (`docker exec`) with streamed stdout; stdout must be
+   * consumed. Abort kills nothing inside the container but stops reading and fails `exit`.
+   */
+  exec(containerId: string, spec: ExecSpec): Promise<ExecProcess>;
   /**
    * Creates a never-started container named `name` as an engine-wide mutex.
    * Returns false when a container of that name already exists.
@@ -332,6 +354,67 @@ class DockerodeEngine implements DockerEngine {
     } finally {
       await container.remove({ force: true }).catch(() => undefined);
     }
+  }
+
+  async containerEnv(id: string): Promise<Record<string, string>> {
+    const info = await this.call(`inspect container ${id.slice(0, 12)}`, () => this.docker.getContainer(id).inspect());
+    const env: Record<string, string> = {};
+    for (const entry of info.Config.Env ?? []) {
+      const at = entry.indexOf('=');
+      if (at > 0) env[entry.slice(0, at)] = entry.slice(at + 1);
+    }
+    return env;
+  }
+
+  async exec(containerId: string, spec: ExecSpec): Promise<ExecProcess> {
+    const withStdin = spec.stdin !== undefined;
+    const exec = await this.call(`exec in container ${containerId.slice(0, 12)}`, () =>
+      this.docker.getContainer(containerId).exec({
+        Cmd: spec.cmd,
+        AttachStdout: true,
+        AttachStderr: true,
+        AttachStdin: withStdin,
+        ...(spec.user !== undefined ? { User: spec.user } : {}),
+      }),
+    );
+    const stream: Duplex = await this.call('start exec', () => exec.start({ hijack: true, stdin: withStdin }));
+    const stdout = new PassThrough({ highWaterMark: 1 << 20 });
+    let stderr = '';
+    const stderrSink = new Writable({
+      write(chunk: Buffer, _encoding, callback) {
+        stderr = (stderr + chunk.toString('utf8')).slice(-4096);
+        callback();
+      },
+    });
+    this.docker.modem.demuxStream(stream, stdout, stderrSink);
+    const abort = (): void => {
+      stream.destroy(new Error('aborted'));
+    };
+    spec.signal?.addEventListener('abort', abort, { once: true });
+    if (spec.stdin) {
+      spec.stdin.on('error', (error) => stream.destroy(error));
+      spec.stdin.pipe(stream);
+    }
+    const exit = new Promise<{ exitCode: number; stderr: string }>((resolve, reject) => {
+      let settled = false;
+      stream.on('error', (error) => {
+        if (settled) return;
+        settled = true;
+        stdout.destroy(error);
+        reject(spec.signal?.aborted && spec.signal.reason instanceof Error ? spec.signal.reason : error);
+      });
+      stream.on('end', () => {
+        stdout.end();
+        if (settled) return;
+        settled = true;
+        this.call('inspect exec', () => exec.inspect()).then(
+          (info) => resolve({ exitCode: info.ExitCode ?? -1, stderr }),
+          reject,
+        );
+      });
+    }).finally(() => spec.signal?.removeEventListener('abort', abort));
+    exit.catch(() => undefined); // the caller awaits it; never an unhandled rejection meanwhile
+    return { stdout, exit };
   }
 
   async createMarker(name: string, image: string, labels: Record<string, string>): Promise<boolean> {

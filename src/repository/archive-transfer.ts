@@ -32,6 +32,11 @@ export async function exportSnapshot(
 ): Promise<{ snapshot: Snapshot & { id: string }; manifest: ArchiveSetManifest }> {
   await repo.loadIndex();
   const snapshot = await resolveSnapshot(repo, ref, options.project);
+  if (snapshot.database) {
+    throw new UsageError(
+      `snapshot ${snapshot.id.slice(0, 8)} holds the database as a pg_dump (backup --db dump), which the guide's format cannot carry: restore it with 'cvat-backup restore ${snapshot.id.slice(0, 8)}'`,
+    );
+  }
   const existing = await readdir(dir).catch(() => undefined);
   if (existing && existing.length > 0) throw new TargetNotEmptyError(`${dir} is not empty: give --to a new or empty folder`);
   await mkdir(dir, { recursive: true, mode: 0o700 });

@@ -76,6 +76,11 @@ export async function checkRepository(
       }
     };
     for (const volume of snapshot.volumes) await walk(volume.tree, volume.composeName);
+    for (const ref of snapshot.database?.content ?? []) {
+      if (isZeroChunk(ref)) continue;
+      use(ref);
+      if (!repo.location(ref)) note(`snapshot ${shortId(snapshot.id)}: blob ${shortId(ref)} of the database dump is not in the index`);
+    }
   }
   let blobs = 0;
   if (options.readData) {

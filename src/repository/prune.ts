@@ -32,7 +32,10 @@ export async function usedBlobs(repo: Repository, signal?: AbortSignal): Promise
       for (const ref of node.content ?? []) if (!isZeroChunk(ref)) used.add(ref);
     }
   };
-  for (const snapshot of await listSnapshots(repo)) for (const v of snapshot.volumes) await walk(v.tree);
+  for (const snapshot of await listSnapshots(repo)) {
+    for (const v of snapshot.volumes) await walk(v.tree);
+    for (const ref of snapshot.database?.content ?? []) if (!isZeroChunk(ref)) used.add(ref);
+  }
   return used;
 }
 

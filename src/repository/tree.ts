@@ -49,6 +49,21 @@ export interface SnapshotVolume {
   bytes: number;
 }
 
+/** A logical dump of CVAT's PostgreSQL (`backup --db dump`), stored as chunks like a file. */
+export interface SnapshotDatabase {
+  engine: 'postgresql';
+  /** `pg_dump --format=custom --compress=0`; loaded with pg_restore. */
+  format: 'pg_dump-custom';
+  /** bundled: dumped in the cvat_db container (whose volume is then not in `volumes`); external: from the host. */
+  location: 'bundled' | 'external';
+  dbname: string;
+  content: string[];
+  size: number;
+  /** When the dump began (the state it holds), and how long it took. */
+  time: string;
+  durationMs: number;
+}
+
 export interface Snapshot {
   version: 1;
   time: string;
@@ -63,6 +78,8 @@ export interface Snapshot {
   downtimeMs: number;
   durationMs: number;
   volumes: SnapshotVolume[];
+  /** With `--db dump`: the database as a logical dump. */
+  database?: SnapshotDatabase;
   skipped: { composeName: string; reason: string }[];
   /** Filled when read: the snapshot's id (its file name). */
   id?: string;

@@ -29,6 +29,7 @@ import { discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { recreateContainersHint } from '../deployment/cvat.js';
 import { startContainers, withDeploymentStopped } from '../deployment/lifecycle.js';
 import { lockDeployment } from '../deployment/lock.js';
+import { dropRetiredDatabase, loadDatabase, openDatabase, waitUntilReady, type DatabaseHandle } from '../deployment/database.js';
 import { readArchiveSet, throttled, verifyArchiveSet } from '../archive/archive-set.js';
 import { memberPrefixOf } from '../archive/manifest.js';
 import { TarProcessor, type TarStats } from '../archive/tar.js';
@@ -54,6 +55,8 @@ export interface RestoreSource {
    * Optional direct path: writes the volume into its (emptied) folder on this host without a tar
    * stream. Returns what it wrote and the entries it could not make.
    */
+  /** A logical dump of the database (snapshots taken with `--db dump`), loaded after the volumes. */
+  database?: { dbname: string; size: number; open(signal: AbortSignal | undefined): Readable };
   writeFolder?(
     composeName: string,
     folder: string,
@@ -98,6 +101,8 @@ export interface ArchiveRestoreOptions extends RestoreOptions {
 
 export interface ArchiveRestoreResult {
   project: string;
+  /** Loaded from a pg_dump (snapshots taken with --db dump). */
+  database?: { dbname: string; bytes: number };
   backupVersion: string | undefined;
   deploymentVersion: string | undefined;
   volumes: RestoredVolume[];
@@ -174,6 +179,30 @@ function plan(source: RestoreSource, deployment: Deployment): PlannedVolume[] {
   return planned;
 }
 
+/**
+ * Loads a dump into the deployment's database (CVAT stopped): the bundled container is started
+ * alone first. Returns the renamed old database, to drop once CVAT runs.
+ */
+async function loadDump(
+  engine: DockerEngine,
+  deployment: Deployment,
+  dump: NonNullable<RestoreSource['database']>,
+  signal: AbortSignal | undefined,
+  onProgress: ProgressListener,
+): Promise<{ db: DatabaseHandle; retired: string | undefined }> {
+  const db = await openDatabase(engine, deployment, signal);
+  onProgress({ type: 'phase', message: `loading the database dump into ${db.where}` });
+  if (db.container) {
+    await engine.startContainer(db.container.id);
+    onProgress({ type: 'container-started', service: db.container.service, name: db.container.name });
+  }
+  await waitUntilReady(db, signal);
+  onProgress({ type: 'volume-start', volume: 'database', action: 'loading', totalBytes: dump.size });
+  const { retired } = await loadDatabase(db, dump.open(signal), signal);
+  onProgress({ type: 'volume-done', volume: 'database', bytes: dump.size, files: 1 });
+  return { db, retired };
+}
+
 /** An archive set as a restore source. */
 export async function archiveSetSource(dir: string, cvatVersionFlag: string | undefined, only?: string[]): Promise<RestoreSource> {
   const full = await readArchiveSet(dir);
@@ -240,6 +269,7 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
   try {
     const wasRunning = deployment.containers.some((c) => c.state === 'running' || c.state === 'restarting');
     let removal: Promise<void> = Promise.resolve();
+    let retiredDatabase: { db: DatabaseHandle; retired: string | undefined } | undefined;
     const { window } = await withDeploymentStopped(
       engine,
       deployment.containers,
@@ -292,6 +322,17 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
           if ((cause as { name?: string }).name === 'InterruptedError') throw cause;
           throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; ${suffix}`, { cause });
         }
+        if (source.database) {
+          try {
+            retiredDatabase = await loadDump(engine, deployment, source.database, options.signal, onProgress);
+          } catch (error) {
+            onProgress({ type: 'phase', message: 'restore failed: putting the previous data back' });
+            for (const target of prepared) await rollbackVolume(engine, target).catch(() => undefined);
+            const cause = classifyError(error);
+            if ((cause as { name?: string }).name === 'InterruptedError') throw cause;
+            throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; the previous data (and database) were kept`, { cause });
+          }
+        }
         for (const { target } of planned) await commitVolume(engine, target);
         // The old data goes while CVAT starts: it is no longer needed, and deleting it is slow.
         removal = Promise.all(
@@ -310,11 +351,18 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
       await startContainers(engine, deployment.containers, onProgress);
     }
     await removal;
+    if (retiredDatabase?.retired !== undefined) {
+      const { db, retired } = retiredDatabase;
+      await dropRetiredDatabase(db, retired).catch((error: unknown) =>
+        onProgress({ type: 'warning', message: `could not drop the previous database '${retired}' (${(error as Error).message}): drop it by hand` }),
+      );
+    }
     return {
       project: deployment.project,
       backupVersion,
       deploymentVersion,
       volumes: [...verified].map(([composeName, check]) => ({ composeName, files: check.files, bytes: check.bytes })),
+      ...(source.database ? { database: { dbname: source.database.dbname, bytes: source.database.size } } : {}),
       downtimeMs: window.downtimeMs,
       durationMs: now() - startedAt,
     };

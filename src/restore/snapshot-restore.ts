@@ -8,6 +8,8 @@ import type { Repository } from '../repository/repository.js';
 import { snapshotVolumeTar, verifySnapshotVolume } from '../repository/restorer.js';
 import { resolveSnapshot, shortId } from '../repository/snapshots.js';
 import { restoreVolumeToFolder } from '../repository/folder-restore.js';
+import { contentStream } from '../repository/stream-content.js';
+import { isZeroChunk } from '../repository/tree.js';
 import type { TarStats } from '../archive/tar.js';
 import { CorruptArchiveError } from '../errors.js';
 import { onlyVolumes, restoreFromSource, type ArchiveRestoreResult, type RestoreOptions, type RestoreSource } from './archive-restore.js';
@@ -27,7 +29,15 @@ export async function restoreFromSnapshot(
   try {
     await repo.loadIndex();
     const found = await resolveSnapshot(repo, ref, options.project);
-    const snapshot = { ...found, volumes: onlyVolumes(found.volumes, options.volumes, `snapshot ${shortId(found.id)}`) };
+    // With a dump, `--volume cvat_db` names the database.
+    const dbName = 'cvat_db';
+    const wantsDatabase = found.database !== undefined && (options.volumes === undefined || options.volumes.length === 0 || options.volumes.includes(dbName));
+    const volumeNames = found.database ? options.volumes?.filter((v) => v !== dbName) : options.volumes;
+    const snapshot = {
+      ...found,
+      volumes: found.database && volumeNames !== undefined && volumeNames.length === 0 && wantsDatabase ? [] : onlyVolumes(found.volumes, volumeNames, `snapshot ${shortId(found.id)}`),
+    };
+    const database = wantsDatabase ? found.database : undefined;
     const source: RestoreSource = {
       cvatVersion: snapshot.cvat.version ?? undefined,
       handMade: false,
@@ -52,9 +62,23 @@ export async function restoreFromSnapshot(
             throw error;
           }
         }
+        if (database) {
+          onProgress({ type: 'volume-start', volume: 'database', action: 'verifying', totalBytes: database.size });
+          try {
+            const refs = database.content.filter((ref) => !isZeroChunk(ref));
+            for (let i = 0; i < refs.length; i += 8) await Promise.all(refs.slice(i, i + 8).map((ref) => repo.checkBlob(ref, pool)));
+          } catch (error) {
+            if (error instanceof CorruptArchiveError) {
+              throw new CorruptArchiveError(`snapshot ${shortId(snapshot.id)} is damaged (database dump): ${error.message}`, { cause: error });
+            }
+            throw error;
+          }
+          onProgress({ type: 'volume-done', volume: 'database', bytes: database.size, files: 1 });
+        }
         return out;
       },
       openTar: (composeName, signal) => snapshotVolumeTar(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, signal, pool),
+      ...(database ? { database: { dbname: database.dbname, size: database.size, open: (signal: AbortSignal | undefined) => contentStream(repo, database.content, pool, signal) } } : {}),
       writeFolder: (composeName, folder, signal, onProgress) =>
         restoreVolumeToFolder(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, folder, { ...(signal ? { signal } : {}), pool, onProgress }),
     };
