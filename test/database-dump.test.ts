@@ -108,6 +108,13 @@ describe('database dumps (--db dump)', { skip: !isRoot && 'repository backups re
       await pg?.stop();
     });
 
+    it('status names the external database', async () => {
+      const status = await runCli(['--project', f.project, 'status']);
+      assert.equal(status.code, 0, status.stderr);
+      assert.match(status.stdout, new RegExp(`external PostgreSQL at 127\\.0\\.0\\.1:${pg.port}, database '${pg.dbname}'`));
+      assert.ok(!status.stdout.includes(pg.password));
+    });
+
     it('is dumped without --db (there are no files to copy), and restored; the password never shows', async () => {
       const original = await rows();
       const r = await runCli(['--project', f.project, '--json', 'backup'], env);

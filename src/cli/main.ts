@@ -22,6 +22,8 @@ import { pruneRepository, type PruneResult } from '../repository/prune.js';
 import { applyRetention, isEmptyPolicy, type RetentionPolicy } from '../repository/retention.js';
 import { backupToRepository, type BackupMode } from '../backup/repository-backup.js';
 import { restoreFromSnapshot } from '../restore/snapshot-restore.js';
+import { describeDatabase } from '../deployment/database.js';
+import type { DatabaseSettings } from '../deployment/cvat.js';
 import { repositoryLocation, readPassword } from './secrets.js';
 import type { TransportChoice } from '../archive/transport.js';
 import { createProgressRenderer, formatBytes, formatDuration, table } from './render.js';
@@ -92,7 +94,7 @@ async function withProgress<T>(work: (signal: AbortSignal, onProgress: ProgressL
   }
 }
 
-function renderStatus(d: Deployment, endpoint: string): string {
+function renderStatus(d: Deployment, endpoint: string, db: DatabaseSettings | undefined): string {
   const lines: string[] = [];
   const v = d.version;
   const versionText =
@@ -102,6 +104,13 @@ function renderStatus(d: Deployment, endpoint: string): string {
   lines.push(`Project  ${d.project}  (Docker engine ${endpoint})`);
   lines.push(`CVAT     ${versionText}`);
   if (v.serverImageDigest) lines.push(`Image    ${v.serverImageDigest}`);
+  if (db) {
+    lines.push(
+      db.kind === 'bundled'
+        ? `Database PostgreSQL in the cvat_db container, database '${db.dbname}' (its volume is backed up; or a pg_dump with --db dump)`
+        : `Database external PostgreSQL at ${db.host}:${db.port}, database '${db.dbname}', user '${db.user}' (backed up with pg_dump from this host)`,
+    );
+  }
   lines.push('');
   lines.push(
     d.containers.length === 0
@@ -166,8 +175,10 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .action(async () => {
       const engine = engineFactory();
       const deployment = await discoverDeployment(engine, { project: globals().project });
-      if (globals().json) out(JSON.stringify({ endpoint: engine.endpoint, ...deployment }, null, 2));
-      else out(renderStatus(deployment, engine.endpoint));
+      const db = await describeDatabase(engine, deployment);
+      const database = db ? { kind: db.kind, host: db.host, port: db.port, dbname: db.dbname, user: db.user } : null;
+      if (globals().json) out(JSON.stringify({ endpoint: engine.endpoint, ...deployment, database }, null, 2));
+      else out(renderStatus(deployment, engine.endpoint, db));
     });
 
   program

@@ -36,6 +36,14 @@ export interface DatabaseHandle {
   run(tool: PgTool, args: string[], options?: { stdin?: Readable; signal?: AbortSignal; database?: string }): Promise<PgProcess>;
 }
 
+/** How CVAT reaches its database (no password): undefined when the project has neither a cvat_db nor a server container. */
+export async function describeDatabase(engine: DockerEngine, deployment: Deployment): Promise<DatabaseSettings | undefined> {
+  const server = deployment.containers.find((c) => c.service === SERVER_SERVICE);
+  const bundled = deployment.containers.find((c) => c.service === DATABASE_SERVICE);
+  if (!server && !bundled) return undefined;
+  return databaseSettings(server ? await engine.containerEnv(server.id) : {}, bundled ? await engine.containerEnv(bundled.id) : undefined);
+}
+
 /** Finds CVAT's database: the bundled container, else the backend's external settings. */
 export async function openDatabase(engine: DockerEngine, deployment: Deployment, signal?: AbortSignal): Promise<DatabaseHandle> {
   const server = deployment.containers.find((c) => c.service === SERVER_SERVICE);
