@@ -2,7 +2,7 @@
  * Benchmark: peak memory and time of a first backup as the number of files grows, cvat-backup
  * against restic in the same run. BENCH_FILES (default "10000,1000000") small files are written in
  * folders of 1000 into the media volume of a fresh fixture deployment; both tools back up all
- * volumes with CVAT stopped (restic with the same stop/start around it).
+ * volumes with CVAT stopped (ours with --mode offline; restic with the same stop/start around it).
  *
  * Usage: npm run build && node dist/bench/many-files.js
  */
@@ -34,7 +34,7 @@ async function main(): Promise<void> {
       await run(process.execPath, [BIN, 'init'], { env: { ...process.env, ...ours } });
       await run('restic', ['init', '--repository-version', '2'], { env: { ...process.env, ...restic } });
       const folders = await Promise.all(VOLUMES.map((v) => f.volumePath(v)));
-      const o = await measure(process.execPath, [BIN, '--project', f.project, 'backup'], ours);
+      const o = await measure(process.execPath, [BIN, '--project', f.project, 'backup', '--mode', 'offline'], ours);
       await f.compose(['stop']);
       const r = await measure('restic', ['backup', '-q', ...folders], restic);
       await f.compose(['start']);

@@ -4,8 +4,9 @@
  * Reference deployment: the test fixture + BENCH_MEDIA_MB of incompressible media in files of
  * 1 MiB (thousands of files), a pgbench database (BENCH_DB_SCALE, ~15 MB per unit) and a
  * ClickHouse-like folder. Both tools back up the same volume folders with CVAT stopped: ours as
- * `cvat-backup backup` (stop, back up, start), restic as `docker compose stop` + `restic backup
- * <volume folders>` + `docker compose start`. Measured: first backup, backup with nothing
+ * `cvat-backup backup --mode offline` (stop, back up, start: the repository's own speed; the
+ * two-phase default is measured for downtime in bench/downtime.ts), restic as `docker compose
+ * stop` + `restic backup <volume folders>` + `docker compose start`. Measured: first backup, backup with nothing
  * changed, restore of the media volume, seven daily backups with 2 % of media files changed or
  * added each day (repository size against one backup), peak memory (GNU time's max RSS).
  * Then peak memory with BENCH_SMALL_FILES small files (default 10000; set 1000000 for the large run).
@@ -65,7 +66,7 @@ async function main(): Promise<void> {
       await f.compose(['start']);
       return Number(process.hrtime.bigint() - start) / 1e9;
     })();
-    const ourBackup = (): Promise<Measure> => measure(process.execPath, [BIN, '--project', f.project, 'backup'], ours);
+    const ourBackup = (): Promise<Measure> => measure(process.execPath, [BIN, '--project', f.project, 'backup', '--mode', 'offline'], ours);
     const resticBackup = async (): Promise<Measure> => {
       const start = process.hrtime.bigint();
       await f.compose(['stop']);
@@ -87,7 +88,10 @@ async function main(): Promise<void> {
     // Restore of the media volume, the whole job for both: ours verifies first, stops CVAT, keeps
     // a rollback point and starts CVAT; restic gets the same stop/start around an in-place restore
     // into the volume's folder (emptied first, as ours does).
+    // Both start with the backups' dirty pages on disk, so neither pays for the other's writeback.
+    await run('sync', []);
     const oR = await measure(process.execPath, [BIN, '--project', f.project, 'restore', 'latest', '--volume', 'cvat_data'], ours);
+    await run('sync', []);
     const mediaVolume = await f.volumePath('cvat_data');
     const rR = await (async () => {
       const start = process.hrtime.bigint();

@@ -170,6 +170,20 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
     assert.match(log.stdout + log.stderr, /not properly shut down|automatic recovery|redo/i, 'PostgreSQL recovered from its WAL');
   });
 
+  it('--repeat-precopy: more passes while CVAT runs, the same snapshot', async () => {
+    let offline: Map<string, string> | undefined;
+    const result = await backupToRepository(engine, repo, {
+      project: f.project,
+      repeatPrecopyAfterMs: 0, // every pass counts as long: the most passes
+      whileHeld: async () => {
+        offline = new Map();
+        for (const v of ['cvat_data', 'cvat_keys']) offline.set(v, (await new Archiver(repo).archive(await f.volumePath(v), undefined)).tree);
+      },
+    });
+    assert.deepEqual(result.passes.map((p) => p.name), ['precopy', 'precopy', 'precopy', 'final']);
+    for (const [name, tree] of offline!) assert.equal(result.snapshot.volumes.find((v) => v.composeName === name)?.tree, tree, name);
+  });
+
   it('--mode offline stops CVAT for the whole copy; --freeze with --mode offline is a usage error', async () => {
     const env = { CVAT_BACKUP_REPO: join(work, 'repo'), CVAT_BACKUP_PASSWORD: 'pw' };
     const r = await runCli(['--project', f.project, '--json', 'backup', '--mode', 'offline'], env);

@@ -23,16 +23,9 @@ import { packPayload, unpackPayload } from './compression.js';
 import { ChunkPool } from './chunk-pool.js';
 import type { BlobDestination } from './blob-worker.js';
 import { blobAad } from './aad.js';
+import { BlobIndex, type BlobLocation, type BlobType } from './blob-index.js';
 
-export type BlobType = 'data' | 'tree';
-
-export interface BlobLocation {
-  pack: string;
-  type: BlobType;
-  offset: number;
-  length: number;
-  rawLength: number;
-}
+export type { BlobLocation, BlobType } from './blob-index.js';
 
 export interface RepositoryConfig {
   version: 1;
@@ -54,6 +47,12 @@ interface IndexFile {
 }
 
 export const PACK_TARGET = 16 * 1024 * 1024;
+/**
+ * A pack also closes at this many blobs: until it is written, each of its blobs is held as an
+ * object (header entry, pending id, sealed buffer), so a pack of tiny files must not grow to
+ * hundreds of thousands of them.
+ */
+export const PACK_MAX_BLOBS = 8192;
 /** Blobs named per index file written during a backup. */
 const INDEX_EVERY = 50_000;
 
@@ -67,7 +66,7 @@ export interface RepositoryOptions {
 }
 
 export class Repository {
-  private readonly index = new Map<string, BlobLocation>();
+  private readonly index = new BlobIndex();
   private indexLoaded = false;
   /** Blobs sealed but not yet written in a pack. */
   private packParts: Buffer[] = [];
@@ -175,7 +174,7 @@ export class Repository {
     this.packParts.push(sealed);
     this.packSize += sealed.length;
     this.pendingIds.add(id);
-    if (this.packSize >= PACK_TARGET) await this.writePack();
+    if (this.packSize >= PACK_TARGET || this.packEntries.length >= PACK_MAX_BLOBS) await this.writePack();
     return { id, added: sealed.length };
   }
 
@@ -189,7 +188,7 @@ export class Repository {
     this.packParts.push(sealed);
     this.packSize += sealed.length;
     this.pendingIds.add(id);
-    if (this.packSize >= PACK_TARGET) await this.writePack();
+    if (this.packSize >= PACK_TARGET || this.packEntries.length >= PACK_MAX_BLOBS) await this.writePack();
     return sealed.length;
   }
 
@@ -303,7 +302,7 @@ export class Repository {
     this.packParts.push(sealed);
     this.packSize += sealed.length;
     this.pendingIds.add(id);
-    if (this.packSize >= PACK_TARGET) await this.writePack();
+    if (this.packSize >= PACK_TARGET || this.packEntries.length >= PACK_MAX_BLOBS) await this.writePack();
   }
 
   /**
