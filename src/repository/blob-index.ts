@@ -117,9 +117,10 @@ export class BlobIndex {
       this.grow();
       this.load(id);
     }
-    let { slot, free } = this.find();
+    const found = this.find();
+    let slot = found.slot;
     if (slot === -1) {
-      slot = free;
+      slot = found.free;
       if (this.state[slot] === DELETED) this.tombstones--;
       this.state[slot] = USED;
       this.ids.set(this.key, slot * ID_BYTES);
