@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createFixtureDeployment, type FixtureDeployment } from './fixture/deployment.js';
 import { run } from './fixture/engine.js';
-import { runCli } from './fixture/cli.js';
+import { runCli, startCli } from './fixture/cli.js';
 import { createDockerEngine } from '../src/docker/engine.js';
 import { LocalBackend } from '../src/backend/local.js';
 import { Repository } from '../src/repository/repository.js';
@@ -182,6 +182,50 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
     });
     assert.deepEqual(result.passes.map((p) => p.name), ['precopy', 'precopy', 'precopy', 'final']);
     for (const [name, tree] of offline!) assert.equal(result.snapshot.volumes.find((v) => v.composeName === name)?.tree, tree, name);
+  });
+
+  /**
+   * A 300 MB file whose mtime lies an hour ahead: it always counts as possibly changed (racy), so
+   * phase 2 reads it again and the freeze lasts long enough to interrupt.
+   */
+  const bigRecentFile = async (): Promise<void> => {
+    const path = `${await f.volumePath('cvat_data')}/data/big-recent.bin`;
+    await run('sh', ['-c', `head -c 300000000 /dev/urandom > ${path} && touch -d @$(( $(date +%s) + 3600 )) ${path}`]);
+  };
+  /** Frozen containers, asked of each container (Docker 20.10's list can show them as running). */
+  const paused = async (): Promise<string[]> => {
+    const ids = (await run('docker', ['ps', '-aq', '--filter', `label=com.docker.compose.project=${f.project}`])).stdout.trim().split('\n');
+    const lines = (await run('docker', ['inspect', '-f', '{{.Name}} {{.State.Paused}}', ...ids])).stdout.trim().split('\n');
+    return lines.filter((l) => l.endsWith(' true')).map((l) => l.split(' ')[0]!);
+  };
+  const env = (): NodeJS.ProcessEnv => ({ CVAT_BACKUP_REPO: join(work, 'repo'), CVAT_BACKUP_PASSWORD: 'pw' });
+
+  it('Ctrl-C while frozen: exit 130, every container thawed and running', async () => {
+    await bigRecentFile();
+    const cli = startCli(['--project', f.project, 'backup', '--freeze'], env());
+    await cli.waitForStderr(/froze \d+ containers/, 120000);
+    cli.kill('SIGINT');
+    const r = await cli.result;
+    assert.equal(r.code, 130, r.stderr);
+    assert.deepEqual(await paused(), []);
+    const states = await f.states();
+    assert.ok(Object.values(states).every((s) => s === 'running'), JSON.stringify(states));
+  });
+
+  it('SIGKILL while frozen: the containers stay frozen until the next cvat-backup, which thaws them and succeeds', async () => {
+    await bigRecentFile();
+    const cli = startCli(['--project', f.project, 'backup', '--freeze'], env());
+    await cli.waitForStderr(/froze \d+ containers/, 120000);
+    cli.kill('SIGKILL');
+    await cli.result;
+    assert.ok((await paused()).length > 0, 'killed while frozen');
+    const next = await runCli(['--project', f.project, 'backup'], env());
+    assert.equal(next.code, 0, next.stderr);
+    assert.match(next.stderr, /killed and left \d+ container\(s\) stopped or frozen/);
+    assert.deepEqual(await paused(), []);
+    const states = await f.states();
+    assert.ok(Object.values(states).every((s) => s === 'running'), JSON.stringify(states));
+    await run('rm', ['-f', `${await f.volumePath('cvat_data')}/data/big-recent.bin`]);
   });
 
   it('--mode offline stops CVAT for the whole copy; --freeze with --mode offline is a usage error', async () => {

@@ -408,14 +408,28 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
       const snapshots = await listSnapshots(repo);
       const shown = globals().project === undefined ? snapshots : snapshots.filter((s) => s.project === globals().project);
       if (globals().json) {
-        out(JSON.stringify(shown.map((s) => ({ id: s.id, time: s.time, project: s.project, cvatVersion: s.cvat.version, hostname: s.hostname, parent: s.parent ?? null, downtimeMs: s.downtimeMs, volumes: s.volumes.map((v) => ({ name: v.composeName, files: v.files, bytes: v.bytes })) }))));
+        out(JSON.stringify(shown.map((s) => ({ id: s.id, time: s.time, project: s.project, cvatVersion: s.cvat.version, hostname: s.hostname, parent: s.parent ?? null, mode: s.mode ?? null, downtimeMs: s.downtimeMs, volumes: s.volumes.map((v) => ({ name: v.composeName, files: v.files, bytes: v.bytes })), database: s.database ? { location: s.database.location, dbname: s.database.dbname, bytes: s.database.size } : null }))));
         return;
       }
       if (shown.length === 0) {
         out(`no snapshots in ${repo.backend.location}`);
         return;
       }
-      out(table([['ID', 'TIME', 'PROJECT', 'CVAT', 'VOLUMES', 'DATA', 'DOWNTIME'], ...shown.map((s) => [shortId(s.id), s.time.replace('T', ' ').slice(0, 19), s.project, s.cvat.version ?? '?', String(s.volumes.length), formatBytes(s.volumes.reduce((sum, v) => sum + v.bytes, 0)), formatDuration(s.downtimeMs)])]));
+      out(
+        table([
+          ['ID', 'TIME', 'PROJECT', 'CVAT', 'VOLUMES', 'DATA', 'DATABASE', 'DOWNTIME'],
+          ...shown.map((s) => [
+            shortId(s.id),
+            s.time.replace('T', ' ').slice(0, 19),
+            s.project,
+            s.cvat.version ?? '?',
+            String(s.volumes.length),
+            formatBytes(s.volumes.reduce((sum, v) => sum + v.bytes, 0)),
+            s.database ? `pg_dump ${formatBytes(s.database.size)}` : s.volumes.some((v) => v.role === 'database') ? 'files' : '-',
+            `${formatDuration(s.downtimeMs)}${s.mode ? ` (${s.mode})` : ''}`,
+          ]),
+        ]),
+      );
     });
 
   program

@@ -89,14 +89,18 @@ export async function lockDeployment(
   const lock = await acquireProjectLock(engine, deployment.project, image, operation, running);
   const left = new Set(lock.leftStoppedByDeadHolder);
   const toStart = deployment.containers.filter((c) => left.has(c.id) && !isRunningState(c.state));
-  const toThaw = deployment.containers.filter((c) => left.has(c.id) && c.state === 'paused');
-  if (toStart.length === 0 && toThaw.length === 0) return { lock, deployment };
-  onProgress({
-    type: 'warning',
-    message: `a previous cvat-backup was killed and left ${toStart.length + toThaw.length} container(s) stopped or frozen: starting them again`,
-  });
   try {
-    for (const c of toThaw) await engine.unpauseContainer(c.id);
+    // The container list can show a frozen container as running (Docker 20.10): unpause asks the
+    // engine itself, and is a no-op for one that is not frozen.
+    let thawed = 0;
+    for (const c of deployment.containers.filter((c) => left.has(c.id) && isRunningState(c.state))) {
+      if (await engine.unpauseContainer(c.id)) thawed++;
+    }
+    if (toStart.length === 0 && thawed === 0) return { lock, deployment };
+    onProgress({
+      type: 'warning',
+      message: `a previous cvat-backup was killed and left ${toStart.length + thawed} container(s) stopped or frozen: starting them again`,
+    });
     await startContainers(engine, toStart, onProgress);
     return { lock, deployment: await rediscover() };
   } catch (error) {

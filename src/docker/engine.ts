@@ -97,8 +97,8 @@ export interface DockerEngine {
   startContainer(id: string): Promise<void>;
   /** Freezes every process of a running container (cgroup freezer). */
   pauseContainer(id: string): Promise<void>;
-  /** Idempotent: unpausing a container that is not paused succeeds. */
-  unpauseContainer(id: string): Promise<void>;
+  /** Idempotent: unpausing a container that is not paused (or not running) succeeds; true if it was paused. */
+  unpauseContainer(id: string): Promise<boolean>;
   /** Tar stream of `path` inside the (possibly stopped) container; members start with basename(path). */
   readArchive(containerId: string, path: string, signal?: AbortSignal): Promise<Readable>;
   /** Extracts a tar stream under directory `path` of the (possibly stopped) container, keeping owners. */
@@ -279,12 +279,13 @@ class DockerodeEngine implements DockerEngine {
     await this.call(`pause container ${id.slice(0, 12)}`, () => this.docker.getContainer(id).pause());
   }
 
-  async unpauseContainer(id: string): Promise<void> {
+  async unpauseContainer(id: string): Promise<boolean> {
     try {
       await this.call(`unpause container ${id.slice(0, 12)}`, () => this.docker.getContainer(id).unpause());
+      return true;
     } catch (error) {
       // 409: not paused (already unpaused, or stopped meanwhile).
-      if (error instanceof EngineError && (error.statusCode === 304 || error.statusCode === 409)) return;
+      if (error instanceof EngineError && (error.statusCode === 304 || error.statusCode === 409)) return false;
       throw error;
     }
   }
