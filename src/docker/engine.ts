@@ -280,12 +280,15 @@ class DockerodeEngine implements DockerEngine {
   }
 
   async unpauseContainer(id: string): Promise<boolean> {
+    // Asked of the container itself: the list can be stale, and engines answer "not paused" with
+    // 409 or 500 depending on the version.
+    const info = await this.call(`inspect container ${id.slice(0, 12)}`, () => this.docker.getContainer(id).inspect());
+    if (!info.State.Paused) return false;
     try {
       await this.call(`unpause container ${id.slice(0, 12)}`, () => this.docker.getContainer(id).unpause());
       return true;
     } catch (error) {
-      // 409: not paused (already unpaused, or stopped meanwhile).
-      if (error instanceof EngineError && (error.statusCode === 304 || error.statusCode === 409)) return false;
+      if (error instanceof EngineError && /is not paused|is not running/.test(error.message)) return false;
       throw error;
     }
   }
