@@ -4,7 +4,7 @@
  * renamed into place, and the folder is fsynced.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Backend, FileKind } from './backend.js';
 
@@ -48,10 +48,7 @@ export class LocalBackend implements Backend {
     const temp = join(dirname(target), `.tmp-${randomBytes(8).toString('hex')}`);
     const handle = await open(temp, 'wx', 0o600);
     try {
-      for (const part of Array.isArray(data) ? data : [data]) {
-        let offset = 0;
-        while (offset < part.length) offset += (await handle.write(part, offset)).bytesWritten;
-      }
+      await writeParts(handle, Array.isArray(data) ? data : [data]);
       await handle.sync();
     } catch (error) {
       await handle.close().catch(() => undefined);
@@ -97,5 +94,30 @@ export class LocalBackend implements Backend {
 
   async remove(kind: FileKind, name: string): Promise<void> {
     await rm(this.path(kind, name), { force: true });
+  }
+}
+
+/**
+ * Writes the parts in order with writev, up to 1024 at a time (a pack of tiny blobs has thousands
+ * of parts: one write call each would cost more than the data). A short write continues where it
+ * stopped.
+ */
+async function writeParts(handle: FileHandle, parts: Buffer[]): Promise<void> {
+  for (let first = 0; first < parts.length; first += 1024) {
+    let batch = parts.slice(first, first + 1024);
+    while (batch.length > 0) {
+      const total = batch.reduce((sum, b) => sum + b.length, 0);
+      let { bytesWritten } = await handle.writev(batch);
+      if (bytesWritten === total) break;
+      const rest: Buffer[] = [];
+      for (const b of batch) {
+        if (bytesWritten >= b.length) bytesWritten -= b.length;
+        else {
+          rest.push(b.subarray(bytesWritten));
+          bytesWritten = 0;
+        }
+      }
+      batch = rest;
+    }
   }
 }

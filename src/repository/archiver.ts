@@ -6,7 +6,7 @@
  * Every other file is read, cut by the content-defined chunker, and only chunks the repository
  * does not hold yet are stored. All-zero chunks are recorded as holes, not stored.
  */
-import { createReadStream } from 'node:fs';
+import { closeSync, createReadStream, openSync, readSync } from 'node:fs';
 import { lstat, readFile, readdir, readlink } from 'node:fs/promises';
 import type { BigIntStats } from 'node:fs';
 import { isAllZero } from './zero.js';
@@ -45,6 +45,29 @@ export interface ArchiveOptions {
    * timestamp granularity of the parent pass's read, which metadata cannot show.
    */
   racySinceNs?: bigint;
+}
+
+/** Files up to this size are read synchronously (see fileContent). */
+const TINY_FILE = 64 * 1024;
+
+/** Reads a file expected to hold `size` bytes; one byte more is asked for, so growth shows. */
+function readTinyFile(path: Buffer, size: number): Buffer {
+  const fd = openSync(path, 'r');
+  try {
+    const buffer = Buffer.allocUnsafe(size + 1);
+    let read = 0;
+    for (;;) {
+      const n = readSync(fd, buffer, read, buffer.length - read, read);
+      if (n === 0 || read + n === buffer.length) {
+        read += n;
+        break;
+      }
+      read += n;
+    }
+    return buffer.subarray(0, read);
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /** Errors that mean "this entry changed or vanished while we looked". */
@@ -213,8 +236,9 @@ export class Archiver {
       return content;
     }
     if (size < this.repo.config.chunker.minSize) {
-      // One chunk: read it whole (no stream, no chunker).
-      const data = await readFile(path, this.options.signal ? { signal: this.options.signal } : {});
+      // One chunk: read it whole (no stream, no chunker). A tiny file is read with plain system
+      // calls on this thread: three calls from the page cache cost less than the thread-pool hops.
+      const data = size <= TINY_FILE ? readTinyFile(path, size) : await readFile(path, this.options.signal ? { signal: this.options.signal } : {});
       if (data.length !== size) throw Object.assign(new Error(`${path.toString()} changed size while it was read`), { code: 'ECHANGED' });
       this.stats.bytesRead += data.length;
       if (data.length === 0) return [];

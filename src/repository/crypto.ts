@@ -38,8 +38,24 @@ export function deriveKey(password: string, params: KdfParams): Promise<Buffer> 
   });
 }
 
+/**
+ * Random nonces drawn from the CSPRNG in blocks: one call per 1024 seals instead of one per seal
+ * (a backup of a million tiny files seals a million blobs). Each nonce is still 96 random bits.
+ */
+let nonces = Buffer.alloc(0);
+let nonceAt = 0;
+function freshNonce(): Buffer {
+  if (nonceAt + NONCE > nonces.length) {
+    nonces = randomBytes(NONCE * 1024);
+    nonceAt = 0;
+  }
+  const nonce = nonces.subarray(nonceAt, nonceAt + NONCE);
+  nonceAt += NONCE;
+  return nonce;
+}
+
 export function seal(key: Buffer, plaintext: Buffer, associated: string): Buffer {
-  const nonce = randomBytes(NONCE);
+  const nonce = freshNonce();
   const cipher = createCipheriv('aes-256-gcm', key, nonce);
   cipher.setAAD(Buffer.from(associated));
   const body = Buffer.concat([cipher.update(plaintext), cipher.final()]);
