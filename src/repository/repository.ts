@@ -241,7 +241,7 @@ export class Repository {
     return plaintext;
   }
 
-  /** Pack saves under way: the next blobs are sealed while the disk writes (at most 2 at once). */
+  /** Pack saves under way: the next pack fills while the disk writes the last one (one write pending at a time). */
   private inFlight: Promise<void>[] = [];
 
   private async writePack(): Promise<void> {
@@ -267,7 +267,7 @@ export class Repository {
     });
     this.inFlight.push(saving);
     saving.catch(() => undefined); // awaited below or by flush; never unhandled
-    while (this.inFlight.length > 2) await this.inFlight.shift();
+    while (this.inFlight.length > 1) await this.inFlight.shift();
     // Index files are written along the way too, so memory and index file size stay bounded for
     // backups of millions of small files (only packs already durable are named).
     if (this.unindexed.reduce((n, p) => n + p.blobs.length, 0) >= INDEX_EVERY) await this.writeIndexFile();
