@@ -29,12 +29,12 @@ export interface ParallelGzipOptions {
 const STORE_THRESHOLD = 0.97;
 const SAMPLE = 32 * 1024;
 
-/** Whether deflate would save anything on this block, judged on a sample. */
-export function looksCompressible(block: Buffer): boolean {
-  if (block.length <= SAMPLE) return true;
-  const start = Math.floor((block.length - SAMPLE) / 2);
-  const sample = block.subarray(start, start + SAMPLE);
-  return deflateRawSync(sample, { level: 1 }).length < SAMPLE * STORE_THRESHOLD;
+/** Whether deflate would save anything on this block, judged on a sample of `sampleSize` bytes from its middle. */
+export function looksCompressible(block: Buffer, sampleSize = SAMPLE): boolean {
+  if (block.length <= sampleSize) return true;
+  const start = Math.floor((block.length - sampleSize) / 2);
+  const sample = block.subarray(start, start + sampleSize);
+  return deflateRawSync(sample, { level: 1 }).length < sampleSize * STORE_THRESHOLD;
 }
 
 export class ParallelGzip extends Transform {

@@ -205,17 +205,24 @@ export class Archiver {
       nodes.push(node);
       this.report();
     }
+    // A sliding window: a new file starts as soon as one finishes, so the workers never wait for
+    // the slowest file of a batch.
     const window = this.options.pool ? 16 : 1;
-    for (let i = 0; i < reads.length; i += window) {
-      await Promise.all(
-        reads.slice(i, i + window).map(async (r) => {
-          const content = await this.tolerant(this.fileContent(r.path, r.node.size));
-          // No content: it changed while read; the next pass (CVAT stopped or frozen) reads it.
-          if (content !== undefined) r.node.content = content;
-        }),
-      );
-      this.report();
-    }
+    let next = 0;
+    let failed = false;
+    const lane = async (): Promise<void> => {
+      while (next < reads.length && !failed) {
+        const r = reads[next++]!;
+        const content = await this.tolerant(this.fileContent(r.path, r.node.size)).catch((error: unknown) => {
+          failed = true;
+          throw error;
+        });
+        // No content: it changed while read; the next pass (CVAT stopped or frozen) reads it.
+        if (content !== undefined) r.node.content = content;
+        this.report();
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(window, reads.length) }, lane));
     const saved = await this.repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes } satisfies Tree)));
     this.stats.bytesAdded += saved.added;
     return saved.id;

@@ -18,7 +18,7 @@ import { packPayload, unpackPayload } from './compression.js';
 import { blobAad } from './aad.js';
 import { CorruptArchiveError } from '../errors.js';
 
-export const MAX_UNACKED = 4;
+export const MAX_UNACKED = 16;
 
 export type WorkerRequest =
   | { type: 'file'; task: number; path: Uint8Array; size: number }
