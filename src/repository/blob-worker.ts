@@ -9,7 +9,6 @@
  */
 import { createHash } from 'node:crypto';
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
-import { open } from 'node:fs/promises';
 import { parentPort, workerData } from 'node:worker_threads';
 import { isAllZero } from './zero.js';
 import { Chunker, type ChunkerParams } from './chunker.js';
@@ -69,22 +68,27 @@ if (parentPort) {
         return;
       }
       const sealed = seal(key, await packPayload(chunk), blobAad('data', id));
-      const copy = new Uint8Array(sealed);
-      await send({ type: 'chunk', task, id, rawLength: chunk.length, sealed: copy }, [copy.buffer]);
+      // Transferred, not copied, when the sealed blob owns its whole ArrayBuffer (large blobs do).
+      const whole = sealed.byteOffset === 0 && sealed.buffer.byteLength === sealed.length && sealed.buffer instanceof ArrayBuffer;
+      const out = whole ? new Uint8Array(sealed.buffer) : new Uint8Array(sealed);
+      await send({ type: 'chunk', task, id, rawLength: chunk.length, sealed: out }, [out.buffer]);
     };
-    const handle = await open(Buffer.from(path), 'r');
+    // Plain system calls: this thread is the worker's own, and async reads would queue on the
+    // process's four libuv threads behind the main thread's file work (and pack fsyncs).
+    const fd = openSync(Buffer.from(path), 'r');
     let read = 0;
     try {
-      const buffer = Buffer.alloc(1 << 20);
       for (;;) {
-        const { bytesRead } = await handle.read(buffer, 0, buffer.length, read);
+        // A fresh buffer per read: the chunker keeps references to the data it was given.
+        const buffer = Buffer.allocUnsafe(Math.min(4 << 20, Math.max(64 * 1024, size - read + 1)));
+        const bytesRead = readSync(fd, buffer, 0, buffer.length, read);
         if (bytesRead === 0) break;
         read += bytesRead;
-        for (const chunk of chunker.push(Buffer.from(buffer.subarray(0, bytesRead)))) await emit(chunk);
+        for (const chunk of chunker.push(buffer.subarray(0, bytesRead))) await emit(chunk);
       }
       for (const chunk of chunker.finish()) await emit(chunk);
     } finally {
-      await handle.close();
+      closeSync(fd);
     }
     if (read !== size) throw Object.assign(new Error(`${Buffer.from(path).toString()} changed size while it was read`), { code: 'ECHANGED' });
     await send({ type: 'done', task, bytesRead: read });

@@ -101,21 +101,25 @@ export class Chunker {
     if (this.pendingLength <= minSize) return undefined;
     if (this.pending.length > 1) this.pending = [Buffer.concat(this.pending, this.pendingLength)];
     const buf = this.pending[0]!;
+    // The hot loop: locals only, and int32 arithmetic (`| 0`) — the same low 32 bits as the
+    // unsigned form, so the same boundaries, without a conversion per byte.
     const gear = this.gear;
-    let hash = this.hash;
+    const maskS = this.maskS | 0;
+    const maskL = this.maskL | 0;
+    let hash = this.hash | 0;
     let i = Math.max(this.scanned, minSize);
     const normal = Math.min(avgSize, buf.length);
     for (; i < normal; i++) {
-      hash = ((hash << 1) + gear[buf[i]!]!) >>> 0;
-      if ((hash & this.maskS) === 0) return i + 1;
+      hash = ((hash << 1) + gear[buf[i]!]!) | 0;
+      if ((hash & maskS) === 0) return i + 1;
     }
     const end = Math.min(maxSize, buf.length);
     for (; i < end; i++) {
-      hash = ((hash << 1) + gear[buf[i]!]!) >>> 0;
-      if ((hash & this.maskL) === 0) return i + 1;
+      hash = ((hash << 1) + gear[buf[i]!]!) | 0;
+      if ((hash & maskL) === 0) return i + 1;
     }
     if (buf.length >= maxSize) return maxSize;
-    this.hash = hash;
+    this.hash = hash >>> 0;
     this.scanned = i;
     return undefined;
   }
