@@ -35,11 +35,12 @@ function chunkLength(repo: Repository, ref: string): number {
 }
 
 /**
- * Loads the blobs of one folder's files in order, with up to `ahead` reads in flight across file
- * boundaries, so reading, decryption (on workers) and writing overlap even for small files.
- * One per folder: a sub-folder gets its own, so the order of consumption is the order of loading.
+ * Loads blobs in the order given, with up to `ahead` reads in flight, so reading, decryption (on
+ * workers) and writing overlap even for small files. The restorer uses one per folder (a
+ * sub-folder gets its own, so the order of consumption is the order of loading); a stored stream
+ * (a database dump) uses one for its chunks.
  */
-class BlobPrefetcher {
+export class BlobPrefetcher {
   private readonly queue: Promise<Buffer>[] = [];
   private next = 0;
 

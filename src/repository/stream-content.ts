@@ -7,6 +7,7 @@ import { Readable } from 'node:stream';
 import { Chunker } from './chunker.js';
 import type { ChunkPool } from './chunk-pool.js';
 import type { Repository } from './repository.js';
+import { BlobPrefetcher } from './restorer.js';
 import { isZeroChunk, zeroChunkLength, ZERO_PREFIX } from './tree.js';
 import { isAllZero } from './zero.js';
 
@@ -40,23 +41,11 @@ export async function storeStream(repo: Repository, source: AsyncIterable<Buffer
 
 /** The stored bytes in order, read (and authenticated) a few chunks ahead. */
 export function contentStream(repo: Repository, content: string[], pool?: ChunkPool, signal?: AbortSignal): Readable {
+  const blobs = new BlobPrefetcher(repo, content.filter((ref) => !isZeroChunk(ref)), pool, 4);
   async function* chunks(): AsyncGenerator<Buffer> {
-    const ahead: Promise<Buffer>[] = [];
-    let next = 0;
-    const fill = (): void => {
-      while (ahead.length < 4 && next < content.length) {
-        const ref = content[next++]!;
-        const loading = isZeroChunk(ref) ? Promise.resolve(Buffer.alloc(zeroChunkLength(ref))) : repo.loadBlob(ref, pool);
-        loading.catch(() => undefined); // awaited in order below
-        ahead.push(loading);
-      }
-    };
-    fill();
-    while (ahead.length > 0) {
+    for (const ref of content) {
       signal?.throwIfAborted();
-      const chunk = await ahead.shift()!;
-      fill();
-      yield chunk;
+      yield isZeroChunk(ref) ? Buffer.alloc(zeroChunkLength(ref)) : await blobs.take();
     }
   }
   return Readable.from(chunks(), { objectMode: false });

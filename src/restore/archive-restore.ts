@@ -308,6 +308,8 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
             }
             onProgress({ type: 'volume-done', volume: target.composeName, bytes: processor.stats.bytes, files: processor.stats.files });
           }
+          // A failed load leaves the old database as it was (the dump goes into a fresh one).
+          if (source.database) retiredDatabase = await loadDump(engine, deployment, source.database, options.signal, onProgress);
         } catch (error) {
           onProgress({ type: 'phase', message: 'restore failed: putting the previous data back' });
           const rollbackErrors: unknown[] = [];
@@ -321,17 +323,6 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
               : `AND putting the previous data back failed (${rollbackErrors.map((e) => (e as Error).message).join('; ')}): the old files are in .cvat-backup-rollback/ inside the volumes`;
           if ((cause as { name?: string }).name === 'InterruptedError') throw cause;
           throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; ${suffix}`, { cause });
-        }
-        if (source.database) {
-          try {
-            retiredDatabase = await loadDump(engine, deployment, source.database, options.signal, onProgress);
-          } catch (error) {
-            onProgress({ type: 'phase', message: 'restore failed: putting the previous data back' });
-            for (const target of prepared) await rollbackVolume(engine, target).catch(() => undefined);
-            const cause = classifyError(error);
-            if ((cause as { name?: string }).name === 'InterruptedError') throw cause;
-            throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; the previous data (and database) were kept`, { cause });
-          }
         }
         for (const { target } of planned) await commitVolume(engine, target);
         // The old data goes while CVAT starts: it is no longer needed, and deleting it is slow.
