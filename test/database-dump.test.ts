@@ -127,6 +127,18 @@ describe('database dumps (--db dump)', { skip: !isRoot && 'repository backups re
       await pg.psql(`SET ROLE ${pg.user}; DELETE FROM engine_task WHERE id > 10; INSERT INTO engine_task (name) VALUES ('after the backup');`, pg.dbname);
       assert.notEqual(await rows(), original);
 
+      // Without CREATEDB the fresh database cannot be made: the restore fails (exit 12) and loses
+      // nothing — the current rows stay, the volumes are put back, CVAT runs.
+      const current = await rows();
+      await pg.psql(`ALTER ROLE ${pg.user} NOCREATEDB;`);
+      const refused = await runCli(['--project', f.project, 'restore', 'latest'], env);
+      assert.equal(refused.code, 12, refused.stderr);
+      assert.match(refused.stderr, /permission denied to create database/);
+      assert.equal(await rows(), current, 'the database is untouched');
+      const afterFailure = await f.states();
+      assert.ok(Object.values(afterFailure).every((st) => st === 'running'), JSON.stringify(afterFailure));
+      await pg.psql(`ALTER ROLE ${pg.user} CREATEDB;`);
+
       const restored = await runCli(['--project', f.project, 'restore', 'latest'], env);
       assert.equal(restored.code, 0, restored.stderr);
       assert.ok(!restored.stdout.includes(pg.password) && !restored.stderr.includes(pg.password));
