@@ -6,7 +6,7 @@
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createFixtureDeployment, databaseFingerprint, type FixtureDeployment } from './fixture/deployment.js';
@@ -145,6 +145,17 @@ describe('database dumps (--db dump)', { skip: !isRoot && 'repository backups re
       assert.equal(await rows(), original, 'the rows of the dump are back');
       const databases = (await pg.psql('SELECT datname FROM pg_database;')).trim().split('\n');
       assert.deepEqual(databases.filter((d) => /restoring|before_restore/.test(d)), []);
+      // A wrong password in the secret: the dump fails with its own exit code, saying why, and
+      // without the password in the message.
+      await writeFile(pg.passwordFile, 'not-the-password\n');
+      try {
+        const wrong = await runCli(['--project', f.project, 'backup'], env);
+        assert.equal(wrong.code, 15, wrong.stderr);
+        assert.match(wrong.stderr, /pg_dump .* failed .*password authentication failed/);
+        assert.ok(!wrong.stderr.includes('not-the-password'));
+      } finally {
+        await writeFile(pg.passwordFile, `${pg.password}\n`);
+      }
       const states = await f.states();
       assert.ok(Object.values(states).every((s) => s === 'running'), JSON.stringify(states));
     });

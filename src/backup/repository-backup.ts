@@ -134,7 +134,6 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
     try {
       await repo.loadIndex();
       const parent = (await listSnapshots(repo)).filter((s) => s.project === deployment.project).pop();
-      const pool = repo.createChunkPool();
       const passes: BackupPass[] = [];
       let stats: Record<string, ArchiveStats> = {};
       const addedBefore: number[] = [];
@@ -235,6 +234,9 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
           durationMs: now() - began,
         };
       }
+      // Created only now, and closed in the finally below, so that no early error leaves worker
+      // threads keeping the process alive.
+      const pool = repo.createChunkPool();
       const fromParentSnapshot = (volume: (typeof selected)[number]): string | undefined =>
         parent?.volumes.find((p) => p.composeName === volume.composeName && p.mountPath === volume.mountPath)?.tree;
       let volumes: SnapshotVolume[];
