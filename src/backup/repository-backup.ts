@@ -136,7 +136,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
       const parent = (await listSnapshots(repo)).filter((s) => s.project === deployment.project).pop();
       const passes: BackupPass[] = [];
       let stats: Record<string, ArchiveStats> = {};
-      const addedBefore: number[] = [];
+      const addedPerPass: number[] = [];
       /** One pass over every selected volume; `parents` gives each volume's tree to compare with. */
       const pass = async (
         name: BackupPass['name'],
@@ -195,7 +195,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
           filesRead: all.reduce((sum, s) => sum + s.files - s.filesUnchanged, 0),
           bytesRead: all.reduce((sum, s) => sum + s.bytesRead, 0),
         });
-        addedBefore.push(all.reduce((sum, s) => sum + s.bytesAdded, 0));
+        addedPerPass.push(all.reduce((sum, s) => sum + s.bytesAdded, 0));
         stats = passStats;
         // The next pass compares with this pass's trees: they must be readable.
         if (name === 'precopy') await repo.flushPacksOnly();
@@ -222,7 +222,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         if (exitCode !== 0) throw new DatabaseError(`pg_dump on ${db.where} failed (exit ${exitCode}): ${stderr.trim().split('\n').slice(-3).join(' ')}`);
         onProgress({ type: 'volume-done', volume: 'database', bytes: stored.size, files: 1 });
         passes.push({ name: 'dump', cvat: 'running', durationMs: now() - began, filesRead: 1, bytesRead: stored.size });
-        addedBefore.push(stored.bytesAdded);
+        addedPerPass.push(stored.bytesAdded);
         database = {
           engine: 'postgresql',
           format: 'pg_dump-custom',
@@ -299,7 +299,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         skipped,
       };
       const id = await repo.saveObject('snapshots', snapshot);
-      const bytesAdded = addedBefore.reduce((a, b) => a + b, 0);
+      const bytesAdded = addedPerPass.reduce((a, b) => a + b, 0);
       return { snapshot: { ...snapshot, id }, stats, bytesAdded, mode, passes };
     } finally {
       await repoLock.release().catch(() => undefined);

@@ -32,6 +32,28 @@ export function createProgressRenderer(stream: NodeJS.WriteStream): ProgressRend
   return stream.isTTY ? barRenderer(stream) : lineRenderer(stream);
 }
 
+/** The events that are one line the same way on a terminal and in a log; undefined for volume progress. */
+function eventLine(event: ProgressEvent): string | undefined {
+  switch (event.type) {
+    case 'phase':
+      return `${event.message}…`;
+    case 'warning':
+      return `warning: ${event.message}`;
+    case 'container-stopped':
+      return `  stopped ${event.name}`;
+    case 'container-started':
+      return `  started ${event.name}`;
+    case 'container-start-failed':
+      return `  FAILED to start ${event.name}: ${event.error}`;
+    case 'containers-frozen':
+      return `  froze ${event.count} containers`;
+    case 'containers-thawed':
+      return `  thawed ${event.count} containers`;
+    default:
+      return undefined;
+  }
+}
+
 function lineRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
   const lastReport = new Map<string, number>();
   const started = new Map<string, number>();
@@ -39,28 +61,9 @@ function lineRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
     stream.write(`${line}\n`);
   };
   const listener = (event: ProgressEvent): void => {
+    const line = eventLine(event);
+    if (line !== undefined) return write(line);
     switch (event.type) {
-      case 'phase':
-        write(`${event.message}…`);
-        break;
-      case 'warning':
-        write(`warning: ${event.message}`);
-        break;
-      case 'container-stopped':
-        write(`  stopped ${event.name}`);
-        break;
-      case 'container-started':
-        write(`  started ${event.name}`);
-        break;
-      case 'container-start-failed':
-        write(`  FAILED to start ${event.name}: ${event.error}`);
-        break;
-      case 'containers-frozen':
-        write(`  froze ${event.count} containers`);
-        break;
-      case 'containers-thawed':
-        write(`  thawed ${event.count} containers`);
-        break;
       case 'volume-start':
         started.set(event.volume, Date.now());
         lastReport.set(event.volume, Date.now());
@@ -113,28 +116,9 @@ function barRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
     };
   };
   const listener = (event: ProgressEvent): void => {
+    const line = eventLine(event);
+    if (line !== undefined) return log(line);
     switch (event.type) {
-      case 'phase':
-        log(`${event.message}…`);
-        break;
-      case 'warning':
-        log(`warning: ${event.message}`);
-        break;
-      case 'container-stopped':
-        log(`  stopped ${event.name}`);
-        break;
-      case 'container-started':
-        log(`  started ${event.name}`);
-        break;
-      case 'container-start-failed':
-        log(`  FAILED to start ${event.name}: ${event.error}`);
-        break;
-      case 'containers-frozen':
-        log(`  froze ${event.count} containers`);
-        break;
-      case 'containers-thawed':
-        log(`  thawed ${event.count} containers`);
-        break;
       case 'volume-start': {
         const total = event.totalBytes ?? 0;
         const label = `${event.action} ${event.volume}`;

@@ -15,8 +15,8 @@ import type { TarStats } from '../archive/tar.js';
 import { CorruptArchiveError } from '../errors.js';
 import type { ChunkPool } from './chunk-pool.js';
 import type { Repository } from './repository.js';
-import { loadTree } from './restorer.js';
-import { isZeroChunk, zeroChunkLength, type SnapshotVolume, type TreeNode } from './tree.js';
+import { chunkLength, loadTree } from './restorer.js';
+import { isZeroChunk, type SnapshotVolume, type TreeNode } from './tree.js';
 
 export interface FolderRestoreOptions {
   signal?: AbortSignal;
@@ -120,12 +120,7 @@ export async function restoreVolumeToFolder(
 
   const writeFile = async (path: Buffer, node: TreeNode, display: string): Promise<void> => {
     const content = node.content ?? [];
-    const lengths = content.map((ref) => {
-      if (isZeroChunk(ref)) return zeroChunkLength(ref);
-      const where = repo.location(ref);
-      if (!where) throw new CorruptArchiveError(`${display}: blob ${ref.slice(0, 12)} is missing from the index`);
-      return where.rawLength;
-    });
+    const lengths = content.map((ref) => chunkLength(repo, ref));
     const total = lengths.reduce((a, b) => a + b, 0);
     if (total !== node.size) throw new CorruptArchiveError(`${display}: its chunks hold ${total} bytes, the file ${node.size}`);
     const handle: FileHandle = await open(path, 'wx', 0o600);

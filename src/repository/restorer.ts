@@ -27,10 +27,11 @@ export async function loadTree(repo: Repository, id: string): Promise<Tree> {
   return JSON.parse((await repo.loadBlob(id)).toString('utf8')) as Tree;
 }
 
-function chunkLength(repo: Repository, ref: string): number {
+/** Plain length of a chunk reference (a hole's own length, or the indexed blob's). */
+export function chunkLength(repo: Repository, ref: string): number {
   if (isZeroChunk(ref)) return zeroChunkLength(ref);
   const where = repo.location(ref);
-  if (!where) throw new Error(`blob ${ref.slice(0, 12)} is missing from the index`);
+  if (!where) throw new CorruptArchiveError(`blob ${ref.slice(0, 12)} is missing from the index`);
   return where.rawLength;
 }
 
