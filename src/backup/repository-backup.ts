@@ -22,7 +22,7 @@ import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
 import { DatabaseError, VolumeMissingError } from '../errors.js';
 import { DATABASE_SERVICE, SERVER_SERVICE } from '../deployment/cvat.js';
-import { dumpDatabase, openDatabase } from '../deployment/database.js';
+import { dumpDatabase, openDatabase, toolFailure } from '../deployment/database.js';
 import { storeStream } from '../repository/stream-content.js';
 import { cvatRecord, discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { withDeploymentFrozen, withDeploymentStopped, type DowntimeWindow } from '../deployment/lifecycle.js';
@@ -203,36 +203,11 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
       };
       let database: SnapshotDatabase | undefined;
       if (dumpDb) {
-        // While CVAT runs: pg_dump sees one consistent state (MVCC) and blocks nobody.
-        const db = await openDatabase(engine, deployment, options.signal);
-        if (db.container && db.container.state !== 'running') {
-          throw new DatabaseError(`--db dump needs the ${DATABASE_SERVICE} container running (it is ${db.container.state}): start CVAT, or back up without --db dump`);
-        }
-        onProgress({ type: 'phase', message: `dumping the database from ${db.where}` });
-        onProgress({ type: 'volume-start', volume: 'database', action: 'dumping', totalBytes: undefined });
         const began = now();
-        const dump = await dumpDatabase(db, options.signal);
-        let stored;
-        try {
-          stored = await storeStream(repo, dump.stdout, { ...signalOption, onProgress: (bytes) => onProgress({ type: 'volume-progress', volume: 'database', bytes, files: 1 }) });
-        } finally {
-          dump.stdout.resume();
-        }
-        const { exitCode, stderr } = await dump.exit;
-        if (exitCode !== 0) throw new DatabaseError(`pg_dump on ${db.where} failed (exit ${exitCode}): ${stderr.trim().split('\n').slice(-3).join(' ')}`);
-        onProgress({ type: 'volume-done', volume: 'database', bytes: stored.size, files: 1 });
-        passes.push({ name: 'dump', cvat: 'running', durationMs: now() - began, filesRead: 1, bytesRead: stored.size });
-        addedPerPass.push(stored.bytesAdded);
-        database = {
-          engine: 'postgresql',
-          format: 'pg_dump-custom',
-          location: db.settings.kind,
-          dbname: db.settings.dbname,
-          content: stored.content,
-          size: stored.size,
-          time: new Date(began).toISOString(),
-          durationMs: now() - began,
-        };
+        const dumped = await storeDatabaseDump(engine, repo, deployment, onProgress, options.signal);
+        passes.push({ name: 'dump', cvat: 'running', durationMs: now() - began, filesRead: 1, bytesRead: dumped.size });
+        addedPerPass.push(dumped.bytesAdded);
+        database = { ...dumped.database, time: new Date(began).toISOString(), durationMs: now() - began };
       }
       // Created only now, and closed in the finally below, so that no early error leaves worker
       // threads keeping the process alive.
@@ -307,4 +282,38 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
   } finally {
     await projectLock.release().catch(() => undefined);
   }
+}
+
+/**
+ * Dumps CVAT's database while it runs (pg_dump sees one consistent state through MVCC and blocks
+ * nobody) and stores the dump as chunks.
+ */
+async function storeDatabaseDump(
+  engine: DockerEngine,
+  repo: Repository,
+  deployment: Deployment,
+  onProgress: ProgressListener,
+  signal: AbortSignal | undefined,
+): Promise<{ database: Omit<SnapshotDatabase, 'time' | 'durationMs'>; size: number; bytesAdded: number }> {
+  const db = await openDatabase(engine, deployment, signal);
+  if (db.container && db.container.state !== 'running') {
+    throw new DatabaseError(`--db dump needs the ${DATABASE_SERVICE} container running (it is ${db.container.state}): start CVAT, or back up without --db dump`);
+  }
+  onProgress({ type: 'phase', message: `dumping the database from ${db.where}` });
+  onProgress({ type: 'volume-start', volume: 'database', action: 'dumping', totalBytes: undefined });
+  const dump = await dumpDatabase(db, signal);
+  let stored;
+  try {
+    stored = await storeStream(repo, dump.stdout, { ...(signal ? { signal } : {}), onProgress: (bytes) => onProgress({ type: 'volume-progress', volume: 'database', bytes, files: 1 }) });
+  } finally {
+    dump.stdout.resume();
+  }
+  const { exitCode, stderr } = await dump.exit;
+  if (exitCode !== 0) throw toolFailure(db, 'pg_dump', exitCode, stderr);
+  onProgress({ type: 'volume-done', volume: 'database', bytes: stored.size, files: 1 });
+  return {
+    database: { engine: 'postgresql', format: 'pg_dump-custom', location: db.settings.kind, dbname: db.settings.dbname, content: stored.content, size: stored.size },
+    size: stored.size,
+    bytesAdded: stored.bytesAdded,
+  };
 }

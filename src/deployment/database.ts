@@ -129,13 +129,18 @@ async function hostTool(tool: PgTool): Promise<string> {
   );
 }
 
+/** The error for a tool that exited non-zero: its last lines of stderr say why. */
+export function toolFailure(db: DatabaseHandle, tool: PgTool, exitCode: number, stderr: string): DatabaseError {
+  return new DatabaseError(`${tool} on ${db.where} failed (exit ${exitCode}): ${stderr.trim().split('\n').slice(-3).join(' ')}`);
+}
+
 /** Runs a tool to completion, collecting a small stdout; a non-zero exit is a DatabaseError. */
 export async function runToEnd(db: DatabaseHandle, tool: PgTool, args: string[], options: { stdin?: Readable; signal?: AbortSignal; database?: string } = {}): Promise<string> {
   const process_ = await db.run(tool, args, options);
   const parts: Buffer[] = [];
   for await (const chunk of process_.stdout) if (parts.length < 1024) parts.push(chunk as Buffer);
   const { exitCode, stderr } = await process_.exit;
-  if (exitCode !== 0) throw new DatabaseError(`${tool} on ${db.where} failed (exit ${exitCode}): ${stderr.trim().split('\n').slice(-3).join(' ')}`);
+  if (exitCode !== 0) throw toolFailure(db, tool, exitCode, stderr);
   return Buffer.concat(parts).toString('utf8');
 }
 
@@ -186,7 +191,7 @@ export async function loadDatabase(db: DatabaseHandle, dump: Readable, signal?: 
     });
     restore.stdout.resume();
     const { exitCode, stderr } = await restore.exit;
-    if (exitCode !== 0) throw new DatabaseError(`pg_restore on ${db.where} failed (exit ${exitCode}): ${stderr.trim().split('\n').slice(-3).join(' ')}`);
+    if (exitCode !== 0) throw toolFailure(db, 'pg_restore', exitCode, stderr);
     const exists = (await sql(`SELECT 1 FROM pg_database WHERE datname = '${name.replace(/'/g, "''")}'`)).trim() === '1';
     // One transaction: both renames or neither.
     await sql(`${exists ? `ALTER DATABASE ${quoteIdent(name)} RENAME TO ${quoteIdent(retired)}; ` : ''}ALTER DATABASE ${quoteIdent(fresh)} RENAME TO ${quoteIdent(name)}`);
