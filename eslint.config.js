@@ -1,4 +1,4 @@
-// Type-aware lint. Layers run one way (docker → deployment/archive → backup/restore → cli):
+// Type-aware lint. Layers run one way (fs, docker → deployment/archive → backup/restore → cli):
 // a lower layer importing a higher one is an error, and only the CLI may print or exit.
 import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
@@ -29,6 +29,7 @@ export default tseslint.config(
       '@typescript-eslint/only-throw-error': 'error',
     },
   },
+  layer(['src/fs/**'], ['docker', 'deployment', 'archive', 'backup', 'restore', 'cli', 'repository', 'backend']),
   layer(['src/docker/**'], ['deployment', 'archive', 'backup', 'restore', 'cli', 'repository', 'backend']),
   layer(['src/backend/**'], ['docker', 'deployment', 'archive', 'backup', 'restore', 'cli', 'repository']),
   layer(['src/repository/**'], ['docker', 'deployment', 'backup', 'restore', 'cli']),

@@ -21,6 +21,7 @@ export const ExitCode = {
   wrongPassword: 13,
   repositoryMissing: 14,
   database: 15,
+  lockLost: 16,
   interrupted: 130,
 } as const;
 
@@ -112,6 +113,15 @@ export class RepositoryError extends CvatBackupError {
 export class DatabaseError extends CvatBackupError {
   readonly code = 'DATABASE';
   readonly exitCode = ExitCode.database;
+}
+
+/**
+ * The repository lock this process held vanished or could not be refreshed (another host or a
+ * careless `rm` removed it, or the storage failed): stopped before writing an index or snapshot.
+ */
+export class LockLostError extends CvatBackupError {
+  readonly code = 'LOCK_LOST';
+  readonly exitCode = ExitCode.lockLost;
 }
 
 export class InterruptedError extends CvatBackupError {

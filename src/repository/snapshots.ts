@@ -1,27 +1,91 @@
-/** Listing snapshots and resolving `latest` or an id prefix to one snapshot. */
-import { UsageError } from '../errors.js';
+/**
+ * Listing snapshots and resolving `latest` or an id prefix to one snapshot.
+ *
+ * One damaged snapshot file (truncated, flipped bits, not ours) must not hide the others: reading
+ * collects the damaged ones beside the good ones, and each caller decides. Listing and restore
+ * name them and go on; prune refuses (it cannot know which data a damaged snapshot still needs).
+ */
+import { CorruptArchiveError, UsageError } from '../errors.js';
 import type { Repository } from './repository.js';
 import type { Snapshot } from './tree.js';
 
-export async function listSnapshots(repo: Repository): Promise<(Snapshot & { id: string })[]> {
-  const out: (Snapshot & { id: string })[] = [];
-  for (const id of await repo.backend.list('snapshots')) {
-    out.push({ ...(await repo.loadObject<Snapshot>('snapshots', id)), id });
-  }
-  return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+export type StoredSnapshot = Snapshot & { id: string };
+
+export interface DamagedSnapshot {
+  id: string;
+  /** Why it could not be read. */
+  error: string;
 }
 
-export async function resolveSnapshot(repo: Repository, ref: string, project?: string): Promise<Snapshot & { id: string }> {
-  const all = await listSnapshots(repo);
+export interface SnapshotListing {
+  /** Readable snapshots, oldest first. */
+  snapshots: StoredSnapshot[];
+  damaged: DamagedSnapshot[];
+}
+
+/** Every snapshot that can be read, and the ones that cannot; never throws for a damaged file. */
+export async function readSnapshots(repo: Repository): Promise<SnapshotListing> {
+  const snapshots: StoredSnapshot[] = [];
+  const damaged: DamagedSnapshot[] = [];
+  for (const id of await repo.backend.list('snapshots')) {
+    try {
+      const snapshot = await repo.loadObject<Snapshot>('snapshots', id);
+      if (!isSnapshotShape(snapshot)) throw new CorruptArchiveError('not a snapshot');
+      snapshots.push({ ...snapshot, id });
+    } catch (error) {
+      // Removed meanwhile (forget on another host) is not damage.
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue;
+      if (!(error instanceof CorruptArchiveError) && !(error instanceof SyntaxError)) throw error;
+      damaged.push({ id, error: error.message });
+    }
+  }
+  snapshots.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+  damaged.sort((a, b) => a.id.localeCompare(b.id));
+  return { snapshots, damaged };
+}
+
+/** The snapshots, oldest first; throws if any snapshot file is damaged (for prune and forget). */
+export async function listSnapshots(repo: Repository): Promise<StoredSnapshot[]> {
+  const { snapshots, damaged } = await readSnapshots(repo);
+  const first = damaged[0];
+  if (first !== undefined) {
+    throw new CorruptArchiveError(
+      `snapshot ${shortId(first.id)} is damaged (${first.error})${damaged.length > 1 ? ` and ${damaged.length - 1} more` : ''}: run 'cvat-backup check', and remove what cannot be repaired from ${repo.backend.location}/snapshots/`,
+    );
+  }
+  return snapshots;
+}
+
+function isSnapshotShape(value: unknown): value is Snapshot {
+  const s = value as Partial<Snapshot> | null;
+  return typeof s === 'object' && s !== null && typeof s.time === 'string' && typeof s.project === 'string' && Array.isArray(s.volumes);
+}
+
+/**
+ * `latest` (of `project`, if given) or an id prefix. Damaged snapshots are passed over: `onDamaged`
+ * hears of each one (a restore says which it skipped).
+ */
+export async function resolveSnapshot(
+  repo: Repository,
+  ref: string,
+  project?: string,
+  onDamaged?: (damaged: DamagedSnapshot) => void,
+): Promise<StoredSnapshot> {
+  const { snapshots: all, damaged } = await readSnapshots(repo);
   if (ref === 'latest') {
+    for (const d of damaged) onDamaged?.(d);
     const candidates = project === undefined ? all : all.filter((s) => s.project === project);
     const latest = candidates[candidates.length - 1];
     if (!latest) throw new UsageError(`no snapshot${project ? ` of project '${project}'` : ''} in repository ${repo.backend.location}`);
     return latest;
   }
-  const matches = all.filter((s) => s.id.startsWith(ref.toLowerCase()));
+  const wanted = ref.toLowerCase();
+  const matches = all.filter((s) => s.id.startsWith(wanted));
+  const damagedMatches = damaged.filter((d) => d.id.startsWith(wanted));
+  if (matches.length + damagedMatches.length > 1) throw new UsageError(`snapshot id '${ref}' is ambiguous: give more characters`);
+  const hurt = damagedMatches[0];
+  if (hurt !== undefined) throw new CorruptArchiveError(`snapshot ${shortId(hurt.id)} is damaged (${hurt.error}): pick another one ('cvat-backup snapshots')`);
   if (matches.length === 0) throw new UsageError(`no snapshot '${ref}' in repository ${repo.backend.location} (see 'cvat-backup snapshots')`);
-  if (matches.length > 1) throw new UsageError(`snapshot id '${ref}' is ambiguous: give more characters`);
   return matches[0]!;
 }
 
