@@ -129,12 +129,15 @@ export class InterruptedError extends CvatBackupError {
   readonly exitCode = ExitCode.interrupted;
 }
 
-/** Maps low-level errors that have a user meaning (ENOSPC, EACCES on the socket, abort) to ours. */
-export function classifyError(error: unknown): unknown {
+/**
+ * Maps low-level errors that have a user meaning (ENOSPC, abort) to ours. `diskFull` says, for the
+ * operation that failed, which disk filled up and what to do about it.
+ */
+export function classifyError(error: unknown, diskFull = 'free space on the disk being written, then run the command again'): unknown {
   if (error instanceof CvatBackupError) return error;
   const code = (error as { code?: unknown } | null)?.code;
   if (code === 'ENOSPC' || code === 'EDQUOT') {
-    return new DiskFullError('no space left on the backup target: free space or choose another --to', { cause: error });
+    return new DiskFullError(`no space left on the device: ${diskFull}`, { cause: error });
   }
   if ((error as { name?: unknown } | null)?.name === 'AbortError') {
     return new InterruptedError('interrupted', { cause: error });

@@ -35,7 +35,7 @@ import { posix } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import type { Repository } from '../repository/repository.js';
 import { Archiver, type ArchiveStats } from '../repository/archiver.js';
-import { listSnapshots } from '../repository/snapshots.js';
+import { readSnapshots, shortId } from '../repository/snapshots.js';
 import type { Snapshot, SnapshotDatabase, SnapshotVolume, TreeNode } from '../repository/tree.js';
 import { TOOL_VERSION } from '../version.js';
 import { selectVolumes } from './archive-backup.js';
@@ -133,7 +133,10 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
     const repoLock = await repo.lock(true, 'backup');
     try {
       await repo.loadIndex();
-      const parent = (await listSnapshots(repo)).filter((s) => s.project === deployment.project).pop();
+      const listing = await readSnapshots(repo);
+      // A damaged snapshot cannot be a parent; it costs only a full read of what it held.
+      for (const d of listing.damaged) onProgress({ type: 'warning', message: `snapshot ${shortId(d.id)} cannot be read (${d.error}): not used as a parent; run 'cvat-backup check'` });
+      const parent = listing.snapshots.filter((s) => s.project === deployment.project).pop();
       const passes: BackupPass[] = [];
       let stats: Record<string, ArchiveStats> = {};
       const addedPerPass: number[] = [];

@@ -15,7 +15,7 @@ import type { ProgressListener } from '../events.js';
 import { stat } from 'node:fs/promises';
 import { LocalBackend } from '../backend/local.js';
 import { Repository } from '../repository/repository.js';
-import { listSnapshots, shortId } from '../repository/snapshots.js';
+import { readSnapshots, shortId, type SnapshotListing } from '../repository/snapshots.js';
 import { checkRepository } from '../repository/check.js';
 import { exportSnapshot, importArchiveSet } from '../repository/archive-transfer.js';
 import { pruneRepository, type PruneResult } from '../repository/prune.js';
@@ -37,6 +37,17 @@ interface GlobalOptions {
 
 function out(text: string): void {
   process.stdout.write(`${text}\n`);
+}
+
+/** Names every snapshot that cannot be read; the rest of the listing goes on. */
+function warnDamaged(listing: SnapshotListing): SnapshotListing {
+  for (const d of listing.damaged) warn(`snapshot ${shortId(d.id)} cannot be read (${d.error}): skipped; run 'cvat-backup check'`);
+  return listing;
+}
+
+/** A warning outside a progress display (stderr, one line). */
+function warn(message: string): void {
+  process.stderr.write(`warning: ${message}\n`);
 }
 
 function transportChoice(value: string): TransportChoice {
@@ -325,7 +336,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     });
 
   const openRepository = async (): Promise<Repository> =>
-    Repository.open(new LocalBackend(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false));
+    Repository.open(new LocalBackend(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false, warn), { onWarning: warn });
 
   async function backupIntoRepository(
     engine: DockerEngine,
@@ -395,7 +406,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .description('create a snapshot repository (location: --repo, $CVAT_BACKUP_REPO or the default)')
     .action(async () => {
       const location = repositoryLocation(globals().repo);
-      const repo = await Repository.init(new LocalBackend(location), await readPassword(globals().passwordFile, true));
+      const repo = await Repository.init(new LocalBackend(location), await readPassword(globals().passwordFile, true, warn));
       if (globals().json) out(JSON.stringify({ repository: location, id: repo.config.id }));
       else out(`Created repository ${repo.config.id.slice(0, 10)} at ${location}. Keep the password safe: without it the backups cannot be read.`);
     });
@@ -405,7 +416,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .description('list the snapshots in the repository')
     .action(async () => {
       const repo = await openRepository();
-      const snapshots = await listSnapshots(repo);
+      const { snapshots } = warnDamaged(await readSnapshots(repo));
       const shown = globals().project === undefined ? snapshots : snapshots.filter((s) => s.project === globals().project);
       if (globals().json) {
         out(JSON.stringify(shown.map((s) => ({ id: s.id, time: s.time, project: s.project, cvatVersion: s.cvat.version, hostname: s.hostname, parent: s.parent ?? null, mode: s.mode ?? null, downtimeMs: s.downtimeMs, volumes: s.volumes.map((v) => ({ name: v.composeName, files: v.files, bytes: v.bytes })), database: s.database ? { location: s.database.location, dbname: s.database.dbname, bytes: s.database.size } : null }))));
@@ -495,7 +506,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
       const lock = await repo.lock(true, 'forget');
       const { signal, dispose } = interruptible();
       try {
-        const all = await listSnapshots(repo);
+        // Damaged snapshots are named and left alone (their time is unknown); prune refuses while they exist.
+        const all = warnDamaged(await readSnapshots(repo)).snapshots;
         const scope = globals().project === undefined ? all : all.filter((s) => s.project === globals().project);
         const decision = applyRetention(scope, policy);
         if (!options.dryRun) for (const s of decision.remove) await repo.backend.remove('snapshots', s.id);
@@ -587,11 +599,22 @@ async function isSnapshotRef(arg: string): Promise<boolean> {
   return (await stat(arg).catch(() => undefined)) === undefined;
 }
 
-function report(error: unknown): number {
-  const classified = classifyError(error);
+/** What a full disk means for each command: which disk, and what to do. */
+const DISK_FULL: Record<string, string> = {
+  backup:
+    "the backup's destination is full (the --to folder, or the repository): free space, or remove old snapshots with 'cvat-backup forget --keep-daily 7 --prune'; CVAT was started again and no partial backup was kept",
+  init: 'the disk of the repository location is full: free space or choose another --repo',
+  import: "the repository's disk is full: free space, or remove old snapshots with 'cvat-backup forget … --prune'; nothing was stored",
+  export: 'the disk of the --to folder is full: free space or choose another --to; the partial archives were removed',
+  prune: "the repository's disk is full: prune writes what it repacks before it deletes anything; free some space and run it again",
+  forget: "the repository's disk is full: free some space and run the command again",
+};
+
+function report(error: unknown, command: string | undefined): number {
+  const classified = classifyError(error, command !== undefined ? DISK_FULL[command] : undefined);
   if (classified instanceof AggregateError) {
     const [first, ...rest] = classified.errors as unknown[];
-    const code = report(first);
+    const code = report(first, command);
     for (const e of rest) process.stderr.write(`cvat-backup: also: ${(e as Error).message}\n`);
     return code;
   }
@@ -614,6 +637,10 @@ export async function main(argv: string[], engineFactory?: () => DockerEngine): 
     process.exitCode = ExitCode.internal;
   };
   process.once('beforeExit', onBeforeExit);
+  let command: string | undefined;
+  program.hook('preAction', (_program, action) => {
+    command = action.name();
+  });
   try {
     await program.parseAsync(argv, { from: 'user' });
     process.exitCode = ExitCode.ok;
@@ -622,7 +649,7 @@ export async function main(argv: string[], engineFactory?: () => DockerEngine): 
       process.exitCode = error.exitCode === 0 ? ExitCode.ok : ExitCode.usage;
       return;
     }
-    process.exitCode = report(error);
+    process.exitCode = report(error, command);
   } finally {
     settled = true;
     process.off('beforeExit', onBeforeExit);

@@ -2,7 +2,7 @@
  * Where the repository is and its password comes from. The password is never taken from argv:
  * --password-file (or $CVAT_BACKUP_PASSWORD_FILE), $CVAT_BACKUP_PASSWORD, or a hidden prompt.
  */
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -38,9 +38,17 @@ async function prompt(question: string): Promise<string> {
   });
 }
 
-export async function readPassword(passwordFileFlag: string | undefined, confirm: boolean): Promise<string> {
+/**
+ * The repository password. `warn` hears of a password file that others can read (group or world
+ * permissions): it still works, but anyone with that access can open every backup.
+ */
+export async function readPassword(passwordFileFlag: string | undefined, confirm: boolean, warn: (message: string) => void = () => undefined): Promise<string> {
   const passwordFile = passwordFileFlag ?? (process.env['CVAT_BACKUP_PASSWORD_FILE'] || undefined);
   if (passwordFile !== undefined) {
+    const st = await stat(passwordFile).catch(() => undefined);
+    if (st !== undefined && (st.mode & 0o077) !== 0) {
+      warn(`password file ${passwordFile} can be read by ${st.mode & 0o007 ? 'every user' : 'its group'} (mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}): run chmod 600 ${passwordFile}`);
+    }
     const text = (await readFile(passwordFile, 'utf8').catch((error: unknown) => {
       throw new UsageError(`cannot read --password-file ${passwordFile}: ${(error as Error).message}`);
     })).replace(/\r?\n$/, '');

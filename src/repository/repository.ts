@@ -18,7 +18,8 @@ import type { Backend } from '../backend/backend.js';
 import { CorruptArchiveError, LockedError, RepositoryError } from '../errors.js';
 import { processAlive } from '../host.js';
 import { DEFAULT_CHUNKER, type ChunkerParams } from './chunker.js';
-import { open as openSealed, seal, unwrapMasterKey, wrapMasterKey, type KdfParams, type WrappedKey, DEFAULT_KDF } from './crypto.js';
+import { open as openSealed, seal, type KdfParams } from './crypto.js';
+import { calibrateKdf, createKeyFile, openMasterKey } from './keys.js';
 import { packPayload, unpackPayload } from './compression.js';
 import { ChunkPool } from './chunk-pool.js';
 import type { BlobDestination } from './blob-worker.js';
@@ -62,7 +63,10 @@ export function sha256(data: Buffer): string {
 
 export interface RepositoryOptions {
   now?: () => Date;
+  /** scrypt parameters of a new repository's key (default: calibrated to about 0.5 s here). */
   kdf?: Omit<KdfParams, 'salt'>;
+  /** Told of what does not stop the repository from opening (a damaged key file beside a good one). */
+  onWarning?: (message: string) => void;
 }
 
 export class Repository {
@@ -93,9 +97,9 @@ export class Repository {
       chunker: { ...DEFAULT_CHUNKER, seed: randomBytes(32).toString('hex') },
       created: now().toISOString(),
     };
+    const kdf = options.kdf ?? (await calibrateKdf());
     await backend.create();
-    const wrapped = await wrapMasterKey(master, password, options.kdf ?? DEFAULT_KDF, now());
-    const keyFile = Buffer.from(JSON.stringify({ ...wrapped, hostname: hostname() }, null, 2));
+    const keyFile = await createKeyFile(master, password, kdf, now());
     await backend.save('keys', sha256(keyFile), keyFile);
     // The config is written last: a repository exists once its config does.
     await backend.save('config', 'config', seal(master, Buffer.from(JSON.stringify(config)), 'config'));
@@ -106,19 +110,7 @@ export class Repository {
     if (!(await backend.exists())) {
       throw new RepositoryError(`no repository at ${backend.location}: create one with 'cvat-backup init'`);
     }
-    const keys = await backend.list('keys');
-    let master: Buffer | undefined;
-    let lastError: Error | undefined;
-    for (const name of keys) {
-      const wrapped = JSON.parse((await backend.load('keys', name)).toString('utf8')) as WrappedKey;
-      try {
-        master = await unwrapMasterKey(wrapped, password);
-        break;
-      } catch (error) {
-        lastError = error as Error;
-      }
-    }
-    if (!master) throw lastError ?? new RepositoryError(`no key in repository ${backend.location}`);
+    const master = await openMasterKey(backend, password, (name, error) => options.onWarning?.(`${error.message}: skipped (remove ${name} from keys/ if it stays so)`));
     const config = JSON.parse(openSealed(master, await backend.load('config', 'config'), 'config', 'config').toString('utf8')) as RepositoryConfig;
     return new Repository(backend, config, master, options.now ?? (() => new Date()));
   }

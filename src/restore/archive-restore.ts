@@ -316,7 +316,7 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
           for (const target of prepared) {
             await rollbackVolume(engine, target).catch((e: unknown) => rollbackErrors.push(e));
           }
-          const cause = classifyError(error);
+          const cause = classifyError(error, "a volume's disk is full (the Docker data folder): free space there and restore again");
           const suffix =
             rollbackErrors.length === 0
               ? 'the previous data was put back'
