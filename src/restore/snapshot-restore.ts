@@ -28,7 +28,9 @@ export async function restoreFromSnapshot(
   const pool = repo.createChunkPool();
   try {
     await repo.loadIndex();
-    const found = await resolveSnapshot(repo, ref, options.project);
+    const found = await resolveSnapshot(repo, ref, options.project, (damaged) =>
+      options.onProgress?.({ type: 'warning', message: `skipped snapshot ${shortId(damaged.id)}: it cannot be read (${damaged.error})` }),
+    );
     // With a dump, `--volume cvat_db` names the database.
     const dbName = 'cvat_db';
     const wantsDatabase = found.database !== undefined && (options.volumes === undefined || options.volumes.length === 0 || options.volumes.includes(dbName));
