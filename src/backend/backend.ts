@@ -1,30 +1,78 @@
 /**
  * Where repository files live. A backend stores immutable named files of a few kinds; the
- * repository above it never rewrites a file in place.
+ * repository above it never rewrites a file in place. Every backend (memory, local, and the remote
+ * ones to come) must behave as this contract says; one conformance suite will hold them to it.
+ *
+ * Errors: a missing file is an error with `code: 'ENOENT'` (from `load`); anything else the
+ * storage reports is passed on as it came (`ENOSPC`, `EACCES`, `EIO`, a network error), and the
+ * caller decides. No method retries on its own.
  */
-export type FileKind = 'config' | 'keys' | 'data' | 'index' | 'snapshots' | 'locks';
+export type FileKind = 'config' | 'keys' | 'data' | 'index' | 'snapshots' | 'locks' | 'state';
+
+/** A file as a listing shows it. */
+export interface FileInfo {
+  name: string;
+  /** Bytes. */
+  size: number;
+  /**
+   * When the storage last wrote the file, in milliseconds since the epoch, by the storage's clock
+   * (not ours); undefined where the backend cannot tell (prune then remembers when it first saw
+   * the file and decides on a later run).
+   */
+  modifiedMs: number | undefined;
+}
+
+/** A leftover of an interrupted save (a local folder's `.tmp-*`), never visible through `list`. */
+export interface TemporaryFile extends FileInfo {
+  kind: FileKind;
+}
 
 export interface Backend {
   /** Human-readable location, for messages. */
   readonly location: string;
   /** True if the repository folder exists and has a config. Any number of calls. */
   exists(): Promise<boolean>;
-  /** Creates the folder layout. Fails if a repository is already there. Once per repository. */
+  /**
+   * Creates the folder layout. Once per repository. Refuses (TargetNotEmptyError) a location
+   * that holds anything but an empty folder (or the empty folders an interrupted `create` left):
+   * mixing repository files into someone's folder risks their data and ours.
+   */
   create(): Promise<void>;
   /**
    * Stores `data` under (kind, name) durably and atomically: after it resolves the file survives a
-   * crash; a crash before leaves no visible file. Idempotent for the same content. `data` may come
-   * in parts (written in order, without joining them in memory).
+   * crash; a crash before leaves no visible file (at most a temporary one, see `listTemporary`).
+   * Idempotent for the same content. `data` may come in parts (written in order, without joining
+   * them in memory). Any number of calls, also concurrently for different names.
    */
   save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void>;
-  /** The whole file; throws if missing. `range` reads part of it. */
+  /** The whole file, or `range` of it (shorter at the end of the file); ENOENT if missing. */
   load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer>;
-  /** Names of the files of a kind (unordered). */
-  list(kind: FileKind): Promise<string[]>;
-  /** Size in bytes, or undefined if missing. */
+  /**
+   * Every file of a kind (unordered), with size and modification time. A file saved before the
+   * call started is listed; one saved or removed during the call may or may not be. Temporary
+   * files are never listed. An empty or missing folder lists nothing (no error).
+   */
+  list(kind: FileKind): Promise<FileInfo[]>;
+  /** Size in bytes, or undefined if missing (a storage error is thrown, never taken for "missing"). */
   stat(kind: FileKind, name: string): Promise<number | undefined>;
-  /** Idempotent. */
+  /**
+   * Deletes a file; removing a missing file is no error (idempotent). Durable when it resolves:
+   * a crash afterwards does not bring the file back (the local backend fsyncs the folder).
+   */
   remove(kind: FileKind, name: string): Promise<void>;
+  /**
+   * Leftovers of saves that never finished (a killed process), with their ages, for prune to
+   * delete once they are older than its grace period. Backends whose uploads are atomic have none
+   * and may leave this out.
+   */
+  listTemporary?(): Promise<TemporaryFile[]>;
+  /** Deletes one leftover `listTemporary` showed. Idempotent, durable like `remove`. */
+  removeTemporary?(file: TemporaryFile): Promise<void>;
   /** For backends on this machine's filesystem: the file's path, so worker threads can read it. */
   localPath?(kind: FileKind, name: string): string;
+}
+
+/** The names of a listing (for callers that need no sizes or times). */
+export async function listNames(backend: Backend, kind: FileKind): Promise<string[]> {
+  return (await backend.list(kind)).map((f) => f.name);
 }

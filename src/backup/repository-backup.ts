@@ -1,7 +1,7 @@
 /**
  * `backup` into the snapshot repository (the default destination).
  *
- * Order: discover → lock project → open repository (exclusive lock) → parent snapshot (latest of
+ * Order: discover → lock project → open repository (shared lock) → parent snapshot (latest of
  * this project) → [two-phase: copy every volume while CVAT runs] → stop CVAT (or freeze it) →
  * archive every selected volume, reading only files that changed since the last pass → start
  * CVAT (always) → write the last pack and the index → write the snapshot. A crash before the
@@ -130,10 +130,13 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
       });
       mode = 'offline';
     }
-    const repoLock = await repo.lock(true, 'backup');
+    // Shared: backups and imports only add, and may run beside each other and beside readers.
+    const repoLock = await repo.lock('backup', signalOption);
     try {
-      await repo.loadIndex();
+      // Snapshots before the index: a snapshot another writer finishes meanwhile has its index
+      // files written first, so the parent's blobs are always in the index loaded after it.
       const listing = await readSnapshots(repo);
+      await repo.loadIndex();
       // A damaged snapshot cannot be a parent; it costs only a full read of what it held.
       for (const d of listing.damaged) onProgress({ type: 'warning', message: `snapshot ${shortId(d.id)} cannot be read (${d.error}): not used as a parent; run 'cvat-backup check'` });
       const parent = listing.snapshots.filter((s) => s.project === deployment.project).pop();

@@ -6,6 +6,8 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { resolve } from 'node:path';
 import { createDockerEngine, type DockerEngine } from '../docker/engine.js';
 import { CorruptArchiveError, CvatBackupError, ExitCode, InterruptedError, UsageError, classifyError } from '../errors.js';
+import { blameLostLock, describeHolder, type LockOperation } from '../repository/locks.js';
+import { repairIndex } from '../repository/repair.js';
 import { discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { backupToArchiveSet, selectVolumes } from '../backup/archive-backup.js';
 import { readArchiveSet, verifyArchiveSet } from '../archive/archive-set.js';
@@ -18,7 +20,7 @@ import { Repository } from '../repository/repository.js';
 import { readSnapshots, shortId, type SnapshotListing } from '../repository/snapshots.js';
 import { checkRepository } from '../repository/check.js';
 import { exportSnapshot, importArchiveSet } from '../repository/archive-transfer.js';
-import { pruneRepository, type PruneResult } from '../repository/prune.js';
+import { DEFAULT_GRACE_MS, DEFAULT_MAX_UNUSED, pruneRepository, type PruneResult } from '../repository/prune.js';
 import { applyRetention, isEmptyPolicy, type RetentionPolicy } from '../repository/retention.js';
 import { backupToRepository, type BackupMode } from '../backup/repository-backup.js';
 import { restoreFromSnapshot } from '../restore/snapshot-restore.js';
@@ -33,6 +35,7 @@ interface GlobalOptions {
   json?: boolean;
   repo?: string;
   passwordFile?: string;
+  retryLock?: number;
 }
 
 function out(text: string): void {
@@ -64,6 +67,24 @@ function compressionLevel(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1 || n > 9) throw new InvalidArgumentError('a whole number from 1 to 9');
   return n;
+}
+
+const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+
+/** "5m", "30s", "1h30m", "24h", "0": milliseconds. */
+export function parseDuration(value: string): number {
+  if (value.trim() === '0') return 0;
+  const parts = [...value.trim().matchAll(/(\d+(?:\.\d+)?)(ms|s|m|h|d)/g)];
+  if (parts.length === 0 || parts.map((p) => p[0]).join('') !== value.trim()) throw new InvalidArgumentError('a duration such as 30s, 5m, 2h or 1h30m');
+  return Math.round(parts.reduce((sum, p) => sum + Number(p[1]) * DURATION_UNITS[p[2]!]!, 0));
+}
+
+/** "5%", "5", "unlimited": a share from 0 to 1. */
+function unusedShare(value: string): number {
+  if (value === 'unlimited') return 1;
+  const n = Number(value.replace(/%$/, ''));
+  if (!Number.isFinite(n) || n < 0 || n > 100) throw new InvalidArgumentError('a percentage from 0% to 100%, or unlimited');
+  return n / 100;
 }
 
 /** Ctrl-C aborts the operation; the operation itself restarts CVAT before it returns. */
@@ -165,6 +186,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .option('--json', 'print the result as one JSON object on stdout')
     .option('-r, --repo <path>', 'snapshot repository (default: $CVAT_BACKUP_REPO, else /var/backups/cvat-backup as root)')
     .option('--password-file <file>', 'read the repository password from FILE (else $CVAT_BACKUP_PASSWORD, else a prompt)')
+    .addOption(new Option('--retry-lock <duration>', 'when the repository is locked, wait up to this long for it (e.g. 5m, 30s) instead of failing').argParser(parseDuration))
     .showHelpAfterError()
     .exitOverride();
 
@@ -336,7 +358,36 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     });
 
   const openRepository = async (): Promise<Repository> =>
-    Repository.open(new LocalBackend(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false, warn), { onWarning: warn });
+    Repository.open(new LocalBackend(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false, warn), {
+      onWarning: warn,
+      locks: {
+        retryForMs: globals().retryLock ?? 0,
+        onWait: (holder, waitMs) => process.stderr.write(`repository is locked by ${describeHolder(holder)}: waiting up to ${formatDuration(waitMs)} for it…\n`),
+      },
+    });
+
+  /**
+   * Opens the repository and runs `work` holding its lock for `operation`, with Ctrl-C and a lost
+   * lock turned into an abort; the lock is always released. A failure met while the lock was lost
+   * (a prune that judged it stale may have deleted what was being read) is reported as the lost
+   * lock (exit 16), not as damage.
+   */
+  async function withRepositoryLock<T>(operation: LockOperation, work: (repo: Repository, signal: AbortSignal) => Promise<T>): Promise<T> {
+    const repo = await openRepository();
+    const { signal: interrupt, dispose } = interruptible();
+    try {
+      const lock = await repo.lock(operation, { signal: interrupt });
+      try {
+        return await work(repo, AbortSignal.any([interrupt, lock.signal]));
+      } catch (error) {
+        throw await blameLostLock(lock, error);
+      } finally {
+        await lock.release().catch(() => undefined);
+      }
+    } finally {
+      dispose();
+    }
+  }
 
   async function backupIntoRepository(
     engine: DockerEngine,
@@ -445,26 +496,27 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
 
   program
     .command('check')
-    .description('check the repository structure; --read-data also reads and authenticates every byte')
+    .description('check the repository structure (every pack header against the index); --read-data also reads and authenticates every byte')
     .option('--read-data', 'read every pack and verify every blob')
     .action(async (options: { readData?: boolean }) => {
-      const repo = await openRepository();
-      const lock = await repo.lock(false, 'check');
-      const { signal, dispose } = interruptible();
-      try {
+      await withRepositoryLock('check', async (repo, signal) => {
         const result = await checkRepository(repo, { readData: options.readData ?? false, signal, onPhase: (m) => process.stderr.write(`${m}…\n`) });
         if (globals().json) out(JSON.stringify({ ok: result.errors.length === 0, ...result }));
         else {
           for (const e of result.errors) process.stderr.write(`error: ${e}\n`);
+          if (result.unindexed.length > 0) {
+            const bytes = result.unindexed.reduce((n, p) => n + p.size, 0);
+            const old = result.unindexed.filter((p) => (p.ageMs ?? 0) > DEFAULT_GRACE_MS).length;
+            process.stderr.write(
+              `note: ${result.unindexed.length} packs (${formatBytes(bytes)}) are named by no index: written by a backup that is running or was interrupted; prune deletes them once they are older than ${formatDuration(DEFAULT_GRACE_MS)}${old > 0 ? ` (${old} already are)` : ''}\n`,
+            );
+          }
           if (result.errors.length === 0) out(`OK: ${result.snapshots} snapshots, ${result.packs} packs${result.readData ? `, ${result.blobs} blobs read and verified` : ''}`);
         }
         if (result.errors.length > 0) {
           throw new CorruptArchiveError(`repository ${repo.backend.location} has ${result.errors.length} problem(s)${result.errors[0] ? `, first: ${result.errors[0]}` : ''}`);
         }
-      } finally {
-        await lock.release().catch(() => undefined);
-        dispose();
-      }
+      });
     });
 
   const count = (value: string): number => {
@@ -473,10 +525,38 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     return n;
   };
 
-  async function prune(repo: Repository, signal: AbortSignal): Promise<PruneResult> {
-    const result = await pruneRepository(repo, { signal, onPhase: (m) => process.stderr.write(`${m}…\n`) });
+  interface PruneChoice {
+    maxUnused: number;
+    unusedGrace: number;
+    dryRun?: boolean;
+  }
+  const maxUnusedOption = (): Option =>
+    new Option('--max-unused <share>', 'repack partly used packs only while unused data exceeds this share of the repository (e.g. 5%, 0%, unlimited)')
+      .argParser(unusedShare)
+      .default(DEFAULT_MAX_UNUSED, '5%');
+  const graceOption = (): Option =>
+    new Option('--unused-grace <duration>', 'keep packs no index names (a running or killed backup may still need them) and temporary files until this old')
+      .argParser(parseDuration)
+      .default(DEFAULT_GRACE_MS, '24h');
+
+  async function prune(repo: Repository, signal: AbortSignal, choice: PruneChoice): Promise<PruneResult> {
+    const result = await pruneRepository(repo, {
+      signal,
+      maxUnused: choice.maxUnused,
+      graceMs: choice.unusedGrace,
+      dryRun: choice.dryRun ?? false,
+      onPhase: (m) => process.stderr.write(`${m}…\n`),
+    });
     if (!globals().json) {
-      out(`pruned: ${result.packsDeleted} packs deleted (${result.packsRepacked} repacked), ${formatBytes(result.bytesFreed)} freed`);
+      const share = (unused: number, total: number): string => `${formatBytes(unused)} unused (${total === 0 ? 0 : ((100 * unused) / total).toFixed(1)}% of ${formatBytes(total)})`;
+      const would = result.dryRun ? 'would be ' : '';
+      out(
+        `pruned${result.dryRun ? ' (dry run)' : ''}: ${result.packsDeleted} packs ${would}deleted (${result.packsRepacked} repacked, ${result.unindexedDeleted} left by interrupted backups), ${formatBytes(result.bytesFreed)} ${would}freed (${formatBytes(result.bytesDeleted)} deleted, ${formatBytes(result.bytesWritten)} written)`,
+      );
+      out(`before: ${share(result.unusedBefore, result.totalBefore)}; after: ${share(result.unusedAfter, result.totalAfter)}`);
+      if (result.unindexedKept > 0) {
+        out(`kept ${result.unindexedKept} packs (${formatBytes(result.unindexedKeptBytes)}) that no index names yet: younger than ${formatDuration(choice.unusedGrace)} (a backup may be writing them)`);
+      }
     }
     return result;
   }
@@ -491,8 +571,10 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .addOption(new Option('--keep-monthly <n>', 'likewise for months').argParser(count))
     .addOption(new Option('--keep-yearly <n>', 'likewise for years').argParser(count))
     .option('--prune', 'then remove the data no snapshot needs')
+    .addOption(maxUnusedOption())
+    .addOption(graceOption())
     .option('--dry-run', 'only show what would be removed')
-    .action(async (options: { keepLast?: number; keepHourly?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; keepYearly?: number; prune?: boolean; dryRun?: boolean }) => {
+    .action(async (options: { keepLast?: number; keepHourly?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; keepYearly?: number; prune?: boolean; dryRun?: boolean } & PruneChoice) => {
       const policy: RetentionPolicy = {
         ...(options.keepLast !== undefined ? { last: options.keepLast } : {}),
         ...(options.keepHourly !== undefined ? { hourly: options.keepHourly } : {}),
@@ -502,26 +584,24 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         ...(options.keepYearly !== undefined ? { yearly: options.keepYearly } : {}),
       };
       if (isEmptyPolicy(policy)) throw new UsageError('give at least one --keep-* rule (forget never removes every snapshot)');
-      const repo = await openRepository();
-      const lock = await repo.lock(true, 'forget');
-      const { signal, dispose } = interruptible();
-      try {
+      await withRepositoryLock('forget', async (repo, signal) => {
         // Damaged snapshots are named and left alone (their time is unknown); prune refuses while they exist.
         const all = warnDamaged(await readSnapshots(repo)).snapshots;
         const scope = globals().project === undefined ? all : all.filter((s) => s.project === globals().project);
         const decision = applyRetention(scope, policy);
-        if (!options.dryRun) for (const s of decision.remove) await repo.backend.remove('snapshots', s.id);
-        const pruned = options.prune && !options.dryRun ? await prune(repo, signal) : undefined;
+        if (!options.dryRun) {
+          // Checked once, not per file: a snapshot removal needs no index, and a lost lock stops here.
+          await repo.assertLockHeld();
+          for (const s of decision.remove) await repo.backend.remove('snapshots', s.id); // durable: the folder is fsynced
+        }
+        const pruned = options.prune && !options.dryRun ? await prune(repo, signal, options) : undefined;
         if (globals().json) {
           out(JSON.stringify({ kept: decision.keep.map((k) => ({ id: k.snapshot.id, reasons: k.reasons })), removed: decision.remove.map((s) => s.id), dryRun: options.dryRun ?? false, prune: pruned ?? null }));
         } else {
           for (const k of decision.keep) out(`keep    ${shortId(k.snapshot.id)}  ${k.snapshot.time.replace('T', ' ').slice(0, 19)}  ${k.snapshot.project}  (${k.reasons.join(', ')})`);
           for (const r of decision.remove) out(`${options.dryRun ? 'would remove' : 'removed'} ${shortId(r.id)}  ${r.time.replace('T', ' ').slice(0, 19)}  ${r.project}`);
         }
-      } finally {
-        await lock.release().catch(() => undefined);
-        dispose();
-      }
+      });
     });
 
   program
@@ -530,10 +610,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .argument('<snapshot>', "'latest' or a snapshot id (prefix)")
     .requiredOption('--to <dir>', 'new or empty folder')
     .action(async (ref: string, options: { to: string }) => {
-      const repo = await openRepository();
-      const lock = await repo.lock(false, 'export');
-      const { signal, dispose } = interruptible();
-      try {
+      await withRepositoryLock('export', async (repo, signal) => {
         const { snapshot, manifest } = await exportSnapshot(repo, ref, resolve(options.to), {
           project: globals().project,
           toolVersion: TOOL_VERSION,
@@ -542,10 +619,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         });
         if (globals().json) out(JSON.stringify({ snapshot: snapshot.id, dir: resolve(options.to), volumes: manifest.volumes.map((v) => ({ name: v.composeName, archive: v.archive, files: v.files, bytes: v.bytes })) }));
         else out(`Exported snapshot ${shortId(snapshot.id)} (${manifest.volumes.length} volumes) to ${resolve(options.to)}`);
-      } finally {
-        await lock.release().catch(() => undefined);
-        dispose();
-      }
+      });
     });
 
   program
@@ -554,10 +628,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .argument('<dir>', 'folder with the archives')
     .option('--cvat-version <version>', 'CVAT version of a hand-made archive set (no manifest)')
     .action(async (dir: string, options: { cvatVersion?: string }) => {
-      const repo = await openRepository();
-      const lock = await repo.lock(true, 'import');
-      const { signal, dispose } = interruptible();
-      try {
+      // Shared, like backup: an import only adds.
+      await withRepositoryLock('import', async (repo, signal) => {
         const snapshot = await importArchiveSet(repo, resolve(dir), {
           project: globals().project,
           cvatVersion: options.cvatVersion,
@@ -567,26 +639,41 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         });
         if (globals().json) out(JSON.stringify({ snapshot: snapshot.id, project: snapshot.project, cvatVersion: snapshot.cvat.version }));
         else out(`Imported ${dir} as snapshot ${shortId(snapshot.id)} of project ${snapshot.project} (CVAT ${snapshot.cvat.version ?? 'unknown'})`);
-      } finally {
-        await lock.release().catch(() => undefined);
-        dispose();
-      }
+      });
     });
 
   program
     .command('prune')
-    .description('remove the data no snapshot needs (and packs left by interrupted backups)')
-    .action(async () => {
-      const repo = await openRepository();
-      const lock = await repo.lock(true, 'prune');
-      const { signal, dispose } = interruptible();
-      try {
-        const result = await prune(repo, signal);
+    .description('remove the data no snapshot needs (and, after the grace period, packs left by interrupted backups)')
+    .addOption(maxUnusedOption())
+    .addOption(graceOption())
+    .option('--dry-run', 'only show what would be deleted and repacked')
+    .action(async (options: PruneChoice) => {
+      await withRepositoryLock('prune', async (repo, signal) => {
+        const result = await prune(repo, signal, options);
         if (globals().json) out(JSON.stringify(result));
-      } finally {
-        await lock.release().catch(() => undefined);
-        dispose();
-      }
+      });
+    });
+
+  program
+    .command('repair')
+    .description('repair the repository')
+    .command('index')
+    .description("rebuild the index from the packs' own headers (when index files are lost, damaged, or disagree with the packs)")
+    .action(async () => {
+      await withRepositoryLock('repair-index', async (repo, signal) => {
+        const result = await repairIndex(repo, { signal, onPhase: (m) => process.stderr.write(`${m}…\n`) });
+        if (globals().json) {
+          out(JSON.stringify(result));
+          return;
+        }
+        for (const d of result.damagedPacks) {
+          warn(`pack ${d.id}: ${d.error}${d.keptFromOldIndex > 0 ? ` (its ${d.keptFromOldIndex} entries from the old index kept)` : ' (not indexed: its blobs are lost unless stored elsewhere)'}`);
+        }
+        out(
+          `Rebuilt the index from ${result.packs} packs (${result.blobs} blobs): ${result.indexFilesWritten} index files written, ${result.indexFilesRemoved} old ones removed${result.missingPacks > 0 ? `, ${result.missingPacks} missing packs dropped` : ''}. Run 'cvat-backup check' next.`,
+        );
+      });
     });
 
   return program;
@@ -608,9 +695,13 @@ const DISK_FULL: Record<string, string> = {
   export: 'the disk of the --to folder is full: free space or choose another --to; the partial archives were removed',
   prune: "the repository's disk is full: prune writes what it repacks before it deletes anything; free some space and run it again",
   forget: "the repository's disk is full: free some space and run the command again",
+  index: "the repository's disk is full: repair index writes the new index before it removes the old one; free some space and run it again",
 };
 
 function report(error: unknown, command: string | undefined): number {
+  // An abort whose reason is one of ours (a lost lock) is that error, not an interruption.
+  const cause = (error as { name?: unknown; cause?: unknown } | null)?.name === 'AbortError' ? (error as { cause?: unknown }).cause : undefined;
+  if (cause instanceof CvatBackupError) return report(cause, command);
   const classified = classifyError(error, command !== undefined ? DISK_FULL[command] : undefined);
   if (classified instanceof AggregateError) {
     const [first, ...rest] = classified.errors as unknown[];

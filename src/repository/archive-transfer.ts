@@ -30,8 +30,10 @@ export async function exportSnapshot(
   dir: string,
   options: { project?: string | undefined; toolVersion: string; signal?: AbortSignal; onVolume?: (name: string) => void },
 ): Promise<{ snapshot: Snapshot & { id: string }; manifest: ArchiveSetManifest }> {
-  await repo.loadIndex();
+  // The snapshot before the index: one a backup finishes meanwhile has its index files written
+  // first, so `latest` never names blobs the loaded index lacks.
   const snapshot = await resolveSnapshot(repo, ref, options.project);
+  await repo.loadIndex();
   if (snapshot.database) {
     throw new UsageError(
       `snapshot ${snapshot.id.slice(0, 8)} holds the database as a pg_dump (backup --db dump), which the guide's format cannot carry: restore it with 'cvat-backup restore ${snapshot.id.slice(0, 8)}'`,

@@ -83,7 +83,7 @@ export async function createKeyFile(master: Buffer, password: string, kdf: Omit<
  * `onDamaged`); wrong password if none opens and at least one was sound.
  */
 export async function openMasterKey(backend: Backend, password: string, onDamaged: (name: string, error: Error) => void = () => undefined): Promise<Buffer> {
-  const names = await backend.list('keys');
+  const names = (await backend.list('keys')).map((f) => f.name);
   const damaged: string[] = [];
   let wrongPassword: Error | undefined;
   for (const name of names) {

@@ -135,7 +135,7 @@ void describe('Repository on a local backend', () => {
         const reader = await Repository.open(healthy, 'pw');
         assert.deepEqual((await checkRepository(reader, { readData: true })).errors, []);
         assert.equal((await healthy.list('snapshots')).length, 0);
-        assert.equal((await healthy.list('data')).some((n) => n.startsWith('.tmp')), false);
+        assert.deepEqual(await healthy.listTemporary(), [], 'a failed save leaves no temporary file');
       }
       const writer = await Repository.open(healthy, 'pw');
       await writer.loadIndex();

@@ -1,22 +1,24 @@
 /**
- * The content-addressed snapshot repository (format: docs/repository-format.md).
+ * The content-addressed snapshot repository (format: docs/repository-format.md): keys, config,
+ * the blob index and sealed objects. Pack assembly lives in packer.ts (one packer per blob type),
+ * locks in locks.ts; check, prune and repair in their own modules.
  *
  * Blobs (file chunks and directory trees) are identified by the SHA-256 of their plaintext,
  * compressed (zstd, unless incompressible), sealed (AES-256-GCM under the master key) and packed
  * into pack files of about 16 MiB. Each pack ends with its own sealed header listing its blobs, so
- * the index can be rebuilt from the packs alone. Index files map blob ids to (pack, offset,
- * length); snapshots name the root trees of every volume.
+ * the index can be rebuilt from the packs alone (`repair index`). Index files map blob ids to
+ * (pack, offset, length); snapshots name the root trees of every volume.
  *
  * Crash-safe write order: a pack is saved (atomically, fsynced) before the index file that
  * names it, and every index file before the snapshot that needs it. A crash leaves at worst
- * unreferenced packs, which `prune` removes; never a snapshot that points at missing data.
+ * unreferenced packs, which `prune` removes after its grace period; never a snapshot that points
+ * at missing data. Every index file and snapshot is written only while the repository lock is
+ * held (`assertLockHeld`): a writer whose lock was lost stops before it.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { write } from 'node:fs';
-import { hostname } from 'node:os';
 import type { Backend } from '../backend/backend.js';
-import { CorruptArchiveError, LockedError, RepositoryError } from '../errors.js';
-import { processAlive } from '../host.js';
+import { CorruptArchiveError, RepositoryError } from '../errors.js';
 import { DEFAULT_CHUNKER, type ChunkerParams } from './chunker.js';
 import { open as openSealed, seal, type KdfParams } from './crypto.js';
 import { calibrateKdf, createKeyFile, openMasterKey } from './keys.js';
@@ -25,8 +27,11 @@ import { ChunkPool } from './chunk-pool.js';
 import type { BlobDestination } from './blob-worker.js';
 import { blobAad } from './aad.js';
 import { BlobIndex, type BlobLocation, type BlobType } from './blob-index.js';
+import { acquireLock, type LockOperation, type LockOptions, type RepositoryLock } from './locks.js';
+import { PackWriter, type PackHeaderEntry, type WrittenPack } from './packer.js';
 
 export type { BlobLocation, BlobType } from './blob-index.js';
+export { PACK_MAX_BLOBS, PACK_TARGET, type PackHeaderEntry } from './packer.js';
 
 export interface RepositoryConfig {
   version: 1;
@@ -35,27 +40,16 @@ export interface RepositoryConfig {
   created: string;
 }
 
-interface PackHeaderEntry {
-  id: string;
-  type: BlobType;
-  offset: number;
-  length: number;
-  rawLength: number;
+/** An index file: packs and the blobs in each (all of a pack's blobs, as its header lists them). */
+export interface IndexFile {
+  packs: { id: string; blobs: PackHeaderEntry[] }[];
 }
 
-interface IndexFile {
-  packs: { id: string; blobs: Omit<PackHeaderEntry, never>[] }[];
-}
+/** Blobs named per index file written during a backup (and by prune and repair). */
+export const INDEX_EVERY = 50_000;
 
-export const PACK_TARGET = 16 * 1024 * 1024;
-/**
- * A pack also closes at this many blobs: until it is written, each of its blobs is held as an
- * object (header entry, pending id, sealed buffer), so a pack of tiny files must not grow to
- * hundreds of thousands of them.
- */
-export const PACK_MAX_BLOBS = 8192;
-/** Blobs named per index file written during a backup. */
-const INDEX_EVERY = 50_000;
+/** Sealed objects stored whole, each under the SHA-256 of its sealed bytes. */
+export type ObjectKind = 'index' | 'snapshots' | 'state';
 
 export function sha256(data: Buffer): string {
   return createHash('sha256').update(data).digest('hex');
@@ -67,25 +61,41 @@ export interface RepositoryOptions {
   kdf?: Omit<KdfParams, 'salt'>;
   /** Told of what does not stop the repository from opening (a damaged key file beside a good one). */
   onWarning?: (message: string) => void;
+  /** Clock, host name, refresh interval and lock wait (--retry-lock) for this repository's locks. */
+  locks?: LockOptions;
 }
 
 export class Repository {
-  private readonly index = new BlobIndex();
+  private index = new BlobIndex();
   private indexLoaded = false;
-  /** Blobs sealed but not yet written in a pack. */
-  private packParts: Buffer[] = [];
-  private packEntries: PackHeaderEntry[] = [];
-  private packSize = 0;
-  /** Packs written since the last index file. */
-  private unindexed: { id: string; blobs: PackHeaderEntry[] }[] = [];
+  /** The index files `loadIndex` read (prune and repair replace exactly these). */
+  private indexFiles = new Set<string>();
+  /** Blobs sealed but not yet in a durable pack. */
   private readonly pendingIds = new Set<string>();
+  /** Packs written since the last index file. */
+  private unindexed: WrittenPack[] = [];
+  private unindexedBlobs = 0;
+  private readonly packs: PackWriter;
+  /** The lock this process holds on the repository, once taken: index and snapshot writes check it. */
+  private held: RepositoryLock | undefined;
+  /** Index files and snapshots this process wrote (name → bytes). */
+  private readonly writtenObjects = new Map<string, number>();
 
   private constructor(
     readonly backend: Backend,
     readonly config: RepositoryConfig,
     private readonly key: Buffer,
-    private readonly now: () => Date,
-  ) {}
+    private readonly options: RepositoryOptions,
+  ) {
+    this.packs = new PackWriter(backend, key, (pack) => {
+      for (const e of pack.blobs) {
+        this.index.set(e.id, { pack: pack.id, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+        this.pendingIds.delete(e.id);
+      }
+      this.unindexed.push(pack);
+      this.unindexedBlobs += pack.blobs.length;
+    });
+  }
 
   static async init(backend: Backend, password: string, options: RepositoryOptions = {}): Promise<Repository> {
     if (await backend.exists()) throw new RepositoryError(`a repository already exists at ${backend.location}`);
@@ -103,7 +113,7 @@ export class Repository {
     await backend.save('keys', sha256(keyFile), keyFile);
     // The config is written last: a repository exists once its config does.
     await backend.save('config', 'config', seal(master, Buffer.from(JSON.stringify(config)), 'config'));
-    return new Repository(backend, config, master, now);
+    return new Repository(backend, config, master, options);
   }
 
   static async open(backend: Backend, password: string, options: RepositoryOptions = {}): Promise<Repository> {
@@ -112,35 +122,130 @@ export class Repository {
     }
     const master = await openMasterKey(backend, password, (name, error) => options.onWarning?.(`${error.message}: skipped (remove ${name} from keys/ if it stays so)`));
     const config = JSON.parse(openSealed(master, await backend.load('config', 'config'), 'config', 'config').toString('utf8')) as RepositoryConfig;
-    return new Repository(backend, config, master, options.now ?? (() => new Date()));
+    return new Repository(backend, config, master, options);
   }
 
-  // ---- objects sealed whole (index, snapshots) ----
+  // ---- locks ----
 
-  async saveObject(kind: 'index' | 'snapshots', value: unknown): Promise<string> {
+  /**
+   * Takes the repository lock for `operation` (shared or exclusive by the operation, see
+   * locks.ts), waiting as the repository's lock options say (--retry-lock). From then on every
+   * index file and snapshot this repository writes first checks that the lock is still held.
+   * Once per operation; throws LockedError (exit 10) when it cannot be had.
+   */
+  async lock(operation: LockOperation, options: { signal?: AbortSignal } = {}): Promise<RepositoryLock> {
+    const lock = await acquireLock(this.backend, operation, { ...this.options.locks, ...(options.signal ? { signal: options.signal } : {}) });
+    this.held = lock;
+    return lock;
+  }
+
+  /**
+   * Throws LockLostError if this repository's lock was lost (its file vanished, or it could not
+   * be refreshed in time) or released; resolves when no lock was ever taken (library use, tests).
+   * Called right before every index file and snapshot write.
+   */
+  async assertLockHeld(): Promise<void> {
+    await this.held?.assertHeld();
+  }
+
+  // ---- objects sealed whole (index, snapshots, prune's state) ----
+
+  /**
+   * Seals and stores an object under the SHA-256 of its sealed bytes. Index files and snapshots are
+   * written only while the lock is held (LockLostError otherwise).
+   */
+  async saveObject(kind: ObjectKind, value: unknown): Promise<string> {
     const sealed = seal(this.key, Buffer.from(JSON.stringify(value)), kind);
     const id = sha256(sealed);
+    if (kind !== 'state') await this.assertLockHeld();
     await this.backend.save(kind, id, sealed);
+    this.writtenObjects.set(`${kind}/${id}`, sealed.length);
     return id;
   }
 
-  async loadObject<T>(kind: 'index' | 'snapshots', id: string): Promise<T> {
+  async loadObject<T>(kind: ObjectKind, id: string): Promise<T> {
     const sealed = await this.backend.load(kind, id);
     if (sha256(sealed) !== id) throw new CorruptArchiveError(`${kind}/${id}: content does not match its name`);
-    return JSON.parse(openSealed(this.key, sealed, kind, `${kind}/${id}`).toString('utf8')) as T;
+    let text: string;
+    try {
+      text = openSealed(this.key, sealed, kind, `${kind}/${id}`).toString('utf8');
+    } catch (error) {
+      throw error instanceof CorruptArchiveError ? error : new CorruptArchiveError(`${kind}/${id}: ${(error as Error).message}`, { cause: error });
+    }
+    try {
+      return JSON.parse(text) as T;
+    } catch (error) {
+      throw new CorruptArchiveError(`${kind}/${id}: not valid JSON`, { cause: error });
+    }
   }
 
   // ---- index ----
 
-  async loadIndex(): Promise<void> {
+  /**
+   * Loads every index file once (later calls return at once). A damaged index file throws
+   * CorruptArchiveError (`repair index` rebuilds the index from the packs), unless `onDamaged`
+   * is given: then it is reported there and skipped.
+   */
+  async loadIndex(options: { onDamaged?: (name: string, error: CorruptArchiveError) => void } = {}): Promise<void> {
     if (this.indexLoaded) return;
-    for (const name of await this.backend.list('index')) {
-      const file = await this.loadObject<IndexFile>('index', name);
+    for (const { name } of await this.backend.list('index')) {
+      let file: IndexFile;
+      try {
+        file = await this.readIndexFile(name);
+      } catch (error) {
+        // check goes on past a damaged index file (and says so); everyone else stops.
+        if (!(error instanceof CorruptArchiveError) || !options.onDamaged) throw error;
+        options.onDamaged(name, error);
+        continue;
+      }
       for (const pack of file.packs) {
         for (const b of pack.blobs) this.index.set(b.id, { pack: pack.id, type: b.type, offset: b.offset, length: b.length, rawLength: b.rawLength });
       }
+      this.indexFiles.add(name);
     }
     this.indexLoaded = true;
+  }
+
+  /** Reads one index file and checks its shape (CorruptArchiveError if it is not an index). */
+  async readIndexFile(name: string): Promise<IndexFile> {
+    const file = await this.loadObject<IndexFile>('index', name);
+    if (!isIndexFile(file)) throw new CorruptArchiveError(`index/${name.slice(0, 12)}: not an index file`);
+    return file;
+  }
+
+  /** The index files the last `loadIndex` read. */
+  loadedIndexFiles(): ReadonlySet<string> {
+    return this.indexFiles;
+  }
+
+  /** Forgets the loaded index (after prune or repair replaced the index files). */
+  resetIndex(): void {
+    this.index = new BlobIndex();
+    this.indexFiles = new Set();
+    this.indexLoaded = false;
+  }
+
+  /**
+   * Writes index files naming `packs` (split so that no file names more than INDEX_EVERY
+   * blobs); checks the lock first. Returns the names written.
+   */
+  async saveIndexFiles(packs: { id: string; blobs: PackHeaderEntry[] }[]): Promise<string[]> {
+    const names: string[] = [];
+    let batch: { id: string; blobs: PackHeaderEntry[] }[] = [];
+    let blobs = 0;
+    const write = async (): Promise<void> => {
+      if (batch.length === 0) return;
+      names.push(await this.saveObject('index', { packs: batch } satisfies IndexFile));
+      batch = [];
+      blobs = 0;
+    };
+    for (const pack of packs) {
+      if (blobs > 0 && blobs + pack.blobs.length > INDEX_EVERY) await write();
+      batch.push(pack);
+      blobs += pack.blobs.length;
+    }
+    await write();
+    return names;
   }
 
   has(id: string): boolean {
@@ -155,6 +260,18 @@ export class Repository {
     return this.index.entries();
   }
 
+  /** Names of the index files this process wrote. */
+  writtenIndexFiles(): string[] {
+    return [...this.writtenObjects.keys()].filter((k) => k.startsWith('index/')).map((k) => k.slice('index/'.length));
+  }
+
+  /** Bytes of packs and of index files and snapshots this process wrote so far. */
+  get bytesWritten(): { packs: number; objects: number } {
+    let objects = 0;
+    for (const n of this.writtenObjects.values()) objects += n;
+    return { packs: this.packs.stats.bytes, objects };
+  }
+
   // ---- blobs ----
 
   /** Stores a blob unless the repository has it; returns its id and whether bytes were added. */
@@ -162,11 +279,8 @@ export class Repository {
     const id = sha256(plaintext);
     if (this.has(id)) return { id, added: 0 };
     const sealed = seal(this.key, await packPayload(plaintext), blobAad(type, id));
-    this.packEntries.push({ id, type, offset: this.packSize, length: sealed.length, rawLength: plaintext.length });
-    this.packParts.push(sealed);
-    this.packSize += sealed.length;
-    this.pendingIds.add(id);
-    if (this.packSize >= PACK_TARGET || this.packEntries.length >= PACK_MAX_BLOBS) await this.writePack();
+    if (this.has(id)) return { id, added: 0 }; // stored meanwhile (compression yields)
+    await this.addToPack(id, type, sealed, plaintext.length);
     return { id, added: sealed.length };
   }
 
@@ -176,12 +290,33 @@ export class Repository {
    */
   async saveSealedBlob(id: string, type: BlobType, sealed: Buffer, rawLength: number): Promise<number> {
     if (this.has(id)) return 0;
-    this.packEntries.push({ id, type, offset: this.packSize, length: sealed.length, rawLength });
-    this.packParts.push(sealed);
-    this.packSize += sealed.length;
-    this.pendingIds.add(id);
-    if (this.packSize >= PACK_TARGET || this.packEntries.length >= PACK_MAX_BLOBS) await this.writePack();
+    await this.addToPack(id, type, sealed, rawLength);
     return sealed.length;
+  }
+
+  /**
+   * Prune: copies a blob, still sealed, into the pack of its type being written (no decryption
+   * needed), whether or not the index already names it elsewhere. Once that pack is durable the
+   * in-memory index points at the copy.
+   */
+  async repackBlob(id: string, type: BlobType, sealed: Buffer, rawLength: number): Promise<void> {
+    await this.addToPack(id, type, sealed, rawLength);
+  }
+
+  private async addToPack(id: string, type: BlobType, sealed: Buffer, rawLength: number): Promise<void> {
+    this.pendingIds.add(id);
+    await this.packs.add(id, type, sealed, rawLength);
+    // Index files are written along the way too, so memory and index file size stay bounded for
+    // backups of millions of small files (only packs already durable are named).
+    if (this.unindexedBlobs >= INDEX_EVERY) await this.writeIndexFile();
+  }
+
+  /**
+   * Checks that `sealed` is blob `id` of `type` (authentication only, no decompression): prune
+   * copies only blobs that are what the index says. CorruptArchiveError otherwise.
+   */
+  authenticateSealed(id: string, type: BlobType, sealed: Buffer, where: string): void {
+    openSealed(this.key, sealed, blobAad(type, id), where);
   }
 
   /** Worker threads that chunk, hash, compress and seal files with this repository's key. */
@@ -189,9 +324,12 @@ export class Repository {
     return new ChunkPool(this.key, this.config.chunker, size);
   }
 
-  /** Reads, authenticates and checks a blob; on a worker of `pool` when the backend is local. */
-  async loadBlob(id: string, pool?: ChunkPool, options: { hash?: boolean } = {}): Promise<Buffer> {
-    return (await this.readBlob(id, pool, options.hash ?? false, { kind: 'reply' }))!;
+  /**
+   * Reads, authenticates and checks a blob; on a worker of `pool` when the backend is local.
+   * `at` reads a given copy (check reads every pack's copies) instead of the one the index knows.
+   */
+  async loadBlob(id: string, pool?: ChunkPool, options: { hash?: boolean; at?: BlobLocation } = {}): Promise<Buffer> {
+    return (await this.readBlob(id, pool, options.hash ?? false, { kind: 'reply' }, options.at))!;
   }
 
   /** Reads and authenticates a blob, keeping nothing (verification before a restore). */
@@ -216,8 +354,8 @@ export class Repository {
   }
 
   /** Returns the plaintext, or undefined when a worker disposed of it as `to` says. */
-  private async readBlob(id: string, pool: ChunkPool | undefined, hash: boolean, to: BlobDestination): Promise<Buffer | undefined> {
-    const where = this.index.get(id);
+  private async readBlob(id: string, pool: ChunkPool | undefined, hash: boolean, to: BlobDestination, at?: BlobLocation): Promise<Buffer | undefined> {
+    const where = at ?? this.index.get(id);
     if (!where) throw new CorruptArchiveError(`blob ${id.slice(0, 12)} is missing from the index`);
     const local = pool ? this.backend.localPath?.('data', where.pack) : undefined;
     if (pool && local !== undefined) return pool.loadBlob(local, id, where, hash, to);
@@ -233,142 +371,79 @@ export class Repository {
     return plaintext;
   }
 
-  /** Pack saves under way: the next pack fills while the disk writes the last one (one write pending at a time). */
-  private inFlight: Promise<void>[] = [];
-
-  private async writePack(): Promise<void> {
-    if (this.packEntries.length === 0) return;
-    const entries = this.packEntries;
-    const header = seal(this.key, Buffer.from(JSON.stringify(entries)), 'pack-header');
-    const length = Buffer.alloc(4);
-    length.writeUInt32LE(header.length);
-    // A pack is named by a random id: its blobs are authenticated one by one (AES-GCM with the
-    // blob id as associated data), so hashing 16 MiB per pack on this thread would buy nothing.
-    const pack = [...this.packParts, header, length];
-    const id = randomBytes(32).toString('hex');
-    this.packParts = [];
-    this.packEntries = [];
-    this.packSize = 0;
-    // A blob enters the index only once its pack is durable; until then it is "pending".
-    const saving = this.backend.save('data', id, pack).then(() => {
-      for (const e of entries) {
-        this.index.set(e.id, { pack: id, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
-        this.pendingIds.delete(e.id);
-      }
-      this.unindexed.push({ id, blobs: entries });
-    });
-    this.inFlight.push(saving);
-    saving.catch(() => undefined); // awaited below or by flush; never unhandled
-    while (this.inFlight.length > 1) await this.inFlight.shift();
-    // Index files are written along the way too, so memory and index file size stay bounded for
-    // backups of millions of small files (only packs already durable are named).
-    if (this.unindexed.reduce((n, p) => n + p.blobs.length, 0) >= INDEX_EVERY) await this.writeIndexFile();
-  }
-
   private async writeIndexFile(): Promise<void> {
     if (this.unindexed.length === 0) return;
     const packs = this.unindexed;
     this.unindexed = [];
-    await this.saveObject('index', { packs } satisfies IndexFile);
+    this.unindexedBlobs = 0;
+    try {
+      await this.saveObject('index', { packs: packs.map((p) => ({ id: p.id, blobs: p.blobs })) } satisfies IndexFile);
+    } catch (error) {
+      // Not written: the packs stay unindexed, for a later attempt (or prune's grace period).
+      this.unindexed = [...packs, ...this.unindexed];
+      this.unindexedBlobs += packs.reduce((n, p) => n + p.blobs.length, 0);
+      throw error;
+    }
   }
 
-  private async waitForPacks(): Promise<void> {
-    const pending = this.inFlight;
-    this.inFlight = [];
-    await Promise.all(pending);
-  }
-
-  /** Writes the open pack and an index file for every pack not yet indexed. Call before a snapshot. */
+  /** Writes the open packs and an index file for every pack not yet indexed. Call before a snapshot. */
   async flush(): Promise<void> {
-    await this.writePack();
-    await this.waitForPacks();
+    await this.packs.flush();
     await this.writeIndexFile();
   }
 
-  /** Prune: moves a blob, still sealed, into the pack being written (no decryption needed). */
-  async copyBlobToNewPack(id: string): Promise<void> {
-    const where = this.index.get(id);
-    if (!where) throw new CorruptArchiveError(`blob ${id.slice(0, 12)} is missing from the index`);
-    const sealed = await this.backend.load('data', where.pack, { offset: where.offset, length: where.length });
-    this.packEntries.push({ id, type: where.type, offset: this.packSize, length: sealed.length, rawLength: where.rawLength });
-    this.packParts.push(sealed);
-    this.packSize += sealed.length;
-    this.pendingIds.add(id);
-    if (this.packSize >= PACK_TARGET || this.packEntries.length >= PACK_MAX_BLOBS) await this.writePack();
-  }
-
   /**
-   * Writes the open pack without writing an index for it: its blobs become readable (a pass of a
-   * two-phase backup reads the trees of the pass before), and prune gets its copies on disk.
+   * Writes the open packs without writing an index for them: their blobs become readable (a pass
+   * of a two-phase backup reads the trees of the pass before), and prune gets its copies on disk.
    */
   async flushPacksOnly(): Promise<void> {
-    await this.writePack();
-    await this.waitForPacks();
+    await this.packs.flush();
   }
-
-  /** Prune: writes one index file naming exactly `keep` at their current places. */
-  async rewriteIndex(keep: Set<string>): Promise<void> {
-    const packs = new Map<string, PackHeaderEntry[]>();
-    for (const id of keep) {
-      const where = this.index.get(id);
-      if (!where) continue;
-      packs.set(where.pack, [...(packs.get(where.pack) ?? []), { id, type: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength }]);
-    }
-    await this.saveObject('index', { packs: [...packs].map(([id, blobs]) => ({ id, blobs })) } satisfies IndexFile);
-    for (const id of [...this.index.keys()]) if (!keep.has(id)) this.index.delete(id);
-    this.unindexed = [];
-  }
-
-  /** Reads a pack's own header (used by check and prune to rebuild knowledge from the packs). */
-  async readPackHeader(packId: string): Promise<PackHeaderEntry[]> {
-    const size = await this.backend.stat('data', packId);
-    if (size === undefined || size < 4) throw new CorruptArchiveError(`pack ${packId.slice(0, 12)} is missing or truncated`);
-    const tail = await this.backend.load('data', packId, { offset: size - 4, length: 4 });
-    const headerLength = tail.readUInt32LE(0);
-    if (headerLength + 4 > size) throw new CorruptArchiveError(`pack ${packId.slice(0, 12)}: bad header length`);
-    const header = await this.backend.load('data', packId, { offset: size - 4 - headerLength, length: headerLength });
-    return JSON.parse(openSealed(this.key, header, 'pack-header', `pack ${packId.slice(0, 12)} header`).toString('utf8')) as PackHeaderEntry[];
-  }
-
-  // ---- locks ----
 
   /**
-   * Takes the repository lock: exclusive for writers (backup, forget, prune), shared for readers.
-   * A lock of a dead process on this host, or older than `staleMs` without refresh, is stale.
+   * Reads a pack's own header (check compares it with the index; repair index rebuilds the index
+   * from it). `size` saves a stat when a listing already gave it. CorruptArchiveError when the
+   * pack is missing, truncated or its header does not open.
    */
-  async lock(exclusive: boolean, operation: string, staleMs = 30 * 60 * 1000): Promise<{ release: () => Promise<void> }> {
-    const now = this.now();
-    for (const name of await this.backend.list('locks')) {
-      let holder: { exclusive: boolean; pid: number; hostname: string; time: string; operation: string };
-      try {
-        holder = JSON.parse((await this.backend.load('locks', name)).toString('utf8')) as typeof holder;
-      } catch {
-        continue; // removed meanwhile, or half-written by a crashed process
-      }
-      const dead = holder.hostname === hostname() && !processAlive(holder.pid);
-      const old = now.getTime() - new Date(holder.time).getTime() > staleMs;
-      if (dead || old) {
-        await this.backend.remove('locks', name);
-        continue;
-      }
-      if (exclusive || holder.exclusive) {
-        throw new LockedError(
-          `repository ${this.backend.location} is locked by ${holder.operation} (pid ${holder.pid} on ${holder.hostname} since ${holder.time}); wait for it, or if it is gone remove ${this.backend.location}/locks/${name}`,
-        );
-      }
+  async readPackHeader(packId: string, size?: number): Promise<PackHeaderEntry[]> {
+    const length = size ?? (await this.backend.stat('data', packId));
+    const short = packId.slice(0, 12);
+    if (length === undefined || length < 4) throw new CorruptArchiveError(`pack ${short} is missing or truncated`);
+    const tail = await this.backend.load('data', packId, { offset: length - 4, length: 4 });
+    if (tail.length < 4) throw new CorruptArchiveError(`pack ${short} is truncated`);
+    const headerLength = tail.readUInt32LE(0);
+    if (headerLength + 4 > length) throw new CorruptArchiveError(`pack ${short}: bad header length`);
+    const header = await this.backend.load('data', packId, { offset: length - 4 - headerLength, length: headerLength });
+    let entries: unknown;
+    try {
+      entries = JSON.parse(openSealed(this.key, header, 'pack-header', `pack ${short} header`).toString('utf8'));
+    } catch (error) {
+      throw error instanceof CorruptArchiveError ? error : new CorruptArchiveError(`pack ${short}: header is not valid JSON`, { cause: error });
     }
-    const name = randomBytes(16).toString('hex');
-    await this.backend.save('locks', name, Buffer.from(JSON.stringify({ exclusive, pid: process.pid, hostname: hostname(), time: now.toISOString(), operation })));
-    // Two processes may have listed at the same time: look again now that ours is visible, and
-    // back off if a conflicting lock appeared. Both may back off; never both go on.
-    for (const other of await this.backend.list('locks')) {
-      if (other === name) continue;
-      const holder = await this.backend.load('locks', other).then((b) => JSON.parse(b.toString('utf8')) as { exclusive: boolean }).catch(() => undefined);
-      if (holder && (exclusive || holder.exclusive)) {
-        await this.backend.remove('locks', name);
-        throw new LockedError(`repository ${this.backend.location} is locked by another cvat-backup: try again`);
-      }
-    }
-    return { release: () => this.backend.remove('locks', name) };
+    if (!Array.isArray(entries) || !entries.every((e) => isHeaderEntry(e, length - 4 - headerLength))) throw new CorruptArchiveError(`pack ${short}: header entries are not valid`);
+    return entries;
   }
+}
+
+function isHeaderEntry(value: unknown, dataLength: number): value is PackHeaderEntry {
+  const e = value as Partial<PackHeaderEntry> | null;
+  return (
+    typeof e === 'object' &&
+    e !== null &&
+    typeof e.id === 'string' &&
+    /^[0-9a-f]{64}$/.test(e.id) &&
+    (e.type === 'data' || e.type === 'tree') &&
+    Number.isSafeInteger(e.offset) &&
+    Number.isSafeInteger(e.length) &&
+    Number.isSafeInteger(e.rawLength) &&
+    e.offset! >= 0 &&
+    e.length! > 0 &&
+    e.rawLength! >= 0 &&
+    e.offset! + e.length! <= dataLength
+  );
+}
+
+function isIndexFile(value: unknown): value is IndexFile {
+  const f = value as Partial<IndexFile> | null;
+  return typeof f === 'object' && f !== null && Array.isArray(f.packs) && f.packs.every((p) => typeof p?.id === 'string' && Array.isArray(p.blobs));
 }

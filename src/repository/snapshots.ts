@@ -27,7 +27,7 @@ export interface SnapshotListing {
 export async function readSnapshots(repo: Repository): Promise<SnapshotListing> {
   const snapshots: StoredSnapshot[] = [];
   const damaged: DamagedSnapshot[] = [];
-  for (const id of await repo.backend.list('snapshots')) {
+  for (const { name: id } of await repo.backend.list('snapshots')) {
     try {
       const snapshot = await repo.loadObject<Snapshot>('snapshots', id);
       if (!isSnapshotShape(snapshot)) throw new CorruptArchiveError('not a snapshot');

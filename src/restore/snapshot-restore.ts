@@ -12,6 +12,7 @@ import { contentStream } from '../repository/stream-content.js';
 import { isZeroChunk } from '../repository/tree.js';
 import type { TarStats } from '../archive/tar.js';
 import { CorruptArchiveError } from '../errors.js';
+import { blameLostLock } from '../repository/locks.js';
 import { onlyVolumes, restoreFromSource, type ArchiveRestoreResult, type RestoreOptions, type RestoreSource } from './archive-restore.js';
 
 export interface SnapshotRestoreResult extends ArchiveRestoreResult {
@@ -24,13 +25,15 @@ export async function restoreFromSnapshot(
   ref: string,
   options: RestoreOptions,
 ): Promise<SnapshotRestoreResult> {
-  const lock = await repo.lock(false, 'restore');
+  const lock = await repo.lock('restore', options.signal ? { signal: options.signal } : {});
   const pool = repo.createChunkPool();
   try {
-    await repo.loadIndex();
+    // The snapshot before the index: one a backup finishes meanwhile has its index files written
+    // first, so `latest` never names blobs the loaded index lacks.
     const found = await resolveSnapshot(repo, ref, options.project, (damaged) =>
       options.onProgress?.({ type: 'warning', message: `skipped snapshot ${shortId(damaged.id)}: it cannot be read (${damaged.error})` }),
     );
+    await repo.loadIndex();
     // With a dump, `--volume cvat_db` names the database.
     const dbName = 'cvat_db';
     const wantsDatabase = found.database !== undefined && (options.volumes === undefined || options.volumes.length === 0 || options.volumes.includes(dbName));
@@ -86,6 +89,9 @@ export async function restoreFromSnapshot(
     };
     const result = await restoreFromSource(engine, source, options);
     return { ...result, snapshot: snapshot.id };
+  } catch (error) {
+    // Data that vanished under a restore whose lock was lost is the lost lock's doing, not damage.
+    throw error instanceof CorruptArchiveError || (error as NodeJS.ErrnoException).code === 'ENOENT' ? await blameLostLock(lock, error) : error;
   } finally {
     await pool.close();
     await lock.release().catch(() => undefined);

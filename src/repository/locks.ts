@@ -1,0 +1,408 @@
+/**
+ * Repository locks (format: docs/repository-format.md, "Locks"). restic's rules, kept as the floor:
+ *
+ * - Modes. Operations that only add data or only read (backup, import, check, restore, export)
+ *   take a shared lock and run side by side; operations that delete (forget, prune, repair index)
+ *   take the exclusive one, which needs the repository to themselves.
+ * - Taking a lock: list the lock files; a conflicting lock that is not stale refuses (LockedError)
+ *   or, with a wait time, is retried with growing pauses. Otherwise write our lock file, list
+ *   again, and back off if a conflicting lock appeared meanwhile (two takers that raced both see
+ *   each other's file: at least one backs off, never both go on).
+ * - Stale: a lock whose host is this host and whose process is gone, or that was not refreshed for
+ *   30 minutes. Stale locks are removed by whoever meets them.
+ * - Refresh: every 5 minutes a held lock writes a new lock file with the current time, then removes
+ *   the old one — after checking that the old one is still there. A lock whose file vanished
+ *   (someone judged it stale, or removed it by hand) or that could not be refreshed for a while is
+ *   lost: `assertHeld` throws LockLostError and the lock's `signal` aborts, so the holder stops
+ *   before it writes an index or a snapshot (the repository calls `assertHeld` right before each).
+ *
+ * Locks protect running operations from each other; they cannot protect against a clock that is
+ * far off or a holder that is frozen for half an hour. Prune's grace period covers those cases
+ * for the data a writer may still need (prune.ts).
+ */
+import { randomBytes } from 'node:crypto';
+import { hostname as systemHostname, userInfo } from 'node:os';
+import type { Backend } from '../backend/backend.js';
+import { systemClock, type Clock } from '../clock.js';
+import { LockLostError, LockedError } from '../errors.js';
+import { processAlive as systemProcessAlive } from '../host.js';
+
+export type LockOperation = 'backup' | 'import' | 'check' | 'restore' | 'export' | 'forget' | 'prune' | 'repair-index';
+
+const EXCLUSIVE: ReadonlySet<LockOperation> = new Set(['forget', 'prune', 'repair-index']);
+
+/** Whether an operation needs the exclusive lock (it deletes) or shares (it adds or reads). */
+export function isExclusive(operation: LockOperation): boolean {
+  return EXCLUSIVE.has(operation);
+}
+
+/** The content of a lock file (plaintext JSON: other hosts must read it without the key). */
+export interface LockFileContent {
+  version: 1;
+  exclusive: boolean;
+  operation: string;
+  hostname: string;
+  pid: number;
+  username?: string;
+  /** When the lock was taken. */
+  created: string;
+  /** When this file was written (taken or last refreshed): staleness counts from here. */
+  time: string;
+}
+
+export const DEFAULT_REFRESH_INTERVAL_MS = 5 * 60_000;
+export const DEFAULT_STALE_AFTER_MS = 30 * 60_000;
+/** First pause of a lock wait; it doubles up to the maximum, with ±25 % jitter. */
+const RETRY_FIRST_MS = 500;
+const RETRY_MAX_MS = 30_000;
+
+export interface LockOptions {
+  clock?: Clock;
+  /** This host's name (default: the system's). */
+  hostname?: string;
+  /** This process (default: process.pid). */
+  pid?: number;
+  /** Whether a process of this host exists (default: signal 0). */
+  processAlive?: (pid: number) => boolean;
+  refreshIntervalMs?: number;
+  staleAfterMs?: number;
+  /** Keep trying this long when the repository is locked (--retry-lock); 0: refuse at once. */
+  retryForMs?: number;
+  /** Told once when a wait begins, with the lock in the way and how long the wait may last. */
+  onWait?: (holder: LockHolder, waitMs: number) => void;
+  /** Stops a wait (Ctrl-C). */
+  signal?: AbortSignal;
+}
+
+/** A lock file as another process sees it. */
+export interface LockHolder extends Partial<LockFileContent> {
+  name: string;
+  exclusive: boolean;
+  /** Why it counts as stale, if it does. */
+  stale?: string;
+  /** The file could not be read as a lock. */
+  unreadable?: boolean;
+}
+
+interface Settings {
+  clock: Clock;
+  hostname: string;
+  pid: number;
+  processAlive: (pid: number) => boolean;
+  refreshIntervalMs: number;
+  staleAfterMs: number;
+}
+
+function settings(options: LockOptions): Settings {
+  return {
+    clock: options.clock ?? systemClock,
+    hostname: options.hostname ?? systemHostname(),
+    pid: options.pid ?? process.pid,
+    processAlive: options.processAlive ?? systemProcessAlive,
+    refreshIntervalMs: options.refreshIntervalMs ?? DEFAULT_REFRESH_INTERVAL_MS,
+    staleAfterMs: options.staleAfterMs ?? DEFAULT_STALE_AFTER_MS,
+  };
+}
+
+/**
+ * Every lock file of the repository, read and judged (stale or not) by the rules above. Files
+ * that vanish while listed are left out. Any number of calls; removes nothing.
+ */
+export async function listLocks(backend: Backend, options: LockOptions = {}): Promise<LockHolder[]> {
+  const s = settings(options);
+  const out: LockHolder[] = [];
+  for (const file of await backend.list('locks')) {
+    let bytes: Buffer;
+    try {
+      bytes = await backend.load('locks', file.name);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue; // released meanwhile
+      throw error;
+    }
+    const content = parseLock(bytes);
+    if (!content) {
+      // Half-written by a store without atomic uploads, or damaged: it may be a real holder's, so
+      // it counts as an exclusive lock until it is as old as a stale one (by the storage's clock).
+      const age = file.modifiedMs === undefined ? 0 : s.clock.now() - file.modifiedMs;
+      out.push({ name: file.name, exclusive: true, unreadable: true, ...(age > s.staleAfterMs ? { stale: 'unreadable and old' } : {}) });
+      continue;
+    }
+    const stale = staleness(content, s);
+    out.push({ ...content, name: file.name, ...(stale ? { stale } : {}) });
+  }
+  return out;
+}
+
+function parseLock(bytes: Buffer): LockFileContent | undefined {
+  try {
+    const value = JSON.parse(bytes.toString('utf8')) as Partial<LockFileContent>;
+    if (typeof value !== 'object' || value === null) return undefined;
+    if (typeof value.exclusive !== 'boolean' || typeof value.pid !== 'number' || typeof value.hostname !== 'string' || typeof value.time !== 'string') return undefined;
+    if (Number.isNaN(Date.parse(value.time))) return undefined;
+    return { version: 1, operation: '?', created: value.time, ...value } as LockFileContent;
+  } catch {
+    return undefined;
+  }
+}
+
+function staleness(lock: LockFileContent, s: Settings): string | undefined {
+  if (lock.hostname === s.hostname && lock.pid !== s.pid && !s.processAlive(lock.pid)) return `process ${lock.pid} is gone`;
+  const age = s.clock.now() - Date.parse(lock.time);
+  if (age > s.staleAfterMs) return `not refreshed for ${Math.round(age / 60_000)} min`;
+  return undefined;
+}
+
+function conflicts(exclusive: boolean, other: LockHolder): boolean {
+  return exclusive || other.exclusive;
+}
+
+/** "prune (pid 123 on host-a since 2026-…)" */
+export function describeHolder(holder: LockHolder): string {
+  if (holder.unreadable) return `an unreadable lock file (locks/${holder.name})`;
+  return `${holder.operation ?? '?'} (${holder.exclusive ? 'exclusive' : 'shared'}, pid ${holder.pid ?? '?'} on ${holder.hostname ?? '?'} since ${holder.created ?? holder.time ?? '?'})`;
+}
+
+/**
+ * The first lock (other than `except`) that conflicts with a lock of this mode and is not
+ * stale. Stale locks met on the way are removed; one that cannot be removed counts as a conflict
+ * (a lock we cannot remove is not ours to ignore).
+ */
+async function findConflict(backend: Backend, exclusive: boolean, except: string | undefined, options: LockOptions): Promise<LockHolder | undefined> {
+  for (const holder of await listLocks(backend, options)) {
+    if (holder.name === except) continue;
+    if (holder.stale) {
+      const removed = await backend.remove('locks', holder.name).then(
+        () => true,
+        () => false,
+      );
+      if (removed) continue;
+    }
+    if (conflicts(exclusive, holder)) return holder;
+  }
+  return undefined;
+}
+
+/**
+ * Takes a lock for `operation`. Refuses with LockedError when a conflicting lock is held and
+ * `retryForMs` is 0; otherwise retries with growing pauses until it is free or the time is up
+ * (then LockedError, exit 10). Storage errors are passed on as they came.
+ */
+export async function acquireLock(backend: Backend, operation: LockOperation, options: LockOptions = {}): Promise<RepositoryLock> {
+  const s = settings(options);
+  const exclusive = isExclusive(operation);
+  const retryFor = options.retryForMs ?? 0;
+  const deadline = s.clock.now() + retryFor;
+  let pause = RETRY_FIRST_MS;
+  let told = false;
+  for (;;) {
+    options.signal?.throwIfAborted();
+    let holder = await findConflict(backend, exclusive, undefined, options);
+    if (!holder) {
+      const now = s.clock.now();
+      const content: LockFileContent = {
+        version: 1,
+        exclusive,
+        operation,
+        hostname: s.hostname,
+        pid: s.pid,
+        ...username(),
+        created: new Date(now).toISOString(),
+        time: new Date(now).toISOString(),
+      };
+      const name = randomBytes(32).toString('hex');
+      await backend.save('locks', name, Buffer.from(JSON.stringify(content)));
+      // Look again now that ours is visible: a taker that raced us is seen by one of us at least.
+      holder = await findConflict(backend, exclusive, name, options).catch(async (error: unknown) => {
+        await backend.remove('locks', name).catch(() => undefined);
+        throw error;
+      });
+      if (!holder) return new RepositoryLock(backend, name, content, now, s);
+      await backend.remove('locks', name);
+    }
+    const left = deadline - s.clock.now();
+    if (left <= 0) {
+      const waited = retryFor > 0 ? ` (waited ${formatWait(retryFor)})` : '; wait for it (--retry-lock 30m waits)';
+      throw new LockedError(
+        `repository ${backend.location} is locked by ${describeHolder(holder)}${waited}; if that process is gone, its lock turns stale ${
+          holder.hostname === s.hostname ? 'now' : `${s.staleAfterMs / 60_000} min after its last refresh`
+        }, or remove ${backend.location}/locks/${holder.name}`,
+      );
+    }
+    if (!told) {
+      options.onWait?.(holder, left);
+      told = true;
+    }
+    const jitter = 0.75 + Math.random() * 0.5;
+    await s.clock.sleep(Math.min(left, pause * jitter), options.signal);
+    pause = Math.min(pause * 2, RETRY_MAX_MS);
+  }
+}
+
+function username(): { username?: string } {
+  try {
+    return { username: userInfo().username };
+  } catch {
+    return {};
+  }
+}
+
+function formatWait(ms: number): string {
+  if (ms % 3_600_000 === 0) return `${ms / 3_600_000}h`;
+  if (ms % 60_000 === 0) return `${ms / 60_000}m`;
+  return `${Math.round(ms / 1000)}s`;
+}
+
+/**
+ * A held lock. Refreshes itself every `refreshIntervalMs` in the background (without keeping the
+ * process alive) until released or lost.
+ */
+export class RepositoryLock {
+  readonly exclusive: boolean;
+  readonly operation: string;
+  private lost: LockLostError | undefined;
+  private released = false;
+  private cancelRefresh: (() => void) | undefined;
+  /** Refreshes, checks and release run one at a time (each reads and may change `name`). */
+  private queue: Promise<unknown> = Promise.resolve();
+  private readonly controller = new AbortController();
+
+  constructor(
+    private readonly backend: Backend,
+    private name: string,
+    private readonly content: LockFileContent,
+    private lastRefreshMs: number,
+    private readonly s: Settings,
+  ) {
+    this.exclusive = content.exclusive;
+    this.operation = content.operation;
+    this.scheduleRefresh();
+  }
+
+  /** Aborts (with the LockLostError as its reason) when the lock is lost. */
+  get signal(): AbortSignal {
+    return this.controller.signal;
+  }
+
+  /** The current lock file's name (it changes with every refresh). */
+  get fileName(): string {
+    return this.name;
+  }
+
+  /**
+   * After this long without a successful refresh, the lock counts as lost to its holder: a bit
+   * before others may call it stale, so a small clock difference between hosts does not matter.
+   */
+  private get refreshDeadlineMs(): number {
+    return Math.max(this.s.refreshIntervalMs, this.s.staleAfterMs - (this.s.refreshIntervalMs * 3) / 2);
+  }
+
+  private serialized<T>(work: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(work, work);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  private scheduleRefresh(): void {
+    this.cancelRefresh = this.s.clock.schedule(this.s.refreshIntervalMs, async () => {
+      this.cancelRefresh = undefined;
+      if (this.released || this.lost) return;
+      await this.refresh().catch(() => undefined); // a failure is counted; the deadline decides
+      if (!this.released && !this.lost) this.scheduleRefresh();
+    });
+  }
+
+  private lose(reason: string, cause?: unknown): LockLostError {
+    if (!this.lost) {
+      this.lost = new LockLostError(
+        `the repository lock of this ${this.operation} ${reason}: stopped before writing an index or a snapshot (what is stored stays intact); run the ${this.operation} again`,
+        cause === undefined ? {} : { cause },
+      );
+      this.cancelRefresh?.();
+      this.controller.abort(this.lost);
+    }
+    return this.lost;
+  }
+
+  /**
+   * Writes a new lock file with the current time, then removes the old one. Called by the timer;
+   * callable any time (one at a time; serialized with `assertHeld`). Throws LockLostError when the
+   * old file is gone (someone took it for stale or removed it), and the storage's error when the
+   * write fails (the lock is then lost once the refresh deadline has passed).
+   */
+  refresh(): Promise<void> {
+    return this.serialized(async () => {
+      if (this.lost) throw this.lost;
+      if (this.released) throw new LockLostError(`the repository lock of this ${this.operation} was released`);
+      const now = this.s.clock.now();
+      const expired = (): boolean => this.s.clock.now() - this.lastRefreshMs > this.refreshDeadlineMs;
+      try {
+        if ((await this.backend.stat('locks', this.name)) === undefined) throw this.lose('vanished (another process judged it stale, or it was removed by hand)');
+        const fresh = randomBytes(32).toString('hex');
+        await this.backend.save('locks', fresh, Buffer.from(JSON.stringify({ ...this.content, time: new Date(now).toISOString() })));
+        if ((await this.backend.stat('locks', this.name)) === undefined) {
+          await this.backend.remove('locks', fresh).catch(() => undefined);
+          throw this.lose('vanished while it was refreshed');
+        }
+        const old = this.name;
+        this.name = fresh;
+        this.lastRefreshMs = now;
+        await this.backend.remove('locks', old).catch(() => undefined); // a leftover only delays others until it is stale
+      } catch (error) {
+        if (error instanceof LockLostError) throw error;
+        if (expired()) throw this.lose(`could not be refreshed for ${Math.round((this.s.clock.now() - this.lastRefreshMs) / 60_000)} min`, error);
+        throw error;
+      }
+    });
+  }
+
+  /**
+   * Resolves if the lock is still held: not lost, refreshed recently enough (else refreshed now,
+   * if its file is still there), and its file is in the repository. Throws LockLostError
+   * otherwise; a storage error while checking is thrown as it came. Writers call it right before
+   * writing an index file or a snapshot; cheap enough for that (one stat).
+   */
+  async assertHeld(): Promise<void> {
+    if (this.lost) throw this.lost;
+    if (this.released) throw new LockLostError(`the repository lock of this ${this.operation} was released before its last write`);
+    if (this.s.clock.now() - this.lastRefreshMs > this.refreshDeadlineMs) {
+      // Asleep (a suspended machine, a stopped process) past the refresh deadline: still ours only
+      // if our file is still there — refresh checks that before and after writing the new one.
+      await this.refresh().catch((error: unknown) => {
+        throw error instanceof LockLostError ? error : this.lose('could not be refreshed in time', error);
+      });
+    }
+    await this.serialized(async () => {
+      if (this.lost) throw this.lost;
+      if ((await this.backend.stat('locks', this.name)) === undefined) throw this.lose('vanished (another process judged it stale, or it was removed by hand)');
+    });
+  }
+
+  /** Whether the lock is known to be lost (no storage access). */
+  get isLost(): boolean {
+    return this.lost !== undefined;
+  }
+
+  /** Removes the lock file and stops refreshing. Idempotent; a lost lock has nothing to remove. */
+  release(): Promise<void> {
+    if (this.released) return Promise.resolve();
+    this.released = true;
+    this.cancelRefresh?.();
+    return this.serialized(async () => {
+      if (!this.lost) await this.backend.remove('locks', this.name);
+    });
+  }
+}
+
+/**
+ * For readers: an error met while the lock was lost (a prune that judged it stale may have
+ * deleted what we were reading) is reported as the lost lock, not as damage. Returns the error
+ * to throw; checks the lock file once.
+ */
+export async function blameLostLock(lock: RepositoryLock, error: unknown): Promise<unknown> {
+  if (error instanceof LockLostError) return error;
+  const lost = await lock.assertHeld().then(
+    () => undefined,
+    (e: unknown) => (e instanceof LockLostError ? e : undefined),
+  );
+  return lost === undefined ? error : new LockLostError(`${lost.message} (${(error as Error).message})`, { cause: error });
+}
