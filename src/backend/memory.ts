@@ -105,6 +105,17 @@ export class MemoryBackend implements Backend {
     return this.folder(kind).get(name)?.data;
   }
 
+  /** An independent copy of everything stored (tests replay one state many ways). */
+  clone(options: MemoryBackendOptions = {}): MemoryBackend {
+    const copy = new MemoryBackend({ location: this.location, now: this.now, modificationTimes: this.modificationTimes, ...options });
+    copy.created = this.created;
+    for (const [kind, folder] of this.files) {
+      for (const [name, f] of folder) copy.folder(kind).set(name, { data: Buffer.from(f.data), modifiedMs: f.modifiedMs });
+    }
+    for (const [key, t] of this.temporaries) copy.temporaries.set(key, { ...t });
+    return copy;
+  }
+
   /** Replaces a file's bytes, keeping its time (a flipped bit, a truncation). */
   replace(kind: FileKind, name: string, data: Buffer): void {
     const file = this.folder(kind).get(name);

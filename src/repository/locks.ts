@@ -293,7 +293,7 @@ export class RepositoryLock {
    * before others may call it stale, so a small clock difference between hosts does not matter.
    */
   private get refreshDeadlineMs(): number {
-    return Math.max(this.s.refreshIntervalMs, this.s.staleAfterMs - (this.s.refreshIntervalMs * 3) / 2);
+    return Math.max(this.s.staleAfterMs / 2, this.s.staleAfterMs - (this.s.refreshIntervalMs * 3) / 2);
   }
 
   private serialized<T>(work: () => Promise<T>): Promise<T> {
@@ -302,8 +302,15 @@ export class RepositoryLock {
     return run;
   }
 
+  /**
+   * The next refresh: after the interval, or — once a refresh failed — no later than just past the
+   * refresh deadline, so a lock that cannot be refreshed is declared lost (and its signal aborts)
+   * on time, not at the next regular refresh.
+   */
   private scheduleRefresh(): void {
-    this.cancelRefresh = this.s.clock.schedule(this.s.refreshIntervalMs, async () => {
+    const untilDeadline = this.lastRefreshMs + this.refreshDeadlineMs + 1 - this.s.clock.now();
+    const delay = Math.max(1, Math.min(this.s.refreshIntervalMs, untilDeadline));
+    this.cancelRefresh = this.s.clock.schedule(delay, async () => {
       this.cancelRefresh = undefined;
       if (this.released || this.lost) return;
       await this.refresh().catch(() => undefined); // a failure is counted; the deadline decides
