@@ -112,7 +112,7 @@ export async function checkRepository(
       );
     }
   }
-  const now = clock.now();
+  const now = repo.storageNow() ?? clock.now();
   const unindexed: UnindexedPack[] = [...stored.values()]
     .filter((f) => !indexed.has(f.name))
     .map((f) => ({ id: f.name, size: f.size, ageMs: f.modifiedMs === undefined ? undefined : now - f.modifiedMs }));

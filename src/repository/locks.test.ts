@@ -180,22 +180,40 @@ void describe('repository locks: stale rules', () => {
 });
 
 void describe('repository locks: a holder that lost its lock stops before writing an index or a snapshot', () => {
-  void it('its lock file vanished (another process judged it stale): LockLostError, nothing written', async () => {
+  void it('its lock file vanished (a process judged it stale while the holder was frozen): LockLostError, nothing written', async () => {
     const w = await world();
     const writer = await w.process('host-a');
     const lock = await writer.repo.lock('backup');
     await writer.repo.loadIndex();
     await writer.repo.saveBlob('data', prngBytes(1, 10_000));
-    // A prune on a host whose clock is 3 hours ahead sees the lock as long stale and removes it.
-    const skewed = new ManualClock(w.clock.now() + 180 * MIN);
-    const prune = await openTestRepository(w.backend, { locks: { clock: skewed, hostname: 'host-b', pid: 1 } });
-    const pruneLock = await prune.lock('prune');
+    writer.freeze(); // SIGSTOP, a suspended VM: no refresh for 31 minutes
+    await w.clock.advance(31 * MIN);
+    const pruneLock = await (await w.process('host-b')).repo.lock('prune'); // stale by the storage's clock: removed
     await assert.rejects(writer.repo.flush(), LockLostError);
     await assert.rejects(writer.repo.saveObject('snapshots', { any: 1 }), (e: unknown) => e instanceof LockLostError && e.exitCode === 16);
     assert.equal((await w.backend.list('index')).length, 0, 'no index file written');
     assert.equal((await w.backend.list('snapshots')).length, 0, 'no snapshot written');
     assert.ok(lock.signal.aborted && lock.signal.reason instanceof LockLostError, 'the lock’s signal aborts the operation');
     await pruneLock.release();
+  });
+
+  void it('a lock file removed by hand is lost at the next check', async () => {
+    const w = await world();
+    const writer = await w.process('host-a');
+    const lock = await writer.repo.lock('import');
+    await w.backend.remove('locks', lock.fileName);
+    await assert.rejects(writer.repo.saveObject('index', { packs: [] }), LockLostError);
+    assert.equal((await w.backend.list('index')).length, 0);
+  });
+
+  void it('a host whose clock runs 3 hours ahead cannot take a live lock for stale (ages are on the storage’s clock)', async () => {
+    const w = await world();
+    const writer = await w.process('host-a');
+    await writer.repo.lock('backup');
+    const skewed = new ManualClock(w.clock.now() + 180 * MIN);
+    const prune = await openTestRepository(w.backend, { locks: { clock: skewed, hostname: 'host-b', pid: 1 } });
+    await assert.rejects(prune.lock('prune'), LockedError);
+    await writer.repo.assertLockHeld();
   });
 
   void it('a lock that cannot be refreshed is lost after about 22 minutes (before others may call it stale), not after one failure', async () => {

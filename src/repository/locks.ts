@@ -4,25 +4,28 @@
  * - Modes. Operations that only add data or only read (backup, import, check, restore, export)
  *   take a shared lock and run side by side; operations that delete (forget, prune, repair index)
  *   take the exclusive one, which needs the repository to themselves.
- * - Taking a lock: list the lock files; a conflicting lock that is not stale refuses (LockedError)
- *   or, with a wait time, is retried with growing pauses. Otherwise write our lock file, list
- *   again, and back off if a conflicting lock appeared meanwhile (two takers that raced both see
- *   each other's file: at least one backs off, never both go on).
+ * - Taking a lock: write our lock file, then list the locks. A conflicting lock that is not stale
+ *   makes us remove ours and refuse (LockedError) or, with a wait time, retry with growing pauses.
+ *   Two takers that race both see each other's file: at least one backs off, never both go on.
  * - Stale: a lock whose host is this host and whose process is gone, or that was not refreshed for
- *   30 minutes. Stale locks are removed by whoever meets them.
- * - Refresh: every 5 minutes a held lock writes a new lock file with the current time, then removes
- *   the old one — after checking that the old one is still there. A lock whose file vanished
- *   (someone judged it stale, or removed it by hand) or that could not be refreshed for a while is
- *   lost: `assertHeld` throws LockLostError and the lock's `signal` aborts, so the holder stops
- *   before it writes an index or a snapshot (the repository calls `assertHeld` right before each).
+ *   30 minutes. Stale locks are removed by whoever meets them. The 30 minutes are measured on the
+ *   storage's clock (lock files' modification times against that of the file we just wrote), so
+ *   a host whose clock runs ahead cannot take a live lock for stale; only where the storage tells
+ *   no times do the lock's own time and this host's clock decide.
+ * - Refresh: every 5 minutes a held lock writes a new lock file, then removes the old one — after
+ *   checking that the old one is still there. A lock whose file vanished (someone judged it stale,
+ *   or removed it by hand) or that could not be refreshed for about 22 minutes (a margin before
+ *   others may call it stale) is lost: `assertHeld` throws LockLostError and the lock's `signal`
+ *   aborts, so the holder stops before it writes an index or a snapshot (the repository calls
+ *   `assertHeld` right before each).
  *
- * Locks protect running operations from each other; they cannot protect against a clock that is
- * far off or a holder that is frozen for half an hour. Prune's grace period covers those cases
- * for the data a writer may still need (prune.ts).
+ * Locks protect running operations from each other; they cannot protect a holder that was frozen
+ * for half an hour and taken for gone, nor storage without modification times from skewed
+ * clocks. Prune's grace period covers those cases for the data a writer may still need (prune.ts).
  */
 import { randomBytes } from 'node:crypto';
 import { hostname as systemHostname, userInfo } from 'node:os';
-import type { Backend } from '../backend/backend.js';
+import type { Backend, FileInfo } from '../backend/backend.js';
 import { systemClock, type Clock } from '../clock.js';
 import { LockLostError, LockedError } from '../errors.js';
 import { processAlive as systemProcessAlive } from '../host.js';
@@ -107,11 +110,16 @@ function settings(options: LockOptions): Settings {
 /**
  * Every lock file of the repository, read and judged (stale or not) by the rules above. Files
  * that vanish while listed are left out. Any number of calls; removes nothing.
+ *
+ * Ages are measured on the storage's clock when it has one: a lock file's modification time
+ * against `storageNow` (the modification time of a file the caller just wrote). A client whose
+ * clock is far off then cannot take a live lock for stale. Without storage times, the lock's own
+ * time is compared with this host's clock.
  */
-export async function listLocks(backend: Backend, options: LockOptions = {}): Promise<LockHolder[]> {
+export async function listLocks(backend: Backend, options: LockOptions = {}, listing?: FileInfo[], storageNow?: number): Promise<LockHolder[]> {
   const s = settings(options);
   const out: LockHolder[] = [];
-  for (const file of await backend.list('locks')) {
+  for (const file of listing ?? (await backend.list('locks'))) {
     let bytes: Buffer;
     try {
       bytes = await backend.load('locks', file.name);
@@ -119,15 +127,16 @@ export async function listLocks(backend: Backend, options: LockOptions = {}): Pr
       if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue; // released meanwhile
       throw error;
     }
+    const byStorage = storageNow !== undefined && file.modifiedMs !== undefined ? storageNow - file.modifiedMs : undefined;
     const content = parseLock(bytes);
     if (!content) {
       // Half-written by a store without atomic uploads, or damaged: it may be a real holder's, so
-      // it counts as an exclusive lock until it is as old as a stale one (by the storage's clock).
-      const age = file.modifiedMs === undefined ? 0 : s.clock.now() - file.modifiedMs;
+      // it counts as an exclusive lock until it is as old as a stale one.
+      const age = byStorage ?? (file.modifiedMs === undefined ? 0 : s.clock.now() - file.modifiedMs);
       out.push({ name: file.name, exclusive: true, unreadable: true, ...(age > s.staleAfterMs ? { stale: 'unreadable and old' } : {}) });
       continue;
     }
-    const stale = staleness(content, s);
+    const stale = staleness(content, byStorage ?? s.clock.now() - Date.parse(content.time), s);
     out.push({ ...content, name: file.name, ...(stale ? { stale } : {}) });
   }
   return out;
@@ -145,10 +154,9 @@ function parseLock(bytes: Buffer): LockFileContent | undefined {
   }
 }
 
-function staleness(lock: LockFileContent, s: Settings): string | undefined {
+function staleness(lock: LockFileContent, ageMs: number, s: Settings): string | undefined {
   if (lock.hostname === s.hostname && lock.pid !== s.pid && !s.processAlive(lock.pid)) return `process ${lock.pid} is gone`;
-  const age = s.clock.now() - Date.parse(lock.time);
-  if (age > s.staleAfterMs) return `not refreshed for ${Math.round(age / 60_000)} min`;
+  if (ageMs > s.staleAfterMs) return `not refreshed for ${Math.round(ageMs / 60_000)} min`;
   return undefined;
 }
 
@@ -163,13 +171,13 @@ export function describeHolder(holder: LockHolder): string {
 }
 
 /**
- * The first lock (other than `except`) that conflicts with a lock of this mode and is not
- * stale. Stale locks met on the way are removed; one that cannot be removed counts as a conflict
- * (a lock we cannot remove is not ours to ignore).
+ * The first lock (other than ours) that conflicts with a lock of this mode and is not stale.
+ * Stale locks met on the way are removed; one that cannot be removed counts as a conflict (a
+ * lock we cannot remove is not ours to ignore).
  */
-async function findConflict(backend: Backend, exclusive: boolean, except: string | undefined, options: LockOptions): Promise<LockHolder | undefined> {
-  for (const holder of await listLocks(backend, options)) {
-    if (holder.name === except) continue;
+async function findConflict(backend: Backend, exclusive: boolean, ours: string, listing: FileInfo[], storageNow: number | undefined, options: LockOptions): Promise<LockHolder | undefined> {
+  for (const holder of await listLocks(backend, options, listing, storageNow)) {
+    if (holder.name === ours) continue;
     if (holder.stale) {
       const removed = await backend.remove('locks', holder.name).then(
         () => true,
@@ -183,7 +191,9 @@ async function findConflict(backend: Backend, exclusive: boolean, except: string
 }
 
 /**
- * Takes a lock for `operation`. Refuses with LockedError when a conflicting lock is held and
+ * Takes a lock for `operation`: writes our lock file, lists the locks, and keeps it only if no
+ * conflicting live lock is there (two takers that race both see each other's file: at least one
+ * backs off, never both go on). Refuses with LockedError when a conflicting lock is held and
  * `retryForMs` is 0; otherwise retries with growing pauses until it is free or the time is up
  * (then LockedError, exit 10). Storage errors are passed on as they came.
  */
@@ -196,29 +206,31 @@ export async function acquireLock(backend: Backend, operation: LockOperation, op
   let told = false;
   for (;;) {
     options.signal?.throwIfAborted();
-    let holder = await findConflict(backend, exclusive, undefined, options);
-    if (!holder) {
-      const now = s.clock.now();
-      const content: LockFileContent = {
-        version: 1,
-        exclusive,
-        operation,
-        hostname: s.hostname,
-        pid: s.pid,
-        ...username(),
-        created: new Date(now).toISOString(),
-        time: new Date(now).toISOString(),
-      };
-      const name = randomBytes(32).toString('hex');
-      await backend.save('locks', name, Buffer.from(JSON.stringify(content)));
-      // Look again now that ours is visible: a taker that raced us is seen by one of us at least.
-      holder = await findConflict(backend, exclusive, name, options).catch(async (error: unknown) => {
-        await backend.remove('locks', name).catch(() => undefined);
-        throw error;
-      });
-      if (!holder) return new RepositoryLock(backend, name, content, now, s);
-      await backend.remove('locks', name);
+    const now = s.clock.now();
+    const content: LockFileContent = {
+      version: 1,
+      exclusive,
+      operation,
+      hostname: s.hostname,
+      pid: s.pid,
+      ...username(),
+      created: new Date(now).toISOString(),
+      time: new Date(now).toISOString(),
+    };
+    const name = randomBytes(32).toString('hex');
+    await backend.save('locks', name, Buffer.from(JSON.stringify(content)));
+    let holder: LockHolder | undefined;
+    let storageNow: number | undefined;
+    try {
+      const listing = await backend.list('locks');
+      storageNow = listing.find((f) => f.name === name)?.modifiedMs;
+      holder = await findConflict(backend, exclusive, name, listing, storageNow, options);
+    } catch (error) {
+      await backend.remove('locks', name).catch(() => undefined);
+      throw error;
     }
+    if (!holder) return new RepositoryLock(backend, name, content, now, storageNow, s);
+    await backend.remove('locks', name);
     const left = deadline - s.clock.now();
     if (left <= 0) {
       const waited = retryFor > 0 ? ` (waited ${formatWait(retryFor)})` : '; wait for it (--retry-lock 30m waits)';
@@ -266,16 +278,30 @@ export class RepositoryLock {
   private queue: Promise<unknown> = Promise.resolve();
   private readonly controller = new AbortController();
 
+  /** The storage's time at a moment of ours (from our lock file's modification time), if it tells. */
+  private anchor: { storageMs: number; localMs: number } | undefined;
+
   constructor(
     private readonly backend: Backend,
     private name: string,
     private readonly content: LockFileContent,
     private lastRefreshMs: number,
+    storageMs: number | undefined,
     private readonly s: Settings,
   ) {
     this.exclusive = content.exclusive;
     this.operation = content.operation;
+    this.anchor = storageMs === undefined ? undefined : { storageMs, localMs: lastRefreshMs };
     this.scheduleRefresh();
+  }
+
+  /**
+   * Now on the storage's clock (estimated from our lock file's modification time and the time
+   * elapsed here since); this host's clock where the storage tells no times. Prune measures the
+   * ages of files with it, so a prune on a host whose clock runs ahead deletes nothing early.
+   */
+  storageNow(): number {
+    return this.anchor ? this.anchor.storageMs + (this.s.clock.now() - this.anchor.localMs) : this.s.clock.now();
   }
 
   /** Aborts (with the LockLostError as its reason) when the lock is lost. */
@@ -346,10 +372,13 @@ export class RepositoryLock {
         if ((await this.backend.stat('locks', this.name)) === undefined) throw this.lose('vanished (another process judged it stale, or it was removed by hand)');
         const fresh = randomBytes(32).toString('hex');
         await this.backend.save('locks', fresh, Buffer.from(JSON.stringify({ ...this.content, time: new Date(now).toISOString() })));
-        if ((await this.backend.stat('locks', this.name)) === undefined) {
+        const listing = await this.backend.list('locks');
+        if (!listing.some((f) => f.name === this.name)) {
           await this.backend.remove('locks', fresh).catch(() => undefined);
           throw this.lose('vanished while it was refreshed');
         }
+        const storageMs = listing.find((f) => f.name === fresh)?.modifiedMs;
+        if (storageMs !== undefined) this.anchor = { storageMs, localMs: now };
         const old = this.name;
         this.name = fresh;
         this.lastRefreshMs = now;

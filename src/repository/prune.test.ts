@@ -108,6 +108,20 @@ void describe('prune: grace period for what writers may still need', () => {
     await assertSound(f, new Map([[kept, files('k', 1, 5)]]));
   });
 
+  void it('a prune whose own clock runs a day ahead measures ages on the storage’s clock', async () => {
+    const f = await fixture();
+    const killed = await f.repo();
+    await killed.saveBlob('data', prngBytes(76, 50_000));
+    await killed.flushPacksOnly();
+    await f.clock.advance(HOUR);
+    const ahead = new ManualClock(f.clock.now() + 25 * HOUR);
+    const repo = await openTestRepository(f.backend, { locks: { clock: ahead, hostname: 'fast-host', pid: 1 } });
+    const lock = await repo.lock('prune');
+    const result = await pruneRepository(repo, { clock: ahead });
+    assert.equal(result.unindexedKept, 1, 'one hour old by the storage, whatever this host believes');
+    await lock.release();
+  });
+
   void it('the grace period is an option (--unused-grace)', async () => {
     const f = await fixture();
     const killed = await f.repo();

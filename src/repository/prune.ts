@@ -222,7 +222,9 @@ export async function pruneRepository(repo: Repository, options: PruneOptions = 
 
   // 3. The plan.
   phase('planning');
-  const now = clock.now();
+  // Ages on the storage's clock when the lock knows it: a prune whose own clock runs a day ahead
+  // must not find a running backup's packs a day old.
+  const now = repo.storageNow() ?? clock.now();
   const missing: string[] = [];
   const remove: PackPlan[] = [];
   const candidates: PackPlan[] = [];

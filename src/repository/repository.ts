@@ -140,6 +140,14 @@ export class Repository {
   }
 
   /**
+   * Now on the storage's clock, as the held lock estimates it (locks.ts); undefined without a lock
+   * or where the storage tells no times. Ages of stored files are measured with it.
+   */
+  storageNow(): number | undefined {
+    return this.held?.storageNow();
+  }
+
+  /**
    * Throws LockLostError if this repository's lock was lost (its file vanished, or it could not
    * be refreshed in time) or released; resolves when no lock was ever taken (library use, tests).
    * Called right before every index file and snapshot write.
