@@ -357,17 +357,26 @@ export async function pruneRepository(repo: Repository, options: PruneOptions = 
     result.bytesDeleted += indexSizes.get(name) ?? 0;
     await repo.backend.remove('index', name);
   }
+  result.packsDeleted = 0;
+  result.unindexedDeleted = 0;
   for (const plan of [...remove, ...repack]) {
     if (protectedPacks.has(plan.id)) continue;
     signal?.throwIfAborted();
     await repo.backend.remove('data', plan.id);
     result.bytesDeleted += plan.file!.size;
+    result.packsDeleted++;
   }
   for (const f of oldUnindexed) {
-    if (protectedPacks.has(f.name)) continue;
+    if (protectedPacks.has(f.name)) {
+      result.unindexedKept++;
+      result.unindexedKeptBytes += f.size;
+      continue;
+    }
     signal?.throwIfAborted();
     await repo.backend.remove('data', f.name);
     result.bytesDeleted += f.size;
+    result.packsDeleted++;
+    result.unindexedDeleted++;
   }
   for (const t of oldTemporaries) {
     await repo.backend.removeTemporary?.(t);
