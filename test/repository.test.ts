@@ -128,7 +128,9 @@ describe('snapshot repository', { skip: !isRoot && 'repository backups read volu
     await newVideo();
     for (let trial = 0; trial < 10; trial++) {
       const cli = startCli(['--project', f.project, 'backup'], env);
-      await new Promise((resolve) => setTimeout(resolve, 200 + trial * 350));
+      // From its first line of progress (past opening the repository), a later point each trial.
+      await cli.waitForStderr(/\S/, 60_000).catch(() => undefined);
+      await new Promise((resolve) => setTimeout(resolve, trial * 300));
       cli.kill('SIGKILL');
       await cli.result;
       // The repository stays consistent whatever the moment of the kill.
