@@ -45,7 +45,7 @@ function describeTree(root: string): Record<string, string> {
   const out: Record<string, string> = {};
   const inodes = new Map<number, string>();
   const walk = (dir: Buffer, rel: string): void => {
-    for (const name of readdirSync(dir, { encoding: 'buffer' }).sort(Buffer.compare)) {
+    for (const name of readdirSync(dir, { encoding: 'buffer' }).sort((a, b) => Buffer.compare(a, b))) {
       const path = Buffer.concat([dir, Buffer.from('/'), name]);
       const r = `${rel}/${name.toString('latin1')}`;
       const st = lstatSync(path);

@@ -246,7 +246,7 @@ void describe('rollback points and the recovery after a killed restore', { skip:
     assert.equal(kept?.['io.cvat-backup.pending-restore'], `${hostname()}/${gone.pid}/2026-01-01T00:00:00.000Z`);
     assert.equal(kept?.['io.cvat-backup.running'], 'c-db');
     // That run died too: the next one inherits the pending recovery, recovers, then starts CVAT.
-    fake.markers.set('cvat-backup-lock-p', { ...kept!, 'io.cvat-backup.pid': String(gone.pid), 'io.cvat-backup.operation': 'backup' });
+    fake.markers.set('cvat-backup-lock-p', { ...kept, 'io.cvat-backup.pid': String(gone.pid), 'io.cvat-backup.operation': 'backup' });
     const order: string[] = [];
     const { lock } = await lockDeployment(fake.engine, deployment, 'backup', (e) => events.push(e), () => Promise.resolve(deployment), async (engine, d, k, onProgress) => {
       order.push(`recover ${k.pid}`);
