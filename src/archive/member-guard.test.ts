@@ -110,6 +110,14 @@ void describe('MemberGuard', () => {
     }
   });
 
+  it("a backup through the engine leaves cvat-backup's own folders out instead of refusing them", () => {
+    const guard = new MemberGuard(PREFIX, 'leave out');
+    for (const name of [`${PREFIX}/.cvat-backup-retired/`, `${PREFIX}/.cvat-backup-retired/x`]) {
+      assert.equal(guard.check(entry(name, name.endsWith('/') ? '5' : '0')).action, 'skip', name);
+    }
+    assert.equal(guard.check(entry(`${PREFIX}/kept`, '0')).action, 'file');
+  });
+
   it('a symlink is data: any target is kept as written, and nothing may go through it', () => {
     const guard = new MemberGuard(PREFIX);
     const made = guard.check(entry(`${PREFIX}/s`, '2', '/etc/../../x'));

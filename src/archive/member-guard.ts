@@ -109,7 +109,15 @@ export class MemberGuard {
   private lastParentKey: string | undefined;
   private lastParent: Folder | undefined;
 
-  constructor(memberPrefix: string) {
+  /**
+   * `reserved`: what to do with `.cvat-backup-*` at the volume root — refuse the archive (a
+   * restore), or leave those members out (a backup through the engine, which must not store
+   * cvat-backup's own working folders).
+   */
+  constructor(
+    memberPrefix: string,
+    private readonly reserved: 'refuse' | 'leave out' = 'refuse',
+  ) {
     this.prefix = Buffer.from(memberPrefix, 'utf8').toString('latin1');
   }
 
@@ -125,6 +133,7 @@ export class MemberGuard {
       this.root.declared = true;
       return { action: 'root' };
     }
+    if (isReservedName(path[0]!) && this.reserved === 'leave out') return { action: 'skip', display, reason: "cvat-backup's own folder" };
     if (isReservedName(path[0]!)) throw refuse(`member '${display}' uses a name cvat-backup keeps for its rollback point (${RESERVED_PREFIX}*)`);
     const parent = this.parentOf(path, display);
     const key = path[path.length - 1]!.toString('latin1');

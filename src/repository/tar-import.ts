@@ -74,7 +74,9 @@ export class TarTreeBuilder extends Writable {
     private readonly onProgress?: (stats: ImportStats) => void,
   ) {
     super({ objectMode: true, highWaterMark: 64 });
-    this.guard = new MemberGuard(memberPrefix);
+    // Imports were verified (reserved names refused); a backup through the engine leaves out
+    // cvat-backup's own folders (a rollback point or retired data a backup must not store).
+    this.guard = new MemberGuard(memberPrefix, 'leave out');
   }
 
   override _write(item: TarItem, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
