@@ -52,7 +52,7 @@ function keyOf(path: Buffer[]): string {
   return path.map((p) => p.toString('latin1')).join('/');
 }
 
-export async function writeFully(fd: number, data: Buffer, position: number): Promise<void> {
+async function writeFully(fd: number, data: Buffer, position: number): Promise<void> {
   let offset = 0;
   while (offset < data.length) {
     offset += (await writeFd(fd, data, offset, data.length - offset, position + offset)).bytesWritten;

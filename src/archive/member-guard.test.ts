@@ -128,6 +128,19 @@ void describe('MemberGuard', () => {
 });
 
 void describe('GuardedTarStream (the tar stream sent to the engine)', () => {
+  it('carries extended attributes and drops every other header record', async () => {
+    const tar = buildTar([
+      { name: `${PREFIX}/`, type: '5' },
+      { name: `${PREFIX}/f`, type: '0', data: Buffer.from('x'), pax: [['SCHILY.xattr.user.label', 'cat'], ['comment', 'hello'], ['uname', 'someone']] },
+    ]);
+    const seen: TarEntry[] = [];
+    const { output } = await guarded(tar);
+    await pipeline(Readable.from([output]), new TarProcessor({ onEntry: (e) => seen.push(e) }), new Writable({ write: (_c, _e, cb) => cb() }));
+    const f = seen.find((e) => e.name.toString() === `${PREFIX}/f`)!;
+    assert.equal(f.pax.get('SCHILY.xattr.user.label')?.toString(), 'cat');
+    assert.equal(f.pax.has('comment'), false);
+  });
+
   for (const c of HOSTILE_CASES) {
     it(`${c.id} → ${c.outcome}`, async () => {
       const tar = buildTar(c.members(PREFIX, '/tmp/outside'));
