@@ -56,6 +56,7 @@ function fakeEngine(folders: Map<string, string>): FakeEngine {
       return Promise.resolve();
     },
     unpauseContainer: () => Promise.resolve(false),
+    listContainers: () => Promise.resolve([]),
   } as unknown as DockerEngine;
   return { engine, calls, markers };
 }

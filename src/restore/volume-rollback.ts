@@ -167,6 +167,29 @@ export async function removeRetired(engine: DockerEngine, target: VolumeTarget, 
   }
 }
 
+/** How long the recovery waits for a killed run's helper containers to finish their script. */
+const HELPER_WAIT_MS = 10 * 60 * 1000;
+
+/**
+ * A helper container keeps running its script when the cvat-backup that started it is killed:
+ * wait until none of them works on these volumes any more (a rollback must not race a move), and
+ * remove the ones the killed run left behind (they hold references to the volumes).
+ */
+async function settleHelpers(engine: DockerEngine, volumeNames: Set<string>): Promise<void> {
+  for (let waited = 0; ; waited += 500) {
+    const helpers = (await engine.listContainers(['io.cvat-backup.helper=true'])).filter((c) => c.mounts.some((m) => m.name !== undefined && volumeNames.has(m.name)));
+    const busy = helpers.filter((c) => c.state === 'running' || c.state === 'restarting');
+    if (busy.length === 0) {
+      for (const c of helpers) await engine.removeContainer(c.id);
+      return;
+    }
+    if (waited >= HELPER_WAIT_MS) {
+      throw new Error(`helper container ${busy[0]!.name} of a killed cvat-backup still runs after ${HELPER_WAIT_MS / 60000} minutes: remove it (docker rm -f ${busy[0]!.name}) and run again`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+}
+
 interface VolumeState {
   target: VolumeTarget;
   volumeName: string;
@@ -181,6 +204,7 @@ interface VolumeState {
  * too. Retired rollback points are deleted. Says what it did in one warning.
  */
 export async function recoverKilledRestore(engine: DockerEngine, deployment: Deployment, killed: KilledRestore, onProgress: ProgressListener): Promise<void> {
+  await settleHelpers(engine, new Set(deployment.volumes.map((v) => v.name)));
   const states: VolumeState[] = [];
   for (const volume of deployment.volumes) {
     if (!volume.container || volume.mountPath === undefined) continue;
