@@ -14,7 +14,8 @@ import { CorruptArchiveError, InterruptedError } from '../errors.js';
 import { DurableFile, HashingCounter } from './files.js';
 import { ParallelGzip } from './pgzip.js';
 import { hostTarStream } from './host-tar.js';
-import { TarProcessor, normaliseMemberName, type TarEntry, type TarStats } from './tar.js';
+import { TarProcessor, type TarEntry, type TarStats } from './tar.js';
+import { ArchiveVerifier } from './member-guard.js';
 import {
   MANIFEST_FILE,
   manifestSchema,
@@ -110,15 +111,11 @@ export interface ArchiveCheck extends TarStats {
   archiveBytes: number;
 }
 
-function memberUnder(name: string, prefix: string): boolean {
-  if (name.split('/').includes('..')) return false;
-  if (prefix === '') return true;
-  return name === prefix || name.startsWith(`${prefix}/`);
-}
-
 /**
- * Reads an archive to its end: gzip framing, every tar header checksum, every member under
- * `memberPrefix`, and the SHA-256 of the file. Throws CorruptArchiveError naming the file.
+ * Reads an archive to its end: gzip framing, every tar header checksum and value, every member
+ * name and type against the rules of a restore into `memberPrefix` (MemberGuard: nothing outside
+ * the volume, no path through a link, no duplicates, hard links only to files made earlier), every
+ * sparse map, and the SHA-256 of the file. Throws CorruptArchiveError naming the file.
  */
 export async function checkArchive(
   path: string,
@@ -127,16 +124,22 @@ export async function checkArchive(
 ): Promise<ArchiveCheck> {
   const hasher = new HashingCounter();
   const report = throttled(options.onProgress);
+  const verifier = new ArchiveVerifier(memberPrefix);
   const processor: TarProcessor = new TarProcessor({
     onEntry: (entry) => {
-      const name = normaliseMemberName(entry.name);
-      if (!memberUnder(name, memberPrefix)) {
-        throw new CorruptArchiveError(`${path}: member '${name}' is outside '${memberPrefix}/'`);
+      try {
+        verifier.entry(entry);
+      } catch (error) {
+        if (error instanceof CorruptArchiveError) throw new CorruptArchiveError(`${path}: ${error.message}`, { cause: error });
+        throw error;
       }
       options.onEntry?.(entry);
       report(processor.stats);
     },
-    onData: () => report(processor.stats),
+    onData: (_entry, chunk) => {
+      verifier.data(chunk);
+      report(processor.stats);
+    },
   });
   const sink = new Writable({ highWaterMark: 1 << 20, write: (_chunk, _encoding, callback) => callback() });
   try {
@@ -148,6 +151,7 @@ export async function checkArchive(
       sink,
       options.signal ? { signal: options.signal } : {},
     );
+    verifier.end();
   } catch (error) {
     if ((error as { name?: string }).name === 'AbortError') throw new InterruptedError('interrupted', { cause: error });
     if (error instanceof CorruptArchiveError && error.message.startsWith(path)) throw error;

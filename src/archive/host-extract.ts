@@ -1,32 +1,46 @@
 /**
  * The direct path of a restore: extract an archive into a volume folder on this host (local
- * engine, root). Keeps what the engine's extraction drops: holes of sparse files (GNU sparse 1.0).
+ * engine, root). Keeps what the engine's extraction drops: holes of sparse files (GNU sparse 1.0,
+ * 0.x and old GNU 'S').
  *
  * Contract: `root` is empty (the rollback point moved the old files aside) except for entries
- * starting with `.cvat-backup-`. Member names are already checked to lie under `memberPrefix`
- * with no `..` (checkArchive). Parents are created only as real folders: an existing symlink on
- * the way is refused, so an archive cannot write outside the volume.
- * Owners are set before modes (chown clears setuid/setgid), folder modes and times last, deepest
- * first, so that writing into a read-only folder and its mtime both work.
+ * starting with `.cvat-backup-`. Every member passes MemberGuard (the same rules the set was
+ * verified with before CVAT stopped); a member it refuses fails the stream, and the restore puts
+ * the previous data back.
+ *
+ * Whatever the guard lets through, nothing is written outside the volume: every path component is
+ * created and opened relative to an open folder handle (DirHandle), never following a link, so a
+ * link the archive made (or anything else) cannot redirect a later member, whatever the order of
+ * members. Files are created new (O_EXCL, O_NOFOLLOW) and their owner, mode and times are set on
+ * the open descriptor (fchown, fchmod, futimes), symbolic links' with lchown/lutimes; hard links
+ * are made with linkat semantics (no link is followed) to a regular file this extraction made.
+ * Owners are set before modes (chown clears setuid/setgid); folders' owners, modes and times are
+ * set last, once nothing more is created in them.
+ *
+ * Members come in any order, so open folder handles are kept in a small cache (most recently used).
  */
-import { chmod, lchown, link, lstat, lutimes, mkdir, open, symlink, type FileHandle } from 'node:fs/promises';
+import { write as writeCallback, ftruncate as ftruncateCallback } from 'node:fs';
+import { promisify } from 'node:util';
 import { Writable } from 'node:stream';
 import { CorruptArchiveError } from '../errors.js';
-import { normaliseMemberName, type TarEntry, type TarItem } from './tar.js';
+import { DirHandle, closeFd, setFileMeta } from '../fs/beneath.js';
+import { MemberGuard, isReservedName } from './member-guard.js';
+import { SparseReader } from './sparse.js';
+import type { TarEntry, TarItem } from './tar.js';
 
-interface PendingDirectory {
-  path: Buffer;
-  entry: TarEntry;
-}
+const writeFd = promisify(writeCallback);
+const ftruncateFd = promisify(ftruncateCallback);
+
+/** Folder handles kept open; members are usually grouped by folder, so a few dozen is plenty. */
+const FOLDER_CACHE = 64;
 
 interface OpenFile {
   entry: TarEntry;
-  path: Buffer;
-  handle: FileHandle;
+  display: string;
+  fd: number;
   /** Bytes of the member's data still to come. */
   remaining: number;
-  /** Sparse 1.0: the map is being read (text), then segments are written in order. */
-  sparse: { realSize: number; mapText: string; mapBytes: number; segments: { offset: number; length: number }[] | undefined; segment: number; written: number } | undefined;
+  sparse: SparseReader | undefined;
   position: number;
 }
 
@@ -34,19 +48,43 @@ export interface HostExtractResult {
   skipped: string[];
 }
 
+function keyOf(path: Buffer[]): string {
+  return path.map((p) => p.toString('latin1')).join('/');
+}
+
+async function writeFully(fd: number, data: Buffer, position: number): Promise<void> {
+  let offset = 0;
+  while (offset < data.length) {
+    offset += (await writeFd(fd, data, offset, data.length - offset, position + offset)).bytesWritten;
+  }
+}
+
 export class HostExtractor extends Writable {
   readonly result: HostExtractResult = { skipped: [] };
-  private readonly root: Buffer;
-  private readonly prefix: string;
-  private readonly directories: PendingDirectory[] = [];
-  private readonly knownDirectories = new Set<string>();
+  private readonly guard: MemberGuard;
+  private root: DirHandle | undefined;
+  private readonly folders = new Map<string, DirHandle>();
+  /** Declared folders and their last header: owner, mode and times are set at the end. */
+  private readonly directories = new Map<string, { path: Buffer[]; entry: TarEntry }>();
+  private rootEntry: TarEntry | undefined;
   private file: OpenFile | undefined;
 
-  constructor(root: string, memberPrefix: string) {
+  constructor(
+    private readonly rootPath: string,
+    memberPrefix: string,
+  ) {
     super({ objectMode: true, highWaterMark: 64 });
-    this.root = Buffer.from(root);
-    this.prefix = memberPrefix;
-    this.knownDirectories.add('');
+    this.guard = new MemberGuard(memberPrefix);
+  }
+
+  override _construct(callback: (error?: Error | null) => void): void {
+    DirHandle.openRoot(this.rootPath).then(
+      (handle) => {
+        this.root = handle;
+        callback();
+      },
+      (error: Error) => callback(error),
+    );
   }
 
   override _write(item: TarItem, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
@@ -60,91 +98,136 @@ export class HostExtractor extends Writable {
   override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
     const file = this.file;
     this.file = undefined;
-    if (!file) return callback(error);
-    file.handle.close().then(() => callback(error), () => callback(error));
+    const closing: Promise<unknown>[] = [...this.folders.values()].map((h) => h.close());
+    this.folders.clear();
+    if (file) closing.push(closeFd(file.fd));
+    if (this.root) closing.push(this.root.close());
+    Promise.allSettled(closing).then(() => callback(error), () => callback(error));
   }
 
-  /** Path below root for a member name, '' for the root itself. */
-  private relative(name: Buffer): Buffer {
-    const text = normaliseMemberName(name);
-    if (text === this.prefix) return Buffer.alloc(0);
-    if (this.prefix !== '' && !text.startsWith(`${this.prefix}/`)) {
-      throw new CorruptArchiveError(`member '${text}' is outside '${this.prefix}/'`);
+  private get rootHandle(): DirHandle {
+    if (!this.root) throw new Error('volume folder is not open');
+    return this.root;
+  }
+
+  /**
+   * The open folder at `path` (components below the root), made when `create` and missing. A
+   * component that is not a folder (a link, a file) fails: it is never followed.
+   */
+  private async folder(path: Buffer[], create: boolean): Promise<DirHandle> {
+    if (path.length === 0) return this.rootHandle;
+    const key = keyOf(path);
+    const cached = this.folders.get(key);
+    if (cached) {
+      this.folders.delete(key);
+      this.folders.set(key, cached);
+      return cached;
     }
-    return Buffer.from(this.prefix === '' ? text : text.slice(this.prefix.length + 1), 'latin1');
-  }
-
-  private absolute(relative: Buffer): Buffer {
-    return relative.length === 0 ? this.root : Buffer.concat([this.root, Buffer.from('/'), relative]);
-  }
-
-  /** Makes sure every parent of `relative` is a real folder we made or checked. */
-  private async ensureParents(relative: Buffer): Promise<void> {
-    const parts = relative.toString('latin1').split('/');
-    parts.pop();
-    let current = '';
-    for (const part of parts) {
-      current = current === '' ? part : `${current}/${part}`;
-      if (this.knownDirectories.has(current)) continue;
-      const path = this.absolute(Buffer.from(current, 'latin1'));
-      const st = await lstat(path).catch(() => undefined);
-      if (st === undefined) await mkdir(path, { mode: 0o700 });
-      else if (!st.isDirectory()) throw new CorruptArchiveError(`archive writes through '${current}', which is not a folder`);
-      this.knownDirectories.add(current);
+    const parent = await this.folder(path.slice(0, -1), create);
+    const name = path[path.length - 1]!;
+    if (path.length === 1 && isReservedName(name)) throw new CorruptArchiveError(`'${name.toString('utf8')}' is cvat-backup's own folder`);
+    let handle: DirHandle;
+    try {
+      handle = await parent.openDir(name);
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code !== 'ENOENT' || !create) {
+        throw new CorruptArchiveError(`'${keyOf(path)}' is not a folder this restore made (${code ?? 'error'})`, { cause: error });
+      }
+      await parent.mkdir(name, 0o700);
+      handle = await parent.openDir(name);
     }
+    this.folders.set(key, handle);
+    if (this.folders.size > FOLDER_CACHE) {
+      const [oldestKey, oldest] = this.folders.entries().next().value as [string, DirHandle];
+      this.folders.delete(oldestKey);
+      await oldest.close();
+    }
+    return handle;
+  }
+
+  /**
+   * Opens the folder at `path` without the cache and without making anything (hard link targets);
+   * `release` closes what was opened.
+   */
+  private async openExisting(path: Buffer[]): Promise<{ dir: DirHandle; release: () => Promise<void> }> {
+    let handle: DirHandle | undefined;
+    try {
+      for (const [i, name] of path.entries()) {
+        if (i === 0 && isReservedName(name)) throw new CorruptArchiveError(`'${name.toString('utf8')}' is cvat-backup's own folder`);
+        const next: DirHandle = await (handle ?? this.rootHandle).openDir(name);
+        await handle?.close();
+        handle = next;
+      }
+    } catch (error) {
+      await handle?.close();
+      if (error instanceof CorruptArchiveError) throw error;
+      throw new CorruptArchiveError(`'${keyOf(path)}' is not a folder this restore made`, { cause: error });
+    }
+    const opened = handle;
+    return opened ? { dir: opened, release: () => opened.close() } : { dir: this.rootHandle, release: () => Promise.resolve() };
   }
 
   private async onEntry(entry: TarEntry): Promise<void> {
     if (this.file) throw new CorruptArchiveError('tar member ended early');
-    const relative = this.relative(entry.name);
-    const path = this.absolute(relative);
-    const key = relative.toString('latin1');
-    if (relative.length > 0) await this.ensureParents(relative);
-    switch (entry.type) {
-      case '5': {
-        if (relative.length > 0) {
-          const st = await lstat(path).catch(() => undefined);
-          if (st === undefined) await mkdir(path, { mode: 0o700 });
-          else if (!st.isDirectory()) throw new CorruptArchiveError(`'${key}' exists and is not a folder`);
-          this.knownDirectories.add(key);
+    const member = this.guard.check(entry);
+    switch (member.action) {
+      case 'skip':
+        this.result.skipped.push(`${member.display} (${member.reason})`);
+        return;
+      case 'root':
+        this.rootEntry = entry;
+        return;
+      case 'dir': {
+        const parent = await this.folder(member.path.slice(0, -1), true);
+        const name = member.path[member.path.length - 1]!;
+        const key = keyOf(member.path);
+        if (!this.folders.has(key)) {
+          try {
+            await parent.mkdir(name, 0o700);
+          } catch (error) {
+            if ((error as NodeJS.ErrnoException).code !== 'EEXIST' || !(await parent.lstat(name)).isDirectory()) throw error;
+          }
         }
-        this.directories.push({ path, entry });
+        this.directories.delete(key);
+        this.directories.set(key, { path: member.path, entry });
         return;
       }
-      case '2':
-        await symlink(entry.linkName, path);
-        await lchown(path, entry.uid, entry.gid);
-        await lutimes(path, entry.mtime, entry.mtime);
-        return;
-      case '1': {
-        const target = this.absolute(this.relative(entry.linkName));
-        await link(target, path);
+      case 'symlink': {
+        const parent = await this.folder(member.path.slice(0, -1), true);
+        const name = member.path[member.path.length - 1]!;
+        await parent.symlink(member.target, name);
+        await parent.lchown(name, entry.uid, entry.gid);
+        await parent.lutimes(name, entry.mtime, entry.mtime);
         return;
       }
-      case '0':
-      case '\0':
-      case '7': {
-        const handle = await open(path, 'wx', 0o600);
-        const realSize = entry.pax.get('GNU.sparse.realsize');
-        const major = entry.pax.get('GNU.sparse.major')?.toString('latin1');
+      case 'hardlink': {
+        const parent = await this.folder(member.path.slice(0, -1), true);
+        const from = await this.openExisting(member.target.slice(0, -1));
+        try {
+          const fromName = member.target[member.target.length - 1]!;
+          // The guard says it is a file this archive made; the folder handles make sure of it.
+          if (!(await from.dir.lstat(fromName)).isFile()) throw new CorruptArchiveError(`hard link target '${keyOf(member.target)}' is not a regular file`);
+          await parent.link(from.dir, fromName, member.path[member.path.length - 1]!);
+        } finally {
+          await from.release();
+        }
+        return;
+      }
+      case 'file': {
+        const parent = await this.folder(member.path.slice(0, -1), true);
+        const fd = await parent.createFile(member.path[member.path.length - 1]!, 0o600);
         this.file = {
           entry,
-          path,
-          handle,
+          display: keyOf(member.path),
+          fd,
           remaining: entry.size,
           position: 0,
-          sparse:
-            realSize !== undefined && major === '1'
-              ? { realSize: Number(realSize.toString('latin1')), mapText: '', mapBytes: 0, segments: undefined, segment: 0, written: 0 }
-              : undefined,
+          sparse: entry.sparse ? new SparseReader(entry.sparse, entry.size) : undefined,
         };
         if (entry.size === 0) await this.closeFile();
         return;
       }
-      default:
-        // Devices, FIFOs and old-style GNU sparse members cannot be made from Node here.
-        this.result.skipped.push(`${key} (type ${entry.type})`);
-        return;
     }
   }
 
@@ -153,83 +236,40 @@ export class HostExtractor extends Writable {
     if (!file) return; // data of a skipped member
     file.remaining -= chunk.length;
     if (!file.sparse) {
-      await writeAll(file.handle, chunk, file.position);
+      await writeFully(file.fd, chunk, file.position);
       file.position += chunk.length;
     } else {
-      await this.onSparseData(file, chunk);
+      for (const piece of file.sparse.push(chunk)) await writeFully(file.fd, piece.data, piece.offset);
     }
     if (file.remaining === 0) await this.closeFile();
-  }
-
-  private async onSparseData(file: OpenFile, chunk: Buffer): Promise<void> {
-    const sparse = file.sparse!;
-    let data = chunk;
-    if (sparse.segments === undefined) {
-      // The map is decimal lines padded to 512 bytes: read until it is complete.
-      const take = Math.min(data.length, 1 << 20);
-      sparse.mapText += data.subarray(0, take).toString('latin1');
-      sparse.mapBytes += take;
-      data = data.subarray(take);
-      const lines = sparse.mapText.split('\n');
-      const count = Number(lines[0]);
-      if (lines.length < 2 + count * 2) {
-        if (sparse.mapBytes > 1 << 24) throw new CorruptArchiveError('sparse map too large');
-        return;
-      }
-      const numbers = lines.slice(1, 1 + count * 2).map(Number);
-      if (numbers.some((n) => !Number.isFinite(n) || n < 0)) throw new CorruptArchiveError('bad sparse map');
-      sparse.segments = [];
-      for (let i = 0; i < count; i++) sparse.segments.push({ offset: numbers[2 * i]!, length: numbers[2 * i + 1]! });
-      const mapLength = lines.slice(0, 1 + count * 2).join('\n').length + 1;
-      const padded = Math.ceil(mapLength / 512) * 512;
-      // Whatever of the consumed text lies past the padded map is file data.
-      const consumedText = Buffer.from(sparse.mapText, 'latin1');
-      data = Buffer.concat([consumedText.subarray(padded), data]);
-    }
-    while (data.length > 0) {
-      const segment = sparse.segments[sparse.segment];
-      if (!segment) throw new CorruptArchiveError('sparse data longer than its map');
-      const room = segment.length - sparse.written;
-      if (room === 0) {
-        sparse.segment++;
-        sparse.written = 0;
-        continue;
-      }
-      const piece = data.subarray(0, room);
-      await writeAll(file.handle, piece, segment.offset + sparse.written);
-      sparse.written += piece.length;
-      data = data.subarray(piece.length);
-    }
   }
 
   private async closeFile(): Promise<void> {
     const file = this.file!;
     this.file = undefined;
     try {
-      if (file.sparse) await file.handle.truncate(file.sparse.realSize);
+      if (file.sparse) {
+        file.sparse.end();
+        await ftruncateFd(file.fd, file.sparse.realSize);
+      }
+      await setFileMeta(file.fd, file.entry.uid, file.entry.gid, file.entry.mode, file.entry.mtime);
     } finally {
-      await file.handle.close();
+      await closeFd(file.fd);
     }
-    await lchown(file.path, file.entry.uid, file.entry.gid);
-    await chmod(file.path, file.entry.mode & 0o7777);
-    await lutimes(file.path, file.entry.mtime, file.entry.mtime);
   }
 
   private async finish(): Promise<void> {
     if (this.file) throw new CorruptArchiveError('tar member ended early');
-    // Deepest first, so setting a folder's mtime is not undone by its children.
-    for (const { path, entry } of [...this.directories].reverse()) {
-      await lchown(path, entry.uid, entry.gid);
-      await chmod(path, entry.mode & 0o7777);
-      await lutimes(path, entry.mtime, entry.mtime);
+    // Nothing more is created: owners, modes and times of folders stay as set.
+    for (const { path, entry } of this.directories.values()) {
+      const dir = await this.folder(path, false);
+      await dir.setMeta(entry.uid, entry.gid, entry.mode, entry.mtime);
     }
-  }
-}
-
-async function writeAll(handle: FileHandle, data: Buffer, position: number): Promise<void> {
-  let offset = 0;
-  while (offset < data.length) {
-    const { bytesWritten } = await handle.write(data, offset, data.length - offset, position + offset);
-    offset += bytesWritten;
+    if (this.rootEntry) {
+      const { uid, gid, mode, mtime } = this.rootEntry;
+      await this.rootHandle.setMeta(uid, gid, mode, mtime);
+    }
+    for (const handle of this.folders.values()) await handle.close();
+    this.folders.clear();
   }
 }

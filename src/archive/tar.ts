@@ -16,10 +16,19 @@
  */
 import { Transform, type TransformCallback } from 'node:stream';
 import { CorruptArchiveError } from '../errors.js';
+import { MAX_SPARSE_SEGMENTS, checkSparseMap } from './sparse.js';
 
 const BLOCK = 512;
 /** Extension headers larger than this are refused: no real archive has 1 MiB of PAX records. */
 const MAX_EXTENSION = 1 << 20;
+/** Extension data pending before one member (several PAX / long-name headers), and global PAX records kept. */
+const MAX_PENDING_EXTENSIONS = 4 << 20;
+/** Sizes and offsets beyond this cannot be held exactly in a JavaScript number: refused. */
+export const MAX_TAR_NUMBER = Number.MAX_SAFE_INTEGER;
+/** Owners are 32-bit on Linux. */
+export const MAX_ID = 0xffffffff;
+/** Modification times further than this from 1970 (about 34 000 years) are refused as absurd. */
+export const MAX_MTIME = 2 ** 40;
 
 export interface TarEntry {
   /** Full member name as bytes, after PAX `path` / GNU long name. */
@@ -36,6 +45,26 @@ export interface TarEntry {
   mtime: number;
   /** PAX records that applied to this member (global and local), raw values. */
   pax: Map<string, Buffer>;
+  /**
+   * A GNU sparse member (1.0, 0.0/0.1 or old GNU type 'S'): `name` is its real name, `size` the
+   * bytes it takes in the archive, and the file is `realSize` long.
+   */
+  sparse?: SparseLayout;
+}
+
+export interface SparseSegment {
+  offset: number;
+  length: number;
+}
+
+export interface SparseLayout {
+  /** The length of the file, holes included. */
+  realSize: number;
+  /**
+   * Data segments in the file, from the headers (GNU sparse 0.0/0.1 and old GNU 'S'); undefined for
+   * GNU sparse 1.0, whose map opens the member's data (see SparseReader).
+   */
+  map: SparseSegment[] | undefined;
 }
 
 export interface TarStats {
@@ -68,24 +97,57 @@ export function isRegularType(type: string): boolean {
   return REGULAR_TYPES.has(type);
 }
 
-/** Parses a numeric header field: octal text, or GNU base-256 when the high bit is set. */
+/**
+ * Parses a numeric header field: octal text, or GNU base-256 when the high bit is set. Strict, so
+ * that no two readers can see different values in one field: leading spaces, octal digits, then
+ * only NULs or spaces. Negative base-256 values and values beyond 2^53 are refused.
+ */
 export function parseNumeric(block: Buffer, offset: number, length: number): number {
   const first = block[offset] ?? 0;
   if (first & 0x80) {
-    let value = first & 0x7f;
-    for (let i = 1; i < length; i++) value = value * 256 + (block[offset + i] ?? 0);
+    if (first & 0x40) throw new CorruptArchiveError('negative number in a tar header');
+    let value = first & 0x3f;
+    for (let i = 1; i < length; i++) {
+      value = value * 256 + (block[offset + i] ?? 0);
+      if (value > MAX_TAR_NUMBER) throw new CorruptArchiveError('absurd number in a tar header (beyond 2^53)');
+    }
     return value;
   }
-  let text = '';
-  for (let i = 0; i < length; i++) {
-    const c = block[offset + i] ?? 0;
-    if (c === 0) break;
-    text += String.fromCharCode(c);
+  const end = offset + length;
+  let i = offset;
+  while (i < end && block[i] === 0x20) i++;
+  let value = 0;
+  for (; i < end; i++) {
+    const c = block[i] ?? 0;
+    if (c < 0x30 || c > 0x37) break;
+    value = value * 8 + (c - 0x30);
   }
-  text = text.trim();
-  if (text === '') return 0;
-  if (!/^[0-7]+$/.test(text)) throw new CorruptArchiveError(`bad numeric field in tar header: '${text}'`);
-  return parseInt(text, 8);
+  for (let j = i; j < end; j++) {
+    const c = block[j] ?? 0;
+    if (c !== 0 && c !== 0x20) {
+      throw new CorruptArchiveError(`bad numeric field in tar header: '${block.toString('latin1', offset, end).replace(/\0/g, '\\0')}'`);
+    }
+  }
+  if (value > MAX_TAR_NUMBER) throw new CorruptArchiveError('absurd number in a tar header (beyond 2^53)');
+  return value;
+}
+
+/** A PAX decimal integer (size, uid, gid, sparse numbers): digits only, at most `max`. */
+export function paxInteger(value: Buffer, key: string, max = MAX_TAR_NUMBER): number {
+  const text = value.toString('latin1');
+  if (!/^[0-9]{1,16}$/.test(text)) throw new CorruptArchiveError(`bad PAX ${key} '${text.slice(0, 40)}'`);
+  const n = Number(text);
+  if (n > max) throw new CorruptArchiveError(`absurd PAX ${key} ${text}`);
+  return n;
+}
+
+/** A PAX time (seconds, optionally with a fraction and a sign), whole seconds, within ±MAX_MTIME. */
+export function paxTime(value: Buffer, key: string): number {
+  const text = value.toString('latin1');
+  if (!/^-?[0-9]{1,20}(\.[0-9]{0,30})?$/.test(text)) throw new CorruptArchiveError(`bad PAX ${key} '${text.slice(0, 40)}'`);
+  const n = Math.floor(Number(text));
+  if (!Number.isFinite(n) || Math.abs(n) > MAX_MTIME) throw new CorruptArchiveError(`absurd PAX ${key} ${text}`);
+  return n;
 }
 
 function cString(block: Buffer, offset: number, length: number): Buffer {
@@ -189,16 +251,22 @@ export function parsePax(data: Buffer): PaxRecord[] {
   const records: PaxRecord[] = [];
   let offset = 0;
   while (offset < data.length) {
-    if (data[offset] === 0) break;
+    if (data[offset] === 0) {
+      // Padding: only NULs may follow.
+      if (data.subarray(offset).some((b) => b !== 0)) throw new CorruptArchiveError('bad PAX record');
+      break;
+    }
     const space = data.indexOf(0x20, offset);
-    if (space === -1) throw new CorruptArchiveError('bad PAX record');
-    const length = parseInt(data.toString('latin1', offset, space), 10);
-    if (!Number.isFinite(length) || length <= 0 || offset + length > data.length) {
+    if (space === -1 || space - offset > 16) throw new CorruptArchiveError('bad PAX record');
+    const lengthText = data.toString('latin1', offset, space);
+    if (!/^[1-9][0-9]*$/.test(lengthText)) throw new CorruptArchiveError('bad PAX record length');
+    const length = Number(lengthText);
+    if (length <= space - offset + 1 || offset + length > data.length || data[offset + length - 1] !== 0x0a) {
       throw new CorruptArchiveError('bad PAX record length');
     }
     const record = data.subarray(space + 1, offset + length - 1);
     const eq = record.indexOf(0x3d);
-    if (eq === -1) throw new CorruptArchiveError('bad PAX record');
+    if (eq <= 0) throw new CorruptArchiveError('bad PAX record');
     records.push({ key: record.toString('utf8', 0, eq), value: Buffer.from(record.subarray(eq + 1)) });
     offset += length;
   }
@@ -227,7 +295,84 @@ interface PendingExtension {
   type: string;
 }
 
-type State = 'header' | 'extension' | 'data' | 'padding' | 'end';
+type State = 'header' | 'extension' | 'sparse-extension' | 'data' | 'padding' | 'end';
+
+const NO_DATA_TYPES = new Set(['1', '2', '3', '4', '5', '6']);
+
+/** The last record of `key` (local records come after global ones). */
+function lastRecord(records: PaxRecord[], key: string): Buffer | undefined {
+  for (let i = records.length - 1; i >= 0; i--) if (records[i]!.key === key) return records[i]!.value;
+  return undefined;
+}
+
+/** Old GNU sparse entries (offset, numbytes; 24 bytes each) from `block` at `at`; stops at the first empty one. */
+function oldSparseEntries(block: Buffer, at: number, count: number, into: SparseSegment[]): void {
+  for (let i = 0; i < count; i++) {
+    const offset = at + i * 24;
+    if (block[offset] === 0) return;
+    if (into.length >= MAX_SPARSE_SEGMENTS) throw new CorruptArchiveError('absurd sparse map (too many segments)');
+    into.push({ offset: parseNumeric(block, offset, 12), length: parseNumeric(block, offset + 12, 12) });
+  }
+}
+
+/** GNU sparse 0.0 (offset/numbytes records) or 0.1 (one `map` record): the map from PAX records. */
+function paxSparseMap(records: PaxRecord[]): SparseSegment[] {
+  const segments: SparseSegment[] = [];
+  const map = lastRecord(records, 'GNU.sparse.map');
+  if (map !== undefined) {
+    const text = map.toString('latin1');
+    const numbers = text === '' ? [] : text.split(',').map((n) => paxInteger(Buffer.from(n, 'latin1'), 'GNU.sparse.map'));
+    if (numbers.length % 2 !== 0) throw new CorruptArchiveError('bad PAX GNU.sparse.map (odd count)');
+    if (numbers.length / 2 > MAX_SPARSE_SEGMENTS) throw new CorruptArchiveError('absurd sparse map (too many segments)');
+    for (let i = 0; i < numbers.length; i += 2) segments.push({ offset: numbers[i]!, length: numbers[i + 1]! });
+  } else {
+    let offset: number | undefined;
+    for (const r of records) {
+      if (r.key === 'GNU.sparse.offset') {
+        if (offset !== undefined) throw new CorruptArchiveError('bad GNU sparse 0.0 map (offset without numbytes)');
+        offset = paxInteger(r.value, r.key);
+      } else if (r.key === 'GNU.sparse.numbytes') {
+        if (offset === undefined) throw new CorruptArchiveError('bad GNU sparse 0.0 map (numbytes without offset)');
+        if (segments.length >= MAX_SPARSE_SEGMENTS) throw new CorruptArchiveError('absurd sparse map (too many segments)');
+        segments.push({ offset, length: paxInteger(r.value, r.key) });
+        offset = undefined;
+      }
+    }
+    if (offset !== undefined) throw new CorruptArchiveError('bad GNU sparse 0.0 map (offset without numbytes)');
+  }
+  const blocks = lastRecord(records, 'GNU.sparse.numblocks');
+  if (blocks !== undefined && paxInteger(blocks, 'GNU.sparse.numblocks') !== segments.length) {
+    throw new CorruptArchiveError('bad GNU sparse map (numblocks does not match)');
+  }
+  return segments;
+}
+
+/**
+ * Which GNU sparse format the PAX records describe, as GNU tar and Go's archive/tar read them:
+ * `major`/`minor` 1.0 (map in the data), 0.0/0.1 (map in the records, also without a version when
+ * a map record is there); an unknown version is refused rather than guessed.
+ */
+function paxSparse(records: PaxRecord[]): SparseLayout | undefined {
+  const major = lastRecord(records, 'GNU.sparse.major')?.toString('latin1');
+  const minor = lastRecord(records, 'GNU.sparse.minor')?.toString('latin1');
+  const hasMap = lastRecord(records, 'GNU.sparse.map') !== undefined || lastRecord(records, 'GNU.sparse.offset') !== undefined;
+  if (major === undefined && minor === undefined && !hasMap) return undefined;
+  const realSizeRecord = lastRecord(records, 'GNU.sparse.realsize') ?? lastRecord(records, 'GNU.sparse.size');
+  if (realSizeRecord === undefined) throw new CorruptArchiveError('GNU sparse member without its real size');
+  const realSize = paxInteger(realSizeRecord, 'GNU.sparse.realsize');
+  if (major === '1' && minor === '0') return { realSize, map: undefined };
+  if ((major === undefined && minor === undefined) || (major === '0' && (minor === '0' || minor === '1'))) {
+    return { realSize, map: paxSparseMap(records) };
+  }
+  throw new CorruptArchiveError(`unknown GNU sparse format ${major ?? '?'}.${minor ?? '?'}`);
+}
+
+/** A member whose header arrived, waiting for old GNU sparse extension blocks. */
+interface PendingSparseMember {
+  entry: TarEntry;
+  map: SparseSegment[];
+  stored: number;
+}
 
 /**
  * Transform stream over a tar archive. Without `renamePrefix` the bytes pass through unchanged, so
@@ -241,9 +386,11 @@ export class TarProcessor extends Transform {
   private remaining = 0;
   private extensionHeader: Buffer | undefined;
   private extensions: PendingExtension[] = [];
+  private extensionBytes = 0;
   private current: TarEntry | undefined;
   private zeroBlocks = 0;
   private globalPax: PaxRecord[] = [];
+  private pendingSparse: PendingSparseMember | undefined;
 
   private readonly entriesMode: boolean;
 
@@ -322,6 +469,19 @@ export class TarProcessor extends Transform {
           this.state = 'header';
           continue;
         }
+        case 'sparse-extension': {
+          const block = this.takeBytes(BLOCK);
+          if (!block) return;
+          this.emitBytes(block);
+          const pending = this.pendingSparse!;
+          oldSparseEntries(block, 0, 21, pending.map);
+          if (block[504] === 0) {
+            this.pendingSparse = undefined;
+            pending.entry.sparse = { realSize: pending.entry.sparse!.realSize, map: checkSparseMap(pending.map, pending.entry.sparse!.realSize, pending.stored) };
+            this.startMember(pending.entry);
+          }
+          continue;
+        }
         case 'header': {
           const block = this.takeBytes(BLOCK);
           if (!block) return;
@@ -351,12 +511,26 @@ export class TarProcessor extends Transform {
     const size = parseNumeric(block, 124, 12);
     if (type === 'x' || type === 'g' || type === 'L' || type === 'K') {
       if (size > MAX_EXTENSION) throw new CorruptArchiveError(`tar extension header of ${size} bytes`);
+      this.extensionBytes += size;
+      if (this.extensionBytes > MAX_PENDING_EXTENSIONS) throw new CorruptArchiveError('absurd tar extension headers (over 4 MiB before one member)');
       this.extensionHeader = block;
       this.remaining = paddedSize(size);
       this.state = 'extension';
       return;
     }
+    this.extensionBytes = 0;
     this.onMember(block, type, size);
+  }
+
+  /** Global PAX records apply to every later member; a later record of a key replaces the earlier one. */
+  private addGlobal(records: PaxRecord[]): void {
+    for (const record of records) {
+      const at = this.globalPax.findIndex((r) => r.key === record.key);
+      if (at === -1) this.globalPax.push(record);
+      else this.globalPax[at] = record;
+    }
+    const size = this.globalPax.reduce((sum, r) => sum + r.key.length + r.value.length, 0);
+    if (size > MAX_PENDING_EXTENSIONS) throw new CorruptArchiveError('absurd global PAX records (over 4 MiB)');
   }
 
   private onMember(block: Buffer, type: string, headerSize: number): void {
@@ -365,7 +539,7 @@ export class TarProcessor extends Transform {
     let size = headerSize;
     let nameFromExtension = false;
     let linkFromExtension = false;
-    const pax: PaxRecord[] = [...this.globalPax];
+    const local: PaxRecord[] = [];
     for (const ext of this.extensions) {
       if (ext.type === 'L') {
         name = cString(ext.data, 0, ext.data.length);
@@ -374,12 +548,12 @@ export class TarProcessor extends Transform {
         linkName = cString(ext.data, 0, ext.data.length);
         linkFromExtension = true;
       } else if (ext.type === 'x') {
-        pax.push(...parsePax(ext.data));
+        local.push(...parsePax(ext.data));
       } else if (ext.type === 'g') {
-        this.globalPax.push(...parsePax(ext.data));
-        pax.push(...parsePax(ext.data));
+        this.addGlobal(parsePax(ext.data));
       }
     }
+    const pax: PaxRecord[] = [...this.globalPax, ...local];
     for (const record of pax) {
       if (record.key === 'path') {
         name = record.value;
@@ -388,12 +562,12 @@ export class TarProcessor extends Transform {
         linkName = record.value;
         linkFromExtension = true;
       } else if (record.key === 'size') {
-        size = parseInt(record.value.toString('latin1'), 10);
+        size = paxInteger(record.value, 'size');
       }
     }
-    // GNU sparse 1.0 (PAX): the real name and size are in GNU.sparse.* records.
-    const sparseName = pax.find((r) => r.key === 'GNU.sparse.name')?.value;
-    const sparseSize = pax.find((r) => r.key === 'GNU.sparse.realsize')?.value;
+    // GNU sparse (PAX 0.0, 0.1, 1.0): the real name and size are in GNU.sparse.* records.
+    let sparse = paxSparse(pax);
+    const sparseName = sparse ? lastRecord(pax, 'GNU.sparse.name') : undefined;
     const isHardLink = type === '1';
     const prefix = this.options.renamePrefix;
     const out: Buffer[] = [];
@@ -438,33 +612,50 @@ export class TarProcessor extends Transform {
     for (const b of out) this.emitBytes(b);
 
     // Hard links, symlinks, directories and devices carry no data whatever the size field says.
-    const dataSize = type === '1' || type === '2' || type === '5' || type === '3' || type === '4' || type === '6' ? 0 : size;
+    const dataSize = NO_DATA_TYPES.has(type) ? 0 : size;
+    const uid = lastRecord(pax, 'uid');
+    const gid = lastRecord(pax, 'gid');
+    const mtime = lastRecord(pax, 'mtime');
     const entry: TarEntry = {
-      name: sparseName && !prefix ? sparseName : sparseName && prefix ? Buffer.concat([prefix, sparseName]) : name,
+      name: sparseName === undefined ? name : prefix ? Buffer.concat([prefix, sparseName]) : sparseName,
       linkName,
       type,
       size: dataSize,
       mode: parseNumeric(block, 100, 8),
-      uid: parseNumeric(block, 108, 8),
-      gid: parseNumeric(block, 116, 8),
-      mtime: parseNumeric(block, 136, 12),
+      uid: uid === undefined ? parseNumeric(block, 108, 8) : paxInteger(uid, 'uid', MAX_ID),
+      gid: gid === undefined ? parseNumeric(block, 116, 8) : paxInteger(gid, 'gid', MAX_ID),
+      mtime: mtime === undefined ? parseNumeric(block, 136, 12) : paxTime(mtime, 'mtime'),
       pax: new Map(pax.map((r) => [r.key, r.value])),
     };
-    const paxNumber = (key: string): number | undefined => {
-      const v = entry.pax.get(key);
-      return v === undefined ? undefined : Number(v.toString('latin1'));
-    };
-    entry.uid = paxNumber('uid') ?? entry.uid;
-    entry.gid = paxNumber('gid') ?? entry.gid;
-    entry.mtime = Math.floor(paxNumber('mtime') ?? entry.mtime);
+    if (entry.uid > MAX_ID || entry.gid > MAX_ID) throw new CorruptArchiveError(`absurd owner ${entry.uid}:${entry.gid} in a tar header`);
+    if (entry.mtime > MAX_MTIME) throw new CorruptArchiveError(`absurd modification time ${entry.mtime} in a tar header`);
+    if (sparse && !isRegularType(type)) sparse = undefined;
+    if (type === 'S') {
+      // Old GNU sparse: the map is in the header, continued in extension blocks after it.
+      const map: SparseSegment[] = [];
+      oldSparseEntries(block, 386, 4, map);
+      entry.sparse = { realSize: parseNumeric(block, 483, 12), map };
+      if (block[482] !== 0) {
+        this.pendingSparse = { entry, map, stored: dataSize };
+        this.state = 'sparse-extension';
+        return;
+      }
+      entry.sparse.map = checkSparseMap(map, entry.sparse.realSize, dataSize);
+    } else if (sparse) {
+      entry.sparse = sparse.map === undefined ? sparse : { realSize: sparse.realSize, map: checkSparseMap(sparse.map, sparse.realSize, dataSize) };
+    }
+    this.startMember(entry);
+  }
+
+  private startMember(entry: TarEntry): void {
     this.stats.entries++;
-    if (isRegularType(type) || isHardLink) this.stats.files++;
-    this.stats.bytes += sparseSize ? Number(sparseSize.toString('latin1')) : dataSize;
+    if (isRegularType(entry.type) || entry.type === '1') this.stats.files++;
+    this.stats.bytes += entry.sparse ? entry.sparse.realSize : entry.size;
     this.options.onEntry?.(entry);
     if (this.entriesMode) this.push({ kind: 'entry', entry } satisfies TarItem);
     this.current = entry;
-    if (dataSize > 0) {
-      this.remaining = dataSize;
+    if (entry.size > 0) {
+      this.remaining = entry.size;
       this.state = 'data';
     } else {
       this.state = 'header';

@@ -14,6 +14,7 @@ import { TargetNotEmptyError, UsageError, VolumeMissingError } from '../errors.j
 import { cvatRecord, discoverDeployment, type Deployment, type DeploymentVolume } from '../deployment/discover.js';
 import { withDeploymentStopped } from '../deployment/lifecycle.js';
 import { lockDeployment } from '../deployment/lock.js';
+import { recoverKilledRestore } from '../restore/volume-rollback.js';
 import { writeVolumeArchive, type VolumeSource } from '../archive/archive-set.js';
 import { chooseTransport, type ChosenTransport, type TransportChoice } from '../archive/transport.js';
 import { writeFileDurably } from '../archive/files.js';
@@ -94,7 +95,7 @@ export async function backupToArchiveSet(engine: DockerEngine, options: ArchiveB
   await prepareTarget(options.to);
   const transports = new Map<string, ChosenTransport>();
   for (const v of selected) transports.set(v.composeName, await chooseTransport(engine, v.name, options.via ?? 'auto'));
-  const locked = await lockDeployment(engine, deployment, 'backup', onProgress, () => discover(deployment.project));
+  const locked = await lockDeployment(engine, deployment, 'backup', onProgress, () => discover(deployment.project), recoverKilledRestore);
   const lock = locked.lock;
   deployment = locked.deployment;
   const written: string[] = [];

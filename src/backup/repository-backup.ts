@@ -27,6 +27,7 @@ import { storeStream } from '../repository/stream-content.js';
 import { cvatRecord, discoverDeployment, type Deployment } from '../deployment/discover.js';
 import { withDeploymentFrozen, withDeploymentStopped, type DowntimeWindow } from '../deployment/lifecycle.js';
 import { lockDeployment } from '../deployment/lock.js';
+import { recoverKilledRestore } from '../restore/volume-rollback.js';
 import { chooseTransport, type TransportChoice } from '../archive/transport.js';
 import { memberPrefixOf } from '../archive/manifest.js';
 import { TarProcessor } from '../archive/tar.js';
@@ -116,7 +117,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
   if (selected.length === 0 && !dumpDb) throw new VolumeMissingError(`project '${deployment.project}' has no mounted named volume to back up`);
   const folders = new Map<string, string | undefined>();
   for (const v of selected) folders.set(v.composeName, (await chooseTransport(engine, v.name, options.via ?? 'auto')).hostPath);
-  const locked = await lockDeployment(engine, deployment, 'backup', onProgress, () => discover(deployment.project));
+  const locked = await lockDeployment(engine, deployment, 'backup', onProgress, () => discover(deployment.project), recoverKilledRestore);
   const projectLock = locked.lock;
   deployment = locked.deployment;
   try {

@@ -6,17 +6,27 @@
  * and times. Holes (`zero:` chunks) are never written, so sparse files stay sparse.
  *
  * Contract (as HostExtractor's): `root` is empty except for entries starting with `.cvat-backup-`.
- * Every name is one path component (a tree that says otherwise is refused as damaged), folders are
- * created fresh, so nothing can be written outside the volume. Owners are set before modes (chown
- * clears setuid/setgid); folder modes and times last, deepest first.
+ * Every tree is checked as it is read (tree-guard.ts; the snapshot was verified the same way
+ * before CVAT stopped), and nothing can be written outside the volume whatever a tree says: every
+ * folder is made and entered through an open folder handle (DirHandle), never following a link;
+ * one handle per level of the walk. Files are created new (O_EXCL, O_NOFOLLOW) and their owner,
+ * mode and times set on the open descriptor; symbolic links get lchown/lutimes; a hard link is
+ * made (no link followed) to a regular file that an earlier entry of this walk created. Owners
+ * are set before modes (chown clears setuid/setgid); a folder's owner, mode and times are set as
+ * soon as its subtree is done (nothing more is created in it).
  */
-import { chmod, lchown, link, lutimes, mkdir, open, symlink, type FileHandle } from 'node:fs/promises';
+import { ftruncate as ftruncateCallback } from 'node:fs';
+import { promisify } from 'node:util';
 import type { TarStats } from '../archive/tar.js';
 import { CorruptArchiveError } from '../errors.js';
+import { DirHandle, closeFd, setFileMeta } from '../fs/beneath.js';
 import type { ChunkPool } from './chunk-pool.js';
 import type { Repository } from './repository.js';
-import { chunkLength, loadTree } from './restorer.js';
+import { chunkLength } from './restorer.js';
+import { TreeWalkBounds, comparePreOrder, hardLinkTarget, isReservedEntry, loadCheckedTree } from './tree-guard.js';
 import { isZeroChunk, type SnapshotVolume, type TreeNode } from './tree.js';
+
+const ftruncateFd = promisify(ftruncateCallback);
 
 export interface FolderRestoreOptions {
   signal?: AbortSignal;
@@ -34,36 +44,9 @@ export interface FolderRestoreResult {
   skipped: string[];
 }
 
-const SLASH = Buffer.from('/');
-
-function checkedName(node: TreeNode): Buffer {
-  const name = Buffer.from(node.name, 'base64');
-  if (name.length === 0 || name.includes(SLASH) || name.includes(0) || name.equals(Buffer.from('.')) || name.equals(Buffer.from('..'))) {
-    throw new CorruptArchiveError(`snapshot tree holds an invalid name '${name.toString('utf8')}'`);
-  }
-  return name;
-}
-
-/** A hard link's first path, relative to the volume root: components checked like names. */
-function checkedLinkTarget(node: TreeNode): Buffer {
-  const path = Buffer.from(node.hardlink ?? '', 'base64');
-  const text = path.toString('latin1');
-  if (text === '' || text.startsWith('/') || text.split('/').some((p) => p === '' || p === '.' || p === '..' || p.includes('\0'))) {
-    throw new CorruptArchiveError(`snapshot tree holds an invalid hard link target '${path.toString('utf8')}'`);
-  }
-  return path;
-}
-
 function seconds(ns: string): number {
   const value = BigInt(ns);
   return Number(value / 1000000000n) + Number(value % 1000000000n) / 1e9;
-}
-
-async function setMeta(path: Buffer, node: TreeNode, chmodToo: boolean): Promise<void> {
-  await lchown(path, node.uid, node.gid);
-  if (chmodToo) await chmod(path, node.mode & 0o7777);
-  const t = seconds(node.mtimeNs);
-  await lutimes(path, t, t);
 }
 
 /** Bounded concurrency with the first failure kept: nothing new is admitted after one. */
@@ -106,10 +89,9 @@ export async function restoreVolumeToFolder(
 ): Promise<FolderRestoreResult> {
   const stats: TarStats = { entries: 1, files: 0, bytes: 0 };
   const skipped: string[] = [];
-  const folders: { path: Buffer; node: TreeNode }[] = [{ path: Buffer.from(root), node: volume.root }];
   const chunks = new Slots(options.chunksInFlight ?? 16);
   const files = new Slots(options.filesInFlight ?? 64);
-  const rootPath = Buffer.from(root);
+  const bounds = new TreeWalkBounds(volume);
   let lastReport = 0;
   const report = (force = false): void => {
     const now = Date.now();
@@ -118,18 +100,18 @@ export async function restoreVolumeToFolder(
     options.onProgress?.({ ...stats });
   };
 
-  const writeFile = async (path: Buffer, node: TreeNode, display: string): Promise<void> => {
+  const writeFile = async (dir: DirHandle, name: Buffer, node: TreeNode, display: string): Promise<void> => {
     const content = node.content ?? [];
     const lengths = content.map((ref) => chunkLength(repo, ref));
     const total = lengths.reduce((a, b) => a + b, 0);
     if (total !== node.size) throw new CorruptArchiveError(`${display}: its chunks hold ${total} bytes, the file ${node.size}`);
-    const handle: FileHandle = await open(path, 'wx', 0o600);
+    const fd = await dir.createFile(name, 0o600);
     const writes: Promise<void>[] = [];
     let closed = false;
     const close = async (): Promise<void> => {
       if (closed) return;
       closed = true;
-      await handle.close();
+      await closeFd(fd);
     };
     try {
       let position = 0;
@@ -145,7 +127,7 @@ export async function restoreVolumeToFolder(
         await chunks.admit();
         writes.push(
           chunks.track(
-            repo.writeBlobTo(ref, options.pool, handle.fd, at).then(() => {
+            repo.writeBlobTo(ref, options.pool, fd, at).then(() => {
               stats.bytes += length;
               report();
             }),
@@ -168,59 +150,104 @@ export async function restoreVolumeToFolder(
         try {
           await Promise.all(writes);
           // Holes at the end (or a file of holes only) need the size set.
-          if (content.some(isZeroChunk)) await handle.truncate(node.size);
+          if (content.some(isZeroChunk)) await ftruncateFd(fd, node.size);
+          await setFileMeta(fd, node.uid, node.gid, node.mode, seconds(node.mtimeNs));
         } finally {
           await Promise.allSettled(writes);
           await close();
         }
-        await setMeta(path, node, true);
       })(),
     ).catch(() => undefined); // kept as the slots' failure
   };
 
-  const walk = async (treeId: string, dir: Buffer, rel: string): Promise<void> => {
-    const tree = await loadTree(repo, treeId);
-    for (const node of tree.nodes) {
+  /** A hard link to a file an earlier entry made: reached from the root through folder handles. */
+  const hardLink = async (rootDir: DirHandle, dir: DirHandle, name: Buffer, path: Buffer[], node: TreeNode): Promise<void> => {
+    const target = hardLinkTarget(node);
+    const show = (p: Buffer[]): string => p.map((c) => c.toString('utf8')).join('/');
+    if (comparePreOrder(target, path) >= 0) throw new CorruptArchiveError(`hard link '${show(path)}' points at '${show(target)}', which does not come before it`);
+    const opened: DirHandle[] = [];
+    try {
+      let from = rootDir;
+      for (const part of target.slice(0, -1)) {
+        from = await from.openDir(part);
+        opened.push(from);
+      }
+      const fromName = target[target.length - 1]!;
+      if (!(await from.lstat(fromName)).isFile()) throw new CorruptArchiveError(`hard link '${show(path)}' points at '${show(target)}', which is not a regular file`);
+      await dir.link(from, fromName, name);
+    } catch (error) {
+      if (error instanceof CorruptArchiveError) throw error;
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR' || code === 'ELOOP') {
+        throw new CorruptArchiveError(`hard link '${show(path)}' points at '${show(target)}', which this restore did not make`, { cause: error });
+      }
+      throw error;
+    } finally {
+      for (const handle of opened) await handle.close();
+    }
+  };
+
+  const walk = async (rootDir: DirHandle, treeId: string, dir: DirHandle, path: Buffer[]): Promise<void> => {
+    const depth = bounds.depth;
+    bounds.enter(treeId);
+    const { tree, names } = await loadCheckedTree(repo, treeId);
+    for (const [i, node] of tree.nodes.entries()) {
       options.signal?.throwIfAborted();
       if (chunks.failure !== undefined) throw chunks.failure;
       if (files.failure !== undefined) throw files.failure;
-      const name = checkedName(node);
-      const path = Buffer.concat([dir, SLASH, name]);
-      const display = rel === '' ? name.toString('utf8') : `${rel}/${name.toString('utf8')}`;
+      const name = names[i]!;
+      // cvat-backup's own folder, caught by a backup: never restored (verification said so).
+      if (isReservedEntry(depth, name)) continue;
+      bounds.count();
+      const entryPath = [...path, name];
+      const display = entryPath.map((p) => p.toString('utf8')).join('/');
       stats.entries++;
       switch (node.type) {
-        case 'dir':
-          await mkdir(path, { mode: 0o700 });
-          folders.push({ path, node });
-          if (node.subtree) await walk(node.subtree, path, display);
+        case 'dir': {
+          await dir.mkdir(name, 0o700);
+          const child = await dir.openDir(name);
+          try {
+            if (node.subtree) await walk(rootDir, node.subtree, child, entryPath);
+            await child.setMeta(node.uid, node.gid, node.mode, seconds(node.mtimeNs));
+          } finally {
+            await child.close();
+          }
           break;
-        case 'symlink':
-          await symlink(Buffer.from(node.target ?? '', 'base64'), path);
-          await setMeta(path, node, false);
+        }
+        case 'symlink': {
+          await dir.symlink(Buffer.from(node.target ?? '', 'base64'), name);
+          await dir.lchown(name, node.uid, node.gid);
+          const t = seconds(node.mtimeNs);
+          await dir.lutimes(name, t, t);
           break;
+        }
         case 'file':
           stats.files++;
-          if (node.hardlink !== undefined) {
-            await link(Buffer.concat([rootPath, SLASH, checkedLinkTarget(node)]), path);
-          } else {
-            await writeFile(path, node, display);
-          }
+          if (node.hardlink !== undefined) await hardLink(rootDir, dir, name, entryPath, node);
+          else await writeFile(dir, name, node, display);
           break;
         default:
           skipped.push(`${display} (${node.type})`);
       }
     }
+    bounds.leave();
   };
 
+  const rootDir = await DirHandle.openRoot(root);
   try {
-    await walk(volume.tree, rootPath, '');
+    try {
+      await walk(rootDir, volume.tree, rootDir, []);
+    } finally {
+      // Whatever happened, no write may still be running when this returns.
+      await Promise.allSettled([chunks.drain(), files.drain()]);
+    }
+    await chunks.drain();
+    await files.drain();
+    const r = volume.root;
+    await rootDir.setMeta(r.uid, r.gid, r.mode, seconds(r.mtimeNs));
   } finally {
-    // Whatever happened, no write may still be running when this returns.
-    await Promise.allSettled([chunks.drain(), files.drain()]);
+    await rootDir.close();
   }
-  await chunks.drain();
-  await files.drain();
-  for (const { path, node } of folders.reverse()) await setMeta(path, node, true);
   report(true);
   return { stats, skipped };
 }

@@ -12,6 +12,7 @@ import type { Repository } from './repository.js';
 import type { ChunkPool } from './chunk-pool.js';
 import { CorruptArchiveError } from '../errors.js';
 import { isZeroChunk, zeroChunkLength, type SnapshotVolume, type Tree, type TreeNode } from './tree.js';
+import { TreeWalkBounds, checkRootNode, comparePreOrder, hardLinkTarget, isReservedEntry, loadCheckedTree } from './tree-guard.js';
 
 const BLOCK = 512;
 
@@ -23,8 +24,9 @@ function meta(node: TreeNode): { mode: number; uid: number; gid: number; mtime: 
   return { mode: node.mode, uid: node.uid, gid: node.gid, mtime: seconds(node.mtimeNs) };
 }
 
+/** Loads a tree blob, checked (tree-guard.ts): a tree that breaks the rules is damage. */
 export async function loadTree(repo: Repository, id: string): Promise<Tree> {
-  return JSON.parse((await repo.loadBlob(id)).toString('utf8')) as Tree;
+  return (await loadCheckedTree(repo, id)).tree;
 }
 
 /** Plain length of a chunk reference (a hole's own length, or the indexed blob's). */
@@ -103,17 +105,24 @@ async function* treeEntries(
   prefix: Buffer,
   signal: AbortSignal | undefined,
   pool: ChunkPool | undefined,
+  bounds: TreeWalkBounds,
 ): AsyncGenerator<Buffer> {
-  const tree = await loadTree(repo, treeId);
-  const refs = tree.nodes.flatMap((n) => (n.type === 'file' && n.hardlink === undefined ? (n.content ?? []).filter((r) => !isZeroChunk(r)) : []));
+  const depth = bounds.depth;
+  bounds.enter(treeId);
+  const { tree, names } = await loadCheckedTree(repo, treeId);
+  const refs = tree.nodes.flatMap((n, i) =>
+    n.type === 'file' && n.hardlink === undefined && !isReservedEntry(depth, names[i]!) ? (n.content ?? []).filter((r) => !isZeroChunk(r)) : [],
+  );
   const blobs = new BlobPrefetcher(repo, refs, pool);
-  for (const node of tree.nodes) {
+  for (const [i, node] of tree.nodes.entries()) {
     signal?.throwIfAborted();
-    const name = Buffer.concat([path, Buffer.from('/'), Buffer.from(node.name, 'base64')]);
+    if (isReservedEntry(depth, names[i]!)) continue;
+    bounds.count();
+    const name = Buffer.concat([path, Buffer.from('/'), names[i]!]);
     switch (node.type) {
       case 'dir':
         yield encodeHeader({ ...meta(node), name: Buffer.concat([name, Buffer.from('/')]), type: '5', size: 0 });
-        if (node.subtree) yield* treeEntries(repo, node.subtree, name, prefix, signal, pool);
+        if (node.subtree) yield* treeEntries(repo, node.subtree, name, prefix, signal, pool, bounds);
         break;
       case 'symlink':
         yield encodeHeader({ ...meta(node), name, type: '2', size: 0, linkName: Buffer.from(node.target ?? '', 'base64') });
@@ -142,6 +151,7 @@ async function* treeEntries(
         break;
     }
   }
+  bounds.leave();
 }
 
 /** The volume of a snapshot as an uncompressed tar stream. */
@@ -149,24 +159,29 @@ export function snapshotVolumeTar(repo: Repository, volume: SnapshotVolume, sign
   const prefix = Buffer.from(memberPrefixOf(volume.mountPath), 'utf8');
   async function* all(): AsyncGenerator<Buffer> {
     yield encodeHeader({ ...meta(volume.root), name: Buffer.concat([prefix, Buffer.from('/')]), type: '5', size: 0 });
-    yield* treeEntries(repo, volume.tree, prefix, prefix, signal, pool);
+    yield* treeEntries(repo, volume.tree, prefix, prefix, signal, pool, new TreeWalkBounds(volume));
     yield Buffer.alloc(BLOCK * 2);
   }
   return Readable.from(all(), { objectMode: false, highWaterMark: 1 << 20 });
 }
 
 /**
- * Reads every tree and every blob of a volume (decrypting and hashing each), so a damaged
- * repository is found before a restore touches anything. Returns what the volume holds.
+ * Reads every tree and every blob of a volume (decrypting and hashing each), so a damaged or
+ * hostile snapshot is found before a restore touches anything: every tree is checked
+ * (tree-guard.ts: names, values, sorted and unique, no cycle, bounded walk), every file's chunks
+ * must add up to its size, and every hard link must name a regular file that comes earlier in the
+ * walk. Returns what the volume holds; `onWarning` names what a restore will leave out.
  */
 export async function verifySnapshotVolume(
   repo: Repository,
   volume: SnapshotVolume,
-  options: { signal?: AbortSignal; onProgress?: (stats: TarStats) => void; pool?: ChunkPool } = {},
+  options: { signal?: AbortSignal; onProgress?: (stats: TarStats) => void; pool?: ChunkPool; onWarning?: (message: string) => void } = {},
 ): Promise<TarStats> {
   const stats: TarStats = { entries: 1, files: 0, bytes: 0 };
   const verified = new Set<string>();
   const inFlight = new Set<Promise<void>>();
+  const bounds = new TreeWalkBounds(volume);
+  const links: { path: Buffer[]; target: Buffer[] }[] = [];
   let failure: Error | undefined;
   const check = async (ref: string): Promise<void> => {
     // Up to 8 blobs at once: reads overlap with decryption and hashing.
@@ -183,26 +198,86 @@ export async function verifySnapshotVolume(
       .finally(() => inFlight.delete(tracked));
     inFlight.add(tracked);
   };
-  const walk = async (treeId: string): Promise<void> => {
-    const tree = await loadTree(repo, treeId);
-    for (const node of tree.nodes) {
+  const walk = async (treeId: string, path: Buffer[]): Promise<void> => {
+    const depth = bounds.depth;
+    bounds.enter(treeId);
+    const { tree, names } = await loadCheckedTree(repo, treeId);
+    for (const [i, node] of tree.nodes.entries()) {
       options.signal?.throwIfAborted();
+      const name = names[i]!;
+      if (isReservedEntry(depth, name)) {
+        options.onWarning?.(`not restored: ${name.toString('utf8')} (a cvat-backup working folder the backup caught)`);
+        continue;
+      }
+      bounds.count();
       stats.entries++;
-      if (node.type === 'dir' && node.subtree) await walk(node.subtree);
+      if (node.type === 'dir' && node.subtree) await walk(node.subtree, [...path, name]);
       if (node.type !== 'file') continue;
       stats.files++;
-      if (node.hardlink !== undefined) continue;
+      if (node.hardlink !== undefined) {
+        links.push({ path: [...path, name], target: hardLinkTarget(node) });
+        continue;
+      }
+      const content = node.content ?? [];
+      const total = content.reduce((sum, ref) => sum + chunkLength(repo, ref), 0);
+      if (total !== node.size) throw new CorruptArchiveError(`${[...path, name].map((p) => p.toString('utf8')).join('/')}: its chunks hold ${total} bytes, the file ${node.size}`);
       stats.bytes += node.size;
-      for (const ref of node.content ?? []) {
+      for (const ref of content) {
         if (isZeroChunk(ref) || verified.has(ref)) continue;
         verified.add(ref);
         await check(ref);
       }
       options.onProgress?.({ ...stats });
     }
+    bounds.leave();
   };
-  await walk(volume.tree);
-  await Promise.all(inFlight);
+  try {
+    checkRootNode(volume.root);
+    await walk(volume.tree, []);
+    await checkHardLinks(repo, volume, links);
+  } finally {
+    await Promise.all(inFlight);
+  }
   if (failure) throw failure;
   return stats;
+}
+
+/** Every hard link names a regular file (not itself a link) that the walk meets before the link. */
+async function checkHardLinks(repo: Repository, volume: SnapshotVolume, links: { path: Buffer[]; target: Buffer[] }[]): Promise<void> {
+  const trees = new Map<string, { tree: Tree; names: Buffer[] }>();
+  const load = async (id: string): Promise<{ tree: Tree; names: Buffer[] }> => {
+    let found = trees.get(id);
+    if (!found) {
+      found = await loadCheckedTree(repo, id);
+      if (trees.size > 256) trees.clear();
+      trees.set(id, found);
+    }
+    return found;
+  };
+  const resolved = new Map<string, boolean>();
+  for (const { path, target } of links) {
+    const show = (p: Buffer[]): string => p.map((c) => c.toString('utf8')).join('/');
+    if (comparePreOrder(target, path) >= 0) throw new CorruptArchiveError(`hard link '${show(path)}' points at '${show(target)}', which does not come before it`);
+    const key = target.map((c) => c.toString('latin1')).join('/');
+    let ok = resolved.get(key);
+    if (ok === undefined) {
+      ok = false;
+      let treeId: string | undefined = volume.tree;
+      for (const [i, part] of target.entries()) {
+        if (treeId === undefined) break;
+        const { tree, names } = await load(treeId);
+        const at = names.findIndex((n) => n.equals(part));
+        const node = at === -1 ? undefined : tree.nodes[at];
+        treeId = undefined;
+        if (!node) break;
+        if (i < target.length - 1) {
+          if (node.type === 'dir') treeId = node.subtree;
+        } else {
+          ok = node.type === 'file' && node.hardlink === undefined;
+        }
+      }
+      resolved.set(key, ok);
+    }
+    if (!ok) throw new CorruptArchiveError(`hard link '${show(path)}' points at '${show(target)}', which is not a regular file of this snapshot`);
+  }
 }

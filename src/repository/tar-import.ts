@@ -2,12 +2,15 @@
  * Builds a volume's trees from a tar stream (TarItem objects): used by `import` (archive sets,
  * ours or made with the guide's tar) and by repository backups through the engine's archive API.
  * A tar stream carries no ctime or inode, so such snapshots do not make the next backup skip
- * reading; chunks still deduplicate. GNU sparse 1.0 members are expanded, their holes recorded
- * as zero chunks.
+ * reading; chunks still deduplicate. GNU sparse members (1.0, 0.x, old GNU) are expanded, their
+ * holes recorded as zero chunks. Every member passes MemberGuard (the rules of a restore), so a
+ * snapshot imported from a hostile set holds nothing a restore would refuse.
  */
 import { Writable } from 'node:stream';
 import { CorruptArchiveError } from '../errors.js';
-import { normaliseMemberName, type TarEntry, type TarItem } from '../archive/tar.js';
+import type { TarEntry, TarItem } from '../archive/tar.js';
+import { MemberGuard } from '../archive/member-guard.js';
+import { SparseReader } from '../archive/sparse.js';
 import { isAllZero } from './zero.js';
 import { Chunker } from './chunker.js';
 import type { Repository } from './repository.js';
@@ -55,33 +58,29 @@ interface OpenFile {
   node: TreeNode;
   chunker: Chunker;
   remaining: number;
-  sparse: { map: string; segments: { offset: number; length: number }[] | undefined; segment: number; inSegment: number; logical: number; realSize: number } | undefined;
+  /** Sparse members: the map, and how far the file's logical bytes have been fed. */
+  sparse: { reader: SparseReader; logical: number } | undefined;
 }
 
 export class TarTreeBuilder extends Writable {
   readonly stats: ImportStats = { entries: 0, files: 0, bytes: 0, bytesAdded: 0 };
   private readonly dirs = new Map<string, DirState>();
+  private readonly guard: MemberGuard;
   private file: OpenFile | undefined;
 
   constructor(
     private readonly repo: Repository,
-    private readonly memberPrefix: string,
+    memberPrefix: string,
     private readonly onProgress?: (stats: ImportStats) => void,
   ) {
     super({ objectMode: true, highWaterMark: 64 });
+    // Imports were verified (reserved names refused); a backup through the engine leaves out
+    // cvat-backup's own folders (a rollback point or retired data a backup must not store).
+    this.guard = new MemberGuard(memberPrefix, 'leave out');
   }
 
   override _write(item: TarItem, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
     (item.kind === 'entry' ? this.onEntry(item.entry) : this.onData(item.chunk)).then(() => callback(), callback);
-  }
-
-  private relative(name: Buffer): string {
-    const text = normaliseMemberName(name);
-    if (text === this.memberPrefix) return '';
-    if (this.memberPrefix !== '' && !text.startsWith(`${this.memberPrefix}/`)) {
-      throw new CorruptArchiveError(`member '${text}' is outside '${this.memberPrefix}/'`);
-    }
-    return this.memberPrefix === '' ? text : text.slice(this.memberPrefix.length + 1);
   }
 
   private dir(path: string): DirState {
@@ -97,12 +96,21 @@ export class TarTreeBuilder extends Writable {
 
   private async onEntry(entry: TarEntry): Promise<void> {
     if (this.file) throw new CorruptArchiveError('tar member ended early');
+    const member = this.guard.check(entry);
     const type = typeOf(entry);
-    const path = this.relative(entry.name);
     this.stats.entries++;
-    if (type === undefined) return;
+    if (type === undefined || (member.action === 'skip' && member.path === undefined)) return;
+    const parts = member.action === 'root' ? [] : member.path!;
+    const path = parts.map((p) => p.toString('latin1')).join('/');
+    if (member.action === 'skip') {
+      // A device or FIFO: recorded (a restore leaves it out with a warning).
+      const node: TreeNode = { ...blankNode(parts[parts.length - 1]!, type as NodeType), ...this.meta(entry) };
+      if (type === 'chardev' || type === 'blockdev') node.rdev = 0;
+      this.dir(parentOf(path)).children.set(node.name, node);
+      return;
+    }
     const name = Buffer.from(path.slice(path.lastIndexOf('/') + 1), 'latin1');
-    const meta = { mode: entry.mode & 0o7777, uid: entry.uid, gid: entry.gid, mtimeNs: `${entry.mtime}000000000` };
+    const meta = this.meta(entry);
     if (type === 'dir') {
       const state = this.dir(path);
       Object.assign(state.node, meta);
@@ -112,25 +120,26 @@ export class TarTreeBuilder extends Writable {
     const node: TreeNode = { ...blankNode(name, type === 'hardlink' ? 'file' : type), ...meta };
     parent.children.set(node.name, node);
     if (type === 'symlink') node.target = entry.linkName.toString('base64');
-    if (type === 'hardlink') {
-      node.hardlink = Buffer.from(this.relative(entry.linkName), 'latin1').toString('base64');
+    if (member.action === 'hardlink') {
+      node.hardlink = Buffer.from(member.target.map((p) => p.toString('latin1')).join('/'), 'latin1').toString('base64');
       this.stats.files++;
     }
-    if (type === 'chardev' || type === 'blockdev') node.rdev = 0;
     if (type !== 'file') return;
     this.stats.files++;
-    const realSize = entry.pax.get('GNU.sparse.realsize');
-    const sparse = realSize !== undefined && entry.pax.get('GNU.sparse.major')?.toString('latin1') === '1';
-    node.size = sparse ? Number(realSize.toString('latin1')) : entry.size;
+    node.size = entry.sparse ? entry.sparse.realSize : entry.size;
     node.content = [];
     this.stats.bytes += node.size;
     this.file = {
       node,
       chunker: new Chunker(this.repo.config.chunker),
       remaining: entry.size,
-      sparse: sparse ? { map: '', segments: undefined, segment: 0, inSegment: 0, logical: 0, realSize: node.size } : undefined,
+      sparse: entry.sparse ? { reader: new SparseReader(entry.sparse, entry.size), logical: 0 } : undefined,
     };
     if (entry.size === 0) await this.closeFile();
+  }
+
+  private meta(entry: TarEntry): Pick<TreeNode, 'mode' | 'uid' | 'gid' | 'mtimeNs'> {
+    return { mode: entry.mode & 0o7777, uid: entry.uid, gid: entry.gid, mtimeNs: `${entry.mtime}000000000` };
   }
 
   private async store(chunks: Buffer[]): Promise<void> {
@@ -167,40 +176,19 @@ export class TarTreeBuilder extends Writable {
 
   private async onSparse(file: OpenFile, chunk: Buffer): Promise<void> {
     const sparse = file.sparse!;
-    let data = chunk;
-    if (sparse.segments === undefined) {
-      sparse.map += data.toString('latin1');
-      const lines = sparse.map.split('\n');
-      const count = Number(lines[0]);
-      if (lines.length < 2 + count * 2) return;
-      const numbers = lines.slice(1, 1 + count * 2).map(Number);
-      sparse.segments = [];
-      for (let i = 0; i < count; i++) sparse.segments.push({ offset: numbers[2 * i]!, length: numbers[2 * i + 1]! });
-      const mapLength = lines.slice(0, 1 + count * 2).join('\n').length + 1;
-      data = Buffer.from(sparse.map, 'latin1').subarray(Math.ceil(mapLength / 512) * 512);
-    }
-    while (data.length > 0) {
-      const segment = sparse.segments[sparse.segment];
-      if (!segment) throw new CorruptArchiveError('sparse data longer than its map');
-      if (sparse.logical < segment.offset) {
-        await this.zeros(segment.offset - sparse.logical);
-        sparse.logical = segment.offset;
-      }
-      const piece = data.subarray(0, segment.length - sparse.inSegment);
-      await this.logical(piece);
-      sparse.inSegment += piece.length;
-      sparse.logical += piece.length;
-      data = data.subarray(piece.length);
-      if (sparse.inSegment === segment.length) {
-        sparse.segment++;
-        sparse.inSegment = 0;
-      }
+    for (const piece of sparse.reader.push(chunk)) {
+      if (sparse.logical < piece.offset) await this.zeros(piece.offset - sparse.logical);
+      await this.logical(piece.data);
+      sparse.logical = piece.offset + piece.data.length;
     }
   }
 
   private async closeFile(): Promise<void> {
     const file = this.file!;
-    if (file.sparse && file.sparse.logical < file.sparse.realSize) await this.zeros(file.sparse.realSize - file.sparse.logical);
+    if (file.sparse) {
+      file.sparse.reader.end();
+      if (file.sparse.logical < file.sparse.reader.realSize) await this.zeros(file.sparse.reader.realSize - file.sparse.logical);
+    }
     await this.store(file.chunker.finish());
     this.file = undefined;
   }
@@ -248,6 +236,10 @@ export class TarTreeBuilder extends Writable {
     if (this.file) throw new CorruptArchiveError('tar member ended early');
     this.orderHardLinks();
     const root = this.dir('');
+    // Folders implied by deeper members are entries of the trees too: the count bounds a restore's walk.
+    let nodes = 0;
+    for (const state of this.dirs.values()) nodes += state.children.size;
+    this.stats.entries = Math.max(this.stats.entries, nodes);
     const paths = [...this.dirs.keys()].sort((a, b) => depth(b) - depth(a));
     for (const path of paths) {
       const state = this.dirs.get(path)!;

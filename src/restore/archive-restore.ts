@@ -34,8 +34,9 @@ import { readArchiveSet, throttled, verifyArchiveSet } from '../archive/archive-
 import { memberPrefixOf } from '../archive/manifest.js';
 import { TarProcessor, type TarStats } from '../archive/tar.js';
 import { HostExtractor } from '../archive/host-extract.js';
+import { GuardedTarStream } from '../archive/guarded-tar.js';
 import { chooseTransport, type ChosenTransport, type TransportChoice } from '../archive/transport.js';
-import { RETIRED_DIR, commitVolume, prepareRollback, removeRetired, rollbackVolume, type VolumeTarget } from './volume-rollback.js';
+import { RETIRED_DIR, commitVolume, prepareRollback, recoverKilledRestore, removeRetired, rollbackVolume, type VolumeTarget } from './volume-rollback.js';
 
 /**
  * Where a restore's data comes from: an archive set, or a repository snapshot. Everything else
@@ -231,6 +232,40 @@ export async function archiveSetSource(dir: string, cvatVersionFlag: string | un
   };
 }
 
+/**
+ * Sends a volume's tar stream to the engine, rebuilt from checked members (GuardedTarStream): the
+ * engine extracts into the container's root, so nothing unchecked may reach it. Returns the
+ * members left out.
+ */
+async function writeThroughEngine(
+  engine: DockerEngine,
+  containerId: string,
+  tar: Readable,
+  processor: TarProcessor,
+  memberPrefix: string,
+  signal: AbortSignal | undefined,
+): Promise<string[]> {
+  const guarded = new GuardedTarStream(memberPrefix);
+  const piped = pipeline(tar, processor, guarded, signal ? { signal } : {});
+  piped.catch(() => undefined); // awaited below
+  try {
+    await engine.writeArchive(containerId, '/', guarded, signal);
+  } catch (error) {
+    guarded.destroy();
+    await piped.catch(() => undefined);
+    throw error;
+  }
+  await piped;
+  return guarded.skipped;
+}
+
+/** Extracts a volume's tar stream into its folder on this host (HostExtractor). */
+async function writeOnHost(tar: Readable, processor: TarProcessor, hostPath: string, memberPrefix: string, signal: AbortSignal | undefined): Promise<string[]> {
+  const extractor = new HostExtractor(hostPath, memberPrefix);
+  await pipeline(tar, processor, extractor, signal ? { signal } : {});
+  return extractor.result.skipped;
+}
+
 export async function restoreFromArchiveSet(engine: DockerEngine, options: ArchiveRestoreOptions): Promise<ArchiveRestoreResult> {
   return restoreFromSource(engine, await archiveSetSource(options.from, options.cvatVersion, options.volumes), options);
 }
@@ -263,7 +298,7 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
 
   const transports = new Map<string, ChosenTransport>();
   for (const p of planned) transports.set(p.target.composeName, await chooseTransport(engine, p.volumeName, options.via ?? 'auto'));
-  const locked = await lockDeployment(engine, deployment, 'restore', onProgress, () => discover(deployment.project));
+  const locked = await lockDeployment(engine, deployment, 'restore', onProgress, () => discover(deployment.project), recoverKilledRestore);
   const lock = locked.lock;
   deployment = locked.deployment;
   try {
@@ -294,18 +329,15 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
               onProgress({ type: 'volume-done', volume: target.composeName, bytes: written.stats.bytes, files: written.stats.files });
               continue;
             }
-            const processor: TarProcessor = new TarProcessor({
-              onData: () => report(processor.stats),
-              ...(transports.get(target.composeName)?.hostPath === undefined ? {} : { output: 'entries' as const }),
-            });
-            if (hostPath === undefined) {
-              const tar = source.openTar(target.composeName, options.signal).pipe(processor);
-              await engine.writeArchive(target.containerId, '/', tar, options.signal);
-            } else {
-              const extractor = new HostExtractor(hostPath, memberPrefixOf(target.mountPath));
-              await pipeline(source.openTar(target.composeName, options.signal), processor, extractor, signalOption);
-              for (const skipped of extractor.result.skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${skipped}` });
-            }
+            const prefix = memberPrefixOf(target.mountPath);
+            const processor: TarProcessor = new TarProcessor({ onData: () => report(processor.stats), output: 'entries' });
+            // Both paths check every member again while writing (the set was checked before CVAT
+            // stopped; this is what is written): nothing outside the volume, no path through a link.
+            const skipped =
+              hostPath === undefined
+                ? await writeThroughEngine(engine, target.containerId, source.openTar(target.composeName, options.signal), processor, prefix, options.signal)
+                : await writeOnHost(source.openTar(target.composeName, options.signal), processor, hostPath, prefix, options.signal);
+            for (const s of skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${s}` });
             onProgress({ type: 'volume-done', volume: target.composeName, bytes: processor.stats.bytes, files: processor.stats.files });
           }
           // A failed load leaves the old database as it was (the dump goes into a fresh one).
@@ -324,7 +356,7 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
           if ((cause as { name?: string }).name === 'InterruptedError') throw cause;
           throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; ${suffix}`, { cause });
         }
-        for (const { target } of planned) await commitVolume(engine, target);
+        for (const { target } of planned) await commitVolume(engine, target, lock.id);
         // The old data goes while CVAT starts: it is no longer needed, and deleting it is slow.
         removal = Promise.all(
           planned.map(({ target }) =>

@@ -57,6 +57,7 @@ export async function restoreFromSnapshot(
               ...(signal ? { signal } : {}),
               pool,
               onProgress: (s) => onProgress({ type: 'volume-progress', volume: volume.composeName, ...s }),
+              onWarning: (message) => onProgress({ type: 'warning', message: `${volume.composeName}: ${message}` }),
             });
             out.set(volume.composeName, stats);
             onProgress({ type: 'volume-done', volume: volume.composeName, bytes: stats.bytes, files: stats.files });
