@@ -37,8 +37,8 @@ interface Task {
   reject: (error: Error) => void;
   /** The first failure on this side (a chunk handler, an abort): the task ends with it. */
   failure: Error | undefined;
-  /** Detaches the abort listener. */
-  cleanup: () => void;
+  /** Looked at as each chunk arrives (no listener per task: many files are in flight). */
+  signal: AbortSignal | undefined;
 }
 
 function asError(error: unknown): Error {
@@ -91,8 +91,6 @@ export class ChunkPool {
     slot.load++;
     const taskId = this.nextTask++;
     return new Promise<number>((resolve, reject) => {
-      const onAbort = (): void => this.cancel(taskId, asError(signal?.reason));
-      signal?.addEventListener('abort', onAbort, { once: true });
       this.tasks.set(taskId, {
         slot,
         onChunk,
@@ -106,7 +104,7 @@ export class ChunkPool {
           reject(e);
         },
         failure: undefined,
-        cleanup: () => signal?.removeEventListener('abort', onAbort),
+        signal,
       });
       slot.worker.postMessage({ type: 'file', task: taskId, fd, size } satisfies WorkerRequest);
     });
@@ -160,6 +158,7 @@ export class ChunkPool {
       // Every chunk is acknowledged, also after a failure, so the worker never waits forever.
       task.chain = task.chain
         .then(async () => {
+          if (task.signal?.aborted) this.cancel(reply.task, asError(task.signal.reason));
           if (task.failure) return;
           await task.onChunk({ id: reply.id, rawLength: reply.rawLength, sealed: reply.sealed ? Buffer.from(reply.sealed.buffer, reply.sealed.byteOffset, reply.sealed.byteLength) : undefined });
         })
@@ -184,7 +183,6 @@ export class ChunkPool {
     const task = this.tasks.get(taskId);
     if (!task) return;
     this.tasks.delete(taskId);
-    task.cleanup();
     if (error) task.reject(error);
     else task.resolve(bytesRead);
   }
