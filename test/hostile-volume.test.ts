@@ -24,7 +24,7 @@ import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { createFixtureDeployment, FIXTURE_LABEL, type FixtureDeployment } from './fixture/deployment.js';
 import { ALPINE_IMAGE, run } from './fixture/engine.js';
-import { runCli, startCli } from './fixture/cli.js';
+import { runCli, startCli, type CliResult, type CliRun } from './fixture/cli.js';
 import { LocalBackend } from '../src/backend/local.js';
 import { Repository } from '../src/repository/repository.js';
 import { listSnapshots } from '../src/repository/snapshots.js';
@@ -41,44 +41,63 @@ function canaryFiles(marker: string): Record<string, Buffer> {
 }
 
 /**
- * The attack, a POSIX sh loop (BusyBox or dash): in `dir` (the attacked folder as the container
- * sees it), every `swap<n>` becomes a link to a canary folder — at the host path, or in the
- * container's /tmp — and every `f<n>` a link to a canary file, a FIFO or a character device
- * (/dev/zero's 1,5); then all go back. Prints the cycle count; stops when /tmp/attack.stop exists.
+ * The attack, POSIX sh (BusyBox or dash): in `dir` (the attacked folder as the container sees
+ * it), one loop per n, all at once, turns `f<n>` into a link to a canary file, a FIFO or a
+ * character device (/dev/zero's 1,5), and `swap<n>` into a link to a canary folder — at the host
+ * path, or in the container's /tmp — and each back again, interleaved so that each is swapped
+ * about half the time. Loop 0 prints its cycle count; all stop when /tmp/attack.stop exists.
  */
 function attackScript(dir: string, hostCanary: string, containerMarker: string): string {
-  const n = Array.from({ length: VICTIMS }, (_, i) => i).join(' ');
   return `
 set -u
 cd ${dir} || exit 1
 rm -f /tmp/attack.stop
 C=/tmp/container-canary
+H=${hostCanary}
 mkdir -p $C/sub
 yes ${containerMarker} | head -c 300 > $C/a.txt
 yes ${containerMarker} | head -c ${BIG} > $C/b.bin
 yes ${containerMarker} | head -c ${100 * 1024} > $C/sub/c.bin
-swap_in() {
-  for n in ${n}; do
-    mv swap$n .h-swap$n; ln -s "$1" swap$n
-    mv f$n .h-f$n
-    case $2 in
-      link) ln -s "$1/b.bin" f$n ;;
-      fifo) mkfifo f$n ;;
-      device) mknod f$n c 1 5 ;;
-    esac
+file_in() {
+  mv f$1 .h-f$1
+  case $2 in
+    link) ln -s "$3" f$1 ;;
+    fifo) mkfifo f$1 ;;
+    device) mknod f$1 c 1 5 ;;
+  esac
+}
+file_out() { rm f$1; mv .h-f$1 f$1; }
+folder_in() { mv swap$1 .h-swap$1; ln -s "$2" swap$1; }
+folder_out() { rm swap$1; mv .h-swap$1 swap$1; }
+attack() {
+  i=0
+  while [ ! -e /tmp/attack.stop ]; do
+    file_in $1 link $H/b.bin; folder_in $1 $H; file_out $1; folder_out $1
+    file_in $1 fifo; folder_in $1 $C; file_out $1; folder_out $1
+    file_in $1 device; folder_in $1 $H; file_out $1; folder_out $1
+    file_in $1 link $C/b.bin; folder_in $1 $C; file_out $1; folder_out $1
+    i=$((i+1)); if [ $1 = 0 ]; then echo $i; fi
   done
 }
-back() {
-  for n in ${n}; do rm -f swap$n f$n; mv .h-swap$n swap$n; mv .h-f$n f$n; done
+for n in ${Array.from({ length: VICTIMS }, (_, i) => i).join(' ')}; do attack $n & done
+wait`;
 }
-i=0
-while [ ! -e /tmp/attack.stop ]; do
-  swap_in ${hostCanary} link; back
-  swap_in $C link; back
-  swap_in ${hostCanary} fifo; back
-  swap_in $C device; back
-  i=$((i+1)); echo $i
-done`;
+
+/** The command line, killed if it has not ended after `timeoutMs` (a backup that blocks on a FIFO or reads /dev/zero never would). */
+async function cliWithin(args: string[], env: NodeJS.ProcessEnv, timeoutMs: number, started?: (run: CliRun) => Promise<void>): Promise<CliResult> {
+  const cli = startCli(args, env);
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      cli.kill('SIGKILL');
+      reject(new Error(`cvat-backup ${args.join(' ')} hung: killed after ${timeoutMs / 1000} s`));
+    }, timeoutMs);
+  });
+  try {
+    return await Promise.race([started ? started(cli).then(() => cli.result) : cli.result, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** Lines (cycle counts) a running attack has printed. */
@@ -135,8 +154,11 @@ describe('backups of a volume that a container changes under them', { skip: !isR
       await put(`f${i}`, randomBytes(BIG));
     }
     await put('stable.bin', randomBytes(BIG));
-    // Enough media that phase 1 takes a while, so the loop really runs during it.
-    await run('sh', ['-c', `mkdir -p ${data}/bulk && for i in $(seq 1 120); do head -c 1048576 /dev/urandom > ${data}/bulk/$i.jpg; done; chown -R 1000:1000 ${data}`]);
+    // Media that takes a while to read, in the attacked folder: its name sorts between the files
+    // and the folders attacked, so a reader that lists a folder's entries before it reads them
+    // (as the archiver did) opens them a second or so after it listed them, long enough for the
+    // loop to have swapped them.
+    await run('sh', ['-c', `mkdir -p ${attacked}/m-bulk && for i in $(seq 1 120); do head -c 1048576 /dev/urandom > ${attacked}/m-bulk/$i.jpg; done; chown -R 1000:1000 ${data}`]);
     assert.equal((await runCli(['init'], env())).code, 0);
   });
   after(async () => {
@@ -188,7 +210,7 @@ describe('backups of a volume that a container changes under them', { skip: !isR
       if (!rel.startsWith('data/hostile/')) continue;
       const name = rel.slice('data/hostile/'.length);
       if (/^(swap|f)\d+$/.test(name) && node.type !== 'dir' && node.type !== 'file') seen.push(`${name}: ${node.type}`);
-      if (node.type !== 'file') continue;
+      if (node.type !== 'file' || name.startsWith('m-bulk/')) continue;
       const expected = files.get(name.replace(/^\.h-/, ''));
       assert.ok(expected, `the snapshot holds a file '${name}' that the volume does not have`);
       const parts: Buffer[] = [];
@@ -214,10 +236,10 @@ describe('backups of a volume that a container changes under them', { skip: !isR
     const attack = follow(loop);
     try {
       while (attack.cycles() < 2) await new Promise((resolve) => setTimeout(resolve, 100));
-      const backup = startCli(['--project', f.project, '--json', 'backup'], env());
       let duringPhase1 = 0;
-      await backup.waitForStderr('phase 2', 300_000).then(() => (duringPhase1 = attack.cycles()));
-      const r = await backup.result;
+      const r = await cliWithin(['--project', f.project, '--json', 'backup'], env(), 300_000, (backup) =>
+        backup.waitForStderr('phase 2', 300_000).then(() => void (duringPhase1 = attack.cycles())),
+      );
       assert.equal(r.code, 0, r.stderr);
       assert.equal((JSON.parse(r.stdout) as { mode: string }).mode, 'two-phase');
       assert.ok(duringPhase1 > 2, `the loop ran during phase 1 (${duringPhase1} cycles by its end)`);
@@ -237,7 +259,7 @@ describe('backups of a volume that a container changes under them', { skip: !isR
     let r;
     try {
       await new Promise((resolve) => setTimeout(resolve, 1000));
-      r = await runCli(['--project', f.project, '--json', 'backup', '--mode', 'offline'], env());
+      r = await cliWithin(['--project', f.project, '--json', 'backup', '--mode', 'offline'], env(), 300_000);
     } finally {
       const cycles = await attack.stop();
       t.diagnostic(`loop cycles: ${cycles}`);
@@ -255,7 +277,7 @@ describe('backups of a volume that a container changes under them', { skip: !isR
     let r;
     try {
       await new Promise((resolve) => setTimeout(resolve, 1000));
-      r = await runCli(['--project', f.project, 'backup', '--to', dir, '--via', 'host'], env());
+      r = await cliWithin(['--project', f.project, 'backup', '--to', dir, '--via', 'host'], env(), 300_000);
     } finally {
       const cycles = await attack.stop();
       t.diagnostic(`loop cycles: ${cycles}`);
