@@ -6,15 +6,17 @@
  *
  * With `BENCH_BASELINE=<other checkout>/dist/src` the same runs are made with that build's
  * Archiver and Repository too, alternating, and the ratio is printed (e.g. before/after a change
- * to how the archiver reads). BENCH_ROUNDS (default 3) runs of each; the median counts.
+ * to how the archiver reads). BENCH_ROUNDS (default 3) runs of each; the median counts. Every run
+ * is a process of its own (two builds in one process would share the zstd WebAssembly state).
  *
- * Usage: npm run build && BENCH_BASELINE=/path/to/main/dist/src node dist/bench/archiver-reads.js
+ * Usage: npm run build && BENCH_BASELINE=/path/to/other/checkout/dist/src node dist/bench/archiver-reads.js
  */
 import { randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { pathToFileURL } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { run } from '../test/fixture/engine.js';
 import { runBench } from './measure.js';
 import type * as RepositoryModule from '../src/repository/repository.js';
 import type * as BackendModule from '../src/backend/local.js';
@@ -69,7 +71,7 @@ async function makeData(work: string): Promise<{ tiny: string; big: string }> {
 }
 
 /** Wall seconds, and CPU seconds of the whole process (all threads: main, workers, I/O pool). */
-async function timeOne(build: Build, folder: string, work: string): Promise<{ wall: number; cpu: number }> {
+async function measureHere(build: Build, folder: string, work: string): Promise<{ wall: number; cpu: number }> {
   const location = join(work, `repo-${build.name}`);
   const { repo, pool, flush } = await build.init(location);
   try {
@@ -90,10 +92,21 @@ function median(values: number[]): number {
   return sorted[Math.floor(sorted.length / 2)]!;
 }
 
+/** One run in a child process: `node archiver-reads.js measure <name> <src dir> <folder> <work>`. */
+async function timeOne(build: { name: string; src: string }, folder: string, work: string): Promise<{ wall: number; cpu: number }> {
+  const r = await run(process.execPath, [fileURLToPath(import.meta.url), 'measure', build.name, build.src, folder, work]);
+  return JSON.parse(r.stdout) as { wall: number; cpu: number };
+}
+
 async function main(): Promise<void> {
-  const builds = [await load('this build', new URL('../src', import.meta.url).pathname)];
+  if (process.argv[2] === 'measure') {
+    const [name, src, folder, work] = process.argv.slice(3) as [string, string, string, string];
+    process.stdout.write(JSON.stringify(await measureHere(await load(name, src), folder, work)));
+    return;
+  }
+  const builds = [{ name: 'this build', src: fileURLToPath(new URL('../src', import.meta.url)) }];
   const baseline = process.env['BENCH_BASELINE'];
-  if (baseline) builds.unshift(await load('baseline', baseline));
+  if (baseline) builds.unshift({ name: 'baseline', src: baseline });
   const work = await mkdtemp(join(tmpdir(), 'cvat-backup-bench-reads-'));
   try {
     const data = await makeData(work);
@@ -103,7 +116,11 @@ async function main(): Promise<void> {
     ] as const) {
       const times = new Map<string, { wall: number; cpu: number }[]>(builds.map((b) => [b.name, []]));
       for (let round = 0; round < ROUNDS; round++) {
-        for (const build of builds) times.get(build.name)!.push(await timeOne(build, folder, work));
+        // Order alternates (ABBA), so neither build always runs right after the other's cleanup.
+        for (const build of round % 2 === 0 ? builds : [...builds].reverse()) {
+          times.get(build.name)!.push(await timeOne(build, folder, work));
+          await run('sync', []);
+        }
       }
       const medians = builds.map((b) => {
         const runs = times.get(b.name)!;

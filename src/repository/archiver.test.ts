@@ -265,6 +265,28 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
       }
     });
 
+    void it('(and counts every sealed byte it adds, with many files in flight)', async () => {
+      const repo = await Repository.init(new LocalBackend(join(work, 'repo-count')), 'pw', { kdf: fastKdf });
+      const pool = repo.createChunkPool(2);
+      try {
+        // A slow store (as a pack write is now and then): chunks of other files arrive meanwhile.
+        const save = repo.saveSealedBlob.bind(repo);
+        repo.saveSealedBlob = async (...args) => {
+          await new Promise((resolve) => setTimeout(resolve, 1));
+          return save(...args);
+        };
+        const archiver = new Archiver(repo, { pool });
+        await archiver.archive(volume, undefined);
+        await repo.flush();
+        let stored = 0;
+        for (const [, where] of repo.blobIds()) stored += where.length;
+        assert.equal(archiver.stats.bytesAdded, stored);
+        assert.deepEqual(volumeFds(), []);
+      } finally {
+        await pool.close();
+      }
+    });
+
     void it('when the worker threads end while they read', async () => {
       const repo = await Repository.init(new LocalBackend(join(work, 'repo-workers')), 'pw', { kdf: fastKdf });
       const pool = repo.createChunkPool(2);

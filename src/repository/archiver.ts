@@ -22,7 +22,7 @@
 import { closeSync, read as readCallback, readSync } from 'node:fs';
 import type { BigIntStats } from 'node:fs';
 import { promisify } from 'node:util';
-import { DirHandle, isChangedError, type EntryHandle } from '../fs/beneath.js';
+import { DirHandle, isChangedError, type EntryHandle, type ExpectedFile } from '../fs/beneath.js';
 import { isAllZero } from './zero.js';
 import { Chunker } from './chunker.js';
 import type { Repository } from './repository.js';
@@ -109,7 +109,8 @@ interface Folder {
 interface PendingRead {
   slot: number;
   name: Buffer;
-  st: BigIntStats;
+  /** The inode listed (not the whole stat: a folder may hold millions of files). */
+  listed: ExpectedFile;
   node: TreeNode;
 }
 
@@ -213,7 +214,7 @@ export class Archiver {
       this.options.signal?.throwIfAborted();
       let node: TreeNode | undefined;
       try {
-        // Plain system calls: a lookup costs less than a hop through the thread pool.
+        // Plain system calls: a lookup costs this thread less than a hop through the thread pool.
         node = await this.entry(f, name, f.dir.lookupSync(name), { linkable: true, defer: (read) => reads.push({ ...read, slot: index }) });
       } catch (error) {
         node = await this.changed(f, name, error);
@@ -282,7 +283,7 @@ export class Archiver {
           this.stats.filesUnchanged++;
         } else if (how.defer && !linked && !this.isTiny(node.size)) {
           listed.closeSync(); // not kept open while waiting: a folder may hold millions of files
-          how.defer({ name, st, node });
+          how.defer({ name, listed: { dev: st.dev, ino: st.ino }, node });
         } else {
           // Read now: a tiny file (cheaper than a second lookup later), or the first name of an
           // inode with several (were it left out, the names that follow must not point at it).
@@ -330,7 +331,7 @@ export class Archiver {
         try {
           this.options.signal?.throwIfAborted();
           // Opened by name again, and checked to be the inode listed.
-          const content = await this.readContent(() => f.dir.openFileSync(r.name, r.st).fd, r.node.size);
+          const content = await this.readContent(() => f.dir.openFileSync(r.name, r.listed).fd, r.node.size);
           // No content (a tolerant pass): it changed while read; the next pass reads it.
           if (content !== undefined) r.node.content = content;
         } catch (error) {
@@ -383,7 +384,9 @@ export class Archiver {
           async ({ id, rawLength, sealed }) => {
             content.push(id);
             this.stats.bytesRead += rawLength;
-            if (sealed) this.stats.bytesAdded += await this.inRepository(this.repo.saveSealedBlob(id, 'data', sealed, rawLength));
+            // Not `+= await`: that reads the sum before the wait, and other files add meanwhile.
+            const added = sealed ? await this.inRepository(this.repo.saveSealedBlob(id, 'data', sealed, rawLength)) : 0;
+            this.stats.bytesAdded += added;
             this.report();
           },
           this.options.signal,

@@ -156,16 +156,17 @@ export class ChunkPool {
     if (!task) return;
     if (reply.type === 'chunk') {
       // Every chunk is acknowledged, also after a failure, so the worker never waits forever.
-      task.chain = task.chain
-        .then(async () => {
-          if (task.signal?.aborted) this.cancel(reply.task, asError(task.signal.reason));
-          if (task.failure) return;
-          await task.onChunk({ id: reply.id, rawLength: reply.rawLength, sealed: reply.sealed ? Buffer.from(reply.sealed.buffer, reply.sealed.byteOffset, reply.sealed.byteLength) : undefined });
-        })
-        .catch((error: unknown) => this.cancel(reply.task, error as Error))
-        .finally(() => {
-          if (!slot.ended) slot.worker.postMessage({ type: 'ack', task: reply.task } satisfies WorkerRequest);
-        });
+      const taskId = reply.task;
+      const chunk = { id: reply.id, rawLength: reply.rawLength, sealed: reply.sealed ? Buffer.from(reply.sealed.buffer, reply.sealed.byteOffset, reply.sealed.byteLength) : undefined };
+      task.chain = task.chain.then(async () => {
+        try {
+          if (task.signal?.aborted) this.cancel(taskId, asError(task.signal.reason));
+          if (!task.failure) await task.onChunk(chunk);
+        } catch (error) {
+          this.cancel(taskId, error as Error);
+        }
+        if (!slot.ended) slot.worker.postMessage({ type: 'ack', task: taskId } satisfies WorkerRequest);
+      });
       return;
     }
     // The worker is done with the descriptor; settle after the chunks before it were handled.
