@@ -27,6 +27,7 @@ import { isAllZero } from './zero.js';
 import { Chunker } from './chunker.js';
 import type { Repository } from './repository.js';
 import type { ChunkPool } from './chunk-pool.js';
+import { SmallBlobBatches } from './small-blobs.js';
 import { ZERO_PREFIX, type NodeType, type Tree, type TreeNode } from './tree.js';
 
 const readFd = promisify(readCallback);
@@ -131,10 +132,27 @@ export class Archiver {
   private readonly repositoryErrors = new WeakSet<object>();
   private lastReport = 0;
 
+  /** Small files' bytes on their way to the workers to be sealed (only with a pool). */
+  private readonly small: SmallBlobBatches | undefined;
+
   constructor(
     private readonly repo: Repository,
     private readonly options: ArchiveOptions = {},
-  ) {}
+  ) {
+    this.small =
+      options.pool &&
+      new SmallBlobBatches(options.pool, {
+        storeSealed: async (id, sealed, rawLength) => {
+          const added = await this.inRepository(repo.saveSealedBlob(id, 'data', sealed, rawLength));
+          this.stats.bytesAdded += added;
+        },
+        storeHere: async (data) => {
+          const saved = await this.inRepository(repo.saveBlob('data', data));
+          this.stats.bytesAdded += saved.added;
+          return saved.id;
+        },
+      });
+  }
 
   private report(force = false): void {
     const now = Date.now();
@@ -223,6 +241,8 @@ export class Archiver {
       this.report();
     }
     await this.readPending(f, reads, slots);
+    // The tree names its small files' blobs: they must all be sealed and stored first.
+    await this.small?.drain();
     const nodes = slots.filter((n): n is TreeNode => n !== undefined);
     const saved = await this.inRepository(this.repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes } satisfies Tree))));
     this.stats.bytesAdded += saved.added;
@@ -401,12 +421,20 @@ export class Archiver {
     }
   }
 
-  /** Stores a file read whole as one chunk (or none, or a hole). */
+  /**
+   * Stores a file read whole as one chunk (or none, or a hole). With workers, the chunk goes into
+   * a batch for them to seal, and the list returned gets its id before the folder's tree is saved.
+   */
   private async storeWhole(data: Buffer, size: number): Promise<string[]> {
     if (data.length !== size) throw changedSize(size, data.length);
     this.stats.bytesRead += data.length;
     if (data.length === 0) return [];
     if (isAllZero(data)) return [`${ZERO_PREFIX}${data.length}`];
+    if (this.small) {
+      const content: string[] = [];
+      await this.small.add(data, (id) => content.push(id));
+      return content;
+    }
     const saved = await this.inRepository(this.repo.saveBlob('data', data));
     this.stats.bytesAdded += saved.added;
     return [saved.id];

@@ -29,6 +29,8 @@ export type WorkerRequest =
   | { type: 'file'; task: number; fd: number; size: number }
   | { type: 'cancel'; task: number }
   | { type: 'ack'; task: number }
+  /** Small blobs (whole small files) to hash and seal, back to back in one transferred buffer. */
+  | { type: 'seal'; task: number; data: ArrayBuffer; lengths: number[] }
   | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number; hash: boolean; to: BlobDestination };
 
 /**
@@ -41,7 +43,9 @@ export type WorkerReply =
   | { type: 'chunk'; task: number; id: string; rawLength: number; sealed: Uint8Array | undefined }
   | { type: 'done'; task: number; bytesRead: number }
   | { type: 'error'; task: number; message: string; code: string | undefined; corrupt?: boolean }
-  | { type: 'blob'; task: number; data: Uint8Array | undefined };
+  | { type: 'blob'; task: number; data: Uint8Array | undefined }
+  /** For a 'seal': each blob's id, and the sealed blobs back to back. */
+  | { type: 'sealed'; task: number; ids: string[]; sealed: ArrayBuffer; sealedLengths: number[] };
 
 interface WorkerData {
   key: Uint8Array;
@@ -173,9 +177,35 @@ if (parentPort) {
     }
   };
 
+  /** Hashes, compresses and seals a batch of small blobs (a message per blob would cost more than the work). */
+  const sealBatch = async (m: Extract<WorkerRequest, { type: 'seal' }>): Promise<void> => {
+    try {
+      const data = Buffer.from(m.data);
+      const ids: string[] = [];
+      const parts: Buffer[] = [];
+      let offset = 0;
+      for (const length of m.lengths) {
+        const blob = data.subarray(offset, offset + length);
+        offset += length;
+        const id = createHash('sha256').update(blob).digest('hex');
+        ids.push(id);
+        parts.push(seal(key, await packPayload(blob), blobAad('data', id)));
+      }
+      const sealed = Buffer.concat(parts);
+      const out = sealed.byteOffset === 0 && sealed.buffer.byteLength === sealed.length && sealed.buffer instanceof ArrayBuffer ? sealed.buffer : new Uint8Array(sealed).buffer;
+      port.postMessage({ type: 'sealed', task: m.task, ids, sealed: out, sealedLengths: parts.map((p) => p.length) } satisfies WorkerReply, [out]);
+    } catch (error) {
+      port.postMessage({ type: 'error', task: m.task, message: (error as Error).message, code: (error as NodeJS.ErrnoException).code } satisfies WorkerReply);
+    }
+  };
+
   port.on('message', (message: WorkerRequest) => {
     if (message.type === 'load') {
       void load(message);
+      return;
+    }
+    if (message.type === 'seal') {
+      void sealBatch(message);
       return;
     }
     if (message.type === 'ack') {

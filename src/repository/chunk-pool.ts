@@ -23,10 +23,18 @@ interface WorkerSlot {
   error?: Error;
 }
 
-interface LoadTask {
-  resolve: (data: Buffer | undefined) => void;
+/** A request answered by one reply (a blob load, a batch to seal). */
+interface OneReplyTask {
+  /** Called with the reply ('error' included). */
+  settle: (reply: WorkerReply) => void;
   reject: (error: Error) => void;
   slot: WorkerSlot;
+}
+
+/** What sealSmall gives back: each blob's id, and its sealed bytes (views into one buffer). */
+export interface SealedBatch {
+  ids: string[];
+  sealed: Buffer[];
 }
 
 interface Task {
@@ -48,7 +56,7 @@ function asError(error: unknown): Error {
 export class ChunkPool {
   private readonly workers: WorkerSlot[] = [];
   private readonly tasks = new Map<number, Task>();
-  private readonly loads = new Map<number, LoadTask>();
+  private readonly loads = new Map<number, OneReplyTask>();
   private nextTask = 1;
 
   constructor(key: Buffer, chunker: ChunkerParams, size = Math.max(1, availableParallelism())) {
@@ -129,6 +137,37 @@ export class ChunkPool {
     hash: boolean,
     to: BlobDestination = { kind: 'reply' },
   ): Promise<Buffer | undefined> {
+    return this.oneReply(
+      (task) => ({ type: 'load', task, packPath, id, blobType: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength, hash, to }),
+      [],
+      (reply) => (reply.type === 'blob' ? reply.data && Buffer.from(reply.data.buffer, reply.data.byteOffset, reply.data.byteLength) : undefined),
+    );
+  }
+
+  /**
+   * Hashes, compresses and seals small blobs (whole small files) on a worker: `data` holds them
+   * back to back, `lengths` says where each ends. `data` must own its whole ArrayBuffer: it is
+   * transferred, not copied (unusable here afterwards).
+   */
+  sealSmall(data: Buffer, lengths: number[]): Promise<SealedBatch> {
+    const buffer = data.buffer;
+    if (data.byteOffset !== 0 || data.length !== buffer.byteLength || !(buffer instanceof ArrayBuffer)) {
+      return Promise.reject(new Error('sealSmall needs a buffer that owns its memory'));
+    }
+    return this.oneReply(
+      (task) => ({ type: 'seal', task, data: buffer, lengths }),
+      [buffer],
+      (reply) => {
+        if (reply.type !== 'sealed') return { ids: [], sealed: [] };
+        const all = Buffer.from(reply.sealed);
+        let offset = 0;
+        const sealed = reply.sealedLengths.map((length) => all.subarray(offset, (offset += length)));
+        return { ids: reply.ids, sealed };
+      },
+    );
+  }
+
+  private oneReply<T>(request: (task: number) => WorkerRequest, transfer: ArrayBuffer[], result: (reply: WorkerReply) => T): Promise<T> {
     let slot: WorkerSlot;
     try {
       slot = this.pick();
@@ -137,9 +176,16 @@ export class ChunkPool {
     }
     slot.load++;
     const task = this.nextTask++;
-    return new Promise<Buffer | undefined>((resolve, reject) => {
-      this.loads.set(task, { resolve, reject, slot });
-      slot.worker.postMessage({ type: 'load', task, packPath, id, blobType: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength, hash, to } satisfies WorkerRequest);
+    return new Promise<T>((resolve, reject) => {
+      this.loads.set(task, {
+        settle: (reply) => {
+          if (reply.type === 'error') reject(reply.corrupt ? new CorruptArchiveError(reply.message) : Object.assign(new Error(reply.message), { code: reply.code }));
+          else resolve(result(reply));
+        },
+        reject,
+        slot,
+      });
+      slot.worker.postMessage(request(task), transfer);
     });
   }
 
@@ -148,8 +194,7 @@ export class ChunkPool {
     if (load) {
       this.loads.delete(reply.task);
       load.slot.load--;
-      if (reply.type === 'blob') load.resolve(reply.data && Buffer.from(reply.data.buffer, reply.data.byteOffset, reply.data.byteLength));
-      else if (reply.type === 'error') load.reject(reply.corrupt ? new CorruptArchiveError(reply.message) : Object.assign(new Error(reply.message), { code: reply.code }));
+      load.settle(reply);
       return;
     }
     const task = this.tasks.get(reply.task);
