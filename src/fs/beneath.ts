@@ -15,7 +15,9 @@
  * Files are opened for reading in two steps: first as O_PATH (a handle that opens nothing, so a
  * device node swapped in has no side effect and a FIFO cannot block), checked with fstat to be the
  * regular file that was listed (device and inode), then reopened through `/proc/self/fd/<fd>`,
- * which reaches exactly that inode.
+ * which reaches exactly that inode. A walk can also list through such handles (`lookup`, an
+ * EntryHandle): the O_PATH handle's fstat is the listing, and a folder or file opened through it
+ * is the one listed, with no second check.
  *
  * Names given to a handle are one path component: '' , '.', '..', and anything with '/' or NUL
  * are refused (code EINVAL).
@@ -341,6 +343,8 @@ export class EntryHandle {
   ) {}
 
   private reopenPath(check: boolean): string {
+    // Closed, its number may already name another file: never reopened then.
+    if (this.closed) throw new Error(`the handle of '${this.name.toString()}' is closed`);
     if (!check) throw changedError(`'${this.name.toString()}'`);
     return `/proc/self/fd/${this.fd}`;
   }

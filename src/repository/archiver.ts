@@ -6,18 +6,22 @@
  * Every other file is read, cut by the content-defined chunker, and only chunks the repository
  * does not hold yet are stored. All-zero chunks are recorded as holes, not stored.
  *
- * Reading a volume that containers may change under us (it runs as root, while CVAT runs): every
- * folder is opened relative to its parent's handle without following a link and checked to be
- * the inode that was listed; it is listed, and its entries are lstat'ed, through that handle; a
- * file is opened the same way (O_PATH, fstat: the listed regular file, then reopened: see
- * fs/beneath.ts), so a folder swapped for a link, or a file swapped for a link, FIFO or device,
- * is never followed, opened or blocked on. Worker threads read the descriptor this thread opened.
- * FIFOs, devices and sockets are recorded from their lstat and never opened.
+ * Reading a volume that containers may change under us (we run as root, while CVAT runs):
+ * nothing is reached by path. Each entry is looked up relative to its folder's handle without
+ * following a link and without opening anything (O_PATH; its fstat is the listing: see
+ * fs/beneath.ts); a folder or a small file is then opened through that handle, so exactly the
+ * inode listed; a larger file, read after the folder is listed, is looked up again and must be
+ * the same device and inode. So a folder swapped for a link, or a file swapped for a link, FIFO
+ * or device, is never followed, opened or blocked on. FIFOs, devices and sockets are recorded
+ * from the lookup and never opened. Worker threads read the descriptors this thread opened.
  *
  * An entry that is not what was listed (gone, another inode or type, a link now) or a file that
  * changed size while read is "changed": a tolerant pass (phase 1) leaves it for the next pass (a
  * file keeps no content; a folder or link is left out); any other pass looks at it once more
- * (lstat, open, read) and, if it changed again, leaves it out with a warning.
+ * (lookup, open, read) and, if it changed again, leaves it out with a warning.
+ *
+ * Small files are read here with plain system calls and sealed on the workers in batches
+ * (small-blobs.ts); larger ones are read and sealed on the workers, several files at once.
  */
 import { closeSync, read as readCallback, readSync } from 'node:fs';
 import type { BigIntStats } from 'node:fs';
@@ -31,6 +35,7 @@ import { SmallBlobBatches } from './small-blobs.js';
 import { ZERO_PREFIX, type NodeType, type Tree, type TreeNode } from './tree.js';
 
 const readFd = promisify(readCallback);
+
 export interface ArchiveStats {
   entries: number;
   files: number;
