@@ -59,7 +59,7 @@ export async function writeVolumeArchive(
   engine: DockerEngine,
   source: VolumeSource,
   dir: string,
-  options: { level?: number; signal?: AbortSignal; onProgress?: ByteProgress } = {},
+  options: { level?: number; signal?: AbortSignal; onProgress?: ByteProgress; onWarning?: (message: string) => void } = {},
 ): Promise<WrittenArchive> {
   const memberPrefix = memberPrefixOf(source.mountPath);
   const parent = posix.dirname(memberPrefix);
@@ -84,6 +84,7 @@ export async function writeVolumeArchive(
       const host = hostTarStream(source.hostPath, {
         memberPrefix,
         ...(options.signal ? { signal: options.signal } : {}),
+        ...(options.onWarning ? { onWarning: options.onWarning } : {}),
         onProgress: (s) => report(s),
       });
       tarStream = host.stream;

@@ -14,12 +14,23 @@
  *   4 KiB blocks that are not all zero, as GNU tar does without SEEK_HOLE;
  * - hard links become type 1 entries pointing at the first name of the inode.
  * Entries come in pre-order (a folder before its contents), names sorted bytewise.
+ *
+ * Reading: the volume is walked through folder handles (fs/beneath.ts): every entry is looked up
+ * relative to its open folder without following a link (O_PATH, which opens nothing), and a
+ * folder or file is opened through that handle, so it is exactly the inode that was listed; a
+ * link swapped in is never followed, and a FIFO or device is never opened (its header is written
+ * from the lookup). An entry that vanishes or changes between listing and opening is looked up
+ * once more, then left out with a warning. A file that shrinks while read is padded with zeros to
+ * the size in its header, with a warning (as GNU tar does); one that grows is cut at that size.
  */
-import { createReadStream } from 'node:fs';
-import { lstat, open, readdir, readlink } from 'node:fs/promises';
-import type { Stats } from 'node:fs';
+import { read as readCallback } from 'node:fs';
+import type { BigIntStats } from 'node:fs';
 import { Readable } from 'node:stream';
+import { promisify } from 'node:util';
+import { DirHandle, closeFd, isChangedError } from '../fs/beneath.js';
 import { computeChecksum, type TarStats } from './tar.js';
+
+const readFd = promisify(readCallback);
 
 const BLOCK = 512;
 const HOLE_GRANULE = 4096;
@@ -32,6 +43,11 @@ export interface HostTarOptions {
   memberPrefix: string;
   signal?: AbortSignal;
   onProgress?: (stats: TarStats) => void;
+  /**
+   * An entry left out (it changed while it was read, and again when looked at a second time), or
+   * a file that shrank while read. The message names the member.
+   */
+  onWarning?: (message: string) => void;
 }
 
 interface Segment {
@@ -138,29 +154,24 @@ export function encodeHeader(spec: HeaderSpec): Buffer {
   return Buffer.concat([paxHeader, data, pad(data.length), block]);
 }
 
-/** Data segments of a file, skipping all-zero 4 KiB granules (only called for sparse files). */
-async function dataSegments(path: Buffer, size: number, signal?: AbortSignal): Promise<Segment[]> {
+/** Data segments of an open file, skipping all-zero 4 KiB granules (only called for sparse files). */
+async function dataSegments(fd: number, size: number, signal?: AbortSignal): Promise<Segment[]> {
   const segments: Segment[] = [];
-  const handle = await open(path, 'r');
-  try {
-    const buffer = Buffer.alloc(1 << 20);
-    let position = 0;
-    while (position < size) {
-      signal?.throwIfAborted();
-      const { bytesRead } = await handle.read(buffer, 0, buffer.length, position);
-      if (bytesRead === 0) break;
-      for (let off = 0; off < bytesRead; off += HOLE_GRANULE) {
-        const end = Math.min(off + HOLE_GRANULE, bytesRead);
-        if (buffer.subarray(off, end).equals(ZERO_GRANULE.subarray(0, end - off))) continue;
-        const start = position + off;
-        const last = segments[segments.length - 1];
-        if (last && last.offset + last.length === start) last.length += end - off;
-        else segments.push({ offset: start, length: end - off });
-      }
-      position += bytesRead;
+  const buffer = Buffer.alloc(1 << 20);
+  let position = 0;
+  while (position < size) {
+    signal?.throwIfAborted();
+    const { bytesRead } = await readFd(fd, buffer, 0, Math.min(buffer.length, size - position), position);
+    if (bytesRead === 0) break;
+    for (let off = 0; off < bytesRead; off += HOLE_GRANULE) {
+      const end = Math.min(off + HOLE_GRANULE, bytesRead);
+      if (buffer.subarray(off, end).equals(ZERO_GRANULE.subarray(0, end - off))) continue;
+      const start = position + off;
+      const last = segments[segments.length - 1];
+      if (last && last.offset + last.length === start) last.length += end - off;
+      else segments.push({ offset: start, length: end - off });
     }
-  } finally {
-    await handle.close();
+    position += bytesRead;
   }
   // GNU tar ends the map at the real size, so a trailing hole is kept.
   const last = segments[segments.length - 1];
@@ -204,7 +215,7 @@ export function encodeSparseMember(
   return { header: Buffer.concat([header, map]), size };
 }
 
-function typeOf(st: Stats): string | undefined {
+function typeOf(st: BigIntStats): string | undefined {
   if (st.isFile()) return '0';
   if (st.isDirectory()) return '5';
   if (st.isSymbolicLink()) return '2';
@@ -214,78 +225,169 @@ function typeOf(st: Stats): string | undefined {
   return undefined; // sockets are not archived (as with tar)
 }
 
-async function* readRange(path: Buffer, start: number, length: number, signal?: AbortSignal): AsyncGenerator<Buffer> {
-  if (length === 0) return;
-  let read = 0;
-  for await (const chunk of createReadStream(path, { start, end: start + length - 1, highWaterMark: 1 << 20, ...(signal ? { signal } : {}) })) {
-    read += (chunk as Buffer).length;
-    yield chunk as Buffer;
-  }
-  if (read !== length) throw new Error(`${path.toString()} changed size while it was read`);
+/** Whole seconds since the epoch, rounded down (also before 1970). */
+function seconds(ns: bigint): number {
+  const s = ns / 1_000_000_000n;
+  return Number(s * 1_000_000_000n > ns ? s - 1n : s);
 }
+
+/**
+ * `length` bytes of the open file from `start`, in pieces of up to 1 MiB. Bytes the file no
+ * longer has (it shrank) come as zeros, and `onShort` is told how many.
+ */
+async function* readRange(fd: number, start: number, length: number, signal: AbortSignal | undefined, onShort: (missing: number) => void): AsyncGenerator<Buffer> {
+  let read = 0;
+  while (read < length) {
+    signal?.throwIfAborted();
+    // A fresh buffer per piece: the consumer keeps it.
+    const buffer = Buffer.allocUnsafe(Math.min(1 << 20, length - read));
+    const { bytesRead } = await readFd(fd, buffer, 0, buffer.length, start + read);
+    if (bytesRead === 0) break;
+    read += bytesRead;
+    yield buffer.subarray(0, bytesRead);
+  }
+  if (read === length) return;
+  onShort(length - read);
+  for (let left = length - read; left > 0; left -= 1 << 20) yield Buffer.alloc(Math.min(left, 1 << 20));
+}
+
+/** An entry looked up and, for a folder or file, opened: exactly the inode its header describes. */
+type Opened =
+  | { type: '5'; st: BigIntStats; dir: DirHandle }
+  | { type: '0'; st: BigIntStats; fd: number }
+  | { type: '1'; st: BigIntStats; linkName: Buffer }
+  | { type: '2'; st: BigIntStats; target: Buffer }
+  | { type: '3' | '4' | '6'; st: BigIntStats };
 
 async function* generate(root: string, options: HostTarOptions, stats: TarStats): AsyncGenerator<Buffer> {
   const prefix = Buffer.from(options.memberPrefix, 'utf8');
   const seenInodes = new Map<string, Buffer>();
   const report = (): void => options.onProgress?.({ ...stats });
+  const warn = (memberName: Buffer, what: string): void => options.onWarning?.(`'${memberName.toString('utf8')}' ${what}`);
+  const baseOf = (st: BigIntStats): { mode: number; uid: number; gid: number; mtime: number } => ({
+    mode: Number(st.mode),
+    uid: Number(st.uid),
+    gid: Number(st.gid),
+    mtime: seconds(st.mtimeNs),
+  });
 
-  async function* entry(absolute: Buffer, memberName: Buffer): AsyncGenerator<Buffer> {
-    options.signal?.throwIfAborted();
-    const st = await lstat(absolute);
-    const type = typeOf(st);
-    if (type === undefined) return;
-    const base = { mode: st.mode, uid: st.uid, gid: st.gid, mtime: Math.floor(st.mtimeMs / 1000) };
+  /** Looks `name` up in `dir` and opens what must be read; undefined for a socket. Throws a changed error if it is gone. */
+  async function open(dir: DirHandle, name: Buffer, memberName: Buffer): Promise<Opened | undefined> {
+    const listed = await dir.lookup(name);
+    try {
+      const st = listed.stat;
+      const type = typeOf(st);
+      if (type === undefined) return undefined;
+      if (type === '5') return { type, st, dir: await listed.openDir() };
+      if (type === '2') return { type, st, target: await dir.readListedLink(name) };
+      if (type === '0') {
+        const first = st.nlink > 1n ? seenInodes.get(`${st.dev}:${st.ino}`) : undefined;
+        if (first) return { type: '1', st, linkName: first };
+        const fd = await listed.openFile();
+        if (st.nlink > 1n) seenInodes.set(`${st.dev}:${st.ino}`, memberName);
+        return { type, st, fd };
+      }
+      return { type: type as '3' | '4' | '6', st };
+    } finally {
+      await listed.close();
+    }
+  }
+
+  /** Everything below the open folder `dir`, whose own member is `memberName`. */
+  async function* children(dir: DirHandle, memberName: Buffer): AsyncGenerator<Buffer> {
+    const names = (await dir.readdir()).sort((a, b) => Buffer.compare(a, b));
+    for (const name of names) {
+      const childName = Buffer.concat([memberName, Buffer.from('/'), name]);
+      let opened: Opened | undefined;
+      try {
+        options.signal?.throwIfAborted();
+        opened = await open(dir, name, childName).catch(async (error: unknown) => {
+          if (!isChangedError(error)) throw error;
+          return open(dir, name, childName); // once more: it changed between listing and opening
+        });
+      } catch (error) {
+        if (!isChangedError(error)) throw error;
+        warn(childName, 'changed while it was read, and again when looked at a second time: left out of the archive');
+        continue;
+      }
+      if (opened) yield* member(opened, childName);
+    }
+  }
+
+  /** The member(s) of an opened entry; closes what `opened` holds open. */
+  async function* member(opened: Opened, memberName: Buffer): AsyncGenerator<Buffer> {
+    const base = baseOf(opened.st);
     stats.entries++;
-    if (type === '5') {
-      yield encodeHeader({ ...base, name: Buffer.concat([memberName, Buffer.from('/')]), type, size: 0 });
-      const names = (await readdir(absolute, { encoding: 'buffer' })).sort((a, b) => Buffer.compare(a, b));
-      for (const name of names) {
-        yield* entry(Buffer.concat([absolute, Buffer.from('/'), name]), Buffer.concat([memberName, Buffer.from('/'), name]));
-      }
-      return;
-    }
-    if (type === '2') {
-      yield encodeHeader({ ...base, name: memberName, type, size: 0, linkName: await readlink(absolute, { encoding: 'buffer' }) });
-      return;
-    }
-    if (type === '3' || type === '4' || type === '6') {
-      yield encodeHeader({ ...base, name: memberName, type, size: 0, devMajor: Math.floor(st.rdev / 256), devMinor: st.rdev % 256 });
-      return;
-    }
-    stats.files++;
-    if (st.nlink > 1) {
-      const key = `${st.dev}:${st.ino}`;
-      const first = seenInodes.get(key);
-      if (first) {
-        yield encodeHeader({ ...base, name: memberName, type: '1', size: 0, linkName: first });
+    switch (opened.type) {
+      case '5':
+        try {
+          yield encodeHeader({ ...base, name: Buffer.concat([memberName, Buffer.from('/')]), type: '5', size: 0 });
+          yield* children(opened.dir, memberName);
+        } finally {
+          await opened.dir.close();
+        }
         return;
+      case '2':
+        yield encodeHeader({ ...base, name: memberName, type: '2', size: 0, linkName: opened.target });
+        return;
+      case '1':
+        stats.files++;
+        yield encodeHeader({ ...base, name: memberName, type: '1', size: 0, linkName: opened.linkName });
+        return;
+      case '0':
+        stats.files++;
+        try {
+          yield* fileMember(opened.fd, opened.st, base, memberName);
+        } finally {
+          await closeFd(opened.fd);
+        }
+        return;
+      default: {
+        const rdev = Number(opened.st.rdev);
+        yield encodeHeader({ ...base, name: memberName, type: opened.type, size: 0, devMajor: Math.floor(rdev / 256), devMinor: rdev % 256 });
       }
-      seenInodes.set(key, memberName);
     }
-    const sparse = st.size > 0 && st.blocks * 512 < st.size;
+  }
+
+  async function* fileMember(fd: number, st: BigIntStats, base: ReturnType<typeof baseOf>, memberName: Buffer): AsyncGenerator<Buffer> {
+    const size = Number(st.size);
+    let warned = false;
+    const onShort = (missing: number): void => {
+      if (!warned) warn(memberName, `shrank while it was read: ${missing} bytes at its end are stored as zeros`);
+      warned = true;
+    };
+    const sparse = size > 0 && st.blocks * 512n < st.size;
     if (!sparse) {
-      yield encodeHeader({ ...base, name: memberName, type: '0', size: st.size });
-      for await (const chunk of readRange(absolute, 0, st.size, options.signal)) {
+      yield encodeHeader({ ...base, name: memberName, type: '0', size });
+      for await (const chunk of readRange(fd, 0, size, options.signal, onShort)) {
         stats.bytes += chunk.length;
         yield chunk;
         report();
       }
-      yield pad(st.size);
+      yield pad(size);
       return;
     }
-    const segments = await dataSegments(absolute, st.size, options.signal);
-    const member = encodeSparseMember({ ...base, name: memberName, realSize: st.size }, segments);
-    yield member.header;
+    const segments = await dataSegments(fd, size, options.signal);
+    const sparseMember = encodeSparseMember({ ...base, name: memberName, realSize: size }, segments);
+    yield sparseMember.header;
     for (const s of segments) {
-      for await (const chunk of readRange(absolute, s.offset, s.length, options.signal)) yield chunk;
+      for await (const chunk of readRange(fd, s.offset, s.length, options.signal, onShort)) yield chunk;
     }
     // Bytes count the file's logical size, holes included, as readers of the archive see it.
-    stats.bytes += st.size;
+    stats.bytes += size;
     report();
-    yield pad(member.size);
+    yield pad(sparseMember.size);
   }
 
-  yield* entry(Buffer.from(root), prefix);
+  const rootDir = await DirHandle.openRoot(root);
+  try {
+    const st = await rootDir.stat();
+    stats.entries++;
+    yield encodeHeader({ ...baseOf(st), name: Buffer.concat([prefix, Buffer.from('/')]), type: '5', size: 0 });
+    yield* children(rootDir, prefix);
+  } finally {
+    await rootDir.close();
+  }
   yield Buffer.alloc(BLOCK * 2);
 }
 

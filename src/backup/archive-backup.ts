@@ -125,6 +125,7 @@ export async function backupToArchiveSet(engine: DockerEngine, options: ArchiveB
               ...(options.compressionLevel === undefined ? {} : { level: options.compressionLevel }),
               ...(options.signal ? { signal: options.signal } : {}),
               onProgress: (stats) => onProgress({ type: 'volume-progress', volume: volume.composeName, ...stats }),
+              onWarning: (message) => onProgress({ type: 'warning', message: `${volume.composeName}: ${message}` }),
             },
           );
           onProgress({ type: 'volume-done', volume: volume.composeName, bytes: archive.bytes, files: archive.files });

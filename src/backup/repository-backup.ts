@@ -162,7 +162,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
           const progress = (s: { bytes: number; files: number }): void => onProgress({ type: 'volume-progress', volume: volume.composeName, ...s });
           let result: { tree: string; root: TreeNode; stats: ArchiveStats };
           if (folder !== undefined) {
-            const archiver = new Archiver(repo, { ...signalOption, ...archiveOptions, pool, onProgress: (s) => progress({ bytes: s.bytesRead, files: s.files }) });
+            const archiver = new Archiver(repo, { ...signalOption, ...archiveOptions, pool, onProgress: (s) => progress({ bytes: s.bytesRead, files: s.files }), onWarning: (message) => onProgress({ type: 'warning', message: `${volume.composeName}: ${message}` }) });
             result = { ...(await archiver.archive(folder, parents(volume))), stats: archiver.stats };
             result.stats.entries++;
           } else {

@@ -5,7 +5,7 @@ import { closeSync, readFileSync, readSync, writeSync } from 'node:fs';
 import { lstat, mkdir, mkdtemp, readFile, readlink, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DirHandle, closeFd, isComponent } from './beneath.js';
+import { DirHandle, closeFd, isChangedError, isComponent } from './beneath.js';
 
 describe('DirHandle: folder-relative access that never follows a link', () => {
   let work: string;
@@ -119,6 +119,64 @@ describe('DirHandle: folder-relative access that never follows a link', () => {
       await root.close();
     }
     await assert.rejects(lstat(join(volume, 'old')), { code: 'ENOENT' });
+    assert.equal(await readFile(join(outside, 'canary'), 'utf8'), 'secret');
+  });
+
+  it('lookup: an O_PATH handle on what is there now, never followed, never opened; opening through it reaches that inode', async () => {
+    await mkdir(join(volume, 'look'));
+    await writeFile(join(volume, 'look', 'file'), 'inside');
+    await mkdir(join(volume, 'look', 'dir'));
+    await writeFile(join(volume, 'look', 'dir', 'x'), 'x');
+    await symlink(outside, join(volume, 'look', 'link'));
+    execFileSync('mkfifo', [join(volume, 'look', 'fifo')]);
+    if (process.getuid?.() === 0) execFileSync('mknod', [join(volume, 'look', 'zero'), 'c', '1', '5']);
+    const root = await DirHandle.openRoot(join(volume, 'look'));
+    try {
+      const file = root.lookupSync('file');
+      const dir = await root.lookup('dir');
+      // Both names now swapped for links to the outside: the handles still mean what was listed.
+      execFileSync('mv', [join(volume, 'look', 'file'), join(volume, 'look', 'file.moved')]);
+      execFileSync('mv', [join(volume, 'look', 'dir'), join(volume, 'look', 'dir.moved')]);
+      await symlink(join(outside, 'canary'), join(volume, 'look', 'file'));
+      await symlink(outside, join(volume, 'look', 'dir'));
+      const fd = file.openFileSync();
+      const buffer = Buffer.alloc(20);
+      assert.equal(buffer.subarray(0, readSync(fd, buffer, 0, 20, 0)).toString(), 'inside');
+      closeSync(fd);
+      const sub = await dir.openDir();
+      assert.deepEqual((await sub.readdir()).map(String), ['x']);
+      await sub.close();
+      assert.throws(() => file.openDirSync(), { code: 'ECHANGED' });
+      await assert.rejects(dir.openFile(), { code: 'ECHANGED' });
+      file.closeSync();
+      await dir.close();
+      await dir.close(); // closing twice is harmless
+
+      const link = root.lookupSync('link');
+      assert.equal(link.stat.isSymbolicLink(), true, 'a link is looked up, not followed');
+      assert.throws(() => link.openFileSync(), { code: 'ECHANGED' });
+      assert.throws(() => link.openDirSync(), { code: 'ECHANGED' });
+      link.closeSync();
+      assert.equal((await root.readListedLink('link')).toString(), outside);
+      await assert.rejects(root.readListedLink('file.moved'), { code: 'ECHANGED' });
+      await assert.rejects(root.readListedLink('gone'), { code: 'ECHANGED' });
+
+      // A FIFO or a device is looked up without being opened (no block, no side effect) and is never opened.
+      for (const name of process.getuid?.() === 0 ? ['fifo', 'zero'] : ['fifo']) {
+        const special = root.lookupSync(name);
+        assert.equal(special.stat.isFile() || special.stat.isDirectory(), false, name);
+        assert.throws(() => special.openFileSync(), { code: 'ECHANGED' });
+        await assert.rejects(special.openFile(), { code: 'ECHANGED' });
+        special.closeSync();
+      }
+      assert.throws(() => root.lookupSync('gone'), { code: 'ECHANGED' });
+      await assert.rejects(root.lookup('gone'), { code: 'ECHANGED' });
+      assert.throws(() => root.lookupSync('../outside'), { code: 'EINVAL' });
+      assert.equal(isChangedError(Object.assign(new Error(), { code: 'ELOOP' })), true);
+      assert.equal(isChangedError(Object.assign(new Error(), { code: 'EIO' })), false);
+    } finally {
+      await root.close();
+    }
     assert.equal(await readFile(join(outside, 'canary'), 'utf8'), 'secret');
   });
 

@@ -15,7 +15,9 @@
  * Files are opened for reading in two steps: first as O_PATH (a handle that opens nothing, so a
  * device node swapped in has no side effect and a FIFO cannot block), checked with fstat to be the
  * regular file that was listed (device and inode), then reopened through `/proc/self/fd/<fd>`,
- * which reaches exactly that inode.
+ * which reaches exactly that inode. A walk can also list through such handles (`lookup`, an
+ * EntryHandle): the O_PATH handle's fstat is the listing, and a folder or file opened through it
+ * is the one listed, with no second check.
  *
  * Names given to a handle are one path component: '' , '.', '..', and anything with '/' or NUL
  * are refused (code EINVAL).
@@ -51,6 +53,8 @@ export const O_PATH = 0o10000000;
 
 const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_DIRECTORY, O_NONBLOCK, O_NOCTTY } = constants;
 const DIR_FLAGS = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK;
+/** Reopening `/proc/self/fd/<O_PATH fd>`: that magic link must be followed (it is the inode itself). */
+const REOPEN_DIR_FLAGS = O_RDONLY | O_DIRECTORY | O_NONBLOCK;
 const SLASH = 0x2f;
 
 function invalid(name: Buffer): Error {
@@ -114,6 +118,11 @@ export class DirHandle {
     return new DirHandle(openSync(path, DIR_FLAGS));
   }
 
+  /** Takes over an open folder's descriptor (EntryHandle.openDir). */
+  static fromFd(fd: number): DirHandle {
+    return new DirHandle(fd);
+  }
+
   /** `/proc/self/fd/<fd>/<name>`: the child `name` of this open folder, for one system call. */
   entry(name: Buffer | string): Buffer {
     return Buffer.concat([Buffer.from(`/proc/self/fd/${this.fd}/`), component(name)]);
@@ -169,6 +178,48 @@ export class DirHandle {
 
   async readlink(name: Buffer | string): Promise<Buffer> {
     return readlink(this.entry(name), { encoding: 'buffer' });
+  }
+
+  /**
+   * The target of the symbolic link `name`; code ECHANGED if `name` is no longer a link (or is
+   * gone). A link's target cannot change in place, and reading another link of this folder reads
+   * nothing outside it, so no inode check is needed.
+   */
+  async readListedLink(name: Buffer | string): Promise<Buffer> {
+    return this.readlink(name).catch((error: unknown) => {
+      if ((error as NodeJS.ErrnoException).code === 'EINVAL') throw Object.assign(changedError(`'${name.toString()}'`), { cause: error });
+      return rethrowChanged(name)(error);
+    });
+  }
+
+  /**
+   * Looks the child `name` up without following it or opening it (O_PATH): what it is now, held
+   * so that whatever is done next reaches exactly that inode. Code ECHANGED if it is gone. The
+   * caller closes the handle.
+   */
+  lookupSync(name: Buffer | string): EntryHandle {
+    let pathFd: number;
+    try {
+      pathFd = openSync(this.entry(name), O_PATH | O_NOFOLLOW);
+    } catch (error) {
+      return rethrowChanged(name)(error);
+    }
+    try {
+      return new EntryHandle(pathFd, fstatSync(pathFd, { bigint: true }), name);
+    } catch (error) {
+      closeSync(pathFd);
+      throw error;
+    }
+  }
+
+  async lookup(name: Buffer | string): Promise<EntryHandle> {
+    const pathFd = await openFd(this.entry(name), O_PATH | O_NOFOLLOW).catch(rethrowChanged(name));
+    try {
+      return new EntryHandle(pathFd, await fstatFd(pathFd, { bigint: true }), name);
+    } catch (error) {
+      await closeFd(pathFd);
+      throw error;
+    }
   }
 
   /** Owner and times of a child without following it (for symbolic links). */
@@ -274,6 +325,68 @@ export class DirHandle {
     this.closed = true;
     closeSync(this.fd);
   }
+}
+
+/**
+ * A folder's entry as looked up (DirHandle.lookup): an O_PATH handle, which opened nothing (no
+ * device was opened, no FIFO can block), and its fstat — an lstat that cannot go stale: opening
+ * the file or folder through it (`/proc/self/fd/<fd>`) reaches exactly that inode, whatever was
+ * renamed or swapped in under its name since. Only a regular file or a folder is ever opened.
+ */
+export class EntryHandle {
+  private closed = false;
+
+  constructor(
+    readonly fd: number,
+    readonly stat: BigIntStats,
+    private readonly name: Buffer | string,
+  ) {}
+
+  private reopenPath(check: boolean): string {
+    // Closed, its number may already name another file: never reopened then.
+    if (this.closed) throw new Error(`the handle of '${this.name.toString()}' is closed`);
+    if (!check) throw changedError(`'${this.name.toString()}'`);
+    return `/proc/self/fd/${this.fd}`;
+  }
+
+  /** Opens it for reading if it is a regular file (else code ECHANGED); returns the descriptor. */
+  openFileSync(): number {
+    return openSync(this.reopenPath(this.stat.isFile()), O_RDONLY | O_NONBLOCK | O_NOCTTY);
+  }
+
+  async openFile(): Promise<number> {
+    return openFd(this.reopenPath(this.stat.isFile()), O_RDONLY | O_NONBLOCK | O_NOCTTY);
+  }
+
+  /** A handle on it if it is a folder (else code ECHANGED). */
+  openDirSync(): DirHandle {
+    return DirHandle.fromFd(openSync(this.reopenPath(this.stat.isDirectory()), REOPEN_DIR_FLAGS));
+  }
+
+  async openDir(): Promise<DirHandle> {
+    return DirHandle.fromFd(await openFd(this.reopenPath(this.stat.isDirectory()), REOPEN_DIR_FLAGS));
+  }
+
+  closeSync(): void {
+    if (this.closed) return;
+    this.closed = true;
+    closeSync(this.fd);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await closeFd(this.fd);
+  }
+}
+
+/**
+ * True for the errors that mean "this entry is not what was listed any more": gone (ENOENT), a
+ * folder or file swapped for a link (ELOOP, ENOTDIR), another inode or type (ECHANGED).
+ */
+export function isChangedError(error: unknown): boolean {
+  const code = (error as NodeJS.ErrnoException | undefined)?.code;
+  return code === 'ECHANGED' || code === 'ENOENT' || code === 'ELOOP' || code === 'ENOTDIR';
 }
 
 function ignoreMissing(error: unknown): void {

@@ -5,15 +5,36 @@
  * ctime (ns) and inode are all unchanged keeps the parent's chunk list and is not read at all.
  * Every other file is read, cut by the content-defined chunker, and only chunks the repository
  * does not hold yet are stored. All-zero chunks are recorded as holes, not stored.
+ *
+ * Reading a volume that containers may change under us (we run as root, while CVAT runs):
+ * nothing is reached by path. Each entry is looked up relative to its folder's handle without
+ * following a link and without opening anything (O_PATH; its fstat is the listing: see
+ * fs/beneath.ts); a folder or a small file is then opened through that handle, so exactly the
+ * inode listed; a larger file, read after the folder is listed, is looked up again and must be
+ * the same device and inode. So a folder swapped for a link, or a file swapped for a link, FIFO
+ * or device, is never followed, opened or blocked on. FIFOs, devices and sockets are recorded
+ * from the lookup and never opened. Worker threads read the descriptors this thread opened.
+ *
+ * An entry that is not what was listed (gone, another inode or type, a link now) or a file that
+ * changed size while read is "changed": a tolerant pass (phase 1) leaves it for the next pass (a
+ * file keeps no content; a folder or link is left out); any other pass looks at it once more
+ * (lookup, open, read) and, if it changed again, leaves it out with a warning.
+ *
+ * Small files are read here with plain system calls and sealed on the workers in batches
+ * (small-blobs.ts); larger ones are read and sealed on the workers, several files at once.
  */
-import { closeSync, createReadStream, openSync, readSync } from 'node:fs';
-import { lstat, readFile, readdir, readlink } from 'node:fs/promises';
+import { closeSync, read as readCallback, readSync } from 'node:fs';
 import type { BigIntStats } from 'node:fs';
+import { promisify } from 'node:util';
+import { DirHandle, isChangedError, type EntryHandle, type ExpectedFile } from '../fs/beneath.js';
 import { isAllZero } from './zero.js';
 import { Chunker } from './chunker.js';
 import type { Repository } from './repository.js';
 import type { ChunkPool } from './chunk-pool.js';
+import { SmallBlobBatches } from './small-blobs.js';
 import { ZERO_PREFIX, type NodeType, type Tree, type TreeNode } from './tree.js';
+
+const readFd = promisify(readCallback);
 
 export interface ArchiveStats {
   entries: number;
@@ -45,35 +66,58 @@ export interface ArchiveOptions {
    * timestamp granularity of the parent pass's read, which metadata cannot show.
    */
   racySinceNs?: bigint;
+  /**
+   * An entry left out of this pass's tree: it changed while it was read and again when it was
+   * read a second time (never called in a tolerant pass). The message names its path.
+   */
+  onWarning?: (message: string) => void;
 }
 
 /** Files up to this size are read synchronously (see fileContent). */
 const TINY_FILE = 64 * 1024;
 
 /** Reads a file expected to hold `size` bytes; one byte more is asked for, so growth shows. */
-function readTinyFile(path: Buffer, size: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buffer = Buffer.allocUnsafe(size + 1);
-    let read = 0;
-    for (;;) {
-      const n = readSync(fd, buffer, read, buffer.length - read, read);
-      if (n === 0 || read + n === buffer.length) {
-        read += n;
-        break;
-      }
-      read += n;
-    }
-    return buffer.subarray(0, read);
-  } finally {
-    closeSync(fd);
+function readTinyFile(fd: number, size: number): Buffer {
+  const buffer = Buffer.allocUnsafe(size + 1);
+  let read = 0;
+  for (;;) {
+    const n = readSync(fd, buffer, read, buffer.length - read, read);
+    read += n;
+    if (n === 0 || read === buffer.length) break;
   }
+  return buffer.subarray(0, read);
 }
 
-/** Errors that mean "this entry changed or vanished while we looked". */
-function isChangeError(error: unknown): boolean {
-  const code = (error as NodeJS.ErrnoException).code;
-  return code === 'ENOENT' || code === 'ENOTDIR' || code === 'ECHANGED' || code === 'ELOOP';
+/** As readTinyFile, through the thread pool (files between TINY_FILE and the chunker's minimum). */
+async function readSmallFile(fd: number, size: number): Promise<Buffer> {
+  const buffer = Buffer.allocUnsafe(size + 1);
+  let read = 0;
+  for (;;) {
+    const { bytesRead } = await readFd(fd, buffer, read, buffer.length - read, read);
+    read += bytesRead;
+    if (bytesRead === 0 || read === buffer.length) break;
+  }
+  return buffer.subarray(0, read);
+}
+
+function changedSize(size: number, read: number): Error {
+  return Object.assign(new Error(`a file of ${size} bytes changed size while it was read (${read} bytes)`), { code: 'ECHANGED' });
+}
+
+/** A folder being archived: its handle, its path in the volume, its node in the parent tree. */
+interface Folder {
+  dir: DirHandle;
+  relative: Buffer;
+  parentNodes: Map<string, TreeNode>;
+}
+
+/** A file of a folder whose content is read after the folder is listed, several at once. */
+interface PendingRead {
+  slot: number;
+  name: Buffer;
+  /** The inode listed (not the whole stat: a folder may hold millions of files). */
+  listed: ExpectedFile;
+  node: TreeNode;
 }
 
 function nodeType(st: BigIntStats): NodeType | undefined {
@@ -89,12 +133,31 @@ function nodeType(st: BigIntStats): NodeType | undefined {
 export class Archiver {
   readonly stats: ArchiveStats = { entries: 0, files: 0, bytes: 0, bytesRead: 0, filesUnchanged: 0, bytesAdded: 0 };
   private readonly seenInodes = new Map<string, string>();
+  /** Errors of repository calls: never taken for a change in the volume (a missing pack is ENOENT too). */
+  private readonly repositoryErrors = new WeakSet<object>();
   private lastReport = 0;
+
+  /** Small files' bytes on their way to the workers to be sealed (only with a pool). */
+  private readonly small: SmallBlobBatches | undefined;
 
   constructor(
     private readonly repo: Repository,
     private readonly options: ArchiveOptions = {},
-  ) {}
+  ) {
+    this.small =
+      options.pool &&
+      new SmallBlobBatches(options.pool, {
+        storeSealed: async (id, sealed, rawLength) => {
+          const added = await this.inRepository(repo.saveSealedBlob(id, 'data', sealed, rawLength));
+          this.stats.bytesAdded += added;
+        },
+        storeHere: async (data) => {
+          const saved = await this.inRepository(repo.saveBlob('data', data));
+          this.stats.bytesAdded += saved.added;
+          return saved.id;
+        },
+      });
+  }
 
   private report(force = false): void {
     const now = Date.now();
@@ -103,12 +166,17 @@ export class Archiver {
     this.options.onProgress?.({ ...this.stats });
   }
 
-  /** Archives the folder `root`; returns the id of its tree blob. */
+  /** Archives the folder `root` (a trusted path: the volume's mount point); returns the id of its tree blob. */
   async archive(root: string, parentTree: string | undefined): Promise<{ tree: string; root: TreeNode }> {
-    const st = await lstat(root, { bigint: true });
-    const tree = await this.folder(Buffer.from(root), Buffer.alloc(0), parentTree);
-    this.report(true);
-    return { tree, root: this.baseNode(Buffer.alloc(0), st, 'dir') };
+    const dir = await DirHandle.openRoot(root);
+    try {
+      const st = await dir.stat();
+      const tree = await this.folder(dir, Buffer.alloc(0), parentTree);
+      this.report(true);
+      return { tree, root: this.baseNode(Buffer.alloc(0), st, 'dir') };
+    } finally {
+      await dir.close();
+    }
   }
 
   private baseNode(name: Buffer, st: BigIntStats, type: NodeType): TreeNode {
@@ -125,14 +193,31 @@ export class Archiver {
     };
   }
 
-  /** Runs a file system call; in a tolerant pass an entry that vanished or changed gives undefined. */
-  private async tolerant<T>(call: Promise<T>): Promise<T | undefined> {
+  /** Adds (or, for a node replaced or left out, takes back) a node's share of the stats. */
+  private count(node: TreeNode, sign: 1 | -1): void {
+    this.stats.entries += sign;
+    if (node.type !== 'file') return;
+    this.stats.files += sign;
+    this.stats.bytes += sign * node.size;
+  }
+
+  private async inRepository<T>(call: Promise<T>): Promise<T> {
     try {
       return await call;
     } catch (error) {
-      if (this.options.tolerateChanges && isChangeError(error)) return undefined;
+      if (typeof error === 'object' && error !== null) this.repositoryErrors.add(error);
       throw error;
     }
+  }
+
+  /** The entry is not what was listed (see isChangedError), as opposed to any other failure. */
+  private isChange(error: unknown): boolean {
+    return isChangedError(error) && !this.repositoryErrors.has(error as object);
+  }
+
+  /** A file read whole on this thread as one chunk (see fileContent). */
+  private isTiny(size: number): boolean {
+    return size <= TINY_FILE && size < this.repo.config.chunker.minSize;
   }
 
   private isRacy(node: TreeNode): boolean {
@@ -140,120 +225,228 @@ export class Archiver {
     return since !== undefined && (BigInt(node.mtimeNs) >= since || BigInt(node.ctimeNs) >= since);
   }
 
-  private async folder(absolute: Buffer, relative: Buffer, parentTree: string | undefined): Promise<string> {
-    const parent = parentTree ? (JSON.parse((await this.repo.loadBlob(parentTree)).toString('utf8')) as Tree) : undefined;
-    const parentNodes = new Map(parent?.nodes.map((n) => [n.name, n]));
-    const names = ((await this.tolerant(readdir(absolute, { encoding: 'buffer' }))) ?? []).sort((a, b) => Buffer.compare(a, b));
-    const nodes: TreeNode[] = [];
-    /** Files of this folder to read; read several at once when workers are there. */
-    const reads: { node: TreeNode; path: Buffer }[] = [];
-    // lstat in batches: the calls go to the thread pool, so a batch costs about one call.
-    const stats = new Map<Buffer, Promise<BigIntStats>>();
-    const statAhead = (from: number): void => {
-      for (const name of names.slice(from, from + 64)) {
-        const pending = lstat(Buffer.concat([absolute, Buffer.from('/'), name]), { bigint: true });
-        pending.catch(() => undefined); // awaited in turn below; never an unhandled rejection
-        stats.set(name, pending);
-      }
-    };
+  private async folder(dir: DirHandle, relative: Buffer, parentTree: string | undefined): Promise<string> {
+    const parent = parentTree ? (JSON.parse((await this.inRepository(this.repo.loadBlob(parentTree))).toString('utf8')) as Tree) : undefined;
+    const f: Folder = { dir, relative, parentNodes: new Map(parent?.nodes.map((n) => [n.name, n])) };
+    const names = (await dir.readdir()).sort((a, b) => Buffer.compare(a, b));
+    /** One slot per name, in name order; undefined: left out. */
+    const slots: (TreeNode | undefined)[] = [];
+    /** Files of this folder to read once it is listed, several at once when workers are there. */
+    const reads: PendingRead[] = [];
     for (const [index, name] of names.entries()) {
       this.options.signal?.throwIfAborted();
-      if (index % 64 === 0) statAhead(index);
-      const path = Buffer.concat([absolute, Buffer.from('/'), name]);
-      const rel = relative.length === 0 ? name : Buffer.concat([relative, Buffer.from('/'), name]);
-      const st = await this.tolerant(stats.get(name)!);
-      stats.delete(name);
-      if (st === undefined) continue; // gone since readdir (a copy taken while CVAT runs)
+      let node: TreeNode | undefined;
+      try {
+        // Plain system calls: a lookup costs this thread less than a hop through the thread pool.
+        node = await this.entry(f, name, f.dir.lookupSync(name), { linkable: true, defer: (read) => reads.push({ ...read, slot: index }) });
+      } catch (error) {
+        node = await this.changed(f, name, error);
+      }
+      slots.push(node);
+      this.report();
+    }
+    await this.readPending(f, reads, slots);
+    // The tree names its small files' blobs: they must all be sealed and stored first.
+    await this.small?.drain();
+    const nodes = slots.filter((n): n is TreeNode => n !== undefined);
+    const saved = await this.inRepository(this.repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes } satisfies Tree))));
+    this.stats.bytesAdded += saved.added;
+    return saved.id;
+  }
+
+  /**
+   * The node of the entry `name`, looked up as `listed` (closed here). A folder is archived
+   * (recursively), a link's target read; a file's content is read now (small files: through
+   * `listed`, so exactly the inode listed), or handed to `defer` to be read with others. Throws a
+   * changed error (isChangedError) when the entry is not what `listed` says any more.
+   *
+   * `linkable`: a file with several links may be recorded as a hard link to a name met before it,
+   * or become the first name of its inode. Only while the walk is in tree order (not when a
+   * deferred read is repeated): a restore creates the first name before the others.
+   */
+  private async entry(
+    f: Folder,
+    name: Buffer,
+    listed: EntryHandle,
+    how: { linkable: boolean; defer?: (read: Omit<PendingRead, 'slot'>) => void },
+  ): Promise<TreeNode | undefined> {
+    try {
+      const st = listed.stat;
       const type = nodeType(st);
-      if (type === undefined) continue; // sockets
+      if (type === undefined) return undefined; // sockets
       const node = this.baseNode(name, st, type);
-      const before = parentNodes.get(node.name);
-      this.stats.entries++;
+      const rel = f.relative.length === 0 ? name : Buffer.concat([f.relative, Buffer.from('/'), name]);
+      const before = f.parentNodes.get(node.name);
       if (type === 'dir') {
-        node.subtree = await this.folder(path, rel, before?.type === 'dir' ? before.subtree : undefined);
+        const sub = listed.openDirSync();
+        listed.closeSync();
+        try {
+          node.subtree = await this.folder(sub, rel, before?.type === 'dir' ? before.subtree : undefined);
+        } finally {
+          await sub.close();
+        }
       } else if (type === 'symlink') {
-        const target = await this.tolerant(readlink(path, { encoding: 'buffer' }));
-        if (target === undefined) continue;
-        node.target = target.toString('base64');
+        node.target = (await f.dir.readListedLink(name)).toString('base64');
       } else if (type === 'chardev' || type === 'blockdev') {
         node.rdev = Number(st.rdev);
       } else if (type === 'file') {
-        this.stats.files++;
-        this.stats.bytes += node.size;
         const inodeKey = `${st.dev}:${st.ino}`;
-        const first = st.nlink > 1n ? this.seenInodes.get(inodeKey) : undefined;
+        const linked = how.linkable && st.nlink > 1n;
+        const first = linked ? this.seenInodes.get(inodeKey) : undefined;
+        const unchanged =
+          before?.type === 'file' &&
+          before.content !== undefined &&
+          before.size === node.size &&
+          before.mtimeNs === node.mtimeNs &&
+          before.ctimeNs === node.ctimeNs &&
+          before.inode === node.inode &&
+          !this.isRacy(node);
         if (first !== undefined) {
           node.hardlink = first;
+        } else if (unchanged && before.content) {
+          node.content = before.content;
+          this.stats.filesUnchanged++;
+        } else if (how.defer && !linked && !this.isTiny(node.size)) {
+          listed.closeSync(); // not kept open while waiting: a folder may hold millions of files
+          how.defer({ name, listed: { dev: st.dev, ino: st.ino }, node });
         } else {
-          if (st.nlink > 1n) this.seenInodes.set(inodeKey, rel.toString('base64'));
-          const unchanged =
-            before?.type === 'file' &&
-            before.content !== undefined &&
-            before.size === node.size &&
-            before.mtimeNs === node.mtimeNs &&
-            before.ctimeNs === node.ctimeNs &&
-            before.inode === node.inode &&
-            !this.isRacy(node);
-          if (unchanged && before.content) {
-            node.content = before.content;
-            this.stats.filesUnchanged++;
-          } else {
-            reads.push({ node, path });
-          }
+          // Read now: a tiny file (cheaper than a second lookup later), or the first name of an
+          // inode with several (were it left out, the names that follow must not point at it).
+          const content = await this.readContent(() => listed.openFileSync(), node.size);
+          if (content !== undefined) node.content = content;
         }
+        if (linked && first === undefined) this.seenInodes.set(inodeKey, rel.toString('base64'));
       }
-      nodes.push(node);
-      this.report();
+      this.count(node, 1);
+      return node;
+    } finally {
+      listed.closeSync();
     }
-    // A sliding window: a new file starts as soon as one finishes, so the workers never wait for
-    // the slowest file of a batch.
+  }
+
+  /**
+   * An entry that changed while it was looked at: a tolerant pass leaves it for the next pass;
+   * otherwise it is looked at once more, and left out with a warning if it changed again.
+   */
+  private async changed(f: Folder, name: Buffer, error: unknown, linkable = true): Promise<TreeNode | undefined> {
+    if (!this.isChange(error)) throw error;
+    if (this.options.tolerateChanges) return undefined;
+    try {
+      return await this.entry(f, name, f.dir.lookupSync(name), { linkable });
+    } catch (again) {
+      if (!this.isChange(again)) throw again;
+      const rel = f.relative.length === 0 ? name : Buffer.concat([f.relative, Buffer.from('/'), name]);
+      this.options.onWarning?.(`'${rel.toString('utf8')}' changed while it was read, and again when read a second time: left out of this backup`);
+      return undefined;
+    }
+  }
+
+  /**
+   * Reads the deferred files of a folder: a sliding window, so a new file starts as soon as one
+   * finishes and the workers never wait for the slowest file of a batch. Returns only when no
+   * read is running any more (the folder's handle is closed after it), also on failure.
+   */
+  private async readPending(f: Folder, reads: PendingRead[], slots: (TreeNode | undefined)[]): Promise<void> {
     const window = this.options.pool ? 16 : 1;
     let next = 0;
     let failed = false;
     const lane = async (): Promise<void> => {
       while (next < reads.length && !failed) {
         const r = reads[next++]!;
-        const content = await this.tolerant(this.fileContent(r.path, r.node.size)).catch((error: unknown) => {
-          failed = true;
-          throw error;
-        });
-        // No content: it changed while read; the next pass (CVAT stopped or frozen) reads it.
-        if (content !== undefined) r.node.content = content;
+        try {
+          this.options.signal?.throwIfAborted();
+          // Opened by name again, and checked to be the inode listed.
+          const content = await this.readContent(() => f.dir.openFileSync(r.name, r.listed).fd, r.node.size);
+          // No content (a tolerant pass): it changed while read; the next pass reads it.
+          if (content !== undefined) r.node.content = content;
+        } catch (error) {
+          if (failed || !this.isChange(error)) {
+            failed = true;
+            throw error;
+          }
+          this.count(r.node, -1);
+          slots[r.slot] = await this.changed(f, r.name, error, false).catch((e: unknown) => {
+            failed = true;
+            throw e;
+          });
+        }
         this.report();
       }
     };
-    await Promise.all(Array.from({ length: Math.min(window, reads.length) }, lane));
-    const saved = await this.repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes } satisfies Tree)));
-    this.stats.bytesAdded += saved.added;
-    return saved.id;
+    const lanes = await Promise.allSettled(Array.from({ length: Math.min(window, reads.length) }, lane));
+    const failure = lanes.find((l) => l.status === 'rejected');
+    if (failure) throw failure.reason;
   }
 
-  private async fileContent(path: Buffer, size: number): Promise<string[]> {
+  /** A file's chunk list; undefined in a tolerant pass if it changed while read. */
+  private async readContent(open: () => number, size: number): Promise<string[] | undefined> {
+    try {
+      return await this.fileContent(open, size);
+    } catch (error) {
+      if (this.options.tolerateChanges && this.isChange(error)) return undefined;
+      throw error;
+    }
+  }
+
+  /** Reads and stores the file `open` opens (a checked open: see fs/beneath.ts); closes it. */
+  private async fileContent(open: () => number, size: number): Promise<string[]> {
     this.options.signal?.throwIfAborted();
     const pool = this.options.pool;
-    // A file below the chunker's minimum is one chunk: handled here, without a worker round trip.
-    if (pool && size >= this.repo.config.chunker.minSize) {
+    const minSize = this.repo.config.chunker.minSize;
+    const fd = open();
+    try {
+      if (this.isTiny(size)) {
+        // One chunk, read on this thread with plain system calls: from the page cache they cost
+        // less than the thread-pool hops.
+        return await this.storeWhole(readTinyFile(fd, size), size);
+      }
+      // A file below the chunker's minimum is one chunk: handled here, without a worker round trip.
+      if (pool && size >= minSize) {
+        const content: string[] = [];
+        await pool.processFd(
+          fd,
+          size,
+          async ({ id, rawLength, sealed }) => {
+            content.push(id);
+            this.stats.bytesRead += rawLength;
+            // Not `+= await`: that reads the sum before the wait, and other files add meanwhile.
+            const added = sealed ? await this.inRepository(this.repo.saveSealedBlob(id, 'data', sealed, rawLength)) : 0;
+            this.stats.bytesAdded += added;
+            this.report();
+          },
+          this.options.signal,
+        );
+        return content;
+      }
+      if (size < minSize) return await this.storeWhole(await readSmallFile(fd, size), size);
+      return await this.chunkHere(fd, size);
+    } finally {
+      // Only here, once nothing reads it any more (processFd settles after its worker is done).
+      closeSync(fd);
+    }
+  }
+
+  /**
+   * Stores a file read whole as one chunk (or none, or a hole). With workers, the chunk goes into
+   * a batch for them to seal, and the list returned gets its id before the folder's tree is saved.
+   */
+  private async storeWhole(data: Buffer, size: number): Promise<string[]> {
+    if (data.length !== size) throw changedSize(size, data.length);
+    this.stats.bytesRead += data.length;
+    if (data.length === 0) return [];
+    if (isAllZero(data)) return [`${ZERO_PREFIX}${data.length}`];
+    if (this.small) {
       const content: string[] = [];
-      await pool.processFile(path, size, async ({ id, rawLength, sealed }) => {
-        content.push(id);
-        this.stats.bytesRead += rawLength;
-        if (sealed) this.stats.bytesAdded += await this.repo.saveSealedBlob(id, 'data', sealed, rawLength);
-        this.report();
-      });
+      await this.small.add(data, (id) => content.push(id));
       return content;
     }
-    if (size < this.repo.config.chunker.minSize) {
-      // One chunk: read it whole (no stream, no chunker). A tiny file is read with plain system
-      // calls on this thread: three calls from the page cache cost less than the thread-pool hops.
-      const data = size <= TINY_FILE ? readTinyFile(path, size) : await readFile(path, this.options.signal ? { signal: this.options.signal } : {});
-      if (data.length !== size) throw Object.assign(new Error(`${path.toString()} changed size while it was read`), { code: 'ECHANGED' });
-      this.stats.bytesRead += data.length;
-      if (data.length === 0) return [];
-      if (isAllZero(data)) return [`${ZERO_PREFIX}${data.length}`];
-      const saved = await this.repo.saveBlob('data', data);
-      this.stats.bytesAdded += saved.added;
-      return [saved.id];
-    }
+    const saved = await this.inRepository(this.repo.saveBlob('data', data));
+    this.stats.bytesAdded += saved.added;
+    return [saved.id];
+  }
+
+  /** Chunks an open file on this thread (no worker pool). */
+  private async chunkHere(fd: number, size: number): Promise<string[]> {
     const chunker = new Chunker(this.repo.config.chunker);
     const content: string[] = [];
     const store = async (chunk: Buffer): Promise<void> => {
@@ -261,19 +454,24 @@ export class Archiver {
         content.push(`${ZERO_PREFIX}${chunk.length}`);
         return;
       }
-      const saved = await this.repo.saveBlob('data', chunk);
+      const saved = await this.inRepository(this.repo.saveBlob('data', chunk));
       this.stats.bytesAdded += saved.added;
       content.push(saved.id);
     };
     let read = 0;
-    for await (const piece of createReadStream(path, { highWaterMark: 1 << 20, ...(this.options.signal ? { signal: this.options.signal } : {}) })) {
-      read += (piece as Buffer).length;
-      this.stats.bytesRead += (piece as Buffer).length;
-      for (const chunk of chunker.push(piece as Buffer)) await store(chunk);
+    for (;;) {
+      this.options.signal?.throwIfAborted();
+      // A fresh buffer per read: the chunker keeps references to the data it was given.
+      const buffer = Buffer.allocUnsafe(1 << 20);
+      const { bytesRead } = await readFd(fd, buffer, 0, buffer.length, read);
+      if (bytesRead === 0) break;
+      read += bytesRead;
+      this.stats.bytesRead += bytesRead;
+      for (const chunk of chunker.push(buffer.subarray(0, bytesRead))) await store(chunk);
       this.report();
     }
     for (const chunk of chunker.finish()) await store(chunk);
-    if (read !== size) throw Object.assign(new Error(`${path.toString()} changed size while it was read`), { code: 'ECHANGED' });
+    if (read !== size) throw changedSize(size, read);
     return content;
   }
 }

@@ -5,6 +5,12 @@
  * every core. Flow control: at most MAX_UNACKED chunks are sent before the main thread
  * acknowledges them, so memory stays bounded even for a file of many GB.
  *
+ * A file arrives as a file descriptor that the main thread opened (relative to a folder handle,
+ * checked to be the inode it listed: see fs/beneath.ts); descriptors are the process's, so the
+ * number is enough. This thread never opens a volume's file by path and never closes the
+ * descriptor: the main thread closes it once this thread has answered 'done' or 'error' (or has
+ * ended). A 'cancel' makes it stop reading that file at the next chunk and answer 'error'.
+ *
  * The master key arrives in workerData (memory shared with the parent), never in argv.
  */
 import { createHash } from 'node:crypto';
@@ -20,8 +26,11 @@ import { CorruptArchiveError } from '../errors.js';
 export const MAX_UNACKED = 16;
 
 export type WorkerRequest =
-  | { type: 'file'; task: number; path: Uint8Array; size: number }
+  | { type: 'file'; task: number; fd: number; size: number }
+  | { type: 'cancel'; task: number }
   | { type: 'ack'; task: number }
+  /** Small blobs (whole small files) to hash and seal, back to back in one transferred buffer. */
+  | { type: 'seal'; task: number; data: ArrayBuffer; lengths: number[] }
   | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number; hash: boolean; to: BlobDestination };
 
 /**
@@ -34,7 +43,9 @@ export type WorkerReply =
   | { type: 'chunk'; task: number; id: string; rawLength: number; sealed: Uint8Array | undefined }
   | { type: 'done'; task: number; bytesRead: number }
   | { type: 'error'; task: number; message: string; code: string | undefined; corrupt?: boolean }
-  | { type: 'blob'; task: number; data: Uint8Array | undefined };
+  | { type: 'blob'; task: number; data: Uint8Array | undefined }
+  /** For a 'seal': each blob's id, and the sealed blobs back to back. */
+  | { type: 'sealed'; task: number; ids: string[]; sealed: ArrayBuffer; sealedLengths: number[] };
 
 interface WorkerData {
   key: Uint8Array;
@@ -48,8 +59,10 @@ if (parentPort) {
   const key = Buffer.from(data.key);
   let unacked = 0;
   let wake: (() => void) | undefined;
-  const queue: { task: number; path: Uint8Array; size: number }[] = [];
-  let busy = false;
+  const queue: { task: number; fd: number; size: number }[] = [];
+  /** Tasks the main thread gave up on (its chunk handler failed, or the backup was aborted). */
+  const cancelled = new Set<number>();
+  let active: number | undefined;
 
   const send = async (reply: WorkerReply, transfer: ArrayBuffer[] = []): Promise<void> => {
     if (reply.type === 'chunk') {
@@ -59,9 +72,10 @@ if (parentPort) {
     port.postMessage(reply, transfer);
   };
 
-  const processFile = async (task: number, path: Uint8Array, size: number): Promise<void> => {
+  const processFile = async (task: number, fd: number, size: number): Promise<void> => {
     const chunker = new Chunker(data.chunker);
     const emit = async (chunk: Buffer): Promise<void> => {
+      if (cancelled.has(task)) throw Object.assign(new Error('cancelled'), { code: 'ECANCELED' });
       const id = createHash('sha256').update(chunk).digest('hex');
       if (isAllZero(chunk)) {
         await send({ type: 'chunk', task, id: `zero:${chunk.length}`, rawLength: chunk.length, sealed: undefined });
@@ -75,34 +89,30 @@ if (parentPort) {
     };
     // Plain system calls: this thread is the worker's own, and async reads would queue on the
     // process's four libuv threads behind the main thread's file work (and pack fsyncs).
-    const fd = openSync(Buffer.from(path), 'r');
     let read = 0;
-    try {
-      for (;;) {
-        // A fresh buffer per read: the chunker keeps references to the data it was given.
-        const buffer = Buffer.allocUnsafe(Math.min(4 << 20, Math.max(64 * 1024, size - read + 1)));
-        const bytesRead = readSync(fd, buffer, 0, buffer.length, read);
-        if (bytesRead === 0) break;
-        read += bytesRead;
-        for (const chunk of chunker.push(buffer.subarray(0, bytesRead))) await emit(chunk);
-      }
-      for (const chunk of chunker.finish()) await emit(chunk);
-    } finally {
-      closeSync(fd);
+    for (;;) {
+      // A fresh buffer per read: the chunker keeps references to the data it was given.
+      const buffer = Buffer.allocUnsafe(Math.min(4 << 20, Math.max(64 * 1024, size - read + 1)));
+      const bytesRead = readSync(fd, buffer, 0, buffer.length, read);
+      if (bytesRead === 0) break;
+      read += bytesRead;
+      for (const chunk of chunker.push(buffer.subarray(0, bytesRead))) await emit(chunk);
     }
-    if (read !== size) throw Object.assign(new Error(`${Buffer.from(path).toString()} changed size while it was read`), { code: 'ECHANGED' });
+    for (const chunk of chunker.finish()) await emit(chunk);
+    if (read !== size) throw Object.assign(new Error(`a file of ${size} bytes changed size while it was read (${read} bytes)`), { code: 'ECHANGED' });
     await send({ type: 'done', task, bytesRead: read });
   };
 
   const next = (): void => {
-    if (busy) return;
+    if (active !== undefined) return;
     const job = queue.shift();
     if (!job) return;
-    busy = true;
-    processFile(job.task, job.path, job.size)
+    active = job.task;
+    processFile(job.task, job.fd, job.size)
       .catch((error: unknown) => send({ type: 'error', task: job.task, message: (error as Error).message, code: (error as NodeJS.ErrnoException).code }))
       .finally(() => {
-        busy = false;
+        cancelled.delete(job.task);
+        active = undefined;
         next();
       });
   };
@@ -167,9 +177,35 @@ if (parentPort) {
     }
   };
 
+  /** Hashes, compresses and seals a batch of small blobs (a message per blob would cost more than the work). */
+  const sealBatch = async (m: Extract<WorkerRequest, { type: 'seal' }>): Promise<void> => {
+    try {
+      const data = Buffer.from(m.data);
+      const ids: string[] = [];
+      const parts: Buffer[] = [];
+      let offset = 0;
+      for (const length of m.lengths) {
+        const blob = data.subarray(offset, offset + length);
+        offset += length;
+        const id = createHash('sha256').update(blob).digest('hex');
+        ids.push(id);
+        parts.push(seal(key, await packPayload(blob), blobAad('data', id)));
+      }
+      const sealed = Buffer.concat(parts);
+      const out = sealed.byteOffset === 0 && sealed.buffer.byteLength === sealed.length && sealed.buffer instanceof ArrayBuffer ? sealed.buffer : new Uint8Array(sealed).buffer;
+      port.postMessage({ type: 'sealed', task: m.task, ids, sealed: out, sealedLengths: parts.map((p) => p.length) } satisfies WorkerReply, [out]);
+    } catch (error) {
+      port.postMessage({ type: 'error', task: m.task, message: (error as Error).message, code: (error as NodeJS.ErrnoException).code } satisfies WorkerReply);
+    }
+  };
+
   port.on('message', (message: WorkerRequest) => {
     if (message.type === 'load') {
       void load(message);
+      return;
+    }
+    if (message.type === 'seal') {
+      void sealBatch(message);
       return;
     }
     if (message.type === 'ack') {
@@ -179,7 +215,16 @@ if (parentPort) {
       w?.();
       return;
     }
-    queue.push({ task: message.task, path: message.path, size: message.size });
+    if (message.type === 'cancel') {
+      // A task still queued is answered at once (its descriptor is not read at all).
+      const queued = queue.findIndex((job) => job.task === message.task);
+      if (queued >= 0) {
+        queue.splice(queued, 1);
+        port.postMessage({ type: 'error', task: message.task, message: 'cancelled', code: 'ECANCELED' } satisfies WorkerReply);
+      } else if (message.task === active) cancelled.add(message.task);
+      return;
+    }
+    queue.push({ task: message.task, fd: message.fd, size: message.size });
     next();
   });
 }

@@ -1,7 +1,11 @@
 /**
- * A pool of blob workers (blob-worker.ts), one per core. `processFile` hands a file to the least
- * busy worker and calls `onChunk` for each chunk, in order, acknowledging each one after
+ * A pool of blob workers (blob-worker.ts), one per core. `processFd` hands an open file to the
+ * least busy worker and calls `onChunk` for each chunk, in order, acknowledging each one after
  * `onChunk` resolves (the worker's flow control).
+ *
+ * Descriptors: the caller opens the file and closes it; the promise `processFd` returns settles
+ * only once the worker no longer reads that descriptor (it answered 'done' or 'error', or its
+ * thread has ended), so closing it then can never let a worker read a reused descriptor number.
  */
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
@@ -11,33 +15,59 @@ import { CorruptArchiveError } from '../errors.js';
 
 export type ChunkHandler = (chunk: { id: string; rawLength: number; sealed: Buffer | undefined }) => Promise<void>;
 
-interface LoadTask {
-  resolve: (data: Buffer | undefined) => void;
+interface WorkerSlot {
+  worker: Worker;
+  load: number;
+  /** Set once the thread has ended: nothing more is sent to it. */
+  ended: boolean;
+  error?: Error;
+}
+
+/** A request answered by one reply (a blob load, a batch to seal). */
+interface OneReplyTask {
+  /** Called with the reply ('error' included). */
+  settle: (reply: WorkerReply) => void;
   reject: (error: Error) => void;
-  slot: { load: number };
+  slot: WorkerSlot;
+}
+
+/** What sealSmall gives back: each blob's id, and its sealed bytes (views into one buffer). */
+export interface SealedBatch {
+  ids: string[];
+  sealed: Buffer[];
 }
 
 interface Task {
-  worker: Worker;
+  slot: WorkerSlot;
   onChunk: ChunkHandler;
   chain: Promise<void>;
   resolve: (bytesRead: number) => void;
   reject: (error: Error) => void;
-  failed: boolean;
+  /** The first failure on this side (a chunk handler, an abort): the task ends with it. */
+  failure: Error | undefined;
+  /** Looked at as each chunk arrives (no listener per task: many files are in flight). */
+  signal: AbortSignal | undefined;
+}
+
+function asError(error: unknown): Error {
+  return error instanceof Error ? error : new Error(String(error));
 }
 
 export class ChunkPool {
-  private readonly workers: { worker: Worker; load: number }[] = [];
+  private readonly workers: WorkerSlot[] = [];
   private readonly tasks = new Map<number, Task>();
-  private readonly loads = new Map<number, LoadTask>();
+  private readonly loads = new Map<number, OneReplyTask>();
   private nextTask = 1;
 
   constructor(key: Buffer, chunker: ChunkerParams, size = Math.max(1, availableParallelism())) {
     for (let i = 0; i < size; i++) {
       const worker = new Worker(new URL('./blob-worker.js', import.meta.url), { workerData: { key: new Uint8Array(key), chunker } });
-      worker.on('message', (reply: WorkerReply) => this.onReply(worker, reply));
-      worker.on('error', (error) => this.failWorker(worker, error));
-      this.workers.push({ worker, load: 0 });
+      const slot: WorkerSlot = { worker, load: 0, ended: false };
+      worker.on('message', (reply: WorkerReply) => this.onReply(slot, reply));
+      worker.on('error', (error) => (slot.error ??= error));
+      // Tasks fail only once the thread has really ended: until then it may still read their files.
+      worker.on('exit', (code) => this.failWorker(slot, slot.error ?? new Error(`a blob worker stopped (exit code ${code})`)));
+      this.workers.push(slot);
     }
   }
 
@@ -45,13 +75,32 @@ export class ChunkPool {
     return this.workers.length;
   }
 
-  processFile(path: Buffer, size: number, onChunk: ChunkHandler): Promise<number> {
-    const slot = this.workers.reduce((a, b) => (b.load < a.load ? b : a));
+  /** The least busy worker still running; throws if none is left. */
+  private pick(): WorkerSlot {
+    const live = this.workers.filter((w) => !w.ended);
+    if (live.length === 0) throw this.workers.find((w) => w.error)?.error ?? new Error('the blob workers have stopped');
+    return live.reduce((a, b) => (b.load < a.load ? b : a));
+  }
+
+  /**
+   * Chunks, hashes, compresses and seals the open file `fd` (`size` bytes expected) on a worker.
+   * Resolves with the bytes read; rejects with code ECHANGED if the size was not `size`, with the
+   * handler's error if `onChunk` failed, or with the abort reason. Settles only once the worker
+   * is done with `fd`; the caller closes it.
+   */
+  processFd(fd: number, size: number, onChunk: ChunkHandler, signal?: AbortSignal): Promise<number> {
+    let slot: WorkerSlot;
+    try {
+      signal?.throwIfAborted();
+      slot = this.pick();
+    } catch (error) {
+      return Promise.reject(asError(error));
+    }
     slot.load++;
-    const task = this.nextTask++;
+    const taskId = this.nextTask++;
     return new Promise<number>((resolve, reject) => {
-      this.tasks.set(task, {
-        worker: slot.worker,
+      this.tasks.set(taskId, {
+        slot,
         onChunk,
         chain: Promise.resolve(),
         resolve: (n) => {
@@ -62,10 +111,19 @@ export class ChunkPool {
           slot.load--;
           reject(e);
         },
-        failed: false,
+        failure: undefined,
+        signal,
       });
-      slot.worker.postMessage({ type: 'file', task, path: new Uint8Array(path), size } satisfies WorkerRequest);
+      slot.worker.postMessage({ type: 'file', task: taskId, fd, size } satisfies WorkerRequest);
     });
+  }
+
+  /** Gives up on a task: its worker stops reading at the next chunk and answers; the task then fails with `error`. */
+  private cancel(taskId: number, error: Error): void {
+    const task = this.tasks.get(taskId);
+    if (!task || task.failure) return;
+    task.failure = error;
+    if (!task.slot.ended) task.slot.worker.postMessage({ type: 'cancel', task: taskId } satisfies WorkerRequest);
   }
 
   /**
@@ -79,45 +137,92 @@ export class ChunkPool {
     hash: boolean,
     to: BlobDestination = { kind: 'reply' },
   ): Promise<Buffer | undefined> {
-    const slot = this.workers.reduce((a, b) => (b.load < a.load ? b : a));
+    return this.oneReply(
+      (task) => ({ type: 'load', task, packPath, id, blobType: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength, hash, to }),
+      [],
+      (reply) => (reply.type === 'blob' ? reply.data && Buffer.from(reply.data.buffer, reply.data.byteOffset, reply.data.byteLength) : undefined),
+    );
+  }
+
+  /**
+   * Hashes, compresses and seals small blobs (whole small files) on a worker: `data` holds them
+   * back to back, `lengths` says where each ends. `data` must own its whole ArrayBuffer: it is
+   * transferred, not copied (unusable here afterwards).
+   */
+  sealSmall(data: Buffer, lengths: number[]): Promise<SealedBatch> {
+    const buffer = data.buffer;
+    if (data.byteOffset !== 0 || data.length !== buffer.byteLength || !(buffer instanceof ArrayBuffer)) {
+      return Promise.reject(new Error('sealSmall needs a buffer that owns its memory'));
+    }
+    return this.oneReply(
+      (task) => ({ type: 'seal', task, data: buffer, lengths }),
+      [buffer],
+      (reply) => {
+        if (reply.type !== 'sealed') return { ids: [], sealed: [] };
+        const all = Buffer.from(reply.sealed);
+        let offset = 0;
+        const sealed = reply.sealedLengths.map((length) => all.subarray(offset, (offset += length)));
+        return { ids: reply.ids, sealed };
+      },
+    );
+  }
+
+  private oneReply<T>(request: (task: number) => WorkerRequest, transfer: ArrayBuffer[], result: (reply: WorkerReply) => T): Promise<T> {
+    let slot: WorkerSlot;
+    try {
+      slot = this.pick();
+    } catch (error) {
+      return Promise.reject(asError(error));
+    }
     slot.load++;
     const task = this.nextTask++;
-    return new Promise<Buffer | undefined>((resolve, reject) => {
-      this.loads.set(task, { resolve, reject, slot });
-      slot.worker.postMessage({ type: 'load', task, packPath, id, blobType: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength, hash, to } satisfies WorkerRequest);
+    return new Promise<T>((resolve, reject) => {
+      this.loads.set(task, {
+        settle: (reply) => {
+          if (reply.type === 'error') reject(reply.corrupt ? new CorruptArchiveError(reply.message) : Object.assign(new Error(reply.message), { code: reply.code }));
+          else resolve(result(reply));
+        },
+        reject,
+        slot,
+      });
+      slot.worker.postMessage(request(task), transfer);
     });
   }
 
-  private onReply(worker: Worker, reply: WorkerReply): void {
+  private onReply(slot: WorkerSlot, reply: WorkerReply): void {
     const load = this.loads.get(reply.task);
     if (load) {
       this.loads.delete(reply.task);
       load.slot.load--;
-      if (reply.type === 'blob') load.resolve(reply.data && Buffer.from(reply.data.buffer, reply.data.byteOffset, reply.data.byteLength));
-      else if (reply.type === 'error') load.reject(reply.corrupt ? new CorruptArchiveError(reply.message) : Object.assign(new Error(reply.message), { code: reply.code }));
+      load.settle(reply);
       return;
     }
     const task = this.tasks.get(reply.task);
     if (!task) return;
     if (reply.type === 'chunk') {
+      // Every chunk is acknowledged, also after a failure, so the worker never waits forever.
+      const taskId = reply.task;
+      const chunk = { id: reply.id, rawLength: reply.rawLength, sealed: reply.sealed ? Buffer.from(reply.sealed.buffer, reply.sealed.byteOffset, reply.sealed.byteLength) : undefined };
       task.chain = task.chain.then(async () => {
-        if (!task.failed) {
-          await task.onChunk({ id: reply.id, rawLength: reply.rawLength, sealed: reply.sealed ? Buffer.from(reply.sealed.buffer, reply.sealed.byteOffset, reply.sealed.byteLength) : undefined });
+        try {
+          if (task.signal?.aborted) this.cancel(taskId, asError(task.signal.reason));
+          if (!task.failure) await task.onChunk(chunk);
+        } catch (error) {
+          this.cancel(taskId, error as Error);
         }
-        worker.postMessage({ type: 'ack', task: reply.task } satisfies WorkerRequest);
-      });
-      task.chain.catch((error: unknown) => {
-        task.failed = true;
-        worker.postMessage({ type: 'ack', task: reply.task } satisfies WorkerRequest);
-        this.finish(reply.task, error as Error);
+        if (!slot.ended) slot.worker.postMessage({ type: 'ack', task: taskId } satisfies WorkerRequest);
       });
       return;
     }
+    // The worker is done with the descriptor; settle after the chunks before it were handled.
     if (reply.type === 'done') {
-      void task.chain.then(() => this.finish(reply.task, undefined, reply.bytesRead), () => undefined);
+      void task.chain.then(() => this.finish(reply.task, task.failure, reply.bytesRead));
       return;
     }
-    if (reply.type === 'error') this.finish(reply.task, Object.assign(new Error(reply.message), { code: reply.code }));
+    if (reply.type === 'error') {
+      const error = Object.assign(new Error(reply.message), { code: reply.code });
+      void task.chain.then(() => this.finish(reply.task, task.failure ?? error));
+    }
   }
 
   private finish(taskId: number, error: Error | undefined, bytesRead = 0): void {
@@ -128,14 +233,21 @@ export class ChunkPool {
     else task.resolve(bytesRead);
   }
 
-  private failWorker(worker: Worker, error: Error): void {
-    for (const [id, task] of this.tasks) if (task.worker === worker) this.finish(id, error);
+  /** The thread has ended: its tasks fail (their descriptors are no longer read), and it gets no more work. */
+  private failWorker(slot: WorkerSlot, error: Error): void {
+    slot.ended = true;
+    for (const [id, task] of this.tasks) {
+      if (task.slot === slot) void task.chain.then(() => this.finish(id, task.failure ?? error));
+    }
     for (const [id, load] of this.loads) {
+      if (load.slot !== slot) continue;
       this.loads.delete(id);
+      load.slot.load--;
       load.reject(error);
     }
   }
 
+  /** Ends the threads; any task still running fails once its thread has ended. */
   async close(): Promise<void> {
     await Promise.all(this.workers.map((w) => w.worker.terminate()));
   }
