@@ -8,7 +8,7 @@
 import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { createWriteStream, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createWriteStream, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
@@ -128,5 +128,28 @@ if (process.env['HOST_TAR_TEST']) {
     void it(`files swapped for FIFOs${isRoot ? ' and device nodes' : ''} too: nothing blocks, nothing is read from them`, { timeout: 300_000 }, (t) =>
       againstSwapper(t, true),
     );
+  });
+
+  void describe("host tar writer and cvat-backup's own folders", () => {
+    void it('leaves .cvat-backup-* out at the volume root, with a warning, and keeps it below', async () => {
+      const work = mkdtempSync(join(tmpdir(), 'host-tar-own-'));
+      try {
+        const volume = join(work, 'volume');
+        mkdirSync(join(volume, '.cvat-backup-rollback'), { recursive: true });
+        writeFileSync(join(volume, '.cvat-backup-rollback', 'old.jpg'), 'old data');
+        mkdirSync(join(volume, 'data'));
+        writeFileSync(join(volume, 'data', '.cvat-backup-notes'), 'user data');
+        const warnings: string[] = [];
+        const { stream } = hostTarStream(volume, { memberPrefix: 'data', onWarning: (m) => warnings.push(m) });
+        const archive = join(work, 'out.tar');
+        await pipeline(stream, createWriteStream(archive));
+        const names = [...(await members(readFileSync(archive))).keys()].sort();
+        assert.deepEqual(names, ['', 'data', 'data/.cvat-backup-notes']);
+        assert.equal(warnings.length, 1);
+        assert.match(warnings[0]!, /\.cvat-backup-rollback.*left out/);
+      } finally {
+        rmSync(work, { recursive: true, force: true });
+      }
+    });
   });
 }

@@ -29,6 +29,7 @@ import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import { DirHandle, closeFd, isChangedError } from '../fs/beneath.js';
 import { computeChecksum, type TarStats } from './tar.js';
+import { leaveOutOwnFolders } from './member-guard.js';
 
 const readFd = promisify(readCallback);
 
@@ -294,8 +295,8 @@ async function* generate(root: string, options: HostTarOptions, stats: TarStats)
   }
 
   /** Everything below the open folder `dir`, whose own member is `memberName`. */
-  async function* children(dir: DirHandle, memberName: Buffer): AsyncGenerator<Buffer> {
-    const names = (await dir.readdir()).sort((a, b) => Buffer.compare(a, b));
+  async function* children(dir: DirHandle, memberName: Buffer, atRoot = false): AsyncGenerator<Buffer> {
+    const names = leaveOutOwnFolders(await dir.readdir(), atRoot, options.onWarning).sort((a, b) => Buffer.compare(a, b));
     for (const name of names) {
       const childName = Buffer.concat([memberName, Buffer.from('/'), name]);
       let opened: Opened | undefined;
@@ -384,7 +385,7 @@ async function* generate(root: string, options: HostTarOptions, stats: TarStats)
     const st = await rootDir.stat();
     stats.entries++;
     yield encodeHeader({ ...baseOf(st), name: Buffer.concat([prefix, Buffer.from('/')]), type: '5', size: 0 });
-    yield* children(rootDir, prefix);
+    yield* children(rootDir, prefix, true);
   } finally {
     await rootDir.close();
   }

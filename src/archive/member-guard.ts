@@ -38,6 +38,19 @@ export function isReservedName(name: Buffer): boolean {
   return name.length >= RESERVED.length && name.subarray(0, RESERVED.length).equals(RESERVED);
 }
 
+/**
+ * The names a backup lists at a volume's root, without `.cvat-backup-*`: cvat-backup's own (a
+ * restore's rollback point, or old data not deleted yet) is never backed up, and a restore refuses it.
+ */
+export function leaveOutOwnFolders(names: Buffer[], atRoot: boolean, onWarning: ((message: string) => void) | undefined): Buffer[] {
+  if (!atRoot) return names;
+  return names.filter((name) => {
+    if (!isReservedName(name)) return true;
+    onWarning?.(`'${name.toString('utf8')}' at the volume root is cvat-backup's own (left by an interrupted restore): left out of this backup`);
+    return false;
+  });
+}
+
 /** What a checked member asks for. Paths are components below the volume root. */
 export type GuardedMember =
   | { action: 'root' }

@@ -297,6 +297,31 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
       assert.deepEqual(volumeFds(), []);
     });
   });
+
+  void describe("cvat-backup's own folders", () => {
+    void it('are left out at the volume root with a warning, and kept below it', async () => {
+      const work = mkdtempSync(join(tmpdir(), 'archiver-own-'));
+      try {
+        const volume = join(work, 'volume');
+        mkdirSync(join(volume, '.cvat-backup-retired', 'old'), { recursive: true });
+        writeFileSync(join(volume, '.cvat-backup-retired', 'old', 'frame.jpg'), 'old data');
+        mkdirSync(join(volume, 'data'));
+        writeFileSync(join(volume, 'data', '.cvat-backup-notes'), 'user data');
+        writeFileSync(join(volume, 'frame.jpg'), 'new data');
+        const repo = await Repository.init(new LocalBackend(join(work, 'repo')), 'pw', { kdf: fastKdf });
+        const warnings: string[] = [];
+        const { tree } = await new Archiver(repo, { onWarning: (m) => warnings.push(m) }).archive(volume, undefined);
+        await repo.flush();
+        const paths: string[] = [];
+        for await (const { rel } of walk(repo, tree)) paths.push(rel);
+        assert.deepEqual(paths.sort(), ['data', 'data/.cvat-backup-notes', 'frame.jpg']);
+        assert.equal(warnings.length, 1);
+        assert.match(warnings[0]!, /\.cvat-backup-retired.*left out/);
+      } finally {
+        rmSync(work, { recursive: true, force: true });
+      }
+    });
+  });
 }
 
 function readlinkOrEmpty(path: string): string {

@@ -27,6 +27,7 @@ import { closeSync, read as readCallback, readSync } from 'node:fs';
 import type { BigIntStats } from 'node:fs';
 import { promisify } from 'node:util';
 import { DirHandle, isChangedError, type EntryHandle, type ExpectedFile } from '../fs/beneath.js';
+import { leaveOutOwnFolders } from '../archive/member-guard.js';
 import { isAllZero } from './zero.js';
 import { Chunker } from './chunker.js';
 import type { Repository } from './repository.js';
@@ -228,7 +229,7 @@ export class Archiver {
   private async folder(dir: DirHandle, relative: Buffer, parentTree: string | undefined): Promise<string> {
     const parent = parentTree ? (JSON.parse((await this.inRepository(this.repo.loadBlob(parentTree))).toString('utf8')) as Tree) : undefined;
     const f: Folder = { dir, relative, parentNodes: new Map(parent?.nodes.map((n) => [n.name, n])) };
-    const names = (await dir.readdir()).sort((a, b) => Buffer.compare(a, b));
+    const names = leaveOutOwnFolders(await dir.readdir(), relative.length === 0, this.options.onWarning).sort((a, b) => Buffer.compare(a, b));
     /** One slot per name, in name order; undefined: left out. */
     const slots: (TreeNode | undefined)[] = [];
     /** Files of this folder to read once it is listed, several at once when workers are there. */
@@ -475,3 +476,4 @@ export class Archiver {
     return content;
   }
 }
+
