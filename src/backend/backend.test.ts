@@ -84,6 +84,31 @@ void describe('LocalBackend', () => {
     });
   });
 
+  void it('a staged file is invisible until commit, then whole; an aborted or unfinished one is only a temporary file', async () => {
+    await withDir(async (dir) => {
+      const backend = new LocalBackend(join(dir, 'repo'));
+      await backend.create();
+      const name = 'cd'.repeat(32);
+      const staged = await backend.stage('data');
+      await staged.append([Buffer.from('sealed '), Buffer.from('blobs ')]);
+      await staged.append([Buffer.from('and a header')]);
+      assert.equal(staged.size, 25);
+      assert.deepEqual(await backend.list('data'), [], 'not visible before commit');
+      assert.equal((await backend.listTemporary()).length, 1, 'a process killed now leaves a temporary file for prune');
+      await staged.commit(name);
+      assert.equal((await backend.load('data', name)).toString(), 'sealed blobs and a header');
+      assert.deepEqual((await backend.list('data')).map((f) => f.name), [name]);
+      assert.deepEqual(await backend.listTemporary(), []);
+      await assert.rejects(staged.commit(name), /already/);
+      const dropped = await backend.stage('data');
+      await dropped.append([Buffer.from('never stored')]);
+      await dropped.abort();
+      await dropped.abort();
+      assert.deepEqual(await backend.listTemporary(), []);
+      assert.equal((await backend.list('data')).length, 1);
+    });
+  });
+
   void it('lists the temporary files of interrupted saves with their ages, never as repository files', async () => {
     await withDir(async (dir) => {
       const backend = new LocalBackend(join(dir, 'repo'));

@@ -27,6 +27,22 @@ export interface TemporaryFile extends FileInfo {
   kind: FileKind;
 }
 
+/**
+ * A file written piece by piece (a pack as its blobs arrive), so that its bytes need not be held
+ * in memory until it is complete. Not visible until `commit`; a crash before leaves at most a
+ * temporary file (see `Backend.listTemporary`).
+ */
+export interface StagedFile {
+  /** Bytes appended so far. */
+  readonly size: number;
+  /** Appends the parts in order. Calls must not overlap: await each before the next. */
+  append(parts: Buffer[]): Promise<void>;
+  /** Stores what was appended as (kind, name), durably and atomically as `save` does. Once. */
+  commit(name: string): Promise<void>;
+  /** Deletes what was appended. Idempotent; after a failed append or commit, or instead of commit. */
+  abort(): Promise<void>;
+}
+
 export interface Backend {
   /** Human-readable location, for messages. */
   readonly location: string;
@@ -68,6 +84,11 @@ export interface Backend {
   listTemporary?(): Promise<TemporaryFile[]>;
   /** Deletes one leftover `listTemporary` showed. Idempotent, durable like `remove`. */
   removeTemporary?(file: TemporaryFile): Promise<void>;
+  /**
+   * Starts a file of `kind` written piece by piece (see StagedFile). Optional: without it, a writer
+   * holds the whole file and calls `save`. Any number of staged files may be open at once.
+   */
+  stage?(kind: FileKind): Promise<StagedFile>;
   /** For backends on this machine's filesystem: the file's path, so worker threads can read it. */
   localPath?(kind: FileKind, name: string): string;
 }

@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { lstat, mkdir, open, readdir, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { TargetNotEmptyError } from '../errors.js';
-import type { Backend, FileInfo, FileKind, TemporaryFile } from './backend.js';
+import type { Backend, FileInfo, FileKind, StagedFile, TemporaryFile } from './backend.js';
 
 const KINDS: FileKind[] = ['keys', 'data', 'index', 'snapshots', 'locks', 'state'];
 const TEMPORARY = '.tmp-';
@@ -95,6 +95,51 @@ export class LocalBackend implements Backend {
     await handle.close();
     await rename(temp, target);
     await fsyncDir(dirname(target));
+  }
+
+  /**
+   * A staged file is a `.tmp-*` file in the folder of its kind (for packs, a random one of the 256
+   * data folders: the final name is known only at commit); commit fsyncs it, renames it into its
+   * folder (one file system, so atomic) and fsyncs both folders.
+   */
+  async stage(kind: FileKind): Promise<StagedFile> {
+    const dir = kind === 'data' ? join(this.location, 'data', randomBytes(1).toString('hex')) : join(this.location, kind);
+    const temp = join(dir, `${TEMPORARY}${randomBytes(8).toString('hex')}`);
+    const handle = await open(temp, 'wx', 0o600);
+    let size = 0;
+    let done = false;
+    const abort = async (): Promise<void> => {
+      if (done) return;
+      done = true;
+      await handle.close().catch(() => undefined);
+      await rm(temp, { force: true });
+    };
+    return {
+      get size() {
+        return size;
+      },
+      append: async (parts) => {
+        await writeParts(handle, parts, size);
+        size += parts.reduce((n, p) => n + p.length, 0);
+      },
+      commit: async (name) => {
+        if (done) throw new Error('staged file already committed or aborted');
+        const target = this.path(kind, name);
+        try {
+          await handle.sync();
+          await handle.close();
+          done = true;
+          await rename(temp, target);
+        } catch (error) {
+          done = false;
+          await abort();
+          throw error;
+        }
+        await fsyncDir(dirname(target));
+        if (dirname(target) !== dir) await fsyncDir(dir);
+      },
+      abort,
+    };
   }
 
   async load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer> {
@@ -185,12 +230,14 @@ export class LocalBackend implements Backend {
  * of parts: one write call each would cost more than the data). A short write continues where it
  * stopped.
  */
-async function writeParts(handle: FileHandle, parts: Buffer[]): Promise<void> {
+async function writeParts(handle: FileHandle, parts: Buffer[], at?: number): Promise<void> {
+  let position = at;
   for (let first = 0; first < parts.length; first += 1024) {
     let batch = parts.slice(first, first + 1024);
     while (batch.length > 0) {
       const total = batch.reduce((sum, b) => sum + b.length, 0);
-      let { bytesWritten } = await handle.writev(batch);
+      let { bytesWritten } = await handle.writev(batch, position);
+      if (position !== undefined) position += bytesWritten;
       if (bytesWritten === total) break;
       const rest: Buffer[] = [];
       for (const b of batch) {

@@ -18,12 +18,19 @@ import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { isAllZero } from './zero.js';
 import { Chunker, type ChunkerParams } from './chunker.js';
-import { open as openSealed, seal } from './crypto.js';
-import { packPayload, unpackPayload } from './compression.js';
+import { open as openSealed, seal, sealParts } from './crypto.js';
+import { packPayload, payloadParts, unpackPayload } from './compression.js';
 import { blobAad } from './aad.js';
+import { GarbageHint } from './gc-hint.js';
 import { CorruptArchiveError } from '../errors.js';
 
-export const MAX_UNACKED = 16;
+/**
+ * Chunks sent and not yet acknowledged, per worker: enough to keep the main thread fed while it
+ * writes a batch, few enough that sealed chunks waiting for it stay a few MiB.
+ */
+export const MAX_UNACKED = 4;
+/** Bytes read per system call, into one buffer each worker reuses. */
+const READ_SIZE = 4 << 20;
 
 export type WorkerRequest =
   | { type: 'file'; task: number; fd: number; size: number }
@@ -40,7 +47,8 @@ export type WorkerRequest =
 export type BlobDestination = { kind: 'reply' } | { kind: 'discard' } | { kind: 'file'; fd: number; position: number };
 
 export type WorkerReply =
-  | { type: 'chunk'; task: number; id: string; rawLength: number; sealed: Uint8Array | undefined }
+  /** `sealed`: the sealed chunk in parts (see sealParts), undefined for a hole. */
+  | { type: 'chunk'; task: number; id: string; rawLength: number; sealed: Uint8Array[] | undefined }
   | { type: 'done'; task: number; bytesRead: number }
   | { type: 'error'; task: number; message: string; code: string | undefined; corrupt?: boolean }
   | { type: 'blob'; task: number; data: Uint8Array | undefined }
@@ -63,6 +71,9 @@ if (parentPort) {
   /** Tasks the main thread gave up on (its chunk handler failed, or the backup was aborted). */
   const cancelled = new Set<number>();
   let active: number | undefined;
+  const readBuffer = Buffer.allocUnsafe(READ_SIZE);
+  const probe = Buffer.allocUnsafe(1);
+  const garbage = new GarbageHint();
 
   const send = async (reply: WorkerReply, transfer: ArrayBuffer[] = []): Promise<void> => {
     if (reply.type === 'chunk') {
@@ -81,22 +92,37 @@ if (parentPort) {
         await send({ type: 'chunk', task, id: `zero:${chunk.length}`, rawLength: chunk.length, sealed: undefined });
         return;
       }
-      const sealed = seal(key, await packPayload(chunk), blobAad('data', id));
-      // Transferred, not copied, when the sealed blob owns its whole ArrayBuffer (large blobs do).
-      const whole = sealed.byteOffset === 0 && sealed.buffer.byteLength === sealed.length && sealed.buffer instanceof ArrayBuffer;
-      const out = whole ? new Uint8Array(sealed.buffer) : new Uint8Array(sealed);
-      await send({ type: 'chunk', task, id, rawLength: chunk.length, sealed: out }, [out.buffer]);
+      // In parts, never joined: the ciphertext of a chunk is one buffer of its own, transferred to
+      // the main thread and written into the pack as it is (no copy of the chunk's size anywhere).
+      const parts = sealParts(key, await payloadParts(chunk), blobAad('data', id));
+      const transfer: ArrayBuffer[] = [];
+      const sealed = parts.map((part) => {
+        const whole = part.byteOffset === 0 && part.buffer.byteLength === part.length && part.buffer instanceof ArrayBuffer;
+        if (!whole || part.length < 4096) return new Uint8Array(part); // a copy of a small part is cheaper than a transfer
+        transfer.push(part.buffer);
+        return new Uint8Array(part.buffer);
+      });
+      await send({ type: 'chunk', task, id, rawLength: chunk.length, sealed }, transfer);
     };
     // Plain system calls: this thread is the worker's own, and async reads would queue on the
     // process's four libuv threads behind the main thread's file work (and pack fsyncs).
     let read = 0;
     for (;;) {
-      // A fresh buffer per read: the chunker keeps references to the data it was given.
-      const buffer = Buffer.allocUnsafe(Math.min(4 << 20, Math.max(64 * 1024, size - read + 1)));
-      const bytesRead = readSync(fd, buffer, 0, buffer.length, read);
+      // One buffer for every read: the chunks of a read are sealed (copied) before the next one,
+      // and what the chunker still holds is copied out (detach) only when another read will
+      // overwrite it — a file read whole needs no copy. End of file is checked with a read into
+      // a buffer of its own, as the file may have grown.
+      const want = Math.min(READ_SIZE, size - read);
+      const bytesRead = want > 0 ? readSync(fd, readBuffer, 0, want, read) : readSync(fd, probe, 0, 1, read);
       if (bytesRead === 0) break;
+      if (want === 0) {
+        read += bytesRead; // grew: fails below as changed
+        break;
+      }
       read += bytesRead;
-      for (const chunk of chunker.push(buffer.subarray(0, bytesRead))) await emit(chunk);
+      garbage.note(bytesRead);
+      for (const chunk of chunker.push(readBuffer.subarray(0, bytesRead))) await emit(chunk);
+      if (read < size) chunker.detach();
     }
     for (const chunk of chunker.finish()) await emit(chunk);
     if (read !== size) throw Object.assign(new Error(`a file of ${size} bytes changed size while it was read (${read} bytes)`), { code: 'ECHANGED' });

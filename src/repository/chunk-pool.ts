@@ -13,7 +13,8 @@ import type { ChunkerParams } from './chunker.js';
 import type { BlobDestination, WorkerReply, WorkerRequest } from './blob-worker.js';
 import { CorruptArchiveError } from '../errors.js';
 
-export type ChunkHandler = (chunk: { id: string; rawLength: number; sealed: Buffer | undefined }) => Promise<void>;
+/** A chunk a worker cut: its id, and its sealed bytes in parts (undefined for a hole). */
+export type ChunkHandler = (chunk: { id: string; rawLength: number; sealed: Buffer[] | undefined }) => Promise<void>;
 
 interface WorkerSlot {
   worker: Worker;
@@ -202,7 +203,7 @@ export class ChunkPool {
     if (reply.type === 'chunk') {
       // Every chunk is acknowledged, also after a failure, so the worker never waits forever.
       const taskId = reply.task;
-      const chunk = { id: reply.id, rawLength: reply.rawLength, sealed: reply.sealed ? Buffer.from(reply.sealed.buffer, reply.sealed.byteOffset, reply.sealed.byteLength) : undefined };
+      const chunk = { id: reply.id, rawLength: reply.rawLength, sealed: reply.sealed?.map((part) => Buffer.from(part.buffer, part.byteOffset, part.byteLength)) };
       task.chain = task.chain.then(async () => {
         try {
           if (task.signal?.aborted) this.cancel(taskId, asError(task.signal.reason));

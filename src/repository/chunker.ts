@@ -78,6 +78,15 @@ export class Chunker {
     return out;
   }
 
+  /**
+   * Copies the bytes still waiting for a boundary into memory of the chunker's own, so the caller
+   * may reuse the buffers it pushed (chunks already returned are views of them: use them first).
+   */
+  detach(): void {
+    if (this.pendingLength === 0) return;
+    this.pending = [Buffer.concat(this.pending, this.pendingLength)];
+  }
+
   finish(): Buffer[] {
     if (this.pendingLength === 0) return [];
     const last = this.take(this.pendingLength);

@@ -44,15 +44,23 @@ export function zstd(): Promise<Codec> {
 export const STORED = 0;
 export const ZSTD = 1;
 
-/** Frames a blob: one byte (0 stored, 1 zstd) then the payload. */
-export async function packPayload(data: Buffer): Promise<Buffer> {
+const STORED_BYTE = Buffer.from([STORED]);
+const ZSTD_BYTE = Buffer.from([ZSTD]);
+
+/** A framed blob as two parts, not joined: one byte (0 stored, 1 zstd), then the payload. */
+export async function payloadParts(data: Buffer): Promise<[Buffer, Buffer]> {
   // An 8 KiB sample: enough to tell camera images and video from database pages, at a quarter
   // of the cost (a wrong "compressible" only costs a zstd attempt; the result is kept if smaller).
   if (data.length >= 512 && looksCompressible(data, 8 * 1024)) {
     const compressed = (await zstd()).compress(data);
-    if (compressed.length < data.length) return Buffer.concat([Buffer.from([ZSTD]), compressed]);
+    if (compressed.length < data.length) return [ZSTD_BYTE, compressed];
   }
-  return Buffer.concat([Buffer.from([STORED]), data]);
+  return [STORED_BYTE, data];
+}
+
+/** Frames a blob: one byte (0 stored, 1 zstd) then the payload. */
+export async function packPayload(data: Buffer): Promise<Buffer> {
+  return Buffer.concat(await payloadParts(data));
 }
 
 export async function unpackPayload(framed: Buffer, rawLength: number): Promise<Buffer> {

@@ -62,6 +62,24 @@ export function seal(key: Buffer, plaintext: Buffer, associated: string): Buffer
   return Buffer.concat([Buffer.from([VERSION]), nonce, body, cipher.getAuthTag()]);
 }
 
+/**
+ * `seal` of the concatenation of `plaintext` without joining anything: the sealed object as parts
+ * (version ‖ nonce, the ciphertext of each piece, tag) whose concatenation is exactly what `seal`
+ * would return. A large piece's ciphertext is its own buffer, so it can move between threads and
+ * into a pack without a copy.
+ */
+export function sealParts(key: Buffer, plaintext: Buffer[], associated: string): Buffer[] {
+  const nonce = freshNonce();
+  const cipher = createCipheriv('aes-256-gcm', key, nonce);
+  cipher.setAAD(Buffer.from(associated));
+  const out: Buffer[] = [Buffer.concat([Buffer.from([VERSION]), nonce])];
+  for (const piece of plaintext) out.push(cipher.update(piece));
+  const tail = cipher.final();
+  if (tail.length > 0) out.push(tail);
+  out.push(cipher.getAuthTag());
+  return out;
+}
+
 /** Opens a sealed object; throws CorruptArchiveError (naming `what`) if it was altered. */
 export function open(key: Buffer, sealed: Buffer, associated: string, what: string): Buffer {
   if (sealed.length < SEAL_OVERHEAD || sealed[0] !== VERSION) throw new CorruptArchiveError(`${what}: not a sealed object`);

