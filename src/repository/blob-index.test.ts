@@ -34,6 +34,20 @@ void describe('BlobIndex (property test against a Map)', () => {
     for (const [key, where] of reference) assert.deepEqual(all.get(key), where);
   });
 
+  void it('keeps every entry through mass deletes (prune) and the rebuilds and compactions they cause', () => {
+    const index = new BlobIndex();
+    const where = (n: number): BlobLocation => ({ pack: `pack${n % 7}`, type: n % 3 ? 'data' : 'tree', offset: n, length: n * 2, rawLength: n * 3 });
+    for (let n = 0; n < 150_000; n++) index.set(id(n), where(n));
+    for (let n = 0; n < 150_000; n++) if (n % 4 !== 0) index.delete(id(n));
+    for (let n = 150_000; n < 230_000; n++) index.set(id(n), where(n));
+    assert.equal(index.size, 150_000 / 4 + 80_000);
+    for (let n = 0; n < 230_000; n++) {
+      const alive = n >= 150_000 || n % 4 === 0;
+      assert.deepEqual(index.get(id(n)), alive ? where(n) : undefined, String(n));
+    }
+    assert.equal([...index.keys()].length, index.size);
+  });
+
   void it('refuses what is not a SHA-256 id, and never finds it', () => {
     const index = new BlobIndex();
     assert.throws(() => index.set('zero:100', { pack: 'p', type: 'data', offset: 0, length: 1, rawLength: 1 }));

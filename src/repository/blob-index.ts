@@ -1,12 +1,16 @@
 /**
  * The in-memory index of blob locations: blob id (SHA-256) → pack, offset, lengths, type.
  *
- * A backup of a million small files holds a million entries, so the layout is what bounds memory:
- * an open-addressing hash table over flat typed arrays — 32 id bytes and 17 bytes of location per
- * slot, no JavaScript object per blob — instead of a Map of hex strings to objects (about 3× the
- * bytes, and a million objects for the garbage collector to walk). Ids are SHA-256 digests, so
- * their first four bytes are already a uniform hash; collisions probe linearly. Pack ids are
- * interned once each. Deletion (prune only) leaves tombstones, cleared when the table grows.
+ * A backup of a million small files holds a million entries, so the layout is what bounds memory.
+ * Entries live in flat typed arrays, appended in pages of 65536 (32 id bytes and 17 bytes of
+ * location each, no JavaScript object per blob: a Map of hex strings to objects costs about 3× the
+ * bytes and gives the garbage collector a million objects to walk). The hash table is only a
+ * Uint32Array of entry numbers, open addressing at most half full: ids are SHA-256 digests, so
+ * their first four bytes are already a uniform hash; collisions probe linearly. Growing rebuilds
+ * only that table (4 bytes a slot), never copies the entries: a million blobs take about 60 MB,
+ * where slots holding whole entries took 105 MB, and 157 MB while they grew. Pack ids are interned
+ * once each. Deletion (prune only) leaves a tombstone in the table and a dead entry, dropped when
+ * the table is rebuilt with more dead entries than live ones.
  */
 export type BlobType = 'data' | 'tree';
 
@@ -19,48 +23,47 @@ export interface BlobLocation {
 }
 
 const ID_BYTES = 32;
+const ID_WORDS = ID_BYTES / 4;
+const PAGE_BITS = 16;
+const PAGE = 1 << PAGE_BITS;
+const PAGE_MASK = PAGE - 1;
+/** Table slots: 0 empty, DELETED a tombstone, else entry number + 1. */
 const EMPTY = 0;
-const USED = 1;
-const DELETED = 2;
+const DELETED = 0xffffffff;
 const TYPES: BlobType[] = ['data', 'tree'];
+/** `types` of an entry that was deleted. */
+const DEAD = 0xff;
+
+/** PAGE entries, field by field. */
+class Page {
+  readonly ids = new Uint8Array(PAGE * ID_BYTES);
+  readonly ids32 = new Uint32Array(this.ids.buffer);
+  readonly packNo = new Uint32Array(PAGE);
+  readonly offsets = new Uint32Array(PAGE);
+  readonly lengths = new Uint32Array(PAGE);
+  readonly rawLengths = new Uint32Array(PAGE);
+  readonly types = new Uint8Array(PAGE);
+}
 
 export class BlobIndex {
-  private capacity: number;
-  private state!: Uint8Array;
-  private ids!: Uint8Array;
-  private ids32!: Uint32Array;
-  private packNo!: Uint32Array;
-  private offsets!: Uint32Array;
-  private lengths!: Uint32Array;
-  private rawLengths!: Uint32Array;
-  private types!: Uint8Array;
+  private slots: Uint32Array;
+  private pages: Page[] = [];
+  /** Entries appended so far (live and dead). */
+  private entryCount = 0;
   private count = 0;
   private tombstones = 0;
   private readonly packs: string[] = [];
   private readonly packNumbers = new Map<string, number>();
   /** Scratch space for the id being looked up (4-byte aligned for 32-bit compares). */
   private readonly key = Buffer.alloc(ID_BYTES);
-  private readonly key32 = new Uint32Array(this.key.buffer, this.key.byteOffset, ID_BYTES / 4);
+  private readonly key32 = new Uint32Array(this.key.buffer, this.key.byteOffset, ID_WORDS);
 
   constructor(initialCapacity = 1 << 12) {
-    this.capacity = 1 << Math.max(4, Math.ceil(Math.log2(initialCapacity)));
-    this.allocate(this.capacity);
+    this.slots = new Uint32Array(1 << Math.max(4, Math.ceil(Math.log2(initialCapacity * 2))));
   }
 
   get size(): number {
     return this.count;
-  }
-
-  private allocate(capacity: number): void {
-    this.capacity = capacity;
-    this.state = new Uint8Array(capacity);
-    this.ids = new Uint8Array(capacity * ID_BYTES);
-    this.ids32 = new Uint32Array(this.ids.buffer);
-    this.packNo = new Uint32Array(capacity);
-    this.offsets = new Uint32Array(capacity);
-    this.lengths = new Uint32Array(capacity);
-    this.rawLengths = new Uint32Array(capacity);
-    this.types = new Uint8Array(capacity);
   }
 
   /** Loads `id` into the scratch key; false when it is not a SHA-256 hex id. */
@@ -68,26 +71,27 @@ export class BlobIndex {
     return id.length === ID_BYTES * 2 && this.key.write(id, 'hex') === ID_BYTES;
   }
 
-  /** Slot holding the scratch key, or -1; `free` receives the first reusable slot on the way. */
+  /** Table slot holding the scratch key, or -1; `free` receives the first reusable slot on the way. */
   private find(): { slot: number; free: number } {
-    const mask = this.capacity - 1;
+    const mask = this.slots.length - 1;
     let slot = this.key32[0]! & mask;
     let free = -1;
     for (;;) {
-      const state = this.state[slot]!;
-      if (state === EMPTY) return { slot: -1, free: free === -1 ? slot : free };
-      if (state === DELETED) {
+      const value = this.slots[slot]!;
+      if (value === EMPTY) return { slot: -1, free: free === -1 ? slot : free };
+      if (value === DELETED) {
         if (free === -1) free = slot;
-      } else if (this.matches(slot)) {
+      } else if (this.matches(value - 1)) {
         return { slot, free };
       }
       slot = (slot + 1) & mask;
     }
   }
 
-  private matches(slot: number): boolean {
-    const base = slot * (ID_BYTES / 4);
-    for (let i = 0; i < ID_BYTES / 4; i++) if (this.ids32[base + i] !== this.key32[i]) return false;
+  private matches(entry: number): boolean {
+    const ids32 = this.pages[entry >>> PAGE_BITS]!.ids32;
+    const base = (entry & PAGE_MASK) * ID_WORDS;
+    for (let i = 0; i < ID_WORDS; i++) if (ids32[base + i] !== this.key32[i]) return false;
     return true;
   }
 
@@ -98,32 +102,36 @@ export class BlobIndex {
   get(id: string): BlobLocation | undefined {
     if (!this.load(id)) return undefined;
     const { slot } = this.find();
-    return slot === -1 ? undefined : this.locationAt(slot);
+    return slot === -1 ? undefined : this.locationOf(this.slots[slot]! - 1);
   }
 
-  private locationAt(slot: number): BlobLocation {
+  private locationOf(entry: number): BlobLocation {
+    const page = this.pages[entry >>> PAGE_BITS]!;
+    const at = entry & PAGE_MASK;
     return {
-      pack: this.packs[this.packNo[slot]!]!,
-      type: TYPES[this.types[slot]!]!,
-      offset: this.offsets[slot]!,
-      length: this.lengths[slot]!,
-      rawLength: this.rawLengths[slot]!,
+      pack: this.packs[page.packNo[at]!]!,
+      type: TYPES[page.types[at]!]!,
+      offset: page.offsets[at]!,
+      length: page.lengths[at]!,
+      rawLength: page.rawLengths[at]!,
     };
   }
 
   set(id: string, where: BlobLocation): void {
     if (!this.load(id)) throw new Error(`not a blob id: ${id.slice(0, 16)}`);
-    if ((this.count + this.tombstones + 1) * 10 > this.capacity * 7) {
-      this.grow();
+    if ((this.count + this.tombstones + 1) * 2 > this.slots.length) {
+      this.rebuild();
       this.load(id);
     }
     const found = this.find();
-    let slot = found.slot;
-    if (slot === -1) {
-      slot = found.free;
-      if (this.state[slot] === DELETED) this.tombstones--;
-      this.state[slot] = USED;
-      this.ids.set(this.key, slot * ID_BYTES);
+    let entry: number;
+    if (found.slot !== -1) {
+      entry = this.slots[found.slot]! - 1;
+    } else {
+      entry = this.append();
+      this.pages[entry >>> PAGE_BITS]!.ids.set(this.key, (entry & PAGE_MASK) * ID_BYTES);
+      if (this.slots[found.free] === DELETED) this.tombstones--;
+      this.slots[found.free] = entry + 1;
       this.count++;
     }
     let pack = this.packNumbers.get(where.pack);
@@ -132,49 +140,84 @@ export class BlobIndex {
       this.packs.push(where.pack);
       this.packNumbers.set(where.pack, pack);
     }
-    this.packNo[slot] = pack;
-    this.types[slot] = TYPES.indexOf(where.type);
-    this.offsets[slot] = where.offset;
-    this.lengths[slot] = where.length;
-    this.rawLengths[slot] = where.rawLength;
+    const page = this.pages[entry >>> PAGE_BITS]!;
+    const at = entry & PAGE_MASK;
+    page.packNo[at] = pack;
+    page.types[at] = TYPES.indexOf(where.type);
+    page.offsets[at] = where.offset;
+    page.lengths[at] = where.length;
+    page.rawLengths[at] = where.rawLength;
+  }
+
+  /** A new entry number (its page allocated when it is the first of one). */
+  private append(): number {
+    const entry = this.entryCount++;
+    if ((entry & PAGE_MASK) === 0) this.pages.push(new Page());
+    return entry;
   }
 
   delete(id: string): boolean {
     if (!this.load(id)) return false;
     const { slot } = this.find();
     if (slot === -1) return false;
-    this.state[slot] = DELETED;
+    const entry = this.slots[slot]! - 1;
+    this.pages[entry >>> PAGE_BITS]!.types[entry & PAGE_MASK] = DEAD;
+    this.slots[slot] = DELETED;
     this.count--;
     this.tombstones++;
     return true;
   }
 
-  private grow(): void {
-    const old = { state: this.state, ids: this.ids, packNo: this.packNo, offsets: this.offsets, lengths: this.lengths, rawLengths: this.rawLengths, types: this.types };
-    const oldCapacity = this.capacity;
-    // Grow when full of live entries; only rehash (clearing tombstones) when they are the cause.
-    this.allocate(this.count * 2 > oldCapacity * 0.5 ? oldCapacity * 2 : oldCapacity);
-    this.count = 0;
+  /**
+   * A new table: twice as large when live entries fill half of it, else the same size without its
+   * tombstones. Entries stay where they are, unless more of them are dead than alive: then they are
+   * packed together first.
+   */
+  private rebuild(): void {
+    if (this.entryCount - this.count > this.count) this.compact();
+    const capacity = (this.count + 1) * 4 > this.slots.length ? this.slots.length * 2 : this.slots.length;
+    this.slots = new Uint32Array(capacity);
     this.tombstones = 0;
-    for (let from = 0; from < oldCapacity; from++) {
-      if (old.state[from] !== USED) continue;
-      this.key.set(old.ids.subarray(from * ID_BYTES, (from + 1) * ID_BYTES));
-      const { free } = this.find();
-      this.state[free] = USED;
-      this.ids.set(this.key, free * ID_BYTES);
-      this.packNo[free] = old.packNo[from]!;
-      this.offsets[free] = old.offsets[from]!;
-      this.lengths[free] = old.lengths[from]!;
-      this.rawLengths[free] = old.rawLengths[from]!;
-      this.types[free] = old.types[from]!;
-      this.count++;
+    const mask = capacity - 1;
+    for (let entry = 0; entry < this.entryCount; entry++) {
+      const page = this.pages[entry >>> PAGE_BITS]!;
+      const at = entry & PAGE_MASK;
+      if (page.types[at] === DEAD) continue;
+      let slot = page.ids32[at * ID_WORDS]! & mask;
+      while (this.slots[slot] !== EMPTY) slot = (slot + 1) & mask;
+      this.slots[slot] = entry + 1;
     }
   }
 
+  /** Moves the live entries to the front, in order, and frees the pages left empty. */
+  private compact(): void {
+    let to = 0;
+    for (let from = 0; from < this.entryCount; from++) {
+      const source = this.pages[from >>> PAGE_BITS]!;
+      const a = from & PAGE_MASK;
+      if (source.types[a] === DEAD) continue;
+      if (to !== from) {
+        const target = this.pages[to >>> PAGE_BITS]!;
+        const b = to & PAGE_MASK;
+        target.ids.set(source.ids.subarray(a * ID_BYTES, (a + 1) * ID_BYTES), b * ID_BYTES);
+        target.packNo[b] = source.packNo[a]!;
+        target.offsets[b] = source.offsets[a]!;
+        target.lengths[b] = source.lengths[a]!;
+        target.rawLengths[b] = source.rawLengths[a]!;
+        target.types[b] = source.types[a]!;
+      }
+      to++;
+    }
+    this.entryCount = to;
+    this.pages.length = Math.ceil(to / PAGE);
+  }
+
   *entries(): IterableIterator<[string, BlobLocation]> {
-    for (let slot = 0; slot < this.capacity; slot++) {
-      if (this.state[slot] !== USED) continue;
-      yield [Buffer.from(this.ids.buffer, slot * ID_BYTES, ID_BYTES).toString('hex'), this.locationAt(slot)];
+    for (let entry = 0; entry < this.entryCount; entry++) {
+      const page = this.pages[entry >>> PAGE_BITS]!;
+      const at = entry & PAGE_MASK;
+      if (page.types[at] === DEAD) continue;
+      yield [Buffer.from(page.ids.buffer, at * ID_BYTES, ID_BYTES).toString('hex'), this.locationOf(entry)];
     }
   }
 
