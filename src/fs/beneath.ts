@@ -254,29 +254,22 @@ export class DirHandle {
    * `expected`, fails with code ECHANGED (the caller treats it as changed and reads it again).
    */
   async openFile(name: Buffer | string, expected?: ExpectedFile): Promise<OpenedFile> {
-    const pathFd = await openFd(this.entry(name), O_PATH | O_NOFOLLOW).catch(rethrowChanged(name));
+    const listed = await this.lookup(name);
     try {
-      const st = await fstatFd(pathFd, { bigint: true });
-      checkOpened(st, expected, name);
-      return { fd: await openFd(`/proc/self/fd/${pathFd}`, O_RDONLY | O_NONBLOCK | O_NOCTTY), stat: st };
+      checkOpened(listed.stat, expected, name);
+      return { fd: await listed.openFile(), stat: listed.stat };
     } finally {
-      await closeFd(pathFd);
+      await listed.close();
     }
   }
 
   openFileSync(name: Buffer | string, expected?: ExpectedFile): OpenedFile {
-    let pathFd: number;
+    const listed = this.lookupSync(name);
     try {
-      pathFd = openSync(this.entry(name), O_PATH | O_NOFOLLOW);
-    } catch (error) {
-      return rethrowChanged(name)(error);
-    }
-    try {
-      const st = fstatSync(pathFd, { bigint: true });
-      checkOpened(st, expected, name);
-      return { fd: openSync(`/proc/self/fd/${pathFd}`, O_RDONLY | O_NONBLOCK | O_NOCTTY), stat: st };
+      checkOpened(listed.stat, expected, name);
+      return { fd: listed.openFileSync(), stat: listed.stat };
     } finally {
-      closeSync(pathFd);
+      listed.closeSync();
     }
   }
 

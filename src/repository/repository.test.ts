@@ -14,21 +14,8 @@ import { CorruptArchiveError, WrongPasswordError } from '../errors.js';
 import { Archiver } from './archiver.js';
 import { restoreVolumeToFolder } from './folder-restore.js';
 import type { SnapshotVolume, TreeNode } from './tree.js';
+import { prngBytes } from './testing.js';
 
-/** Deterministic pseudo-random bytes, so a failing case can be replayed. */
-function prngBytes(seed: number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  let s = seed >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    out[i] = s & 0xff;
-  }
-  return out;
-}
 
 const SMALL = { minSize: 2048, avgSize: 8192, maxSize: 32768, seed: '00'.repeat(32) };
 
