@@ -36,6 +36,7 @@ import { posix } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import type { Repository } from '../repository/repository.js';
 import { Archiver, type ArchiveStats } from '../repository/archiver.js';
+import { backupPoolSize } from '../repository/chunk-pool.js';
 import { readSnapshots, shortId } from '../repository/snapshots.js';
 import type { Snapshot, SnapshotDatabase, SnapshotVolume, TreeNode } from '../repository/tree.js';
 import { TOOL_VERSION } from '../version.js';
@@ -218,7 +219,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
       }
       // Created only now, and closed in the finally below, so that no early error leaves worker
       // threads keeping the process alive.
-      const pool = repo.createChunkPool();
+      const pool = repo.createChunkPool(backupPoolSize());
       const fromParentSnapshot = (volume: (typeof selected)[number]): string | undefined =>
         parent?.volumes.find((p) => p.composeName === volume.composeName && p.mountPath === volume.mountPath)?.tree;
       let volumes: SnapshotVolume[];

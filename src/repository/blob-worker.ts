@@ -2,8 +2,8 @@
  * Worker thread: reads one file at a time, cuts it into chunks, and for each chunk computes its
  * id (SHA-256), notes an all-zero chunk as a hole, and otherwise compresses and seals it. The
  * main thread only dedups and packs, so chunking, hashing, compression and encryption run on
- * every core. Flow control: at most MAX_UNACKED chunks are sent before the main thread
- * acknowledges them, so memory stays bounded even for a file of many GB.
+ * every core. Flow control: at most MAX_UNACKED_BYTES of sealed chunks are sent before the main
+ * thread acknowledges them, so memory stays bounded even for a file of many GB.
  *
  * A file arrives as a file descriptor that the main thread opened (relative to a folder handle,
  * checked to be the inode it listed: see fs/beneath.ts); descriptors are the process's, so the
@@ -25,11 +25,14 @@ import { GarbageHint } from './gc-hint.js';
 import { CorruptArchiveError } from '../errors.js';
 
 /**
- * Chunks sent and not yet acknowledged, per worker: enough to keep the main thread fed while it
- * writes a batch, few enough that sealed chunks waiting for it stay a few MiB.
+ * Sealed bytes sent and not yet acknowledged, per worker (and at most MAX_UNACKED chunks): enough
+ * to keep the main thread fed while it writes a batch, little enough that sealed chunks waiting
+ * for it stay a few MiB — counted in bytes, since data without content-defined boundaries (a
+ * database's padded rows) comes in chunks of the maximum size, 8 MiB. One chunk always goes.
  */
-export const MAX_UNACKED = 4;
-/** Bytes read per system call, into one buffer each worker reuses. */
+export const MAX_UNACKED_BYTES = 8 << 20;
+export const MAX_UNACKED = 16;
+/** Bytes read per system call. */
 const READ_SIZE = 4 << 20;
 
 export type WorkerRequest =
@@ -65,20 +68,29 @@ if (parentPort) {
   const port = parentPort;
   const data = workerData as WorkerData;
   const key = Buffer.from(data.key);
-  let unacked = 0;
   let wake: (() => void) | undefined;
   const queue: { task: number; fd: number; size: number }[] = [];
   /** Tasks the main thread gave up on (its chunk handler failed, or the backup was aborted). */
   const cancelled = new Set<number>();
   let active: number | undefined;
-  const readBuffer = Buffer.allocUnsafe(READ_SIZE);
+  const work = Buffer.allocUnsafe(data.chunker.maxSize + READ_SIZE);
   const probe = Buffer.allocUnsafe(1);
   const garbage = new GarbageHint();
 
+  /**
+   * Sizes of the chunks sent and not yet acknowledged, released oldest first (an ack of the next
+   * file's chunk may overtake the last ones of this file: that only shifts which size is freed).
+   */
+  const unackedSizes: number[] = [];
+  let unackedBytes = 0;
   const send = async (reply: WorkerReply, transfer: ArrayBuffer[] = []): Promise<void> => {
     if (reply.type === 'chunk') {
-      while (unacked >= MAX_UNACKED) await new Promise<void>((resolve) => (wake = resolve));
-      unacked++;
+      const size = reply.sealed?.reduce((n, part) => n + part.byteLength, 0) ?? 0;
+      while (unackedSizes.length >= MAX_UNACKED || (unackedSizes.length > 0 && unackedBytes + size > MAX_UNACKED_BYTES)) {
+        await new Promise<void>((resolve) => (wake = resolve));
+      }
+      unackedSizes.push(size);
+      unackedBytes += size;
     }
     port.postMessage(reply, transfer);
   };
@@ -95,6 +107,7 @@ if (parentPort) {
       // In parts, never joined: the ciphertext of a chunk is one buffer of its own, transferred to
       // the main thread and written into the pack as it is (no copy of the chunk's size anywhere).
       const parts = sealParts(key, await payloadParts(chunk), blobAad('data', id));
+      garbage.note(chunk.length); // compressed copies and cipher state die here
       const transfer: ArrayBuffer[] = [];
       const sealed = parts.map((part) => {
         const whole = part.byteOffset === 0 && part.buffer.byteLength === part.length && part.buffer instanceof ArrayBuffer;
@@ -106,25 +119,37 @@ if (parentPort) {
     };
     // Plain system calls: this thread is the worker's own, and async reads would queue on the
     // process's four libuv threads behind the main thread's file work (and pack fsyncs).
+    //
+    // The bytes are read into one buffer each worker keeps (a max-size chunk plus one read): the
+    // current chunk is [start, end) of it, cut where the chunker finds a boundary, and what is
+    // left is moved to the front before a read would not fit. No buffer is allocated per read or
+    // per chunk (the chunks' ciphertext aside): fresh ones piled up as garbage faster than a
+    // thread collects it, tens of MiB per worker with big files. End of file is checked with a
+    // read into a buffer of its own, as the file may have grown.
     let read = 0;
+    let start = 0;
+    let end = 0;
     for (;;) {
-      // One buffer for every read: the chunks of a read are sealed (copied) before the next one,
-      // and what the chunker still holds is copied out (detach) only when another read will
-      // overwrite it — a file read whole needs no copy. End of file is checked with a read into
-      // a buffer of its own, as the file may have grown.
       const want = Math.min(READ_SIZE, size - read);
-      const bytesRead = want > 0 ? readSync(fd, readBuffer, 0, want, read) : readSync(fd, probe, 0, 1, read);
-      if (bytesRead === 0) break;
       if (want === 0) {
-        read += bytesRead; // grew: fails below as changed
+        read += readSync(fd, probe, 0, 1, read); // 1 if it grew: fails below as changed
         break;
       }
+      if (end + want > work.length) {
+        work.copyWithin(0, start, end);
+        end -= start;
+        start = 0;
+      }
+      const bytesRead = readSync(fd, work, end, want, read);
+      if (bytesRead === 0) break;
       read += bytesRead;
-      garbage.note(bytesRead);
-      for (const chunk of chunker.push(readBuffer.subarray(0, bytesRead))) await emit(chunk);
-      if (read < size) chunker.detach();
+      end += bytesRead;
+      for (let cut = chunker.cut(work.subarray(start, end)); cut !== undefined; cut = chunker.cut(work.subarray(start, end))) {
+        await emit(work.subarray(start, start + cut));
+        start += cut;
+      }
     }
-    for (const chunk of chunker.finish()) await emit(chunk);
+    if (end > start) await emit(work.subarray(start, end));
     if (read !== size) throw Object.assign(new Error(`a file of ${size} bytes changed size while it was read (${read} bytes)`), { code: 'ECHANGED' });
     await send({ type: 'done', task, bytesRead: read });
   };
@@ -235,7 +260,7 @@ if (parentPort) {
       return;
     }
     if (message.type === 'ack') {
-      unacked--;
+      unackedBytes -= unackedSizes.shift() ?? 0;
       const w = wake;
       wake = undefined;
       w?.();

@@ -54,6 +54,11 @@ function asError(error: unknown): Error {
   return error instanceof Error ? error : new Error(String(error));
 }
 
+/** Workers for a backup: one per core but one, for the main thread's own share of the work. */
+export function backupPoolSize(): number {
+  return Math.max(1, availableParallelism() - 1);
+}
+
 export class ChunkPool {
   private readonly workers: WorkerSlot[] = [];
   private readonly tasks = new Map<number, Task>();
@@ -62,7 +67,12 @@ export class ChunkPool {
 
   constructor(key: Buffer, chunker: ChunkerParams, size = Math.max(1, availableParallelism())) {
     for (let i = 0; i < size; i++) {
-      const worker = new Worker(new URL('./blob-worker.js', import.meta.url), { workerData: { key: new Uint8Array(key), chunker } });
+      // A worker allocates few JavaScript objects (its bytes live in buffers): a small young
+      // generation is enough, and each megabyte reserved there is a megabyte of resident memory.
+      const worker = new Worker(new URL('./blob-worker.js', import.meta.url), {
+        workerData: { key: new Uint8Array(key), chunker },
+        resourceLimits: { maxYoungGenerationSizeMb: 4 },
+      });
       const slot: WorkerSlot = { worker, load: 0, ended: false };
       worker.on('message', (reply: WorkerReply) => this.onReply(slot, reply));
       worker.on('error', (error) => (slot.error ??= error));

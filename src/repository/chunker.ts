@@ -78,15 +78,6 @@ export class Chunker {
     return out;
   }
 
-  /**
-   * Copies the bytes still waiting for a boundary into memory of the chunker's own, so the caller
-   * may reuse the buffers it pushed (chunks already returned are views of them: use them first).
-   */
-  detach(): void {
-    if (this.pendingLength === 0) return;
-    this.pending = [Buffer.concat(this.pending, this.pendingLength)];
-  }
-
   finish(): Buffer[] {
     if (this.pendingLength === 0) return [];
     const last = this.take(this.pendingLength);
@@ -106,10 +97,22 @@ export class Chunker {
 
   /** Offset of the next boundary in the pending bytes, or undefined if more input is needed. */
   private findBoundary(): number | undefined {
-    const { minSize, avgSize, maxSize } = this.params;
-    if (this.pendingLength <= minSize) return undefined;
+    if (this.pendingLength <= this.params.minSize) return undefined;
     if (this.pending.length > 1) this.pending = [Buffer.concat(this.pending, this.pendingLength)];
-    const buf = this.pending[0]!;
+    return this.cut(this.pending[0]!);
+  }
+
+  /**
+   * The zero-copy form, for a caller that keeps the bytes itself: `buf` holds the current chunk
+   * from its first byte on, as far as it has been read. Returns the chunk's length when its
+   * boundary is in `buf` (the next call then starts a new chunk: `buf` must begin at the byte
+   * after it), or undefined when more bytes are needed — call again with the same start and more
+   * bytes (what was scanned is not scanned again). At the end of the input, what remains is the
+   * last chunk. Gives exactly the boundaries of push/finish.
+   */
+  cut(buf: Buffer): number | undefined {
+    const { minSize, avgSize, maxSize } = this.params;
+    if (buf.length <= minSize) return undefined;
     // The hot loop: locals only, and int32 arithmetic (`| 0`) — the same low 32 bits as the
     // unsigned form, so the same boundaries, without a conversion per byte.
     const gear = this.gear;
@@ -120,16 +123,23 @@ export class Chunker {
     const normal = Math.min(avgSize, buf.length);
     for (; i < normal; i++) {
       hash = ((hash << 1) + gear[buf[i]!]!) | 0;
-      if ((hash & maskS) === 0) return i + 1;
+      if ((hash & maskS) === 0) return this.found(i + 1);
     }
     const end = Math.min(maxSize, buf.length);
     for (; i < end; i++) {
       hash = ((hash << 1) + gear[buf[i]!]!) | 0;
-      if ((hash & maskL) === 0) return i + 1;
+      if ((hash & maskL) === 0) return this.found(i + 1);
     }
-    if (buf.length >= maxSize) return maxSize;
+    if (buf.length >= maxSize) return this.found(maxSize);
     this.hash = hash >>> 0;
     this.scanned = i;
     return undefined;
+  }
+
+  /** A boundary at `length`: the next chunk's scan starts afresh. */
+  private found(length: number): number {
+    this.hash = 0;
+    this.scanned = 0;
+    return length;
   }
 }

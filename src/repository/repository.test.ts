@@ -42,6 +42,30 @@ void describe('Chunker (property tests)', () => {
     }
   });
 
+  void it('cut() over a growing buffer gives exactly the chunks of push/finish (the workers cut that way)', () => {
+    for (let seed = 1; seed <= 30; seed++) {
+      const data = prngBytes(seed * 31, (seed * 104729) % 400000);
+      const params = seed % 3 === 0 ? { ...SMALL, minSize: 1, avgSize: 64, maxSize: 256 } : SMALL;
+      const expected = chunk(data, params).map((c) => c.length);
+      // As a worker does: bytes arrive in reads of varying size; the current chunk is [start, end).
+      const chunker = new Chunker(params);
+      const lengths: number[] = [];
+      let start = 0;
+      let end = 0;
+      let step = 1 + (seed % 7);
+      while (end < data.length) {
+        end = Math.min(data.length, end + step);
+        step = 1 + ((step * 37 + seed) % 5000);
+        for (let cut = chunker.cut(data.subarray(start, end)); cut !== undefined; cut = chunker.cut(data.subarray(start, end))) {
+          lengths.push(cut);
+          start += cut;
+        }
+      }
+      if (end > start) lengths.push(end - start);
+      assert.deepEqual(lengths, expected, `seed ${seed}`);
+    }
+  });
+
   void it('an insertion changes only the chunks around it', () => {
     const data = prngBytes(99, 400000);
     const edited = Buffer.concat([data.subarray(0, 200000), Buffer.from('inserted bytes'), data.subarray(200000)]);

@@ -328,7 +328,12 @@ export class Repository {
     openSealed(this.key, sealed, blobAad(type, id), where);
   }
 
-  /** Worker threads that chunk, hash, compress and seal files with this repository's key. */
+  /**
+   * Worker threads that chunk, hash, compress and seal files (backups), or read, authenticate and
+   * write blobs (restores), with this repository's key. `size` defaults to one per core; a backup
+   * asks for one fewer (`backupPoolSize`): its main thread reads small files and packs, a core's
+   * worth of work, and every worker costs its own heap and buffers.
+   */
   createChunkPool(size?: number): ChunkPool {
     return new ChunkPool(this.key, this.config.chunker, size);
   }
