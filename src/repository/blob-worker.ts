@@ -73,7 +73,8 @@ if (parentPort) {
   /** Tasks the main thread gave up on (its chunk handler failed, or the backup was aborted). */
   const cancelled = new Set<number>();
   let active: number | undefined;
-  const work = Buffer.allocUnsafe(data.chunker.maxSize + READ_SIZE);
+  /** Allocated with the first file: a backup of small files only (sealed in batches) never needs it. */
+  let work: Buffer | undefined;
   const probe = Buffer.allocUnsafe(1);
   const garbage = new GarbageHint();
 
@@ -126,6 +127,7 @@ if (parentPort) {
     // per chunk (the chunks' ciphertext aside): fresh ones piled up as garbage faster than a
     // thread collects it, tens of MiB per worker with big files. End of file is checked with a
     // read into a buffer of its own, as the file may have grown.
+    work ??= Buffer.allocUnsafe(data.chunker.maxSize + READ_SIZE);
     let read = 0;
     let start = 0;
     let end = 0;

@@ -45,8 +45,11 @@ export interface IndexFile {
   packs: { id: string; blobs: PackHeaderEntry[] }[];
 }
 
-/** Blobs named per index file written during a backup (and by prune and repair). */
-export const INDEX_EVERY = 50_000;
+/**
+ * Blobs named per index file written during a backup (and by prune and repair). Until then their
+ * packs' entries are held as objects: 16 384 keep that to a few MiB in a backup of a million files.
+ */
+export const INDEX_EVERY = 16_384;
 
 /** Sealed objects stored whole, each under the SHA-256 of its sealed bytes. */
 export type ObjectKind = 'index' | 'snapshots' | 'state';
