@@ -89,6 +89,11 @@ export interface Backend {
    * holds the whole file and calls `save`. Any number of staged files may be open at once.
    */
   stage?(kind: FileKind): Promise<StagedFile>;
+  /**
+   * Ends the backend's connections and helper processes (SFTP session, rclone). Idempotent; the
+   * backend is not used afterwards. Backends with nothing to end leave it out.
+   */
+  close?(): Promise<void>;
   /** For backends on this machine's filesystem: the file's path, so worker threads can read it. */
   localPath?(kind: FileKind, name: string): string;
 }

@@ -15,7 +15,8 @@ import { restoreFromArchiveSet, type ArchiveRestoreResult } from '../restore/arc
 import { TOOL_VERSION } from '../version.js';
 import type { ProgressListener } from '../events.js';
 import { stat } from 'node:fs/promises';
-import { LocalBackend } from '../backend/local.js';
+import type { Backend } from '../backend/backend.js';
+import { openBackend } from '../backend/open.js';
 import { Repository } from '../repository/repository.js';
 import { readSnapshots, shortId, type SnapshotListing } from '../repository/snapshots.js';
 import { checkRepository } from '../repository/check.js';
@@ -176,7 +177,23 @@ function renderStatus(d: Deployment, endpoint: string, db: DatabaseSettings | un
   return lines.join('\n');
 }
 
-export function buildProgram(engineFactory: () => DockerEngine = () => createDockerEngine()): Command {
+/** What a command opened that must be closed when it ends, whatever the outcome (remote connections). */
+export class OpenedBackends {
+  private readonly backends: Backend[] = [];
+
+  async open(location: string): Promise<Backend> {
+    const backend = await openBackend(location);
+    this.backends.push(backend);
+    return backend;
+  }
+
+  async closeAll(): Promise<void> {
+    const all = this.backends.splice(0);
+    await Promise.allSettled(all.map((b) => (b.close ? b.close() : Promise.resolve())));
+  }
+}
+
+export function buildProgram(engineFactory: () => DockerEngine = () => createDockerEngine(), backends = new OpenedBackends()): Command {
   const program = new Command();
   program
     .name('cvat-backup')
@@ -358,7 +375,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     });
 
   const openRepository = async (): Promise<Repository> =>
-    Repository.open(new LocalBackend(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false, warn), {
+    Repository.open(await backends.open(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false, warn), {
       onWarning: warn,
       locks: {
         retryForMs: globals().retryLock ?? 0,
@@ -456,10 +473,10 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .command('init')
     .description('create a snapshot repository (location: --repo, $CVAT_BACKUP_REPO or the default)')
     .action(async () => {
-      const location = repositoryLocation(globals().repo);
-      const repo = await Repository.init(new LocalBackend(location), await readPassword(globals().passwordFile, true, warn));
-      if (globals().json) out(JSON.stringify({ repository: location, id: repo.config.id }));
-      else out(`Created repository ${repo.config.id.slice(0, 10)} at ${location}. Keep the password safe: without it the backups cannot be read.`);
+      const backend = await backends.open(repositoryLocation(globals().repo));
+      const repo = await Repository.init(backend, await readPassword(globals().passwordFile, true, warn));
+      if (globals().json) out(JSON.stringify({ repository: backend.location, id: repo.config.id }));
+      else out(`Created repository ${repo.config.id.slice(0, 10)} at ${backend.location}. Keep the password safe: without it the backups cannot be read.`);
     });
 
   program
@@ -718,7 +735,8 @@ function report(error: unknown, command: string | undefined): number {
 }
 
 export async function main(argv: string[], engineFactory?: () => DockerEngine): Promise<void> {
-  const program = buildProgram(engineFactory);
+  const backends = new OpenedBackends();
+  const program = buildProgram(engineFactory, backends);
   // A promise that never settles would let Node exit 0 silently; make that a loud internal error.
   let settled = false;
   const onBeforeExit = (): void => {
@@ -742,6 +760,7 @@ export async function main(argv: string[], engineFactory?: () => DockerEngine): 
     }
     process.exitCode = report(error, command);
   } finally {
+    await backends.closeAll();
     settled = true;
     process.off('beforeExit', onBeforeExit);
   }

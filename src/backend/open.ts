@@ -1,0 +1,25 @@
+/**
+ * From a repository location (location.ts) to the backend that stores it. The one place that
+ * knows every backend; the CLI and tests open repositories through it.
+ */
+import { UsageError } from '../errors.js';
+import type { Backend } from './backend.js';
+import { LocalBackend } from './local.js';
+import { describeLocation, parseLocation, type Location } from './location.js';
+
+/** What a backend may need from outside (credentials come from the environment, never the location). */
+export interface BackendSettings {
+  env?: NodeJS.ProcessEnv;
+}
+
+/** Opens the backend of `location` (text in restic's syntax, or parsed). Remote backends connect lazily. */
+export function openBackend(location: string | Location, settings: BackendSettings = {}): Promise<Backend> {
+  const parsed = typeof location === 'string' ? parseLocation(location) : location;
+  void settings;
+  switch (parsed.kind) {
+    case 'local':
+      return Promise.resolve(new LocalBackend(parsed.path));
+    default:
+      return Promise.reject(new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`));
+  }
+}
