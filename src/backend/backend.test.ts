@@ -1,6 +1,6 @@
 /**
- * The Backend contract, run against every backend (memory and local for now: the seed of the
- * conformance suite), and the fault-injection wrapper's scripts.
+ * The Backend contract (conformance.ts) on the memory and local backends, the local backend's own
+ * behaviour, and the fault-injection wrapper's scripts.
  */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -8,53 +8,16 @@ import { mkdirSync, mkdtempSync, rmSync, utimesSync, writeFileSync, readdirSync 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TargetNotEmptyError } from '../errors.js';
-import type { Backend } from './backend.js';
+import { conformance } from './conformance.js';
 import { FaultyBackend } from './faulty.js';
 import { LocalBackend } from './local.js';
 import { MemoryBackend } from './memory.js';
 
-const backends: { name: string; make: () => { backend: Backend; dispose: () => void } }[] = [
-  { name: 'memory', make: () => ({ backend: new MemoryBackend(), dispose: () => undefined }) },
-  {
-    name: 'local',
-    make: () => {
-      const dir = mkdtempSync(join(tmpdir(), 'backend-test-'));
-      return { backend: new LocalBackend(join(dir, 'repo')), dispose: () => rmSync(dir, { recursive: true, force: true }) };
-    },
-  },
-];
-
-for (const { name, make } of backends) {
-  void describe(`Backend contract: ${name}`, () => {
-    void it('saves, loads (whole and ranges), lists with size and time, removes idempotently', async () => {
-      const { backend, dispose } = make();
-      try {
-        const before = Date.now();
-        await backend.create();
-        await backend.save('data', 'ab'.repeat(32), [Buffer.from('hello '), Buffer.from('world')]);
-        await backend.save('index', 'i1', Buffer.from('x'));
-        assert.equal((await backend.load('data', 'ab'.repeat(32))).toString(), 'hello world');
-        assert.equal((await backend.load('data', 'ab'.repeat(32), { offset: 6, length: 100 })).toString(), 'world');
-        const listed = await backend.list('data');
-        assert.equal(listed.length, 1);
-        assert.equal(listed[0]!.name, 'ab'.repeat(32));
-        assert.equal(listed[0]!.size, 11);
-        assert.ok(listed[0]!.modifiedMs !== undefined && listed[0]!.modifiedMs >= before - 2000 && listed[0]!.modifiedMs <= Date.now() + 2000);
-        assert.equal(await backend.stat('data', 'ab'.repeat(32)), 11);
-        assert.equal(await backend.stat('data', 'cd'.repeat(32)), undefined);
-        await assert.rejects(backend.load('index', 'missing'), (e: unknown) => (e as NodeJS.ErrnoException).code === 'ENOENT');
-        await backend.remove('data', 'ab'.repeat(32));
-        await backend.remove('data', 'ab'.repeat(32));
-        assert.deepEqual(await backend.list('data'), []);
-        assert.deepEqual(await backend.list('state'), [], 'a kind with no files lists nothing');
-        await backend.save('state', 's1', Buffer.from('y'));
-        assert.deepEqual((await backend.list('state')).map((f) => f.name), ['s1']);
-      } finally {
-        dispose();
-      }
-    });
-  });
-}
+conformance('memory', () => ({ backend: new MemoryBackend(), dispose: () => undefined }));
+conformance('local', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'backend-test-'));
+  return { backend: new LocalBackend(join(dir, 'repo')), dispose: () => rmSync(dir, { recursive: true, force: true }) };
+});
 
 void describe('LocalBackend', () => {
   const withDir = async (fn: (dir: string) => Promise<void>): Promise<void> => {
