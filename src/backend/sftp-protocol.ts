@@ -234,6 +234,11 @@ export interface SftpLimits {
 export interface SftpSessionOptions {
   /** Requests awaiting replies at once, across all callers (default 64). */
   maxInFlight?: number;
+  /**
+   * Hears when the session starts waiting for replies (true) and when it no longer waits for any
+   * (false; also when it ends): the owner keeps the process alive only while replies are due.
+   */
+  onBusy?: (busy: boolean) => void;
 }
 
 export class SftpSession {
@@ -252,6 +257,7 @@ export class SftpSession {
   private chunkBytes = 0;
   private version: { resolve: (v: number) => void; reject: (e: Error) => void } | undefined;
   private limitsCache: Promise<SftpLimits> | undefined;
+  private readonly onBusy: (busy: boolean) => void;
 
   private constructor(
     private readonly input: Readable,
@@ -259,6 +265,7 @@ export class SftpSession {
     options: SftpSessionOptions,
   ) {
     this.maxInFlight = options.maxInFlight ?? 64;
+    this.onBusy = options.onBusy ?? (() => undefined);
     input.on('data', (chunk: Buffer) => this.onData(chunk));
     input.on('end', () => this.terminate(new SftpError('the SFTP session ended', 'ECONNRESET', undefined)));
     input.on('error', (error) => this.terminate(new SftpError(`the SFTP session failed: ${error.message}`, 'ECONNRESET', undefined, { cause: error })));
@@ -286,6 +293,7 @@ export class SftpSession {
     this.version?.reject(error);
     for (const p of this.pending.values()) p.reject(error);
     this.pending.clear();
+    this.onBusy(false);
     for (const w of this.slotWaiters.splice(0)) w.reject(error);
     this.chunks = [];
     this.chunkBytes = 0;
@@ -355,6 +363,7 @@ export class SftpSession {
     const pending = this.pending.get(id);
     if (!pending) throw badMessage(`a reply to no request (id ${id})`);
     this.pending.delete(id);
+    if (this.pending.size === 0) this.onBusy(false);
     this.releaseSlot();
     pending.resolve({ type, reader });
   }
@@ -389,6 +398,7 @@ export class SftpSession {
     this.nextId = (this.nextId + 1) >>> 0 || 1;
     const length = 5 + parts.reduce((n, p) => n + p.length, 0);
     const reply = new Promise<Reply>((resolve, reject) => this.pending.set(id, { resolve, reject }));
+    if (this.pending.size === 1) this.onBusy(true);
     const header = Buffer.allocUnsafe(9);
     header.writeUInt32BE(length, 0);
     header[4] = type;

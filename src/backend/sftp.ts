@@ -154,6 +154,8 @@ interface Connection {
   /** Resolves when ssh ended, with how it ended. */
   exited: Promise<string>;
   stderr(): string;
+  /** Keeps this process alive for the connection (true) or not (false). */
+  hold(busy: boolean): void;
   readLength: number;
   writeLength: number;
   /** Folders can be fsynced (the server has fsync@openssh.com and opens folders); cleared when one fails. */
@@ -217,9 +219,17 @@ export class SftpBackend implements Backend {
       const missing = (error as NodeJS.ErrnoException).code === 'ENOENT';
       throw new StorageAccessError(`${this.location}: cannot run ${argv[0]!}${missing ? ' (install the OpenSSH client: apt-get install openssh-client)' : `: ${(error as Error).message}`}`, { cause: error });
     }
+    // An idle connection does not keep this process alive (a command that forgot to close it, or
+    // a test that failed before it could, still ends; ssh then sees its stdin close and ends too).
+    const hold = (busy: boolean): void => {
+      for (const handle of [child, child.stdin, child.stdout, child.stderr] as unknown as { ref?(): void; unref?(): void }[]) {
+        if (busy) handle.ref?.();
+        else handle.unref?.();
+      }
+    };
     let session: SftpSession;
     try {
-      session = await SftpSession.start(child.stdout, child.stdin);
+      session = await SftpSession.start(child.stdout, child.stdin, { onBusy: hold });
     } catch (error) {
       // ssh could not log in (or the other side is no SFTP server): wait for its last words.
       child.stdin.destroy();
@@ -237,6 +247,7 @@ export class SftpBackend implements Backend {
       child,
       exited,
       stderr: () => stderr,
+      hold,
       readLength: limits.readLength,
       writeLength: limits.writeLength,
       syncFolders: session.extensions.has('fsync@openssh.com'),
@@ -283,6 +294,7 @@ export class SftpBackend implements Backend {
     this.current = undefined;
     const connection = await current?.catch(() => undefined);
     if (!connection) return;
+    connection.hold(true); // until ssh has ended
     connection.child.stdin.end();
     const timer = setTimeout(() => connection.child.kill('SIGTERM'), 5000);
     await connection.exited;
