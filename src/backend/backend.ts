@@ -9,6 +9,15 @@
  */
 export type FileKind = 'config' | 'keys' | 'data' | 'index' | 'snapshots' | 'locks' | 'state';
 
+/**
+ * What the repository knows about a file that the storage cannot see (restic's
+ * `Handle.IsMetadata`): a pack of tree blobs is metadata, read by every backup and restore, so a
+ * cache (cache.ts) keeps a copy of it on this machine. A hint only; backends may ignore it.
+ */
+export interface FileHints {
+  metadata?: boolean;
+}
+
 /** A file as a listing shows it. */
 export interface FileInfo {
   name: string;
@@ -60,9 +69,9 @@ export interface Backend {
    * Idempotent for the same content. `data` may come in parts (written in order, without joining
    * them in memory). Any number of calls, also concurrently for different names.
    */
-  save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void>;
+  save(kind: FileKind, name: string, data: Buffer | Buffer[], hints?: FileHints): Promise<void>;
   /** The whole file, or `range` of it (shorter at the end of the file); ENOENT if missing. */
-  load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer>;
+  load(kind: FileKind, name: string, range?: { offset: number; length: number }, hints?: FileHints): Promise<Buffer>;
   /**
    * Every file of a kind (unordered), with size and modification time. A file saved before the
    * call started is listed; one saved or removed during the call may or may not be. Temporary

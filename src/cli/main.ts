@@ -16,7 +16,7 @@ import { TOOL_VERSION } from '../version.js';
 import type { ProgressListener } from '../events.js';
 import { stat } from 'node:fs/promises';
 import type { Backend } from '../backend/backend.js';
-import { openBackend } from '../backend/open.js';
+import { openBackend, type BackendSettings } from '../backend/open.js';
 import { Repository } from '../repository/repository.js';
 import { readSnapshots, shortId, type SnapshotListing } from '../repository/snapshots.js';
 import { checkRepository } from '../repository/check.js';
@@ -37,6 +37,9 @@ interface GlobalOptions {
   repo?: string;
   passwordFile?: string;
   retryLock?: number;
+  cacheDir?: string;
+  /** false with --no-cache. */
+  cache?: boolean;
 }
 
 function out(text: string): void {
@@ -181,8 +184,8 @@ function renderStatus(d: Deployment, endpoint: string, db: DatabaseSettings | un
 export class OpenedBackends {
   private readonly backends: Backend[] = [];
 
-  async open(location: string): Promise<Backend> {
-    const backend = await openBackend(location);
+  async open(location: string, settings: BackendSettings = {}): Promise<Backend> {
+    const backend = await openBackend(location, settings);
     this.backends.push(backend);
     return backend;
   }
@@ -204,6 +207,10 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .option('-r, --repo <path>', 'snapshot repository (default: $CVAT_BACKUP_REPO, else /var/backups/cvat-backup as root)')
     .option('--password-file <file>', 'read the repository password from FILE (else $CVAT_BACKUP_PASSWORD, else a prompt)')
     .addOption(new Option('--retry-lock <duration>', 'when the repository is locked, wait up to this long for it (e.g. 5m, 30s) instead of failing').argParser(parseDuration))
+    // The local cache of a remote repository (index, snapshots, tree packs) and the spool that
+    // keeps a backup's downtime off the network; local repositories have neither.
+    .option('--cache-dir <dir>', 'cache of remote repositories (default: $CVAT_BACKUP_CACHE_DIR, else $XDG_CACHE_HOME/cvat-backup, else ~/.cache/cvat-backup)')
+    .option('--no-cache', 'remote repositories: read and write everything through the network, also during the downtime')
     .showHelpAfterError()
     .exitOverride();
 
@@ -374,8 +381,13 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
       printRestore(result, '');
     });
 
-  const openRepository = async (): Promise<Repository> =>
-    Repository.open(await backends.open(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false, warn), {
+  /** How remote repositories are cached (check reads what the storage holds, never a local copy: `cached` false). */
+  const backendSettings = (cached = true): BackendSettings => ({
+    cache: { disabled: !cached || globals().cache === false, dir: globals().cacheDir, onWarning: warn },
+  });
+
+  const openRepository = async (cached = true): Promise<Repository> =>
+    Repository.open(await backends.open(repositoryLocation(globals().repo), backendSettings(cached)), await readPassword(globals().passwordFile, false, warn), {
       onWarning: warn,
       locks: {
         retryForMs: globals().retryLock ?? 0,
@@ -390,7 +402,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
    * lock (exit 16), not as damage.
    */
   async function withRepositoryLock<T>(operation: LockOperation, work: (repo: Repository, signal: AbortSignal) => Promise<T>): Promise<T> {
-    const repo = await openRepository();
+    const repo = await openRepository(operation !== 'check');
     const { signal: interrupt, dispose } = interruptible();
     try {
       const lock = await repo.lock(operation, { signal: interrupt });
@@ -473,7 +485,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .command('init')
     .description('create a snapshot repository (location: --repo, $CVAT_BACKUP_REPO or the default)')
     .action(async () => {
-      const backend = await backends.open(repositoryLocation(globals().repo));
+      const backend = await backends.open(repositoryLocation(globals().repo), backendSettings());
       const repo = await Repository.init(backend, await readPassword(globals().passwordFile, true, warn));
       if (globals().json) out(JSON.stringify({ repository: backend.location, id: repo.config.id }));
       else out(`Created repository ${repo.config.id.slice(0, 10)} at ${backend.location}. Keep the password safe: without it the backups cannot be read.`);

@@ -181,7 +181,8 @@ export class PackWriter {
     const id = randomBytes(32).toString('hex');
     const size = pack.size + header.length + 4;
     const store = async (): Promise<void> => {
-      if (!pack.staged) return this.backend.save('data', id, [...pack.parts, header, length]);
+      // Tree packs are metadata: a remote repository's cache keeps them (backend/cache.ts).
+      if (!pack.staged) return this.backend.save('data', id, [...pack.parts, header, length], type === 'tree' ? { metadata: true } : undefined);
       const staged = await pack.staged;
       try {
         pack.parts.push(header, length);
