@@ -277,7 +277,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
           await deferral.drain({
             ...signalOption,
             onStart: (p) =>
-              onProgress({ type: 'phase', message: `uploading ${p.packs} ${p.packs === 1 ? 'pack' : 'packs'} and ${p.files - p.packs} index files, ${megabytes(p.bytes)} written during the downtime` }),
+              onProgress({ type: 'phase', message: `uploading ${count(p.packs, 'pack')} and ${count(p.files - p.packs, 'index file')}, ${megabytes(p.bytes)} written during the downtime` }),
             onRetry: (file, error, attempt) =>
               onProgress({ type: 'warning', message: `upload of ${file.kind}/${file.name.slice(0, 12)} failed (${(error as Error).message}): trying again (attempt ${attempt + 1})` }),
           });
@@ -313,6 +313,10 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
   } finally {
     await projectLock.release().catch(() => undefined);
   }
+}
+
+function count(n: number, what: string): string {
+  return `${n} ${what}${n === 1 ? '' : 's'}`;
 }
 
 function megabytes(bytes: number): string {
