@@ -8,6 +8,11 @@
  * snapshot leaves no visible snapshot; the next backup reuses whatever packs were already indexed
  * and `prune` removes unreferenced ones.
  *
+ * With a remote repository, the stop never waits on the network: from phase 2 on the repository
+ * holds its writes on this machine (`Repository.deferUploads`; trees come from its cache) and
+ * uploads them once CVAT runs again, packs before index, before the snapshot. An offline backup
+ * writes directly: its whole copy is the downtime, and spooling it could fill the local disk.
+ *
  * Modes:
  * - offline: CVAT is stopped for the whole copy (the guide's way, made fast by the parent).
  * - two-phase (default when CVAT runs and the volume folders are reachable): phase 1 copies while
