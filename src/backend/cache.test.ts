@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CachedBackend, cacheFolderFor, cacheRoot, withCache } from './cache.js';
+import { conformance } from './conformance.js';
 import { FaultyBackend, type BackendMethod, type FaultScript } from './faulty.js';
 import { LocalBackend } from './local.js';
 import { MemoryBackend } from './memory.js';
@@ -56,6 +57,11 @@ function filesUnder(dir: string): string[] {
     .filter((p) => lstatSync(join(dir, p)).isFile())
     .sort();
 }
+
+conformance('memory behind its cache', async () => {
+  const root = mkdtempSync(join(tmpdir(), 'cache-conformance-'));
+  return { backend: await withCache(new MemoryBackend({ location: LOCATION }), { dir: root }), dispose: () => rmSync(root, { recursive: true, force: true }) };
+});
 
 void describe('cache of a remote repository', () => {
   void it('keeps index files, snapshots and tree packs (not data packs); a hit asks the remote nothing; concurrent first reads download once', () =>
@@ -109,6 +115,16 @@ void describe('cache of a remote repository', () => {
       await inner.remove('data', id('t'));
       await cache.list('data');
       assert.deepEqual(filesUnder(join(dir, 'data')), [], 'a tree pack the remote no longer lists');
+    }));
+
+  void it('cached tree packs no index names any more are dropped once an hour old (younger ones may be another backup\'s new packs)', () =>
+    withSubject(async ({ root, cache }) => {
+      for (const n of ['kept', 'gone']) await cache.save('data', id(n), Buffer.from(n), { metadata: true });
+      const dir = join(cacheFolderFor(root, LOCATION), 'data');
+      assert.equal(await cache.dropPacksExcept((name) => name === id('kept')), 0, 'both are young');
+      assert.equal(filesUnder(dir).length, 2);
+      assert.equal(await cache.dropPacksExcept((name) => name === id('kept'), Date.now() + 2 * 3600_000), 1);
+      assert.deepEqual(filesUnder(dir), [join(id('kept').slice(0, 2), id('kept'))]);
     }));
 
   void it('a cached copy that is not a plain file (a link, a folder) is never followed: dropped, and the remote read', () =>

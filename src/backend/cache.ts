@@ -30,6 +30,7 @@ import { constants } from 'node:fs';
 import { chmod, lstat, mkdir, open, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
+import { DiskFullError } from '../errors.js';
 import type { Backend, FileHints, FileInfo, FileKind, TemporaryFile } from './backend.js';
 import { removeStaleSpools, UploadSpool, type SpooledFile } from './spool.js';
 
@@ -187,7 +188,14 @@ export class CachedBackend implements Backend {
   async save(kind: FileKind, name: string, data: Buffer | Buffer[], hints?: FileHints): Promise<void> {
     const parts = Array.isArray(data) ? data : [data];
     if (this.spool && kind !== 'locks') {
-      await this.spool.write(kind, name, parts, this.cacheable(kind, hints));
+      // No fallback to the remote here: an index file must never reach it before its packs.
+      await this.spool.write(kind, name, parts, this.cacheable(kind, hints)).catch((error: unknown) => {
+        const code = (error as NodeJS.ErrnoException).code;
+        if (code !== 'ENOSPC' && code !== 'EDQUOT') throw error;
+        throw new DiskFullError(`no space left for the downtime's uploads in ${this.dir}: free space there, choose another --cache-dir, or back up with --no-cache`, {
+          cause: error,
+        });
+      });
       return;
     }
     await this.remote.save(kind, name, data, hints);
