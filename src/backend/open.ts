@@ -1,33 +1,46 @@
 /**
  * From a repository location (location.ts) to the backend that stores it. The one place that
- * knows every backend; the CLI and tests open repositories through it.
+ * knows every backend; the CLI and tests open repositories through it. Every backend that is not
+ * a local folder is wrapped in the retry wrapper (`remote`): network storage fails for a moment
+ * now and then, a local disk that fails does not get better by asking again.
  */
 import { UsageError } from '../errors.js';
 import type { Backend } from './backend.js';
 import { withCache, type CacheSettings } from './cache.js';
 import { LocalBackend } from './local.js';
 import { describeLocation, parseLocation, type Location } from './location.js';
+import { RetryBackend, type RetryOptions } from './retry.js';
 
 /** What a backend may need from outside (credentials come from the environment, never the location). */
 export interface BackendSettings {
   env?: NodeJS.ProcessEnv;
+  /** How remote backends retry (attempts, pauses) and whom they tell (`onRetry`: the CLI's warnings). */
+  retry?: RetryOptions;
   /** The local cache (and downtime spool) of remote repositories: --cache-dir, --no-cache. */
   cache?: CacheSettings;
 }
 
 /**
- * Every remote backend is opened through this: it gets its local cache of index, snapshots and
- * tree packs, and the spool a backup's downtime writes to (cache.ts). Local folders never do.
- * Use: `case 'sftp': return remoteBackend(new SftpBackend(…), settings);`
+ * A remote backend as the repository gets it: with retries (retry.ts). Each remote case of
+ * `openBackend` returns `remote(new XBackend(…), settings)`.
  */
-export function remoteBackend(backend: Backend, settings: BackendSettings): Promise<Backend> {
-  return withCache(backend, { ...settings.cache, env: settings.cache?.env ?? settings.env });
+export function remote(backend: Backend, settings: BackendSettings = {}): Backend {
+  return new RetryBackend(backend, settings.retry);
 }
 
-/** Opens the backend of `location` (text in restic's syntax, or parsed). Remote backends connect lazily. */
-export function openBackend(location: string | Location, settings: BackendSettings = {}): Promise<Backend> {
+/**
+ * Opens the backend of `location` (text in restic's syntax, or parsed). Remote backends connect
+ * lazily, and get their local cache of index, snapshots and tree packs and the spool that keeps a
+ * backup's downtime off the network (cache.ts); a local folder needs neither.
+ */
+export async function openBackend(location: string | Location, settings: BackendSettings = {}): Promise<Backend> {
   const parsed = typeof location === 'string' ? parseLocation(location) : location;
-  void settings;
+  const backend = await backendOf(parsed, settings);
+  return parsed.kind === 'local' ? backend : withCache(backend, { ...settings.cache, env: settings.cache?.env ?? settings.env });
+}
+
+function backendOf(parsed: Location, settings: BackendSettings): Promise<Backend> {
+  void settings; // used by the remote cases: remote(new XBackend(parsed, settings.env), settings)
   switch (parsed.kind) {
     case 'local':
       return Promise.resolve(new LocalBackend(parsed.path));
