@@ -383,9 +383,10 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     });
 
   /** How remote repositories are cached (check reads what the storage holds, never a local copy: `cached` false). */
-  const backendSettings = (cached = true): BackendSettings => ({
-    cache: { disabled: !cached || globals().cache === false, dir: globals().cacheDir, onWarning: warn },
-  });
+  const backendSettings = (cached = true): BackendSettings => {
+    const { cache, cacheDir } = globals();
+    return { cache: { disabled: !cached || cache === false, dir: cacheDir === undefined ? undefined : resolve(cacheDir), onWarning: warn } };
+  };
 
   const openRepository = async (cached = true): Promise<Repository> =>
     Repository.open(await backends.open(repositoryLocation(globals().repo), backendSettings(cached)), await readPassword(globals().passwordFile, false, warn), {

@@ -488,6 +488,8 @@ export class Repository {
       },
       abandon: async () => {
         if (!this.deferring) return;
+        // No pack write may still be on its way into the spool when it goes.
+        await this.packs.flush().catch(() => undefined);
         end();
         await spool.discard();
         // What only the spool held is gone: the in-memory index must not claim it.
