@@ -130,10 +130,12 @@ export function transientReason(error: unknown): string | undefined {
     const f = e as ErrorFields;
     const code = typeof f.code === 'string' ? f.code : undefined;
     const status = statusOf(f);
-    if (f.name === 'AbortError' || (code !== undefined && PERMANENT_CODES.has(code)) || (status !== undefined && PERMANENT_STATUS.has(status))) return undefined;
+    if (f.name === 'AbortError' || (code !== undefined && PERMANENT_CODES.has(code))) return undefined;
     if (f.transient === true) return code !== undefined ? (TRANSIENT_CODES.get(code) ?? firstLine(f.message)) : firstLine(f.message);
     if (code !== undefined && TRANSIENT_CODES.has(code)) return TRANSIENT_CODES.get(code);
+    // A named throttling or timeout reply wins over its status (S3's RequestTimeout comes as 400).
     for (const name of [f.name, f.Code, code]) if (typeof name === 'string' && TRANSIENT_NAMES.has(name)) return status !== undefined ? `${name} (HTTP ${status})` : name;
+    if (status !== undefined && PERMANENT_STATUS.has(status)) return undefined;
     if (status !== undefined && TRANSIENT_STATUS.has(status)) return `HTTP ${status}`;
     if (f.$retryable !== undefined && f.$retryable !== null && f.$retryable !== false) return firstLine(f.message);
   }
