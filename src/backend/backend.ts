@@ -21,8 +21,9 @@
  *   storage reported it (`ENOSPC`, `EACCES`, `EIO`, `ECONNRESET`, an HTTP status on `statusCode`
  *   or `$metadata.httpStatusCode`): never taken for "missing", never swallowed. A backend does not
  *   retry on its own (beyond what its client library does within one request): retry.ts does,
- *   in one place, and needs the original error to tell transient from permanent. Messages never
- *   carry credentials.
+ *   in one place, and needs the original error to tell transient from permanent; a failure the
+ *   backend knows to be passing but that carries no such code (an SSH channel that closed, a
+ *   helper process that died) is marked `transient: true`. Messages never carry credentials.
  * - **Times.** `FileInfo.modifiedMs` is when the storage wrote the file, by the storage's clock
  *   (the server's `mtime` or `Last-Modified`), never this host's clock at upload: locks judge
  *   staleness and prune judges ages against the storage's own clock (a lock file's time).

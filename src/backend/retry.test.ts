@@ -170,9 +170,20 @@ void describe('RetryBackend', () => {
     assert.equal(overMemory.stage, undefined, 'no staging: the packer then saves whole packs');
     assert.equal(overMemory.localPath, undefined, 'no local path: reads go through load, and so through retries');
     assert.equal(typeof overMemory.listTemporary, 'function');
+    assert.equal(overMemory.close, undefined, 'nothing to close');
     const overLocal = new RetryBackend(new LocalBackend('/nonexistent/repo'));
     assert.equal(typeof overLocal.stage, 'function');
     assert.equal(overLocal.localPath?.('data', name64), `/nonexistent/repo/data/ab/${name64}`);
+  });
+
+  void it('retries the optional methods that are idempotent, with their own messages', async () => {
+    const { memory, faulty, retry, events } = await setup([{ method: 'removeTemporary', times: 2, error: () => code('ECONNRESET') }]);
+    memory.plantTemporary('data', 'ab/.tmp-1', 10);
+    const [leftover] = await retry.listTemporary!();
+    await retry.removeTemporary!(leftover!);
+    assert.deepEqual(await memory.listTemporary(), []);
+    assert.equal(faulty.count('removeTemporary'), 3);
+    assert.equal(events[0]?.message, 'retrying remove of temporary data/ab/.tmp-1 (attempt 2/10): connection reset');
   });
 
   void it('tells transient failures from permanent ones, also through causes', () => {
@@ -183,7 +194,8 @@ void describe('RetryBackend', () => {
       [Object.assign(new Error('x'), { statusCode: 429 }), 'HTTP 429'],
       [Object.assign(new Error('x'), { status: 502 }), 'HTTP 502'],
       [Object.assign(new Error('x'), { name: 'SlowDown', $metadata: { httpStatusCode: 503 } }), 'SlowDown (HTTP 503)'],
-      [Object.assign(new Error('x'), { name: 'RequestTimeout', $metadata: { httpStatusCode: 400 } }), undefined],
+      [Object.assign(new Error('x'), { name: 'RequestTimeout', $metadata: { httpStatusCode: 400 } }), 'RequestTimeout (HTTP 400)'],
+      [Object.assign(new Error('x'), { name: 'InvalidRange', $metadata: { httpStatusCode: 416 } }), undefined],
       [Object.assign(new Error('channel closed'), { transient: true }), 'channel closed'],
       [new ShortReadError('short'), 'short read'],
       [code('ENOENT'), undefined],

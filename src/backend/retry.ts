@@ -16,7 +16,7 @@
  * named by its hash).
  */
 import { systemClock, type Clock } from '../clock.js';
-import type { Backend, FileInfo, FileKind, StagedFile, TemporaryFile } from './backend.js';
+import type { Backend, FileInfo, FileKind, TemporaryFile } from './backend.js';
 
 export interface RetryEvent {
   /** What is retried, e.g. "save of data/ab12cd34…". */
@@ -130,10 +130,12 @@ export function transientReason(error: unknown): string | undefined {
     const f = e as ErrorFields;
     const code = typeof f.code === 'string' ? f.code : undefined;
     const status = statusOf(f);
-    if (f.name === 'AbortError' || (code !== undefined && PERMANENT_CODES.has(code)) || (status !== undefined && PERMANENT_STATUS.has(status))) return undefined;
+    if (f.name === 'AbortError' || (code !== undefined && PERMANENT_CODES.has(code))) return undefined;
     if (f.transient === true) return code !== undefined ? (TRANSIENT_CODES.get(code) ?? firstLine(f.message)) : firstLine(f.message);
     if (code !== undefined && TRANSIENT_CODES.has(code)) return TRANSIENT_CODES.get(code);
+    // A named throttling or timeout reply wins over its status (S3's RequestTimeout comes as 400).
     for (const name of [f.name, f.Code, code]) if (typeof name === 'string' && TRANSIENT_NAMES.has(name)) return status !== undefined ? `${name} (HTTP ${status})` : name;
+    if (status !== undefined && PERMANENT_STATUS.has(status)) return undefined;
     if (status !== undefined && TRANSIENT_STATUS.has(status)) return `HTTP ${status}`;
     if (f.$retryable !== undefined && f.$retryable !== null && f.$retryable !== false) return firstLine(f.message);
   }
@@ -145,12 +147,33 @@ function firstLine(message: unknown): string {
   return text.split('\n', 1)[0]!.slice(0, 200);
 }
 
+/** The optional methods of the Backend contract. */
+type OptionalMethod = { [K in keyof Backend]-?: undefined extends Backend[K] ? K : never }[keyof Backend];
+
+/**
+ * What the wrapper does with each optional method, when the wrapped backend has it: `retry` (an
+ * idempotent call, repeated like the required ones) or `pass` (handed on as it is: local-only,
+ * bookkeeping, or calls that must not be repeated). Keyed by every optional method of Backend, so
+ * a method added to the contract does not compile here until someone decides: a wrapper that
+ * silently dropped it would hide the feature from everything above it.
+ */
+const OPTIONAL: { [K in OptionalMethod]: 'retry' | 'pass' } = {
+  listTemporary: 'retry',
+  removeTemporary: 'retry',
+  // A staged file's appends are not repeated: only local backends stage, and they are not wrapped.
+  stage: 'pass',
+  localPath: 'pass',
+  close: 'pass',
+};
+
 /** Wraps `inner` so that each call is retried on transient failures (see the module comment). */
 export class RetryBackend implements Backend {
-  readonly stage?: (kind: FileKind) => Promise<StagedFile>;
-  readonly localPath?: (kind: FileKind, name: string) => string;
-  readonly listTemporary?: () => Promise<TemporaryFile[]>;
-  readonly removeTemporary?: (file: TemporaryFile) => Promise<void>;
+  // Present exactly when the wrapped backend has them (set in the constructor, from OPTIONAL).
+  declare readonly stage?: NonNullable<Backend['stage']>;
+  declare readonly localPath?: NonNullable<Backend['localPath']>;
+  declare readonly listTemporary?: NonNullable<Backend['listTemporary']>;
+  declare readonly removeTemporary?: NonNullable<Backend['removeTemporary']>;
+  declare readonly close?: NonNullable<Backend['close']>;
   private readonly attempts: number;
   private readonly maxElapsedMs: number;
   private readonly initialDelayMs: number;
@@ -168,12 +191,13 @@ export class RetryBackend implements Backend {
     this.maxDelayMs = options.maxDelayMs ?? 60_000;
     this.clock = options.clock ?? systemClock;
     this.random = options.random ?? Math.random;
-    // Optional methods exist on the wrapper exactly when the inner backend has them.
-    // A staged file's appends are not repeated here (local backends only stage; they are not wrapped).
-    if (inner.stage) this.stage = (kind) => inner.stage!(kind);
-    if (inner.localPath) this.localPath = (kind, name) => inner.localPath!(kind, name);
-    if (inner.listTemporary) this.listTemporary = () => this.retry('list of temporary files', () => inner.listTemporary!());
-    if (inner.removeTemporary) this.removeTemporary = (file) => this.retry(`remove of temporary ${file.kind}/${file.name}`, () => inner.removeTemporary!(file));
+    const self = this as unknown as Record<string, unknown>;
+    for (const [method, mode] of Object.entries(OPTIONAL)) {
+      const fn = (inner as unknown as Record<string, unknown>)[method];
+      if (typeof fn !== 'function') continue;
+      const call = (...args: unknown[]): unknown => (fn as (...a: unknown[]) => unknown).apply(inner, args);
+      self[method] = mode === 'pass' ? call : (...args: unknown[]) => this.retry(describeCall(method, args), () => call(...args) as Promise<unknown>);
+    }
   }
 
   get location(): string {
@@ -188,13 +212,15 @@ export class RetryBackend implements Backend {
     return this.retry('create', () => this.inner.create());
   }
 
-  save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void> {
-    return this.retry(`save of ${label(kind, name)}`, () => this.inner.save(kind, name, data));
+  // Arguments are handed on whole, so a parameter the contract gains reaches the backend.
+  save(...args: Parameters<Backend['save']>): Promise<void> {
+    return this.retry(`save of ${label(args[0], args[1])}`, () => this.inner.save(...args));
   }
 
-  load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer> {
+  load(...args: Parameters<Backend['load']>): Promise<Buffer> {
+    const [kind, name, range] = args;
     return this.retry(`load of ${label(kind, name)}`, async () => {
-      const data = await this.inner.load(kind, name, range);
+      const data = await this.inner.load(...args);
       if (range && data.length < range.length) {
         // Shorter than asked: the end of the file, or a transfer cut short? The size tells.
         const size = await this.inner.stat(kind, name);
@@ -205,20 +231,16 @@ export class RetryBackend implements Backend {
     });
   }
 
-  list(kind: FileKind): Promise<FileInfo[]> {
-    return this.retry(`list of ${kind}/`, () => this.inner.list(kind));
+  list(...args: Parameters<Backend['list']>): Promise<FileInfo[]> {
+    return this.retry(`list of ${args[0]}/`, () => this.inner.list(...args));
   }
 
-  stat(kind: FileKind, name: string): Promise<number | undefined> {
-    return this.retry(`stat of ${label(kind, name)}`, () => this.inner.stat(kind, name));
+  stat(...args: Parameters<Backend['stat']>): Promise<number | undefined> {
+    return this.retry(`stat of ${label(args[0], args[1])}`, () => this.inner.stat(...args));
   }
 
-  remove(kind: FileKind, name: string): Promise<void> {
-    return this.retry(`remove of ${label(kind, name)}`, () => this.inner.remove(kind, name));
-  }
-
-  async close(): Promise<void> {
-    await this.inner.close?.();
+  remove(...args: Parameters<Backend['remove']>): Promise<void> {
+    return this.retry(`remove of ${label(args[0], args[1])}`, () => this.inner.remove(...args));
   }
 
   /**
@@ -245,6 +267,14 @@ export class RetryBackend implements Backend {
       }
     }
   }
+}
+
+/** What an optional method's retry message calls the call. */
+function describeCall(method: string, args: unknown[]): string {
+  if (method === 'listTemporary') return 'list of temporary files';
+  const file = args[0] as TemporaryFile | undefined;
+  if (method === 'removeTemporary' && file) return `remove of temporary ${file.kind}/${file.name}`;
+  return method;
 }
 
 /** "data/ab12cd34…": enough of a name to tell files apart in a message. */
