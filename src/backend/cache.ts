@@ -144,6 +144,25 @@ export interface DeferredUploads {
   discard(): Promise<void>;
 }
 
+/** The optional methods of the Backend contract. */
+type OptionalMethod = { [K in keyof Backend]-?: undefined extends Backend[K] ? K : never }[keyof Backend];
+
+/**
+ * What the cache does with each optional method of the contract: `own` (implemented below),
+ * `pass` (handed on to the remote, when it has it) or `withhold` (never offered). Keyed by every
+ * optional method, so a method added to the contract does not compile here until someone decides:
+ * a wrapper that silently dropped it would hide the feature from everything above it.
+ */
+const OPTIONAL: { [K in OptionalMethod]: 'own' | 'pass' | 'withhold' } = {
+  listTemporary: 'own',
+  removeTemporary: 'own',
+  close: 'own',
+  // A staged file would bypass the spool, and a local path the checks on cached copies; remote
+  // backends offer neither.
+  stage: 'withhold',
+  localPath: 'withhold',
+};
+
 export class CachedBackend implements Backend {
   private spool: UploadSpool | undefined;
   /** Whole-file downloads under way (two readers of one tree pack fetch it once). */
@@ -155,7 +174,13 @@ export class CachedBackend implements Backend {
     /** This repository's cache folder. */
     readonly dir: string,
     private readonly onWarning: (message: string) => void = () => undefined,
-  ) {}
+  ) {
+    const self = this as unknown as Record<string, unknown>;
+    for (const [method, mode] of Object.entries(OPTIONAL)) {
+      const fn = (remote as unknown as Record<string, unknown>)[method];
+      if (mode === 'pass' && typeof fn === 'function') self[method] = (...args: unknown[]): unknown => (fn as (...a: unknown[]) => unknown).apply(remote, args);
+    }
+  }
 
   get location(): string {
     return this.remote.location;
