@@ -1,6 +1,6 @@
 /**
  * A two-phase (and a freeze) backup of a real CVAT-shaped deployment into a repository on a slow
- * remote (a folder behind 30 ms of latency per request, every request counted), through the local
+ * remote (a folder behind up to 60 ms of latency per request, every request counted), through the local
  * cache: from the moment phase 2 begins until CVAT runs again (the end of the final pass), not one
  * request reaches the remote; what the final pass wrote is uploaded after, and the snapshot,
  * read straight from the remote without any cache, passes `check --read-data` and restores every
@@ -18,7 +18,6 @@ import { snapshotTree, type TreeEntry } from './fixture/tree.js';
 import { createDockerEngine } from '../src/docker/engine.js';
 import { cacheFolderFor, withCache } from '../src/backend/cache.js';
 import { FaultyBackend, type BackendMethod } from '../src/backend/faulty.js';
-import { LatencyBackend } from '../src/backend/latency.js';
 import { LocalBackend } from '../src/backend/local.js';
 import { Repository } from '../src/repository/repository.js';
 import { checkRepository } from '../src/repository/check.js';
@@ -48,7 +47,7 @@ describe('backup to a slow remote: the downtime never waits on the network', { s
 
   it('two-phase, then freeze: no request during the final pass; uploaded after; check --read-data clean and a byte-exact restore from the remote', async (t) => {
     const remoteDir = join(work, 'remote');
-    const counted = new FaultyBackend(new LatencyBackend(new LocalBackend(remoteDir), { delayMs: 30 }));
+    const counted = new FaultyBackend(new LocalBackend(remoteDir), { random: { seed: 1, probability: {}, latencyMs: 60 } });
     const requests = (): number => METHODS.reduce((n, m) => n + counted.count(m), 0);
     const cacheRoot = join(work, 'cache');
     const repo = await Repository.init(await withCache(counted, { dir: cacheRoot }), 'pw', { kdf: KDF });

@@ -12,7 +12,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cacheFolderFor, withCache, type CachedBackend } from '../backend/cache.js';
 import { FaultyBackend, type BackendMethod } from '../backend/faulty.js';
-import { LatencyBackend } from '../backend/latency.js';
 import { MemoryBackend } from '../backend/memory.js';
 import { Archiver } from './archiver.js';
 import { checkRepository } from './check.js';
@@ -30,9 +29,9 @@ interface Remote {
   requests: () => number;
 }
 
-/** A memory repository 5 ms away, every request counted. */
+/** A memory repository up to 10 ms away (every request waits), every request counted. */
 function slowRemote(inner = new MemoryBackend({ location: LOCATION })): Remote {
-  const counted = new FaultyBackend(new LatencyBackend(inner, { delayMs: 5 }));
+  const counted = new FaultyBackend(inner, { random: { seed: 9, probability: {}, latencyMs: 10 } });
   return { inner, counted, requests: () => METHODS.reduce((n, m) => n + counted.count(m), 0) };
 }
 
