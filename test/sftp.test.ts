@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { conformance } from '../src/backend/conformance.js';
 import { openBackend } from '../src/backend/open.js';
+import { SftpBackend } from '../src/backend/sftp.js';
 import { clientConfig, knownHostsLine, startSshd, type SshServer } from './support/sshd.js';
 import { createFixtureDeployment, databaseFingerprint, type FixtureDeployment } from './fixture/deployment.js';
 import { snapshotTree, type TreeEntry } from './fixture/tree.js';
@@ -44,18 +45,20 @@ describe('SFTP repositories on a real OpenSSH server', { skip: !isRoot && 'the t
     await sshd?.stop();
   });
 
-  conformance('sftp (ssh to sshd, an ssh config alias)', async () => {
+  conformance('sftp (ssh to sshd, an ssh config alias)', () => {
     const name = `conformance-${serial++}`;
-    const backend = await openBackend(`sftp:${sshd.alias}:${name}`, { env: process.env, sftpArgs: `-F ${sshd.configFile}` });
+    const backend = new SftpBackend({ user: undefined, host: sshd.alias, port: undefined, path: name, text: `sftp:${sshd.alias}:${name}` }, { args: sshd.sshArgs });
     return { backend, dispose: () => rm(join(sshd.home, name), { recursive: true, force: true }) };
   });
 
   it('sftp://user@host:port//absolute and sftp:alias:relative reach the same folder, as the login user', async () => {
-    const byUrl = await openBackend(`sftp://${sshd.user}@127.0.0.1:${sshd.port}/${sshd.home}/forms`, { env: process.env, sftpArgs: `-F ${sshd.configFile}` });
+    // As the CLI opens them (retries; no cache here: what is on the server is the point).
+    const settings = { env: process.env, sftpArgs: `-F ${sshd.configFile}`, cache: { disabled: true } };
+    const byUrl = await openBackend(`sftp://${sshd.user}@127.0.0.1:${sshd.port}/${sshd.home}/forms`, settings);
     await byUrl.create();
     await byUrl.save('snapshots', 's1', Buffer.from('snapshot'));
     await byUrl.close?.();
-    const byAlias = await openBackend(`sftp:${sshd.alias}:forms`, { env: process.env, sftpArgs: `-F ${sshd.configFile}` });
+    const byAlias = await openBackend(`sftp:${sshd.alias}:forms`, settings);
     assert.equal((await byAlias.load('snapshots', 's1')).toString(), 'snapshot');
     await byAlias.close?.();
     const onServer = await stat(join(sshd.home, 'forms', 'snapshots', 's1'));
@@ -66,7 +69,12 @@ describe('SFTP repositories on a real OpenSSH server', { skip: !isRoot && 'the t
 
   describe('refusals', () => {
     let refusals: string;
-    const env = (config: string): NodeJS.ProcessEnv => ({ CVAT_BACKUP_REPO: `sftp:${sshd.alias}:refused`, CVAT_BACKUP_PASSWORD: PASSWORD, CVAT_BACKUP_SFTP_ARGS: `-F ${config}` });
+    const env = (config: string): NodeJS.ProcessEnv => ({
+      CVAT_BACKUP_REPO: `sftp:${sshd.alias}:refused`,
+      CVAT_BACKUP_PASSWORD: PASSWORD,
+      CVAT_BACKUP_SFTP_ARGS: `-F ${config}`,
+      CVAT_BACKUP_CACHE_DIR: join(sshd.dir, 'cache'),
+    });
     /** A client config like the server's, with its own known_hosts (and key). */
     const config = async (name: string, knownHosts: string, identityFile = sshd.identityFile, port = sshd.port): Promise<string> => {
       const knownHostsFile = join(refusals, `${name}.known_hosts`);
@@ -104,7 +112,11 @@ describe('SFTP repositories on a real OpenSSH server', { skip: !isRoot && 'the t
     });
 
     it('a remote folder that does not exist: no repository there (exit 14), nothing created', async () => {
-      const r = await runCli(['--sftp-args', `-F ${sshd.configFile}`, 'snapshots'], { CVAT_BACKUP_REPO: `sftp:${sshd.alias}:${sshd.home}/nothing/here`, CVAT_BACKUP_PASSWORD: PASSWORD });
+      const r = await runCli(['--sftp-args', `-F ${sshd.configFile}`, 'snapshots'], {
+        CVAT_BACKUP_REPO: `sftp:${sshd.alias}:${sshd.home}/nothing/here`,
+        CVAT_BACKUP_PASSWORD: PASSWORD,
+        CVAT_BACKUP_CACHE_DIR: join(sshd.dir, 'cache'),
+      });
       assert.equal(r.code, 14, r.stderr);
       assert.match(r.stderr, /no repository at sftp:cvat-backup-sftp-test:.*\/nothing\/here: create one with 'cvat-backup init'/);
       await assert.rejects(stat(join(sshd.home, 'nothing')), /ENOENT/);
@@ -125,7 +137,12 @@ describe('SFTP repositories on a real OpenSSH server', { skip: !isRoot && 'the t
 
     before(async () => {
       f = await createFixtureDeployment({ prefix: 'sf' });
-      env = { CVAT_BACKUP_REPO: `sftp:${sshd.alias}:cvat-repo`, CVAT_BACKUP_PASSWORD: PASSWORD, CVAT_BACKUP_SFTP_ARGS: `-F ${sshd.configFile}` };
+      env = {
+        CVAT_BACKUP_REPO: `sftp:${sshd.alias}:cvat-repo`,
+        CVAT_BACKUP_PASSWORD: PASSWORD,
+        CVAT_BACKUP_SFTP_ARGS: `-F ${sshd.configFile}`,
+        CVAT_BACKUP_CACHE_DIR: join(sshd.dir, 'cache'),
+      };
     });
     after(async () => {
       await f?.destroy();

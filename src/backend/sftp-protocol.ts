@@ -99,6 +99,9 @@ export function isRegularFile(attrs: FileAttributes): boolean {
  * server broke the protocol), ECONNRESET (the session ended).
  */
 export class SftpError extends Error {
+  /** A session that ended (the connection, not the request, failed): worth another try (retry.ts). */
+  readonly transient: boolean;
+
   constructor(
     message: string,
     readonly code: string,
@@ -107,6 +110,7 @@ export class SftpError extends Error {
   ) {
     super(message, options);
     this.name = 'SftpError';
+    this.transient = code === 'ECONNRESET';
   }
 }
 

@@ -127,7 +127,7 @@ function lastLine(stderr: string): string {
 }
 
 /** Why ssh could not give us an SFTP session, as one line that says what to do. */
-export function loginFailure(where: string, host: string, stderr: string, exit: string): StorageAccessError {
+export function loginFailure(where: string, host: string, stderr: string, exit: string): StorageAccessError & { reachability?: true } {
   if (/REMOTE HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed/i.test(stderr)) {
     return new StorageAccessError(
       `${where}: the SSH host key of ${host} has CHANGED, refused (someone may be in between; if the server was re-keyed, check its new fingerprint and remove the old key with 'ssh-keygen -R ${host}')`,
@@ -143,7 +143,7 @@ export function loginFailure(where: string, host: string, stderr: string, exit: 
     return new StorageAccessError(`${where}: the SSH server has no SFTP subsystem (${lastLine(stderr)})`);
   }
   if (/Could not resolve hostname|Connection refused|timed out|No route to host|Network is unreachable|Connection closed|Connection reset|kex_exchange_identification/i.test(stderr)) {
-    return new StorageAccessError(`${where}: cannot reach ${host} (${lastLine(stderr)})`);
+    return Object.assign(new StorageAccessError(`${where}: cannot reach ${host} (${lastLine(stderr)})`), { reachability: true as const });
   }
   return new StorageAccessError(`${where}: ssh could not start an SFTP session (${lastLine(stderr) || exit})`);
 }
@@ -168,6 +168,8 @@ export class SftpBackend implements Backend {
   readonly location: string;
   private readonly root: string;
   private current: Promise<Connection> | undefined;
+  /** A session was had once (a later failure to reach the host is then taken as passing). */
+  private connected = false;
 
   constructor(
     private readonly where: SftpLocation & { text: string },
@@ -239,8 +241,13 @@ export class SftpBackend implements Backend {
       if (error instanceof SftpError && error.code !== 'ECONNRESET') {
         throw new StorageAccessError(`${this.location}: not an SFTP server (${error.message}${lastLine(stderr) ? `; ssh said: ${lastLine(stderr)}` : ''})`, { cause: error });
       }
-      throw loginFailure(this.location, this.where.host, stderr, exit);
+      const failure = loginFailure(this.location, this.where.host, stderr, exit);
+      // A host that answered before and not now is likely back soon (a restart, a network blip):
+      // the retry wrapper may try again. A first contact that fails, or a refusal, is final.
+      if (this.connected && failure.reachability) Object.assign(failure, { transient: true });
+      throw failure;
     }
+    this.connected = true;
     const limits = await session.limits();
     return {
       session,

@@ -8,6 +8,11 @@
  * snapshot leaves no visible snapshot; the next backup reuses whatever packs were already indexed
  * and `prune` removes unreferenced ones.
  *
+ * With a remote repository, the stop never waits on the network: from phase 2 on the repository
+ * holds its writes on this machine (`Repository.deferUploads`; trees come from its cache) and
+ * uploads them once CVAT runs again, packs before index, before the snapshot. An offline backup
+ * writes directly: its whole copy is the downtime, and spooling it could fill the local disk.
+ *
  * Modes:
  * - offline: CVAT is stopped for the whole copy (the guide's way, made fast by the parent).
  * - two-phase (default when CVAT runs and the volume folders are reachable): phase 1 copies while
@@ -34,7 +39,7 @@ import { TarProcessor } from '../archive/tar.js';
 import { TarTreeBuilder } from '../repository/tar-import.js';
 import { posix } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import type { Repository } from '../repository/repository.js';
+import type { Repository, UploadDeferral } from '../repository/repository.js';
 import { Archiver, type ArchiveStats } from '../repository/archiver.js';
 import { backupPoolSize } from '../repository/chunk-pool.js';
 import { readSnapshots, shortId } from '../repository/snapshots.js';
@@ -224,6 +229,8 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         parent?.volumes.find((p) => p.composeName === volume.composeName && p.mountPath === volume.mountPath)?.tree;
       let volumes: SnapshotVolume[];
       let window: DowntimeWindow;
+      /** A remote repository's writes during the downtime, held on this machine until CVAT runs again. */
+      let deferral: UploadDeferral | undefined;
       try {
         if (mode === 'offline') {
           const offline = async (): Promise<SnapshotVolume[]> => {
@@ -254,14 +261,35 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
             await options.whileHeld?.();
             return result;
           };
+          // The final pass never waits on the network: trees come from the cache, writes go to
+          // the spool (a local repository writes directly).
+          deferral = await repo.deferUploads();
           onProgress({ type: 'phase', message: `phase 2: copying what changed with CVAT ${mode === 'freeze' ? 'frozen' : 'stopped'}` });
           ({ result: volumes, window } =
             mode === 'freeze'
               ? await withDeploymentFrozen(engine, deployment.containers, onProgress, final, now)
               : await withDeploymentStopped(engine, deployment.containers, onProgress, final, now));
         }
+      } catch (error) {
+        // Nothing a snapshot needs is left only in the spool: the backup failed before its snapshot.
+        await deferral?.abandon().catch(() => undefined);
+        throw error;
       } finally {
         await pool.close();
+      }
+      if (deferral?.active) {
+        try {
+          await deferral.drain({
+            ...signalOption,
+            onStart: (p) =>
+              onProgress({ type: 'phase', message: `uploading ${count(p.packs, 'pack')} and ${count(p.files - p.packs, 'index file')}, ${megabytes(p.bytes)} written during the downtime` }),
+            onRetry: (file, error, attempt) =>
+              onProgress({ type: 'warning', message: `upload of ${file.kind}/${file.name.slice(0, 12)} failed (${(error as Error).message}): trying again (attempt ${attempt + 1})` }),
+          });
+        } catch (error) {
+          await deferral.abandon().catch(() => undefined);
+          throw error;
+        }
       }
       onProgress({ type: 'phase', message: 'writing index' });
       await repo.flush();
@@ -290,6 +318,14 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
   } finally {
     await projectLock.release().catch(() => undefined);
   }
+}
+
+function count(n: number, what: string): string {
+  return `${n} ${what}${n === 1 ? '' : 's'}`;
+}
+
+function megabytes(bytes: number): string {
+  return `${(bytes / 1e6).toFixed(bytes < 1e7 ? 1 : 0)} MB`;
 }
 
 /**

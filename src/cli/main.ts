@@ -37,6 +37,9 @@ interface GlobalOptions {
   repo?: string;
   passwordFile?: string;
   retryLock?: number;
+  cacheDir?: string;
+  /** false with --no-cache. */
+  cache?: boolean;
   sftpCommand?: string;
   sftpArgs?: string;
 }
@@ -182,11 +185,10 @@ function renderStatus(d: Deployment, endpoint: string, db: DatabaseSettings | un
 /** What a command opened that must be closed when it ends, whatever the outcome (remote connections). */
 export class OpenedBackends {
   private readonly backends: Backend[] = [];
-  /** What backends get from the command line and the environment (set before the command runs). */
-  settings: BackendSettings = { env: process.env };
 
-  async open(location: string): Promise<Backend> {
-    const backend = await openBackend(location, this.settings);
+  async open(location: string, settings: BackendSettings = {}): Promise<Backend> {
+    // A remote backend retries what fails for a moment; the user hears of each retry.
+    const backend = await openBackend(location, { ...settings, retry: { onRetry: (event) => warn(event.message) } });
     this.backends.push(backend);
     return backend;
   }
@@ -208,15 +210,16 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .option('-r, --repo <path>', 'snapshot repository (default: $CVAT_BACKUP_REPO, else /var/backups/cvat-backup as root)')
     .option('--password-file <file>', 'read the repository password from FILE (else $CVAT_BACKUP_PASSWORD, else a prompt)')
     .addOption(new Option('--retry-lock <duration>', 'when the repository is locked, wait up to this long for it (e.g. 5m, 30s) instead of failing').argParser(parseDuration))
+    // The local cache of a remote repository (index, snapshots, tree packs) and the spool that
+    // keeps a backup's downtime off the network; local repositories have neither.
+    .option('--cache-dir <dir>', 'cache of remote repositories (default: $CVAT_BACKUP_CACHE_DIR, else $XDG_CACHE_HOME/cvat-backup, else ~/.cache/cvat-backup)')
+    .option('--no-cache', 'remote repositories: read and write everything through the network, also during the downtime')
     .option('--sftp-command <command>', 'sftp: repositories: the command that starts an SFTP session instead of ssh (default: $CVAT_BACKUP_SFTP_COMMAND, else "ssh [-p PORT] [-l USER] HOST -s sftp")')
     .option('--sftp-args <args>', 'sftp: repositories: extra ssh arguments, e.g. "-i ~/.ssh/backup_key" (default: $CVAT_BACKUP_SFTP_ARGS)')
     .showHelpAfterError()
     .exitOverride();
 
   const globals = (): GlobalOptions => program.opts<GlobalOptions>();
-  program.hook('preAction', () => {
-    backends.settings = { env: process.env, sftpCommand: globals().sftpCommand, sftpArgs: globals().sftpArgs };
-  });
 
   const printRestore = (result: ArchiveRestoreResult, what: string): void => {
     if (globals().json) {
@@ -383,8 +386,19 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
       printRestore(result, '');
     });
 
-  const openRepository = async (): Promise<Repository> =>
-    Repository.open(await backends.open(repositoryLocation(globals().repo)), await readPassword(globals().passwordFile, false, warn), {
+  /** How remote repositories are cached (check reads what the storage holds, never a local copy: `cached` false). */
+  const backendSettings = (cached = true): BackendSettings => {
+    const { cache, cacheDir, sftpCommand, sftpArgs } = globals();
+    return {
+      env: process.env,
+      sftpCommand,
+      sftpArgs,
+      cache: { disabled: !cached || cache === false, dir: cacheDir === undefined ? undefined : resolve(cacheDir), onWarning: warn },
+    };
+  };
+
+  const openRepository = async (cached = true): Promise<Repository> =>
+    Repository.open(await backends.open(repositoryLocation(globals().repo), backendSettings(cached)), await readPassword(globals().passwordFile, false, warn), {
       onWarning: warn,
       locks: {
         retryForMs: globals().retryLock ?? 0,
@@ -399,7 +413,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
    * lock (exit 16), not as damage.
    */
   async function withRepositoryLock<T>(operation: LockOperation, work: (repo: Repository, signal: AbortSignal) => Promise<T>): Promise<T> {
-    const repo = await openRepository();
+    const repo = await openRepository(operation !== 'check');
     const { signal: interrupt, dispose } = interruptible();
     try {
       const lock = await repo.lock(operation, { signal: interrupt });
@@ -482,7 +496,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .command('init')
     .description('create a snapshot repository (location: --repo, $CVAT_BACKUP_REPO or the default)')
     .action(async () => {
-      const backend = await backends.open(repositoryLocation(globals().repo));
+      const backend = await backends.open(repositoryLocation(globals().repo), backendSettings());
       const repo = await Repository.init(backend, await readPassword(globals().passwordFile, true, warn));
       if (globals().json) out(JSON.stringify({ repository: backend.location, id: repo.config.id }));
       else out(`Created repository ${repo.config.id.slice(0, 10)} at ${backend.location}. Keep the password safe: without it the backups cannot be read.`);

@@ -17,7 +17,8 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { write } from 'node:fs';
-import type { Backend } from '../backend/backend.js';
+import type { Backend, FileKind } from '../backend/backend.js';
+import { localCopiesOf, type UploadOptions } from '../backend/cache.js';
 import { CorruptArchiveError, RepositoryError } from '../errors.js';
 import { DEFAULT_CHUNKER, type ChunkerParams } from './chunker.js';
 import { open as openSealed, seal, sealParts, type KdfParams } from './crypto.js';
@@ -40,9 +41,24 @@ export interface RepositoryConfig {
   created: string;
 }
 
-/** An index file: packs and the blobs in each (all of a pack's blobs, as its header lists them). */
+/** A pack as an index file names it. */
+export interface IndexedPack {
+  id: string;
+  /** All of the pack's blobs, as its header lists them. */
+  blobs: PackHeaderEntry[];
+  /**
+   * The pack's name is the SHA-256 of its bytes (packer.ts): `check --read-data` verifies it.
+   * Written only by builds that name packs so; absent for packs of earlier builds (named at
+   * random) and for packs `repair index` found without an index entry saying so. Absent never
+   * raises an alarm, so a reader that drops it (an older build rewriting an index) only loses
+   * that one check.
+   */
+  nameIsHash?: true;
+}
+
+/** An index file: packs and the blobs in each. */
 export interface IndexFile {
-  packs: { id: string; blobs: PackHeaderEntry[] }[];
+  packs: IndexedPack[];
 }
 
 /**
@@ -83,6 +99,8 @@ export class Repository {
   private held: RepositoryLock | undefined;
   /** Index files and snapshots this process wrote (name → bytes). */
   private readonly writtenObjects = new Map<string, number>();
+  /** Writes go to the cache's spool (deferUploads): the lock is checked when they are uploaded. */
+  private deferring = false;
 
   private constructor(
     readonly backend: Backend,
@@ -168,21 +186,22 @@ export class Repository {
   async saveObject(kind: ObjectKind, value: unknown): Promise<string> {
     const sealed = seal(this.key, Buffer.from(JSON.stringify(value)), kind);
     const id = sha256(sealed);
-    if (kind !== 'state') await this.assertLockHeld();
+    if (kind !== 'state' && !this.deferring) await this.assertLockHeld();
     await this.backend.save(kind, id, sealed);
     this.writtenObjects.set(`${kind}/${id}`, sealed.length);
     return id;
   }
 
   async loadObject<T>(kind: ObjectKind, id: string): Promise<T> {
-    const sealed = await this.backend.load(kind, id);
-    if (sha256(sealed) !== id) throw new CorruptArchiveError(`${kind}/${id}: content does not match its name`);
-    let text: string;
-    try {
-      text = openSealed(this.key, sealed, kind, `${kind}/${id}`).toString('utf8');
-    } catch (error) {
-      throw error instanceof CorruptArchiveError ? error : new CorruptArchiveError(`${kind}/${id}: ${(error as Error).message}`, { cause: error });
-    }
+    const text = await this.fromStorage(kind, id, async () => {
+      const sealed = await this.backend.load(kind, id);
+      if (sha256(sealed) !== id) throw new CorruptArchiveError(`${kind}/${id}: content does not match its name`);
+      try {
+        return openSealed(this.key, sealed, kind, `${kind}/${id}`).toString('utf8');
+      } catch (error) {
+        throw error instanceof CorruptArchiveError ? error : new CorruptArchiveError(`${kind}/${id}: ${(error as Error).message}`, { cause: error });
+      }
+    });
     try {
       return JSON.parse(text) as T;
     } catch (error) {
@@ -199,6 +218,8 @@ export class Repository {
    */
   async loadIndex(options: { onDamaged?: (name: string, error: CorruptArchiveError) => void } = {}): Promise<void> {
     if (this.indexLoaded) return;
+    const packs = new Set<string>();
+    let damaged = false;
     for (const { name } of await this.backend.list('index')) {
       let file: IndexFile;
       try {
@@ -207,14 +228,18 @@ export class Repository {
         // check goes on past a damaged index file (and says so); everyone else stops.
         if (!(error instanceof CorruptArchiveError) || !options.onDamaged) throw error;
         options.onDamaged(name, error);
+        damaged = true;
         continue;
       }
       for (const pack of file.packs) {
+        packs.add(pack.id);
         for (const b of pack.blobs) this.index.set(b.id, { pack: pack.id, type: b.type, offset: b.offset, length: b.length, rawLength: b.rawLength });
       }
       this.indexFiles.add(name);
     }
     this.indexLoaded = true;
+    // Cached tree packs that no index names any more (a prune on another machine removed them).
+    if (!damaged) await localCopiesOf(this.backend)?.dropPacksExcept((name) => packs.has(name));
   }
 
   /** Reads one index file and checks its shape (CorruptArchiveError if it is not an index). */
@@ -240,9 +265,9 @@ export class Repository {
    * Writes index files naming `packs` (split so that no file names more than INDEX_EVERY
    * blobs); checks the lock first. Returns the names written.
    */
-  async saveIndexFiles(packs: { id: string; blobs: PackHeaderEntry[] }[]): Promise<string[]> {
+  async saveIndexFiles(packs: IndexedPack[]): Promise<string[]> {
     const names: string[] = [];
-    let batch: { id: string; blobs: PackHeaderEntry[] }[] = [];
+    let batch: IndexedPack[] = [];
     let blobs = 0;
     const write = async (): Promise<void> => {
       if (batch.length === 0) return;
@@ -376,7 +401,35 @@ export class Repository {
     if (!where) throw new CorruptArchiveError(`blob ${id.slice(0, 12)} is missing from the index`);
     const local = pool ? this.backend.localPath?.('data', where.pack) : undefined;
     if (pool && local !== undefined) return pool.loadBlob(local, id, where, hash, to);
-    const sealed = await this.backend.load('data', where.pack, { offset: where.offset, length: where.length });
+    return this.fromStorage('data', where.pack, async () => {
+      // Tree packs are metadata: a remote repository's cache serves them (backend/cache.ts).
+      const sealed = await this.backend.load('data', where.pack, { offset: where.offset, length: where.length }, where.type === 'tree' ? { metadata: true } : undefined);
+      return this.openBlob(id, where, sealed, hash);
+    });
+  }
+
+  /**
+   * Runs `read` of a stored file; when it finds the file damaged (CorruptArchiveError) and what it
+   * read was a cached copy, drops that copy and reads once more, from the remote: a damaged cache
+   * never breaks a command, and never hides what the repository itself holds.
+   */
+  private async fromStorage<T>(kind: FileKind, name: string, read: () => Promise<T>): Promise<T> {
+    try {
+      return await read();
+    } catch (error) {
+      if (!(error instanceof CorruptArchiveError)) throw error;
+      const cache = localCopiesOf(this.backend);
+      if (!cache || !(await cache.forget(kind, name))) throw error;
+      this.options.onWarning?.(`the cached copy of ${kind}/${name.slice(0, 12)} was damaged (${error.message}): dropped, read from the repository instead`);
+      return read();
+    }
+  }
+
+  /**
+   * Authenticates, unpacks and checks blob `id` from its sealed bytes, read by the caller from
+   * `where` (check reads whole packs at once). CorruptArchiveError when they are not that blob.
+   */
+  async openBlob(id: string, where: BlobLocation, sealed: Buffer, hash: boolean): Promise<Buffer> {
     const framed = openSealed(this.key, sealed, blobAad(where.type, id), `pack ${where.pack.slice(0, 12)} blob ${id.slice(0, 12)}`);
     const plaintext = await unpackPayload(framed, where.rawLength);
     // The id is authenticated with the blob (AAD), so a hash check only guards against our own bugs:
@@ -394,13 +447,58 @@ export class Repository {
     this.unindexed = [];
     this.unindexedBlobs = 0;
     try {
-      await this.saveObject('index', { packs: packs.map((p) => ({ id: p.id, blobs: p.blobs })) } satisfies IndexFile);
+      await this.saveObject('index', { packs: packs.map((p) => ({ id: p.id, blobs: p.blobs, nameIsHash: true as const })) } satisfies IndexFile);
     } catch (error) {
       // Not written: the packs stay unindexed, for a later attempt (or prune's grace period).
       this.unindexed = [...packs, ...this.unindexed];
       this.unindexedBlobs += packs.reduce((n, p) => n + p.blobs.length, 0);
       throw error;
     }
+  }
+
+  /**
+   * Holds every write of this repository (packs, index files) on this machine until `drain`, so
+   * that a backup's downtime never waits on the network (backend/cache.ts). A repository without
+   * a local cache (a local folder, or --no-cache) writes directly, and its deferral does nothing.
+   * One deferral at a time.
+   */
+  async deferUploads(): Promise<UploadDeferral> {
+    const spool = await localCopiesOf(this.backend)?.deferUploads();
+    if (!spool) return { active: false, drain: () => Promise.resolve({ packs: 0, files: 0, bytes: 0 }), abandon: () => Promise.resolve() };
+    this.deferring = true;
+    const end = (): void => {
+      this.deferring = false;
+    };
+    return {
+      active: true,
+      drain: async (options = {}) => {
+        // Everything still open becomes a file in the spool first; then packs go before the
+        // index files that name them, and those only while the lock is held.
+        await this.flush();
+        const files = spool.pending();
+        const summary = { packs: files.filter((f) => f.kind === 'data').length, files: files.length, bytes: files.reduce((n, f) => n + f.size, 0) };
+        options.onStart?.(summary);
+        await spool.upload(['data'], options);
+        await this.assertLockHeld();
+        await spool.upload(['index'], options);
+        await spool.upload([...new Set(spool.pending().map((f) => f.kind))], options);
+        await spool.end();
+        end();
+        return summary;
+      },
+      abandon: async () => {
+        if (!this.deferring) return;
+        // No pack write may still be on its way into the spool when it goes.
+        await this.packs.flush().catch(() => undefined);
+        end();
+        await spool.discard();
+        // What only the spool held is gone: the in-memory index must not claim it.
+        this.resetIndex();
+        this.unindexed = [];
+        this.unindexedBlobs = 0;
+        this.pendingIds.clear();
+      },
+    };
   }
 
   /** Writes the open packs and an index file for every pack not yet indexed. Call before a snapshot. */
@@ -440,6 +538,26 @@ export class Repository {
     if (!Array.isArray(entries) || !entries.every((e) => isHeaderEntry(e, length - 4 - headerLength))) throw new CorruptArchiveError(`pack ${short}: header entries are not valid`);
     return entries;
   }
+}
+
+/** Writes held on this machine during a downtime (Repository.deferUploads). */
+export interface UploadDeferral {
+  /** False where writes go directly to the storage (a local repository, no cache). */
+  readonly active: boolean;
+  /**
+   * Writes the open packs and the index into the spool, then uploads it: packs, then (the lock
+   * checked) index files; then writes go directly again. Retries as `options` say; rejects if a
+   * file cannot be uploaded (the deferral stays: `abandon` it). Returns what was uploaded.
+   */
+  drain(options?: UploadOptions & { onStart?: (pending: UploadSummary) => void }): Promise<UploadSummary>;
+  /** Ends the deferral and deletes what was not uploaded (the operation failed). Idempotent. */
+  abandon(): Promise<void>;
+}
+
+export interface UploadSummary {
+  packs: number;
+  files: number;
+  bytes: number;
 }
 
 function isHeaderEntry(value: unknown, dataLength: number): value is PackHeaderEntry {
