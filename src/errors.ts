@@ -152,5 +152,9 @@ export function classifyError(error: unknown, diskFull = 'free space on the disk
   if ((error as { name?: unknown } | null)?.name === 'AbortError') {
     return new InterruptedError('interrupted', { cause: error });
   }
+  // A failure the backend called passing that outlasted the retries (a connection that stays down).
+  if ((error as { transient?: unknown } | null)?.transient === true) {
+    return new StorageAccessError(`the repository's storage kept failing, retries used up: ${(error as Error).message}`, { cause: error });
+  }
   return error;
 }

@@ -5,16 +5,18 @@
  * hangs up. The same backend through a real sshd is test/sftp.test.ts.
  */
 import { describe, it } from 'node:test';
+import { spawn } from 'node:child_process';
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
-import { StorageAccessError, TargetNotEmptyError, UsageError } from '../errors.js';
+import { classifyError, StorageAccessError, TargetNotEmptyError, UsageError } from '../errors.js';
 import { conformance } from './conformance.js';
 import { openBackend } from './open.js';
 import { loginFailure, SftpBackend, sshCommand, splitCommand, type SftpOptions } from './sftp.js';
-import { MAX_PACKET, OPEN_FLAGS, SftpSession, type SftpError } from './sftp-protocol.js';
+import { MAX_PACKET, OPEN_FLAGS, SftpError, SftpSession } from './sftp-protocol.js';
+import { transientReason } from './retry.js';
 
 const SFTP_SERVER = '/usr/lib/openssh/sftp-server';
 const noServer = !existsSync(SFTP_SERVER) && `needs OpenSSH's ${SFTP_SERVER} (apt-get install openssh-server)`;
@@ -143,7 +145,42 @@ server.on('exit', () => process.exit(0));
       await new Promise((r) => setTimeout(r, 50));
       assert.equal((await backend.load('keys', 'k1')).toString(), 'key');
       assert.notEqual(Number(readFileSync(pidFile, 'utf8')), first, 'a new server process');
+      // Marked passing for the retry wrapper; if it outlasts the retries, the CLI says so in one line (exit 17).
+      const dropped = new SftpError('sftp:storage:/repo: the SFTP connection ended (ssh exited with code 255)', 'ECONNRESET', undefined);
+      assert.equal(transientReason(dropped), 'connection reset');
+      const final = classifyError(dropped);
+      assert.ok(final instanceof StorageAccessError && final.exitCode === 17 && /retries used up: sftp:storage/.test(final.message));
       await backend.close();
+    });
+  });
+
+  void it('a Ctrl-C (SIGINT to the whole process group) leaves the connection up for the cleanup', async () => {
+    await withDir(async (dir) => {
+      // A command in its own process group, as in a terminal: on SIGINT it still saves (its lock removal, say).
+      const script = join(dir, 'interrupted.mjs');
+      writeFileSync(
+        script,
+        `import { SftpBackend } from ${JSON.stringify(new URL('./sftp.js', import.meta.url).href)};
+const backend = new SftpBackend({ user: undefined, host: 'storage', port: undefined, path: ${JSON.stringify(join(dir, 'repo'))}, text: 'sftp:storage:repo' }, { command: [${JSON.stringify(SFTP_SERVER)}] });
+await backend.create();
+process.on('SIGINT', async () => {
+  await backend.save('locks', 'cleanup', Buffer.from('after Ctrl-C')).then(() => console.log('saved'), (e) => console.log('failed: ' + e.message));
+  await backend.close();
+  process.exit(0);
+});
+console.log('ready');
+setInterval(() => undefined, 1000);
+`,
+      );
+      const child = spawn(process.execPath, [script], { detached: true, stdio: ['ignore', 'pipe', 'inherit'] });
+      let output = '';
+      child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      while (!output.includes('ready')) await new Promise((r) => setTimeout(r, 20));
+      process.kill(-child.pid!, 'SIGINT');
+      await exited;
+      assert.equal(output.trim(), 'ready\nsaved');
+      assert.equal(readFileSync(join(dir, 'repo', 'locks', 'cleanup'), 'utf8'), 'after Ctrl-C');
     });
   });
 
