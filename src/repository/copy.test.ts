@@ -21,7 +21,7 @@ import { copySnapshots, snapshotContent, type CopyEvent, type CopyResult } from 
 import { Repository, sha256 } from './repository.js';
 import { readSnapshots } from './snapshots.js';
 import { TEST_KDF, initTestRepository, openTestRepository, prngBytes, readSnapshotFiles, writeSnapshot } from './testing.js';
-import type { Snapshot } from './tree.js';
+import type { Snapshot, TreeNode } from './tree.js';
 
 type Files = Record<string, Buffer>;
 
@@ -72,6 +72,28 @@ async function names(backend: Backend): Promise<Record<string, string[]>> {
   const out: Record<string, string[]> = {};
   for (const kind of ['data', 'index', 'snapshots', 'keys', 'config'] satisfies FileKind[]) out[kind] = (await backend.list(kind)).map((f) => f.name).sort();
   return out;
+}
+
+function node(name: string, fields: Partial<TreeNode> & Pick<TreeNode, 'type'>): TreeNode {
+  return { name: Buffer.from(name).toString('base64'), mode: 0o755, uid: 0, gid: 0, mtimeNs: '0', ctimeNs: '0', inode: '0', size: 0, ...fields };
+}
+
+/** A snapshot of one volume whose root folder is `tree`. */
+function snapshotOf(tree: string, options: { time: string; bytes: number; root?: TreeNode }): Snapshot {
+  return {
+    version: 1,
+    time: options.time,
+    hostname: 'test',
+    tool: 'test',
+    project: 'p',
+    cvat: { version: '2.73.0', versionSource: 'given', serverImage: null, serverImageDigest: null },
+    downtimeMs: 0,
+    durationMs: 0,
+    volumes: [
+      { composeName: 'cvat_data', name: 'p_cvat_data', role: 'media', mountPath: '/home/django/data', tree, root: options.root ?? node('', { type: 'dir' }), entries: 100, files: 10, bytes: options.bytes },
+    ],
+    skipped: [],
+  };
 }
 
 describe('copy between repositories', () => {
@@ -206,6 +228,33 @@ describe('copy between repositories', () => {
     assert.deepEqual((await names(target)).snapshots, before.snapshots);
   });
 
+  it('a folder shared with a damaged snapshot is copied with the next snapshot that has it', async () => {
+    const source = new MemoryBackend();
+    const repo = await initTestRepository(source);
+    await repo.loadIndex();
+    const chunk = async (seed: number): Promise<string> => (await repo.saveBlob('data', prngBytes(seed, 10_000))).id;
+    const tree = async (nodes: TreeNode[]): Promise<string> => (await repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes })))).id;
+    const bad = await chunk(1);
+    const shared = await tree([node('x', { type: 'file', size: 20_000, content: [await chunk(2), await chunk(3)] })]);
+    // Snapshot 1: a file whose chunk is damaged, read ahead of the shared folder's blobs.
+    const first = await tree([node('a', { type: 'file', size: 10_000, content: [bad] }), node('b', { type: 'dir', subtree: shared })]);
+    const second = await tree([node('dir', { type: 'dir', subtree: shared })]);
+    await repo.flush();
+    const s1 = await repo.saveObject('snapshots', snapshotOf(first, { time: '2026-01-01T00:00:00Z', bytes: 30_000 }));
+    const s2 = await repo.saveObject('snapshots', snapshotOf(second, { time: '2026-01-02T00:00:00Z', bytes: 20_000 }));
+    const where = repo.location(bad)!;
+    const pack = await source.load('data', where.pack);
+    pack[where.offset + 30]! ^= 1;
+    await source.remove('data', where.pack);
+    await source.save('data', where.pack, pack);
+
+    const target = new MemoryBackend();
+    await initTestRepository(target);
+    const result = await copy(source, target);
+    assert.deepEqual(result.snapshots.map((s) => [s.source, s.status]), [[s1, 'damaged'], [s2, 'copied']]);
+    assert.deepEqual((await checkRepository(await openTestRepository(target), { readData: true })).errors, []);
+  });
+
   it('checks each blob on arrival: one whose bytes do not hash to its id is refused', async () => {
     const source = new MemoryBackend();
     const repo = await initTestRepository(source);
@@ -283,19 +332,7 @@ describe('copy between repositories', () => {
       await sourceRepo.loadIndex();
       const archived = await new Archiver(sourceRepo).archive(volume, undefined);
       await sourceRepo.flush();
-      const snapshot: Snapshot = {
-        version: 1,
-        time: '2026-01-01T00:00:00Z',
-        hostname: 'test',
-        tool: 'test',
-        project: 'p',
-        cvat: { version: '2.73.0', versionSource: 'given', serverImage: null, serverImageDigest: null },
-        downtimeMs: 0,
-        durationMs: 0,
-        volumes: [{ composeName: 'cvat_data', name: 'p_cvat_data', role: 'media', mountPath: '/home/django/data', tree: archived.tree, root: archived.root, entries: 2, files: 2, bytes: dataBytes }],
-        skipped: [],
-      };
-      await sourceRepo.saveObject('snapshots', snapshot);
+      await sourceRepo.saveObject('snapshots', snapshotOf(archived.tree, { time: '2026-01-01T00:00:00Z', bytes: dataBytes, root: archived.root }));
 
       const plain = new MemoryBackend();
       const same = new MemoryBackend();

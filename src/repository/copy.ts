@@ -60,8 +60,11 @@ export type SnapshotOutcome =
 export type CopyEvent =
   /** A snapshot's copy begins; `bytes` is what its volumes (and dump) hold. */
   | { type: 'snapshot-start'; snapshot: string; time: string; project: string; bytes: number }
-  /** File bytes of the snapshot gone through so far (copied, found in the target, holes), and blobs copied. */
-  | { type: 'snapshot-progress'; snapshot: string; bytes: number; blobsCopied: number }
+  /**
+   * The snapshot so far: file bytes gone through (copied, found in the target, holes), files
+   * walked (a folder already walked in this run is not walked again) and blobs copied.
+   */
+  | { type: 'snapshot-progress'; snapshot: string; bytes: number; files: number; blobsCopied: number }
   | { type: 'snapshot-done'; outcome: SnapshotOutcome }
   | { type: 'warning'; message: string };
 
@@ -80,6 +83,12 @@ export interface CopyResult {
   bytesWritten: { packs: number; objects: number };
   /** Packs written and read back. */
   packsVerified: number;
+}
+
+interface Progress {
+  bytes: number;
+  files: number;
+  blobsCopied: number;
 }
 
 /** Source-side damage: the snapshot being copied is skipped, the copy goes on. */
@@ -245,8 +254,8 @@ class BlobCopier {
   private queue: { id: string; read: Promise<BlobForCopy>; fileBytes: number }[] = [];
   private readonly queued = new Set<string>();
   private readonly verifiedIndexFiles = new Set<string>();
-  private progress = { bytes: 0, blobsCopied: 0 };
-  private report: (progress: { bytes: number; blobsCopied: number }) => void = () => undefined;
+  private progress: Progress = { bytes: 0, files: 0, blobsCopied: 0 };
+  private report: (progress: Progress) => void = () => undefined;
 
   constructor(
     private readonly source: Repository,
@@ -256,8 +265,8 @@ class BlobCopier {
   ) {}
 
   /** Copies every blob `snapshot` needs that the target lacks; SourceDamage if the source cannot give one. */
-  async copySnapshotData(snapshot: StoredSnapshot, report: (progress: { bytes: number; blobsCopied: number }) => void): Promise<void> {
-    this.progress = { bytes: 0, blobsCopied: 0 };
+  async copySnapshotData(snapshot: StoredSnapshot, report: (progress: Progress) => void): Promise<void> {
+    this.progress = { bytes: 0, files: 0, blobsCopied: 0 };
     this.report = report;
     try {
       if (!Array.isArray(snapshot.volumes)) throw new SourceDamage('the snapshot lists no volumes');
@@ -302,6 +311,7 @@ class BlobCopier {
     await this.keepReadAhead();
     for (const node of nodes) {
       const path = `${where}/${Buffer.from(node.name, 'base64').toString('utf8')}`;
+      if (node.type === 'file') this.progress.files++;
       if (node.content) await this.copyChunks(node.content, path);
       if (node.subtree) await this.copyTree(node.subtree, bounds, path);
     }
