@@ -361,6 +361,7 @@ class BlobCopier {
   }
 
   private async drainOne(): Promise<void> {
+    this.signal?.throwIfAborted();
     const next = this.queue[0]!;
     const blob = await next.read;
     this.queue.shift();
