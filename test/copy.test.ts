@@ -129,15 +129,21 @@ describe('copy between repositories (CLI, real deployment)', { skip: !isRoot && 
     // Enough new data that a copy can be killed in the middle.
     await writeFile(join(await f.volumePath('cvat_data'), 'data/1/raw/video.mp4'), randomBytes(120_000_000));
     await backupA();
+    let killedMidway = 0;
     for (let trial = 0; trial < 3; trial++) {
+      const before = await filesOf(repoB);
       const run = startCli(['-r', repoB, 'copy', '--from-repo', repoA, '--from-password-file', passwordFileA], envB);
       await run.waitForStderr(/copying snapshot/, 60_000).catch(() => undefined);
       await new Promise((resolve) => setTimeout(resolve, 200 + trial * 400));
       run.kill('SIGKILL');
       await run.result;
+      const left = await filesOf(repoB);
+      const added = left.filter((n) => !before.includes(n));
+      if (added.some((n) => n.startsWith('data/')) && !added.some((n) => n.startsWith('snapshots/'))) killedMidway++;
       const check = await cli(['-r', repoB, 'check'], envB);
       assert.equal(check.code, 0, `after kill ${trial}: ${check.stderr}`);
     }
+    assert.ok(killedMidway > 0, 'at least one copy was killed after writing packs and before its snapshot');
     const finish = await copyAB();
     assert.equal(finish.code, 0, finish.stderr);
     assert.deepEqual((JSON.parse(finish.stdout) as CopyJson).snapshots.map((s) => s.status), ['present', 'present', 'copied']);
