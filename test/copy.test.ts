@@ -9,7 +9,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { chmod, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createFixtureDeployment, databaseFingerprint, type FixtureDeployment } from './fixture/deployment.js';
 import { snapshotTree, type TreeEntry } from './fixture/tree.js';
@@ -115,6 +115,25 @@ describe('copy between repositories (CLI, real deployment)', { skip: !isRoot && 
     const text = await cli(['-r', repoB, 'copy', '--from-repo', repoA], { ...envB, CVAT_BACKUP_FROM_PASSWORD: PASSWORD_A });
     assert.equal(text.code, 0, text.stderr);
     assert.match(text.stdout, /Nothing to copy/);
+  });
+
+  it('takes a lock on both repositories: an exclusive lock on either makes copy refuse (exit 10), naming which', async () => {
+    const before = await filesOf(repoB);
+    for (const repo of [repoA, repoB]) {
+      // A prune running on this host (a live process: this test's), as its lock file says.
+      const name = 'f'.repeat(64);
+      const now = new Date().toISOString();
+      const lock = { version: 1, exclusive: true, operation: 'prune', hostname: hostname(), pid: process.pid, created: now, time: now };
+      await writeFile(join(repo, 'locks', name), JSON.stringify(lock));
+      try {
+        const c = await copyAB();
+        assert.equal(c.code, 10, c.stderr);
+        assert.match(c.stderr, new RegExp(`repository ${repo} is locked by prune`));
+      } finally {
+        await rm(join(repo, 'locks', name));
+      }
+    }
+    assert.deepEqual(await filesOf(repoB), before);
   });
 
   it('the next backup\'s copy sends only what changed; a copy killed with SIGKILL leaves B sound and a re-run finishes', async () => {
