@@ -146,14 +146,14 @@ describe('copy between repositories (CLI, real deployment)', { skip: !isRoot && 
     assert.ok(incremental.bytesCopied < incremental.bytesProcessed / 4, `${incremental.bytesCopied} of ${incremental.bytesProcessed} bytes sent`);
 
     // Enough new data that a copy can be killed in the middle.
-    await writeFile(join(await f.volumePath('cvat_data'), 'data/1/raw/video.mp4'), randomBytes(120_000_000));
+    await writeFile(join(await f.volumePath('cvat_data'), 'data/1/raw/video.mp4'), randomBytes(64_000_000));
     await backupA();
     let killedMidway = 0;
     for (let trial = 0; trial < 3; trial++) {
       const before = await filesOf(repoB);
       const run = startCli(['-r', repoB, 'copy', '--from-repo', repoA, '--from-password-file', passwordFileA], envB);
       await run.waitForStderr(/copying snapshot/, 60_000).catch(() => undefined);
-      await new Promise((resolve) => setTimeout(resolve, 200 + trial * 400));
+      await new Promise((resolve) => setTimeout(resolve, 100 + trial * 300));
       run.kill('SIGKILL');
       await run.result;
       const left = await filesOf(repoB);
