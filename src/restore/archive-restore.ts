@@ -12,7 +12,7 @@
  */
 import { createReadStream } from 'node:fs';
 import { createGunzip } from 'node:zlib';
-import type { Readable } from 'node:stream';
+import { PassThrough, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
@@ -246,16 +246,34 @@ async function writeThroughEngine(
   signal: AbortSignal | undefined,
 ): Promise<string[]> {
   const guarded = new GuardedTarStream(memberPrefix);
-  const piped = pipeline(tar, processor, guarded, signal ? { signal } : {});
-  piped.catch(() => undefined); // awaited below
+  // The engine extracts while it reads the request body and answers once it has written what it
+  // read. Aborting the request on a refused member (or Ctrl-C) would return at once while the
+  // engine may still write the members before it, after the rollback put the old files back. So
+  // the body is never aborted: it ends where the checked stream stopped, and the rollback waits
+  // for the engine's answer.
+  const body = new PassThrough({ highWaterMark: 1 << 20 });
+  guarded.pipe(body, { end: false });
+  let streamFailure: { error: unknown } | undefined;
+  const piped = pipeline(tar, processor, guarded, signal ? { signal } : {})
+    .catch((error: unknown) => {
+      streamFailure = { error };
+    })
+    .finally(() => {
+      guarded.unpipe(body);
+      body.end();
+    });
   try {
-    await engine.writeArchive(containerId, '/', guarded, signal);
+    await engine.writeArchive(containerId, '/', body);
   } catch (error) {
+    // A stream that failed first is the cause (the engine's complaint about a body that ended
+    // early is its consequence); otherwise the engine failed: stop reading and report that.
+    const cause = streamFailure ?? { error };
     guarded.destroy();
-    await piped.catch(() => undefined);
-    throw error;
+    await piped;
+    throw cause.error;
   }
   await piped;
+  if (streamFailure) throw streamFailure.error;
   return guarded.skipped;
 }
 
