@@ -1,7 +1,7 @@
 /**
  * Repository locks (format: docs/repository-format.md, "Locks"). restic's rules, kept as the floor:
  *
- * - Modes. Operations that only add data or only read (backup, import, check, restore, export)
+ * - Modes. Operations that only add data or only read (backup, import, check, restore, export, copy)
  *   take a shared lock and run side by side; operations that delete (forget, prune, repair index)
  *   take the exclusive one, which needs the repository to themselves.
  * - Taking a lock: write our lock file, then list the locks. A conflicting lock that is not stale
@@ -30,7 +30,7 @@ import { systemClock, type Clock } from '../clock.js';
 import { LockLostError, LockedError } from '../errors.js';
 import { processAlive as systemProcessAlive } from '../host.js';
 
-export type LockOperation = 'backup' | 'import' | 'check' | 'restore' | 'export' | 'forget' | 'prune' | 'repair-index';
+export type LockOperation = 'backup' | 'import' | 'check' | 'restore' | 'export' | 'copy' | 'forget' | 'prune' | 'repair-index';
 
 const EXCLUSIVE: ReadonlySet<LockOperation> = new Set(['forget', 'prune', 'repair-index']);
 
