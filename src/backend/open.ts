@@ -6,6 +6,7 @@ import { UsageError } from '../errors.js';
 import type { Backend } from './backend.js';
 import { LocalBackend } from './local.js';
 import { describeLocation, parseLocation, type Location } from './location.js';
+import { RestBackend } from './rest.js';
 
 /** What a backend may need from outside (credentials come from the environment, never the location). */
 export interface BackendSettings {
@@ -13,13 +14,18 @@ export interface BackendSettings {
 }
 
 /** Opens the backend of `location` (text in restic's syntax, or parsed). Remote backends connect lazily. */
-export function openBackend(location: string | Location, settings: BackendSettings = {}): Promise<Backend> {
+// eslint-disable-next-line @typescript-eslint/require-await -- async: a bad location rejects, never throws synchronously
+export async function openBackend(location: string | Location, settings: BackendSettings = {}): Promise<Backend> {
   const parsed = typeof location === 'string' ? parseLocation(location) : location;
-  void settings;
+  const env = settings.env ?? process.env;
   switch (parsed.kind) {
     case 'local':
-      return Promise.resolve(new LocalBackend(parsed.path));
+      return new LocalBackend(parsed.path);
+    case 'rest':
+      return RestBackend.http(parsed.url, describeLocation(parsed), env);
+    case 'rclone':
+      return RestBackend.rclone(parsed.remote, describeLocation(parsed), env);
     default:
-      return Promise.reject(new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`));
+      throw new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`);
   }
 }

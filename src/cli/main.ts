@@ -609,6 +609,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         if (!options.dryRun) {
           // Checked once, not per file: a snapshot removal needs no index, and a lost lock stops here.
           await repo.assertLockHeld();
+          if (decision.remove.length > 0 || options.prune) await repo.backend.assertDeletes?.();
           for (const s of decision.remove) await repo.backend.remove('snapshots', s.id); // durable: the folder is fsynced
         }
         const pruned = options.prune && !options.dryRun ? await prune(repo, signal, options) : undefined;
