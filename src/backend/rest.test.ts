@@ -14,7 +14,7 @@ import type { Backend } from './backend.js';
 import { conformance } from './conformance.js';
 import { openBackend } from './open.js';
 import { startRcloneServer, type RcloneServer } from './rclone-server.js';
-import { RestBackend, splitWords } from './rest.js';
+import { splitWords, type RestBackend } from './rest.js';
 
 const SECRET = 'pw-Zq81-never-shown';
 let shared: Promise<RcloneServer> | undefined;
