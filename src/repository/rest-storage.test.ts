@@ -32,7 +32,7 @@ function cli(args: string[], skew: string): Promise<{ code: number | null; stder
 const servers: RcloneServer[] = [];
 const backends: Backend[] = [];
 after(async () => {
-  await Promise.allSettled(backends.map((b) => b.close?.()));
+  await Promise.allSettled(backends.map(async (b) => b.close?.()));
   await Promise.allSettled(servers.map((s) => s.stop()));
 });
 async function rest(options: { appendOnly?: boolean } = {}): Promise<() => Promise<Backend>> {
