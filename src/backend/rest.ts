@@ -478,9 +478,9 @@ export class RestBackend implements Backend {
     return length;
   }
 
-  private appendOnly(what: string): UsageError {
+  private appendOnly(what?: string): UsageError {
     return new UsageError(
-      `${this.location}: the server refuses to delete ${what} (403): it is append-only, so forget and prune cannot run through it; run them against the storage itself (on the server, with delete rights)`,
+      `${this.location}: the server refuses to delete ${what ?? 'repository files'} (403): it is append-only, so forget and prune cannot run through it; run them against the storage itself (on the server, with delete rights)`,
     );
   }
 
@@ -496,7 +496,10 @@ export class RestBackend implements Backend {
    * does not exist (an append-only server refuses before it looks; any other says 404).
    */
   async assertDeletes(): Promise<void> {
-    await this.remove('snapshots', randomBytes(32).toString('hex'));
+    const name = randomBytes(32).toString('hex');
+    const reply = await this.send('DELETE', this.path('snapshots', name));
+    if (reply.status === 403) throw this.appendOnly();
+    if (reply.status !== 404 && (reply.status < 200 || reply.status >= 300)) throw this.failure('DELETE', `snapshots/${name}`, reply);
   }
 
   async close(): Promise<void> {
