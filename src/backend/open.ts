@@ -1,16 +1,29 @@
 /**
  * From a repository location (location.ts) to the backend that stores it. The one place that
- * knows every backend; the CLI and tests open repositories through it.
+ * knows every backend; the CLI and tests open repositories through it. Every backend that is not
+ * a local folder is wrapped in the retry wrapper (`remote`): network storage fails for a moment
+ * now and then, a local disk that fails does not get better by asking again.
  */
 import { UsageError } from '../errors.js';
 import type { Backend } from './backend.js';
 import { LocalBackend } from './local.js';
 import { describeLocation, parseLocation, type Location } from './location.js';
 import { RestBackend } from './rest.js';
+import { RetryBackend, type RetryOptions } from './retry.js';
 
 /** What a backend may need from outside (credentials come from the environment, never the location). */
 export interface BackendSettings {
   env?: NodeJS.ProcessEnv;
+  /** How remote backends retry (attempts, pauses) and whom they tell (`onRetry`: the CLI's warnings). */
+  retry?: RetryOptions;
+}
+
+/**
+ * A remote backend as the repository gets it: with retries (retry.ts). Each remote case of
+ * `openBackend` returns `remote(new XBackend(…), settings)`.
+ */
+export function remote(backend: Backend, settings: BackendSettings = {}): Backend {
+  return new RetryBackend(backend, settings.retry);
 }
 
 /** Opens the backend of `location` (text in restic's syntax, or parsed). Remote backends connect lazily. */
@@ -22,9 +35,9 @@ export async function openBackend(location: string | Location, settings: Backend
     case 'local':
       return new LocalBackend(parsed.path);
     case 'rest':
-      return RestBackend.http(parsed.url, describeLocation(parsed), env);
+      return remote(RestBackend.http(parsed.url, describeLocation(parsed), env), settings);
     case 'rclone':
-      return RestBackend.rclone(parsed.remote, describeLocation(parsed), env);
+      return remote(RestBackend.rclone(parsed.remote, describeLocation(parsed), env), settings);
     default:
       throw new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`);
   }

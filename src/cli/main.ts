@@ -182,7 +182,8 @@ export class OpenedBackends {
   private readonly backends: Backend[] = [];
 
   async open(location: string): Promise<Backend> {
-    const backend = await openBackend(location);
+    // A remote backend retries what fails for a moment; the user hears of each retry.
+    const backend = await openBackend(location, { retry: { onRetry: (event) => warn(event.message) } });
     this.backends.push(backend);
     return backend;
   }
