@@ -21,12 +21,14 @@ export interface RcloneServer {
 export interface RcloneServerOptions {
   appendOnly?: boolean;
   user?: { name: string; password: string };
+  /** What it serves: a temporary folder (default), or an rclone remote such as `:memory:`. */
+  remote?: string;
 }
 
 /** Starts rclone on a free loopback port and resolves once it listens; rejects if rclone cannot start. */
 export async function startRcloneServer(options: RcloneServerOptions = {}): Promise<RcloneServer> {
   const dir = mkdtempSync(join(tmpdir(), 'rclone-serve-'));
-  const args = ['serve', 'restic', '--addr', '127.0.0.1:0', '--config', join(dir, 'rclone.conf'), join(dir, 'store')];
+  const args = ['serve', 'restic', '--addr', '127.0.0.1:0', '--config', join(dir, 'rclone.conf'), options.remote ?? join(dir, 'store')];
   if (options.appendOnly) args.push('--append-only');
   if (options.user) {
     // {SHA} entries: what htpasswd -s writes, and what rclone reads.

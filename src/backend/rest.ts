@@ -31,11 +31,14 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import http, { type IncomingHttpHeaders } from 'node:http';
 import http2 from 'node:http2';
 import https from 'node:https';
 import { randomBytes } from 'node:crypto';
-import { Duplex } from 'node:stream';
 import { TargetNotEmptyError, UsageError } from '../errors.js';
 import type { Backend, FileInfo, FileKind } from './backend.js';
 
@@ -143,58 +146,102 @@ export function rcloneCommand(env: NodeJS.ProcessEnv): RcloneCommand {
   return { program, args: splitWords(env['CVAT_BACKUP_RCLONE_ARGS'] ?? 'serve restic --stdio') };
 }
 
-/** HTTP/2 without TLS over the stdin/stdout of `rclone serve restic --stdio`: `rclone:` locations. */
+/**
+ * Two connected unix sockets: one end becomes rclone's stdin and stdout, the other carries our
+ * HTTP/2 session (a real socket, so Node's HTTP/2 needs no stream adapter). The rendezvous path
+ * lives a moment in a private folder and is gone before rclone starts.
+ */
+async function socketPair(): Promise<[net.Socket, net.Socket]> {
+  const dir = await mkdtemp(join(tmpdir(), 'cvat-backup-rclone-'));
+  try {
+    const path = join(dir, 'socket');
+    const server = net.createServer();
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(path, resolve);
+    });
+    const accepted = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
+    const ours = net.connect(path);
+    await new Promise<void>((resolve, reject) => {
+      ours.once('connect', resolve);
+      ours.once('error', reject);
+    });
+    const theirs = await accepted;
+    server.close();
+    return [ours, theirs];
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+interface RcloneProcess {
+  child: ChildProcess;
+  session: http2.ClientHttp2Session;
+}
+
+/**
+ * HTTP/2 without TLS over the stdin/stdout of `rclone serve restic --stdio`: `rclone:` locations.
+ * rclone starts with the first request.
+ */
 class RcloneTransport implements Transport {
-  private readonly child: ChildProcess;
-  private readonly session: http2.ClientHttp2Session;
-  private readonly exited: Promise<void>;
+  private started: Promise<RcloneProcess> | undefined;
+  private exited: Promise<void> = Promise.resolve();
   private exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   private spawnError: Error | undefined;
   private stderrTail = '';
   private closing = false;
 
   constructor(
-    command: RcloneCommand,
-    remote: string,
-    env: NodeJS.ProcessEnv,
+    private readonly command: RcloneCommand,
+    private readonly remote: string,
+    private readonly env: NodeJS.ProcessEnv,
     private readonly location: string,
-  ) {
-    const [program, ...programArgs] = command.program as [string, ...string[]];
-    const childEnv = Object.fromEntries(Object.entries(env).filter(([key]) => !key.startsWith('CVAT_BACKUP_')));
-    this.child = spawn(program, [...programArgs, ...command.args, remote], { stdio: ['pipe', 'pipe', 'pipe'], env: childEnv });
-    this.exited = new Promise((resolve) => {
-      this.child.on('error', (error) => {
-        this.spawnError = error;
-        resolve();
+  ) {}
+
+  private start(): Promise<RcloneProcess> {
+    this.started ??= (async () => {
+      const [program, ...programArgs] = this.command.program as [string, ...string[]];
+      const childEnv = Object.fromEntries(Object.entries(this.env).filter(([key]) => !key.startsWith('CVAT_BACKUP_')));
+      const [ours, theirs] = await socketPair();
+      const child = spawn(program, [...programArgs, ...this.command.args, this.remote], { stdio: [theirs, theirs, 'pipe'], env: childEnv });
+      theirs.destroy(); // rclone has its own copy
+      this.exited = new Promise((resolve) => {
+        child.on('error', (error) => {
+          this.spawnError = error;
+          resolve();
+        });
+        child.on('exit', (code, signal) => {
+          this.exit = { code, signal };
+          resolve();
+        });
       });
-      this.child.on('exit', (code, signal) => {
-        this.exit = { code, signal };
-        resolve();
+      child.stderr!.on('data', (chunk: Buffer) => {
+        this.stderrTail = (this.stderrTail + chunk.toString('utf8')).slice(-4096);
       });
-    });
-    this.child.stderr!.on('data', (chunk: Buffer) => {
-      this.stderrTail = (this.stderrTail + chunk.toString('utf8')).slice(-4096);
-    });
-    const stream = Duplex.from({ readable: this.child.stdout!, writable: this.child.stdin! });
-    stream.on('error', () => undefined); // reported through the session and the child's exit
-    this.session = http2.connect('http://localhost', { createConnection: () => stream });
-    this.session.on('error', () => undefined); // each request reports its own failure
-    // rclone gone (a bad remote, a crash): fail what is in flight now, not after a timeout.
-    void this.exited.then(() => {
-      if (!this.session.destroyed) this.session.destroy();
-    });
+      ours.on('error', () => undefined); // reported through the session and the child's exit
+      const session = http2.connect('http://localhost', { createConnection: () => ours });
+      session.on('error', () => undefined); // each request reports its own failure
+      // rclone gone (a bad remote, a crash): fail what is in flight now, not after a timeout.
+      void this.exited.then(() => {
+        if (!session.destroyed) session.destroy();
+        ours.destroy();
+      });
+      return { child, session };
+    })();
+    return this.started;
   }
 
   /** Why rclone is gone (its last error line), or undefined while it runs. */
   private async death(): Promise<Error | undefined> {
     // A failed request often arrives a moment before the exit: give the exit a chance to land.
     await Promise.race([this.exited, new Promise((r) => setTimeout(r, 200).unref())]);
+    const program = this.command.program.join(' ');
     if (this.spawnError) {
       const code = (this.spawnError as NodeJS.ErrnoException).code;
       return new UsageError(
         code === 'ENOENT'
-          ? `${this.location}: cannot run '${this.child.spawnfile}': install rclone, or set CVAT_BACKUP_RCLONE_PROGRAM`
-          : `${this.location}: cannot run '${this.child.spawnfile}': ${this.spawnError.message}`,
+          ? `${this.location}: cannot run '${program}': install rclone, or set CVAT_BACKUP_RCLONE_PROGRAM`
+          : `${this.location}: cannot run '${program}': ${this.spawnError.message}`,
         { cause: this.spawnError },
       );
     }
@@ -208,10 +255,12 @@ class RcloneTransport implements Transport {
   }
 
   async request(method: string, path: string, headers: Record<string, string>, body?: Buffer[]): Promise<Reply> {
+    if (this.closing) throw new Error(`${this.location}: closed`);
+    const { session } = await this.start();
     if (this.exit || this.spawnError) throw (await this.death())!;
     try {
       return await new Promise<Reply>((resolve, reject) => {
-        const stream = this.session.request({ ':method': method, ':path': path, ...headers }, { endStream: body === undefined });
+        const stream = session.request({ ':method': method, ':path': path, ...headers }, { endStream: body === undefined });
         const chunks: Buffer[] = [];
         let replyHeaders: IncomingHttpHeaders = {};
         let status = 0;
@@ -235,19 +284,22 @@ class RcloneTransport implements Transport {
     }
   }
 
-  /** Ends the session, then rclone's stdin; rclone exits by itself (a TERM after 5 s, a KILL after 10 s). */
+  /** Ends the session, which ends rclone's stdin: rclone exits by itself (a TERM after 5 s, a KILL after 10 s). */
   async close(): Promise<void> {
-    if (this.closing) return this.exited;
+    if (this.closing || !this.started) {
+      this.closing = true;
+      return this.exited;
+    }
     this.closing = true;
+    const { child, session } = await this.started;
     await new Promise<void>((resolve) => {
-      if (this.session.closed || this.session.destroyed) resolve();
-      else this.session.close(() => resolve());
+      if (session.closed || session.destroyed) resolve();
+      else session.close(() => resolve());
       setTimeout(resolve, 2000).unref();
     });
-    this.session.destroy();
-    this.child.stdin?.end();
-    const term = setTimeout(() => this.child.exitCode === null && this.child.kill('SIGTERM'), 5000);
-    const kill = setTimeout(() => this.child.exitCode === null && this.child.kill('SIGKILL'), 10_000);
+    session.destroy();
+    const term = setTimeout(() => child.exitCode === null && child.kill('SIGTERM'), 5000);
+    const kill = setTimeout(() => child.exitCode === null && child.kill('SIGKILL'), 10_000);
     await this.exited;
     clearTimeout(term);
     clearTimeout(kill);
@@ -335,8 +387,12 @@ export class RestBackend implements Backend {
     } catch (error) {
       if (error instanceof UsageError) throw error;
       const code = (error as NodeJS.ErrnoException).code;
-      // One line, with the code kept for whoever retries; never the request's headers.
-      throw Object.assign(new Error(`${this.location}: ${method} ${path}: ${code ?? (error as Error).message}`, { cause: error }), { code });
+      // One line, with the code kept for whoever retries; never the request's headers. A stream
+      // the server reset (one request of the HTTP/2 session) is worth another try.
+      throw Object.assign(new Error(`${this.location}: ${method} ${path}: ${code ?? (error as Error).message}`, { cause: error }), {
+        code,
+        ...(code === 'ERR_HTTP2_STREAM_ERROR' ? { transient: true } : {}),
+      });
     }
     const date = header(reply.headers, 'date');
     const serverMs = date === undefined ? NaN : Date.parse(date);
