@@ -215,7 +215,7 @@ class RcloneTransport implements Transport {
           resolve();
         });
       });
-      child.stderr!.on('data', (chunk: Buffer) => {
+      child.stderr.on('data', (chunk: Buffer) => {
         this.stderrTail = (this.stderrTail + chunk.toString('utf8')).slice(-4096);
       });
       ours.on('error', () => undefined); // reported through the session and the child's exit
