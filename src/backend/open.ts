@@ -10,12 +10,19 @@ import { LocalBackend } from './local.js';
 import { describeLocation, parseLocation, type Location } from './location.js';
 import { RestBackend } from './rest.js';
 import { RetryBackend, type RetryOptions } from './retry.js';
+import { SftpBackend, splitCommand } from './sftp.js';
 
 /** What a backend may need from outside (credentials come from the environment, never the location). */
 export interface BackendSettings {
   env?: NodeJS.ProcessEnv;
   /** How remote backends retry (attempts, pauses) and whom they tell (`onRetry`: the CLI's warnings). */
   retry?: RetryOptions;
+  /**
+   * SFTP: the command that starts a session instead of `ssh … -s sftp` (--sftp-command, else
+   * $CVAT_BACKUP_SFTP_COMMAND), and extra ssh arguments (--sftp-args, else $CVAT_BACKUP_SFTP_ARGS).
+   */
+  sftpCommand?: string | undefined;
+  sftpArgs?: string | undefined;
 }
 
 /**
@@ -38,6 +45,12 @@ export async function openBackend(location: string | Location, settings: Backend
       return remote(RestBackend.http(parsed.url, describeLocation(parsed), env), settings);
     case 'rclone':
       return remote(RestBackend.rclone(parsed.remote, describeLocation(parsed), env), settings);
+    case 'sftp': {
+      const command = settings.sftpCommand ?? (env['CVAT_BACKUP_SFTP_COMMAND'] || undefined);
+      const args = settings.sftpArgs ?? (env['CVAT_BACKUP_SFTP_ARGS'] || undefined);
+      const options = { command: command === undefined ? undefined : splitCommand(command), args: args === undefined ? undefined : splitCommand(args), env: settings.env };
+      return remote(new SftpBackend({ ...parsed, text: describeLocation(parsed) }, options), settings);
+    }
     default:
       throw new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`);
   }

@@ -16,7 +16,7 @@ import { TOOL_VERSION } from '../version.js';
 import type { ProgressListener } from '../events.js';
 import { stat } from 'node:fs/promises';
 import type { Backend } from '../backend/backend.js';
-import { openBackend } from '../backend/open.js';
+import { openBackend, type BackendSettings } from '../backend/open.js';
 import { Repository } from '../repository/repository.js';
 import { readSnapshots, shortId, type SnapshotListing } from '../repository/snapshots.js';
 import { checkRepository } from '../repository/check.js';
@@ -37,6 +37,8 @@ interface GlobalOptions {
   repo?: string;
   passwordFile?: string;
   retryLock?: number;
+  sftpCommand?: string;
+  sftpArgs?: string;
 }
 
 function out(text: string): void {
@@ -180,10 +182,12 @@ function renderStatus(d: Deployment, endpoint: string, db: DatabaseSettings | un
 /** What a command opened that must be closed when it ends, whatever the outcome (remote connections). */
 export class OpenedBackends {
   private readonly backends: Backend[] = [];
+  /** What backends get from the command line and the environment (set before the command runs). */
+  settings: BackendSettings = { env: process.env };
 
   async open(location: string): Promise<Backend> {
     // A remote backend retries what fails for a moment; the user hears of each retry.
-    const backend = await openBackend(location, { retry: { onRetry: (event) => warn(event.message) } });
+    const backend = await openBackend(location, { ...this.settings, retry: { onRetry: (event) => warn(event.message) } });
     this.backends.push(backend);
     return backend;
   }
@@ -205,10 +209,15 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .option('-r, --repo <path>', 'snapshot repository (default: $CVAT_BACKUP_REPO, else /var/backups/cvat-backup as root)')
     .option('--password-file <file>', 'read the repository password from FILE (else $CVAT_BACKUP_PASSWORD, else a prompt)')
     .addOption(new Option('--retry-lock <duration>', 'when the repository is locked, wait up to this long for it (e.g. 5m, 30s) instead of failing').argParser(parseDuration))
+    .option('--sftp-command <command>', 'sftp: repositories: the command that starts an SFTP session instead of ssh (default: $CVAT_BACKUP_SFTP_COMMAND, else "ssh [-p PORT] [-l USER] HOST -s sftp")')
+    .option('--sftp-args <args>', 'sftp: repositories: extra ssh arguments, e.g. "-i ~/.ssh/backup_key" (default: $CVAT_BACKUP_SFTP_ARGS)')
     .showHelpAfterError()
     .exitOverride();
 
   const globals = (): GlobalOptions => program.opts<GlobalOptions>();
+  program.hook('preAction', () => {
+    backends.settings = { env: process.env, sftpCommand: globals().sftpCommand, sftpArgs: globals().sftpArgs };
+  });
 
   const printRestore = (result: ArchiveRestoreResult, what: string): void => {
     if (globals().json) {
