@@ -18,9 +18,9 @@
  * `GET {path}/{kind}/` with `Accept: application/vnd.x.restic.rest.v2` lists names with sizes.
  *
  * Times. The protocol lists no modification times. A HEAD may carry `Last-Modified` (newer rclone
- * sets it, by the server's clock): where it does, listings carry it (one HEAD per file, a few at a
- * time); where it does not, `modifiedMs` is undefined and prune falls back to when it first saw a
- * file. Every reply carries the server's `Date`: `clockOffsetMs` tells how far the server's clock
+ * sets it, by the server's clock): where it does, listings of the small kinds carry it (one HEAD
+ * per file, a few at a time; never for packs, which are many); elsewhere `modifiedMs` is undefined
+ * and prune falls back to when it first saw a file. Every reply carries the server's `Date`: `clockOffsetMs` tells how far the server's clock
  * is ahead of ours, so locks compare times on the storage's clock, not on each client's (a client
  * whose clock runs an hour ahead must not take a live lock for stale).
  *
@@ -500,8 +500,9 @@ export class RestBackend implements Backend {
   async list(kind: FileKind): Promise<FileInfo[]> {
     const files = await this.listSizes(kind);
     // Modification times come only from HEAD's Last-Modified; once a server showed it sends none,
-    // no more HEADs are spent on asking.
-    if (this.timesKnown === false || files.length === 0) return files.map((f) => ({ ...f, modifiedMs: undefined }));
+    // no more HEADs are spent on asking. Not for packs: one HEAD per pack would make every prune
+    // and check pay a round trip per pack, and prune's grace period works without (first seen).
+    if (this.timesKnown === false || files.length === 0 || kind === 'data') return files.map((f) => ({ ...f, modifiedMs: undefined }));
     const out: FileInfo[] = [];
     let next = 0;
     const worker = async (): Promise<void> => {
