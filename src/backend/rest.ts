@@ -366,7 +366,7 @@ export class RestBackend implements Backend {
     });
   }
 
-  /** `rclone:remote:path`: starts rclone at once; `close` stops it. */
+  /** `rclone:remote:path`: rclone starts with the first request; `close` stops it. */
   static rclone(remote: string, location: string, env: NodeJS.ProcessEnv): RestBackend {
     return new RestBackend({ location, basePath: '', transport: new RcloneTransport(rcloneCommand(env), remote, env, location) });
   }
@@ -396,11 +396,11 @@ export class RestBackend implements Backend {
     }
     const date = header(reply.headers, 'date');
     const serverMs = date === undefined ? NaN : Date.parse(date);
-    if (Number.isFinite(serverMs)) {
+    const received = Date.now();
+    if (Number.isFinite(serverMs) && (received - sent <= 1000 || this.offsetMs === undefined)) {
       // Date has whole seconds: the server's clock read between serverMs and serverMs + 1 s, some
-      // time between our send and now. The middle of both ranges.
-      const localMs = (sent + Date.now()) / 2;
-      this.offsetMs = serverMs + 500 - localMs;
+      // time between our send and now. The middle of both ranges; only quick replies are precise.
+      this.offsetMs = serverMs + 500 - (sent + received) / 2;
     }
     if (reply.status === 401) {
       throw new UsageError(`${this.location}: the server refused our credentials (401): set CVAT_BACKUP_REST_USERNAME and CVAT_BACKUP_REST_PASSWORD (or _FILE)`);
