@@ -79,7 +79,7 @@ describe('repositories over the REST protocol (rclone:, rest:)', { skip: !isRoot
     assert.ok(!left.includes(`${work}/rclone-repo`), 'no rclone left running');
   });
 
-  it('rest: on an append-only server with a password: backup works; forget and prune refuse with one line (exit 2); no secret in ps or output', async () => {
+  it('rest: on an append-only server with a password: backup works; forget and prune refuse with one line (exit 17); no secret in ps or output', async () => {
     const env = {
       CVAT_BACKUP_REPO: `rest:${server.url}/cvat`,
       CVAT_BACKUP_PASSWORD: REPO_SECRET,
@@ -87,7 +87,7 @@ describe('repositories over the REST protocol (rclone:, rest:)', { skip: !isRoot
       CVAT_BACKUP_REST_PASSWORD: REST_SECRET,
     };
     const wrong = await run(['snapshots'], { ...env, CVAT_BACKUP_REST_PASSWORD: 'not-it' });
-    assert.equal(wrong.code, 2, wrong.stderr);
+    assert.equal(wrong.code, 17, wrong.stderr);
     assert.match(wrong.stderr, /401/);
     assert.equal(wrong.stderr.trim().split('\n').length, 1, wrong.stderr);
 
@@ -109,7 +109,7 @@ describe('repositories over the REST protocol (rclone:, rest:)', { skip: !isRoot
 
     for (const args of [['forget', '--keep-last', '1', '--prune'], ['prune']]) {
       const refused = await run(args, env);
-      assert.equal(refused.code, 2, `${args.join(' ')}: ${refused.stderr}`);
+      assert.equal(refused.code, 17, `${args.join(' ')}: ${refused.stderr}`);
       // Progress lines, then the reason in one line.
       const errors = refused.stderr.trim().split('\n').filter((l) => l.startsWith('cvat-backup:'));
       assert.equal(errors.length, 1, refused.stderr);

@@ -9,7 +9,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { TargetNotEmptyError, UsageError } from '../errors.js';
+import { StorageAccessError, TargetNotEmptyError, UsageError } from '../errors.js';
 import type { Backend } from './backend.js';
 import { conformance } from './conformance.js';
 import { openBackend } from './open.js';
@@ -90,7 +90,7 @@ void describe('rest: backend', () => {
     const s = await server();
     for (const env of [{}, { CVAT_BACKUP_REST_USERNAME: 'backup', CVAT_BACKUP_REST_PASSWORD: `${SECRET}-wrong` }]) {
       await withBackend(`rest:${s.url}/creds`, env, async (backend) => {
-        await assert.rejects(backend.exists(), (e: unknown) => e instanceof UsageError && /401/.test(e.message) && !e.message.includes(SECRET) && !e.message.includes('\n'));
+        await assert.rejects(backend.exists(), (e: unknown) => e instanceof StorageAccessError && e.exitCode === 17 && /401/.test(e.message) && !e.message.includes(SECRET) && !e.message.includes('\n'));
       });
     }
     const dir = mkdtempSync(join(tmpdir(), 'rest-pw-'));
@@ -119,11 +119,11 @@ void describe('rest: backend', () => {
         await backend.create();
         await backend.save('data', 'ab'.repeat(32), Buffer.from('pack'));
         await backend.save('data', 'ab'.repeat(32), Buffer.from('pack')); // the same bytes again: done
-        await assert.rejects(backend.save('data', 'ab'.repeat(32), Buffer.from('other')), (e: unknown) => e instanceof UsageError && /append-only/.test(e.message));
+        await assert.rejects(backend.save('data', 'ab'.repeat(32), Buffer.from('other')), (e: unknown) => e instanceof StorageAccessError && /append-only/.test(e.message));
         await backend.save('locks', 'cd'.repeat(32), Buffer.from('lock'));
         await backend.remove('locks', 'cd'.repeat(32));
         assert.deepEqual(await backend.list('locks'), []);
-        const refused = (e: unknown): boolean => e instanceof UsageError && e.exitCode === 2 && /append-only/.test(e.message) && /forget and prune/.test(e.message) && !e.message.includes('\n');
+        const refused = (e: unknown): boolean => e instanceof StorageAccessError && e.exitCode === 17 && /append-only/.test(e.message) && /forget and prune/.test(e.message) && !e.message.includes('\n');
         await assert.rejects(backend.remove('data', 'ab'.repeat(32)), refused);
         await assert.rejects(backend.assertDeletes!(), refused);
         assert.equal((await backend.load('data', 'ab'.repeat(32))).toString(), 'pack', 'still there');
@@ -171,7 +171,7 @@ void describe('rclone: backend', () => {
     try {
       writeFileSync(join(dir, 'rclone.conf'), '');
       await withBackend('rclone:nosuchremote:repo', rcloneEnv(dir), async (backend) => {
-        await assert.rejects(backend.exists(), (e: unknown) => e instanceof UsageError && /rclone stopped: .*nosuchremote/.test(e.message) && !e.message.includes('\n'));
+        await assert.rejects(backend.exists(), (e: unknown) => e instanceof StorageAccessError && /rclone stopped: .*nosuchremote/.test(e.message) && !e.message.includes('\n'));
       });
       await withBackend('rclone:testlocal:/x', { ...rcloneEnv(dir), CVAT_BACKUP_RCLONE_PROGRAM: '/nonexistent/rclone' }, async (backend) => {
         await assert.rejects(backend.exists(), (e: unknown) => e instanceof UsageError && /install rclone, or set CVAT_BACKUP_RCLONE_PROGRAM/.test(e.message));

@@ -39,7 +39,7 @@ import http, { type IncomingHttpHeaders } from 'node:http';
 import http2 from 'node:http2';
 import https from 'node:https';
 import { randomBytes } from 'node:crypto';
-import { TargetNotEmptyError, UsageError } from '../errors.js';
+import { StorageAccessError, TargetNotEmptyError, UsageError } from '../errors.js';
 import type { Backend, FileInfo, FileKind } from './backend.js';
 
 const LIST_V2 = 'application/vnd.x.restic.rest.v2';
@@ -251,7 +251,7 @@ class RcloneTransport implements Transport {
       .map((l) => l.replace(/^\d{4}\/\d\d\/\d\d \d\d:\d\d:\d\d /, '').trim())
       .filter((l) => l !== '' && !/^NOTICE: Config file .* not found/.test(l));
     const why = lines.at(-1) ?? (this.exit.code !== null ? `exit code ${this.exit.code}` : `signal ${this.exit.signal}`);
-    return new UsageError(`${this.location}: rclone stopped: ${why}`);
+    return new StorageAccessError(`${this.location}: rclone stopped: ${why}`);
   }
 
   async request(method: string, path: string, headers: Record<string, string>, body?: Buffer[]): Promise<Reply> {
@@ -385,7 +385,7 @@ export class RestBackend implements Backend {
     try {
       reply = await this.transport.request(method, path, { ...headers, ...(this.authorization ? { authorization: this.authorization } : {}) }, body);
     } catch (error) {
-      if (error instanceof UsageError) throw error;
+      if (error instanceof UsageError || error instanceof StorageAccessError) throw error;
       const code = (error as NodeJS.ErrnoException).code;
       // One line, with the code kept for whoever retries; never the request's headers. A stream
       // the server reset (one request of the HTTP/2 session) is worth another try.
@@ -403,7 +403,7 @@ export class RestBackend implements Backend {
       this.offsetMs = serverMs + 500 - (sent + received) / 2;
     }
     if (reply.status === 401) {
-      throw new UsageError(`${this.location}: the server refused our credentials (401): set CVAT_BACKUP_REST_USERNAME and CVAT_BACKUP_REST_PASSWORD (or _FILE)`);
+      throw new StorageAccessError(`${this.location}: the server refused our credentials (401): set CVAT_BACKUP_REST_USERNAME and CVAT_BACKUP_REST_PASSWORD (or _FILE)`);
     }
     return reply;
   }
@@ -442,7 +442,7 @@ export class RestBackend implements Backend {
       // An append-only server refuses to overwrite. The same bytes already there: the save is done.
       const there = await this.load(kind, name).catch(() => undefined);
       if (there !== undefined && there.equals(Buffer.concat(parts))) return;
-      throw new UsageError(`${this.location}: the server refused to store ${kind}/${name} (403: it is append-only and the file exists with other content, or writes are not allowed)`);
+      throw new StorageAccessError(`${this.location}: the server refused to store ${kind}/${name} (403: it is append-only and the file exists with other content, or writes are not allowed)`);
     }
     throw this.failure('POST', `${kind}/${name}`, reply);
   }
@@ -535,8 +535,8 @@ export class RestBackend implements Backend {
     return length;
   }
 
-  private appendOnly(what?: string): UsageError {
-    return new UsageError(
+  private appendOnly(what?: string): StorageAccessError {
+    return new StorageAccessError(
       `${this.location}: the server refuses to delete ${what ?? 'repository files'} (403): it is append-only, so forget and prune cannot run through it; run them against the storage itself (on the server, with delete rights)`,
     );
   }

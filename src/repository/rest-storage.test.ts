@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import type { Backend } from '../backend/backend.js';
 import { openBackend } from '../backend/open.js';
 import { startRcloneServer, type RcloneServer } from '../backend/rclone-server.js';
-import { UsageError } from '../errors.js';
+import { StorageAccessError } from '../errors.js';
 import { pruneRepository } from './prune.js';
 import { initTestRepository, openTestRepository, prngBytes, writeSnapshot } from './testing.js';
 
@@ -85,7 +85,7 @@ void describe('repository on a REST server', () => {
     const stored = await before();
     const pruner = await openTestRepository(await open());
     const exclusive = await pruner.lock('prune');
-    await assert.rejects(pruneRepository(pruner, { graceMs: 0 }), (e: unknown) => e instanceof UsageError && /append-only/.test(e.message) && !e.message.includes('\n'));
+    await assert.rejects(pruneRepository(pruner, { graceMs: 0 }), (e: unknown) => e instanceof StorageAccessError && e.exitCode === 17 && /append-only/.test(e.message) && !e.message.includes('\n'));
     await exclusive.release();
     assert.deepEqual(await before(), stored, 'prune wrote nothing');
   });
