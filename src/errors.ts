@@ -22,6 +22,7 @@ export const ExitCode = {
   repositoryMissing: 14,
   database: 15,
   lockLost: 16,
+  storageAccess: 17,
   interrupted: 130,
 } as const;
 
@@ -122,6 +123,15 @@ export class DatabaseError extends CvatBackupError {
 export class LockLostError extends CvatBackupError {
   readonly code = 'LOCK_LOST';
   readonly exitCode = ExitCode.lockLost;
+}
+
+/**
+ * The repository's storage refused us or cannot be reached: an unknown or changed SSH host key, a
+ * refused login, a host that does not answer, a server without SFTP.
+ */
+export class StorageAccessError extends CvatBackupError {
+  readonly code = 'STORAGE_ACCESS';
+  readonly exitCode = ExitCode.storageAccess;
 }
 
 export class InterruptedError extends CvatBackupError {

@@ -9,7 +9,9 @@ import type { Backend } from './backend.js';
 import { withCache, type CacheSettings } from './cache.js';
 import { LocalBackend } from './local.js';
 import { describeLocation, parseLocation, type Location } from './location.js';
+import { RestBackend } from './rest.js';
 import { RetryBackend, type RetryOptions } from './retry.js';
+import { SftpBackend, splitCommand } from './sftp.js';
 
 /** What a backend may need from outside (credentials come from the environment, never the location). */
 export interface BackendSettings {
@@ -18,6 +20,12 @@ export interface BackendSettings {
   retry?: RetryOptions;
   /** The local cache (and downtime spool) of remote repositories: --cache-dir, --no-cache. */
   cache?: CacheSettings;
+  /**
+   * SFTP: the command that starts a session instead of `ssh … -s sftp` (--sftp-command, else
+   * $CVAT_BACKUP_SFTP_COMMAND), and extra ssh arguments (--sftp-args, else $CVAT_BACKUP_SFTP_ARGS).
+   */
+  sftpCommand?: string | undefined;
+  sftpArgs?: string | undefined;
 }
 
 /**
@@ -35,16 +43,26 @@ export function remote(backend: Backend, settings: BackendSettings = {}): Backen
  */
 export async function openBackend(location: string | Location, settings: BackendSettings = {}): Promise<Backend> {
   const parsed = typeof location === 'string' ? parseLocation(location) : location;
-  const backend = await backendOf(parsed, settings);
+  const backend = backendOf(parsed, settings);
   return parsed.kind === 'local' ? backend : withCache(backend, { ...settings.cache, env: settings.cache?.env ?? settings.env });
 }
 
-function backendOf(parsed: Location, settings: BackendSettings): Promise<Backend> {
-  void settings; // used by the remote cases: remote(new XBackend(parsed, settings.env), settings)
+function backendOf(parsed: Location, settings: BackendSettings): Backend {
+  const env = settings.env ?? process.env;
   switch (parsed.kind) {
     case 'local':
-      return Promise.resolve(new LocalBackend(parsed.path));
+      return new LocalBackend(parsed.path);
+    case 'rest':
+      return remote(RestBackend.http(parsed.url, describeLocation(parsed), env), settings);
+    case 'rclone':
+      return remote(RestBackend.rclone(parsed.remote, describeLocation(parsed), env), settings);
+    case 'sftp': {
+      const command = settings.sftpCommand ?? (env['CVAT_BACKUP_SFTP_COMMAND'] || undefined);
+      const args = settings.sftpArgs ?? (env['CVAT_BACKUP_SFTP_ARGS'] || undefined);
+      const options = { command: command === undefined ? undefined : splitCommand(command), args: args === undefined ? undefined : splitCommand(args), env: settings.env };
+      return remote(new SftpBackend({ ...parsed, text: describeLocation(parsed) }, options), settings);
+    }
     default:
-      return Promise.reject(new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`));
+      throw new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`);
   }
 }

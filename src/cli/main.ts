@@ -42,6 +42,8 @@ interface GlobalOptions {
   cacheDir?: string;
   /** false with --no-cache. */
   cache?: boolean;
+  sftpCommand?: string;
+  sftpArgs?: string;
 }
 
 function out(text: string): void {
@@ -185,10 +187,12 @@ function renderStatus(d: Deployment, endpoint: string, db: DatabaseSettings | un
 /** What a command opened that must be closed when it ends, whatever the outcome (remote connections). */
 export class OpenedBackends {
   private readonly backends: Backend[] = [];
+  /** What backends get from the command line and the environment (set before the command runs). */
+  settings: BackendSettings = { env: process.env };
 
   async open(location: string, settings: BackendSettings = {}): Promise<Backend> {
     // A remote backend retries what fails for a moment; the user hears of each retry.
-    const backend = await openBackend(location, { ...settings, retry: { onRetry: (event) => warn(event.message) } });
+    const backend = await openBackend(location, { ...this.settings, ...settings, retry: { onRetry: (event) => warn(event.message) } });
     this.backends.push(backend);
     return backend;
   }
@@ -214,10 +218,15 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     // keeps a backup's downtime off the network; local repositories have neither.
     .option('--cache-dir <dir>', 'cache of remote repositories (default: $CVAT_BACKUP_CACHE_DIR, else $XDG_CACHE_HOME/cvat-backup, else ~/.cache/cvat-backup)')
     .option('--no-cache', 'remote repositories: read and write everything through the network, also during the downtime')
+    .option('--sftp-command <command>', 'sftp: repositories: the command that starts an SFTP session instead of ssh (default: $CVAT_BACKUP_SFTP_COMMAND, else "ssh [-p PORT] [-l USER] HOST -s sftp")')
+    .option('--sftp-args <args>', 'sftp: repositories: extra ssh arguments, e.g. "-i ~/.ssh/backup_key" (default: $CVAT_BACKUP_SFTP_ARGS)')
     .showHelpAfterError()
     .exitOverride();
 
   const globals = (): GlobalOptions => program.opts<GlobalOptions>();
+  program.hook('preAction', () => {
+    backends.settings = { env: process.env, sftpCommand: globals().sftpCommand, sftpArgs: globals().sftpArgs };
+  });
 
   const printRestore = (result: ArchiveRestoreResult, what: string): void => {
     if (globals().json) {
@@ -634,6 +643,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         if (!options.dryRun) {
           // Checked once, not per file: a snapshot removal needs no index, and a lost lock stops here.
           await repo.assertLockHeld();
+          if (decision.remove.length > 0 || options.prune) await repo.backend.assertDeletes?.();
           for (const s of decision.remove) await repo.backend.remove('snapshots', s.id); // durable: the folder is fsynced
         }
         const pruned = options.prune && !options.dryRun ? await prune(repo, signal, options) : undefined;
