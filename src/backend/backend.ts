@@ -137,6 +137,19 @@ export interface Backend {
    * backend is not used afterwards. Backends with nothing to end leave it out.
    */
   close?(): Promise<void>;
+  /**
+   * How far the storage's clock is ahead of this host's, in ms (a REST server's `Date` replies), or
+   * undefined before the first reply. For backends whose listings carry no modification times:
+   * locks then write and judge lock times on the storage's clock, so hosts with skewed clocks
+   * agree. Cheap, any number of calls. Backends with modification times leave it out.
+   */
+  clockOffsetMs?(): number | undefined;
+  /**
+   * Throws a one-line error if the storage refuses to delete repository files other than locks
+   * (an append-only server): forget and prune call it before they write or delete anything.
+   * Deletes nothing. Backends that always delete leave it out.
+   */
+  assertDeletes?(): Promise<void>;
   /** For backends on this machine's filesystem: the file's path, so worker threads can read it. */
   localPath?(kind: FileKind, name: string): string;
 }

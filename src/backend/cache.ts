@@ -161,9 +161,15 @@ const OPTIONAL: { [K in OptionalMethod]: 'own' | 'pass' | 'withhold' } = {
   // backends offer neither.
   stage: 'withhold',
   localPath: 'withhold',
+  // The server's clock (locks) and whether it allows deletes (append-only): the remote's answers.
+  clockOffsetMs: 'pass',
+  assertDeletes: 'pass',
 };
 
 export class CachedBackend implements Backend {
+  // Present exactly when the remote has them (set in the constructor, from OPTIONAL).
+  declare readonly clockOffsetMs?: NonNullable<Backend['clockOffsetMs']>;
+  declare readonly assertDeletes?: NonNullable<Backend['assertDeletes']>;
   private spool: UploadSpool | undefined;
   /** Whole-file downloads under way (two readers of one tree pack fetch it once). */
   private readonly downloads = new Map<string, Promise<Buffer>>();

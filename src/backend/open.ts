@@ -9,6 +9,7 @@ import type { Backend } from './backend.js';
 import { withCache, type CacheSettings } from './cache.js';
 import { LocalBackend } from './local.js';
 import { describeLocation, parseLocation, type Location } from './location.js';
+import { RestBackend } from './rest.js';
 import { RetryBackend, type RetryOptions } from './retry.js';
 import { SftpBackend, splitCommand } from './sftp.js';
 
@@ -42,23 +43,26 @@ export function remote(backend: Backend, settings: BackendSettings = {}): Backen
  */
 export async function openBackend(location: string | Location, settings: BackendSettings = {}): Promise<Backend> {
   const parsed = typeof location === 'string' ? parseLocation(location) : location;
-  const backend = await backendOf(parsed, settings);
+  const backend = backendOf(parsed, settings);
   return parsed.kind === 'local' ? backend : withCache(backend, { ...settings.cache, env: settings.cache?.env ?? settings.env });
 }
 
-function backendOf(parsed: Location, settings: BackendSettings): Promise<Backend> {
-  const env = settings.env ?? {};
+function backendOf(parsed: Location, settings: BackendSettings): Backend {
+  const env = settings.env ?? process.env;
   switch (parsed.kind) {
     case 'local':
-      return Promise.resolve(new LocalBackend(parsed.path));
+      return new LocalBackend(parsed.path);
+    case 'rest':
+      return remote(RestBackend.http(parsed.url, describeLocation(parsed), env), settings);
+    case 'rclone':
+      return remote(RestBackend.rclone(parsed.remote, describeLocation(parsed), env), settings);
     case 'sftp': {
       const command = settings.sftpCommand ?? (env['CVAT_BACKUP_SFTP_COMMAND'] || undefined);
       const args = settings.sftpArgs ?? (env['CVAT_BACKUP_SFTP_ARGS'] || undefined);
       const options = { command: command === undefined ? undefined : splitCommand(command), args: args === undefined ? undefined : splitCommand(args), env: settings.env };
-      // A location ssh would misread is refused as a rejection, like the other kinds.
-      return new Promise((resolve) => resolve(remote(new SftpBackend({ ...parsed, text: describeLocation(parsed) }, options), settings)));
+      return remote(new SftpBackend({ ...parsed, text: describeLocation(parsed) }, options), settings);
     }
     default:
-      return Promise.reject(new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`));
+      throw new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`);
   }
 }

@@ -164,6 +164,9 @@ const OPTIONAL: { [K in OptionalMethod]: 'retry' | 'pass' } = {
   stage: 'pass',
   localPath: 'pass',
   close: 'pass',
+  // The server's clock as its last reply showed it: nothing to retry.
+  clockOffsetMs: 'pass',
+  assertDeletes: 'retry',
 };
 
 /** Wraps `inner` so that each call is retried on transient failures (see the module comment). */
@@ -174,6 +177,8 @@ export class RetryBackend implements Backend {
   declare readonly listTemporary?: NonNullable<Backend['listTemporary']>;
   declare readonly removeTemporary?: NonNullable<Backend['removeTemporary']>;
   declare readonly close?: NonNullable<Backend['close']>;
+  declare readonly clockOffsetMs?: NonNullable<Backend['clockOffsetMs']>;
+  declare readonly assertDeletes?: NonNullable<Backend['assertDeletes']>;
   private readonly attempts: number;
   private readonly maxElapsedMs: number;
   private readonly initialDelayMs: number;

@@ -5,7 +5,7 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { resolve } from 'node:path';
 import { createDockerEngine, type DockerEngine } from '../docker/engine.js';
-import { CorruptArchiveError, CvatBackupError, ExitCode, InterruptedError, UsageError, classifyError } from '../errors.js';
+import { CorruptArchiveError, CvatBackupError, ExitCode, InterruptedError, UsageError, WrongPasswordError, classifyError } from '../errors.js';
 import { blameLostLock, describeHolder, type LockOperation } from '../repository/locks.js';
 import { repairIndex } from '../repository/repair.js';
 import { discoverDeployment, type Deployment } from '../deployment/discover.js';
@@ -27,7 +27,9 @@ import { backupToRepository, type BackupMode } from '../backup/repository-backup
 import { restoreFromSnapshot } from '../restore/snapshot-restore.js';
 import { describeDatabase } from '../deployment/database.js';
 import type { DatabaseSettings } from '../deployment/cvat.js';
-import { repositoryLocation, readPassword } from './secrets.js';
+import { repositoryLocation, readPassword, readSourcePassword, sourceRepositoryLocation } from './secrets.js';
+import { copySnapshots, type CopyEvent, type CopyResult } from '../repository/copy.js';
+import type { ChunkerParams } from '../repository/chunker.js';
 import type { TransportChoice } from '../archive/transport.js';
 import { createProgressRenderer, formatBytes, formatDuration, table } from './render.js';
 
@@ -185,10 +187,12 @@ function renderStatus(d: Deployment, endpoint: string, db: DatabaseSettings | un
 /** What a command opened that must be closed when it ends, whatever the outcome (remote connections). */
 export class OpenedBackends {
   private readonly backends: Backend[] = [];
+  /** What backends get from the command line and the environment (set before the command runs). */
+  settings: BackendSettings = { env: process.env };
 
   async open(location: string, settings: BackendSettings = {}): Promise<Backend> {
     // A remote backend retries what fails for a moment; the user hears of each retry.
-    const backend = await openBackend(location, { ...settings, retry: { onRetry: (event) => warn(event.message) } });
+    const backend = await openBackend(location, { ...this.settings, ...settings, retry: { onRetry: (event) => warn(event.message) } });
     this.backends.push(backend);
     return backend;
   }
@@ -220,6 +224,9 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .exitOverride();
 
   const globals = (): GlobalOptions => program.opts<GlobalOptions>();
+  program.hook('preAction', () => {
+    backends.settings = { env: process.env, sftpCommand: globals().sftpCommand, sftpArgs: globals().sftpArgs };
+  });
 
   const printRestore = (result: ArchiveRestoreResult, what: string): void => {
     if (globals().json) {
@@ -388,13 +395,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
 
   /** How remote repositories are cached (check reads what the storage holds, never a local copy: `cached` false). */
   const backendSettings = (cached = true): BackendSettings => {
-    const { cache, cacheDir, sftpCommand, sftpArgs } = globals();
-    return {
-      env: process.env,
-      sftpCommand,
-      sftpArgs,
-      cache: { disabled: !cached || cache === false, dir: cacheDir === undefined ? undefined : resolve(cacheDir), onWarning: warn },
-    };
+    const { cache, cacheDir } = globals();
+    return { cache: { disabled: !cached || cache === false, dir: cacheDir === undefined ? undefined : resolve(cacheDir), onWarning: warn } };
   };
 
   const openRepository = async (cached = true): Promise<Repository> =>
@@ -495,11 +497,20 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
   program
     .command('init')
     .description('create a snapshot repository (location: --repo, $CVAT_BACKUP_REPO or the default)')
-    .action(async () => {
+    .addOption(fromRepoOption())
+    .addOption(fromPasswordFileOption())
+    .option('--copy-chunker-params', "cut files like the --from-repo repository does (its chunker parameters), so data copied from it deduplicates with later backups here")
+    .action(async (options: InitFromOptions) => {
+      checkInitFrom(options);
       const backend = await backends.open(repositoryLocation(globals().repo), backendSettings());
-      const repo = await Repository.init(backend, await readPassword(globals().passwordFile, true, warn));
-      if (globals().json) out(JSON.stringify({ repository: backend.location, id: repo.config.id }));
-      else out(`Created repository ${repo.config.id.slice(0, 10)} at ${backend.location}. Keep the password safe: without it the backups cannot be read.`);
+      const password = await readPassword(globals().passwordFile, true, warn);
+      const from = await chunkerOfSource(options, password);
+      const repo = await Repository.init(backend, password, from ? { chunker: from.chunker } : {});
+      if (globals().json) out(JSON.stringify({ repository: backend.location, id: repo.config.id, chunkerParamsFrom: from?.location ?? null }));
+      else {
+        out(`Created repository ${repo.config.id.slice(0, 10)} at ${backend.location}. Keep the password safe: without it the backups cannot be read.`);
+        if (from) out(`It cuts files like ${from.location} (same chunker parameters): snapshots copied from there deduplicate with backups made here.`);
+      }
     });
 
   program
@@ -632,6 +643,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         if (!options.dryRun) {
           // Checked once, not per file: a snapshot removal needs no index, and a lost lock stops here.
           await repo.assertLockHeld();
+          if (decision.remove.length > 0 || options.prune) await repo.backend.assertDeletes?.();
           for (const s of decision.remove) await repo.backend.remove('snapshots', s.id); // durable: the folder is fsynced
         }
         const pruned = options.prune && !options.dryRun ? await prune(repo, signal, options) : undefined;
@@ -715,6 +727,177 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
         );
       });
     });
+
+  // ---- copy between repositories (restic's copy; init --from-repo --copy-chunker-params) ----
+
+  interface FromRepositoryOptions {
+    fromRepo?: string;
+    fromPasswordFile?: string;
+  }
+  interface InitFromOptions extends FromRepositoryOptions {
+    copyChunkerParams?: boolean;
+  }
+
+  function fromRepoOption(): Option {
+    return new Option('--from-repo <location>', 'the repository to copy from (default: $CVAT_BACKUP_FROM_REPO)');
+  }
+  function fromPasswordFileOption(): Option {
+    return new Option(
+      '--from-password-file <file>',
+      "read the --from-repo repository's password from FILE (else $CVAT_BACKUP_FROM_PASSWORD_FILE, then $CVAT_BACKUP_FROM_PASSWORD, else this repository's password)",
+    );
+  }
+
+  function checkInitFrom(options: InitFromOptions): void {
+    const from = sourceRepositoryLocation(options.fromRepo);
+    if (options.copyChunkerParams && from === undefined) throw new UsageError('--copy-chunker-params needs --from-repo SOURCE (or $CVAT_BACKUP_FROM_REPO)');
+    if (options.fromRepo !== undefined && !options.copyChunkerParams) throw new UsageError('init uses --from-repo only with --copy-chunker-params');
+  }
+
+  /**
+   * Opens the source repository (--from-repo) with its own password, or `fallback` (the target's)
+   * when none is given. A wrong password names the source and where its password comes from.
+   */
+  async function openSourceRepository(options: FromRepositoryOptions, fallback: string): Promise<Repository> {
+    const location = sourceRepositoryLocation(options.fromRepo);
+    if (location === undefined) throw new UsageError('give the repository to copy from: --from-repo SOURCE (or $CVAT_BACKUP_FROM_REPO)');
+    const own = await readSourcePassword(options.fromPasswordFile, warn);
+    const backend = await backends.open(location, backendSettings());
+    try {
+      return await Repository.open(backend, own ?? fallback, {
+        onWarning: (m) => warn(`source: ${m}`),
+        locks: { retryForMs: globals().retryLock ?? 0, onWait: (holder, waitMs) => process.stderr.write(`source repository is locked by ${describeHolder(holder)}: waiting up to ${formatDuration(waitMs)} for it…\n`) },
+      });
+    } catch (error) {
+      if (!(error instanceof WrongPasswordError)) throw error;
+      throw new WrongPasswordError(
+        `wrong password for the source repository ${backend.location} (${own === undefined ? "this repository's password was tried: give the source's with --from-password-file, $CVAT_BACKUP_FROM_PASSWORD_FILE or $CVAT_BACKUP_FROM_PASSWORD" : 'check --from-password-file, $CVAT_BACKUP_FROM_PASSWORD_FILE or $CVAT_BACKUP_FROM_PASSWORD'})`,
+        { cause: error },
+      );
+    }
+  }
+
+  /** init --copy-chunker-params: the source's chunker parameters (undefined without the option). */
+  async function chunkerOfSource(options: InitFromOptions, targetPassword: string): Promise<{ location: string; chunker: ChunkerParams } | undefined> {
+    if (!options.copyChunkerParams) return undefined;
+    const source = await openSourceRepository(options, targetPassword);
+    return { location: source.backend.location, chunker: source.config.chunker };
+  }
+
+  /** Copy's events as the progress display shows them: a bar (or lines) per snapshot being copied. */
+  function renderCopyEvents(onProgress: ProgressListener): (event: CopyEvent) => void {
+    const labels = new Map<string, string>();
+    const last = new Map<string, { bytes: number; files: number }>();
+    return (event) => {
+      switch (event.type) {
+        case 'snapshot-start': {
+          const label = `snapshot ${shortId(event.snapshot)} ${event.time.replace('T', ' ').slice(0, 19)} ${event.project}`;
+          labels.set(event.snapshot, label);
+          onProgress({ type: 'volume-start', volume: label, action: 'copying', totalBytes: event.bytes });
+          break;
+        }
+        case 'snapshot-progress': {
+          const label = labels.get(event.snapshot);
+          if (label === undefined) break;
+          last.set(event.snapshot, { bytes: event.bytes, files: event.files });
+          onProgress({ type: 'volume-progress', volume: label, bytes: event.bytes, files: event.files });
+          break;
+        }
+        case 'snapshot-done': {
+          const o = event.outcome;
+          const label = labels.get(o.source);
+          if (label !== undefined) onProgress({ type: 'volume-done', volume: label, ...(last.get(o.source) ?? { bytes: 0, files: 0 }) });
+          if (o.status === 'damaged') onProgress({ type: 'warning', message: `source snapshot ${shortId(o.source)} is damaged and was not copied: ${o.error}` });
+          break;
+        }
+        case 'warning':
+          onProgress({ type: 'warning', message: event.message });
+          break;
+      }
+    };
+  }
+
+  function printCopy(result: CopyResult, source: Repository, target: Repository): void {
+    const copied = result.snapshots.filter((s) => s.status === 'copied');
+    const present = result.snapshots.filter((s) => s.status === 'present');
+    const damaged = result.snapshots.filter((s) => s.status === 'damaged');
+    if (globals().json) {
+      out(JSON.stringify({ source: source.backend.location, target: target.backend.location, ...result }));
+      return;
+    }
+    if (result.snapshots.length === 0) {
+      out(`no snapshots to copy in ${source.backend.location}`);
+      return;
+    }
+    out(
+      table([
+        ['SOURCE', 'TARGET', 'TIME', 'PROJECT', 'RESULT'],
+        ...result.snapshots.map((s) =>
+          s.status === 'damaged'
+            ? [shortId(s.source), '-', '-', '-', `damaged, not copied: ${s.error}`]
+            : [shortId(s.source), shortId(s.target), s.time.replace('T', ' ').slice(0, 19), s.project, s.status === 'copied' ? `copied, ${formatBytes(s.bytesAdded)} added` : 'already there'],
+        ),
+      ]),
+    );
+    if (copied.length === 0 && damaged.length === 0) {
+      out(`Nothing to copy: ${present.length === 1 ? 'the snapshot is' : `all ${present.length} snapshots are`} already in ${target.backend.location}.`);
+      return;
+    }
+    const others = [present.length > 0 ? `${present.length} already there` : '', damaged.length > 0 ? `${damaged.length} damaged` : ''].filter(Boolean).join(', ');
+    out(
+      `Copied ${copied.length} snapshot(s) from ${source.backend.location} to ${target.backend.location}${others ? ` (${others})` : ''}: ` +
+        `${formatBytes(result.bytesCopied)} in ${result.blobsCopied} blobs sent of ${formatBytes(result.bytesProcessed)} the copied snapshots hold; ` +
+        `${formatBytes(result.bytesWritten.packs + result.bytesWritten.objects)} written, ${result.packsVerified} new packs read back.`,
+    );
+  }
+
+  program
+    .command('copy')
+    .description("copy snapshots from another repository (--from-repo) into this one: all, or the ones named; only what this one lacks is sent, verified on arrival")
+    .argument('[snapshot...]', "'latest' or snapshot ids (prefixes) of the source; all (of --project, if given) when none")
+    .addOption(fromRepoOption())
+    .addOption(fromPasswordFileOption())
+    .action(async (refs: string[], options: FromRepositoryOptions) => {
+      if (sourceRepositoryLocation(options.fromRepo) === undefined) throw new UsageError('give the repository to copy from: --from-repo SOURCE (or $CVAT_BACKUP_FROM_REPO)');
+      const targetPassword = await readPassword(globals().passwordFile, false, warn);
+      const target = await Repository.open(await backends.open(repositoryLocation(globals().repo), backendSettings()), targetPassword, {
+        onWarning: warn,
+        locks: { retryForMs: globals().retryLock ?? 0, onWait: (holder, waitMs) => process.stderr.write(`repository is locked by ${describeHolder(holder)}: waiting up to ${formatDuration(waitMs)} for it…\n`) },
+      });
+      const source = await openSourceRepository(options, targetPassword);
+      // Shared locks on both: copy only reads the source and only adds to the target.
+      const result = await withProgress(async (interrupt, onProgress) => {
+        const targetLock = await target.lock('copy', { signal: interrupt });
+        try {
+          const sourceLock = await source.lock('copy', { signal: interrupt });
+          try {
+            return await copySnapshots(source, target, {
+              refs,
+              project: globals().project,
+              signal: AbortSignal.any([interrupt, targetLock.signal, sourceLock.signal]),
+              onEvent: renderCopyEvents(onProgress),
+            });
+          } catch (error) {
+            throw await blameLostLock(sourceLock, error);
+          } finally {
+            await sourceLock.release().catch(() => undefined);
+          }
+        } catch (error) {
+          throw await blameLostLock(targetLock, error);
+        } finally {
+          await targetLock.release().catch(() => undefined);
+        }
+      });
+      printCopy(result, source, target);
+      const damaged = result.snapshots.filter((s) => s.status === 'damaged');
+      if (damaged.length > 0) {
+        throw new CorruptArchiveError(
+          `${damaged.length} snapshot(s) of ${source.backend.location} are damaged and were not copied (${damaged.map((d) => shortId(d.source)).join(', ')}); the others were: run 'cvat-backup check' on the source`,
+        );
+      }
+    });
+
+  // ---- end of copy ----
 
   return program;
 }

@@ -1,7 +1,7 @@
 /**
  * Repository locks (format: docs/repository-format.md, "Locks"). restic's rules, kept as the floor:
  *
- * - Modes. Operations that only add data or only read (backup, import, check, restore, export)
+ * - Modes. Operations that only add data or only read (backup, import, check, restore, export, copy)
  *   take a shared lock and run side by side; operations that delete (forget, prune, repair index)
  *   take the exclusive one, which needs the repository to themselves.
  * - Taking a lock: write our lock file, then list the locks. A conflicting lock that is not stale
@@ -30,7 +30,7 @@ import { systemClock, type Clock } from '../clock.js';
 import { LockLostError, LockedError } from '../errors.js';
 import { processAlive as systemProcessAlive } from '../host.js';
 
-export type LockOperation = 'backup' | 'import' | 'check' | 'restore' | 'export' | 'forget' | 'prune' | 'repair-index';
+export type LockOperation = 'backup' | 'import' | 'check' | 'restore' | 'export' | 'copy' | 'forget' | 'prune' | 'repair-index';
 
 const EXCLUSIVE: ReadonlySet<LockOperation> = new Set(['forget', 'prune', 'repair-index']);
 
@@ -96,9 +96,23 @@ interface Settings {
   staleAfterMs: number;
 }
 
-function settings(options: LockOptions): Settings {
+/**
+ * The clock locks read: the storage's where the backend knows how far it is from ours (a REST
+ * server's Date replies: its listings carry no modification times), so lock times written and
+ * judged by hosts with skewed clocks are all on one clock; else `clock` as it is.
+ */
+function storageClock(backend: Backend, clock: Clock): Clock {
+  if (!backend.clockOffsetMs) return clock;
   return {
-    clock: options.clock ?? systemClock,
+    now: () => clock.now() + (backend.clockOffsetMs?.() ?? 0),
+    sleep: (ms, signal) => clock.sleep(ms, signal),
+    schedule: (ms, task) => clock.schedule(ms, task),
+  };
+}
+
+function settings(options: LockOptions, backend: Backend): Settings {
+  return {
+    clock: storageClock(backend, options.clock ?? systemClock),
     hostname: options.hostname ?? systemHostname(),
     pid: options.pid ?? process.pid,
     processAlive: options.processAlive ?? systemProcessAlive,
@@ -117,7 +131,7 @@ function settings(options: LockOptions): Settings {
  * time is compared with this host's clock.
  */
 export async function listLocks(backend: Backend, options: LockOptions = {}, listing?: FileInfo[], storageNow?: number): Promise<LockHolder[]> {
-  const s = settings(options);
+  const s = settings(options, backend);
   const out: LockHolder[] = [];
   for (const file of listing ?? (await backend.list('locks'))) {
     let bytes: Buffer;
@@ -198,7 +212,7 @@ async function findConflict(backend: Backend, exclusive: boolean, ours: string, 
  * (then LockedError, exit 10). Storage errors are passed on as they came.
  */
 export async function acquireLock(backend: Backend, operation: LockOperation, options: LockOptions = {}): Promise<RepositoryLock> {
-  const s = settings(options);
+  const s = settings(options, backend);
   const exclusive = isExclusive(operation);
   const retryFor = options.retryForMs ?? 0;
   const deadline = s.clock.now() + retryFor;

@@ -288,6 +288,8 @@ export async function pruneRepository(repo: Repository, options: PruneOptions = 
     result.bytesFreed = result.bytesDeleted - repack.reduce((n, p) => n + p.used, 0);
     return result;
   }
+  // An append-only server refuses the deletes: say so before writing anything.
+  await repo.backend.assertDeletes?.();
 
   // 5. Repack: copy the kept blobs of the chosen packs, sealed as they are, after checking each
   // is the blob the index says (a damaged copy is never carried over in place of a good one).

@@ -82,6 +82,27 @@ export interface RepositoryOptions {
   onWarning?: (message: string) => void;
   /** Clock, host name, refresh interval and lock wait (--retry-lock) for this repository's locks. */
   locks?: LockOptions;
+  /**
+   * `init` only: the new repository's chunker parameters, seed included (`init --copy-chunker-params`
+   * takes another repository's, so that the same files cut into the same chunks in both and
+   * deduplicate across a copy). Default: the standard sizes and a fresh random seed.
+   */
+  chunker?: ChunkerParams;
+}
+
+/**
+ * A blob read from one repository to be stored in another (copy): authenticated with the source's
+ * key, its plaintext hashed against its id, and kept in its stored framing (compression byte and
+ * zstd frame), which does not depend on the key.
+ */
+export interface BlobForCopy {
+  id: string;
+  type: BlobType;
+  rawLength: number;
+  /** The framed payload (see compression.ts), to be sealed again with the target's key. */
+  framed: Buffer;
+  /** The plaintext (a view into `framed` for a stored blob); the caller drops it when done. */
+  plaintext: Buffer;
 }
 
 export class Repository {
@@ -125,7 +146,7 @@ export class Repository {
     const config: RepositoryConfig = {
       version: 1,
       id: randomBytes(16).toString('hex'),
-      chunker: { ...DEFAULT_CHUNKER, seed: randomBytes(32).toString('hex') },
+      chunker: options.chunker ? { ...options.chunker } : { ...DEFAULT_CHUNKER, seed: randomBytes(32).toString('hex') },
       created: now().toISOString(),
     };
     const kdf = options.kdf ?? (await calibrateKdf());
@@ -346,6 +367,41 @@ export class Repository {
     // Index files are written along the way too, so memory and index file size stay bounded for
     // backups of millions of small files (only packs already durable are named).
     if (this.unindexedBlobs >= INDEX_EVERY) await this.writeIndexFile();
+  }
+
+  /**
+   * Copy, source side: reads blob `id` as the index places it, authenticates it with this
+   * repository's key, decompresses it and checks that its plaintext hashes to `id` and has the
+   * indexed length (CorruptArchiveError otherwise).
+   */
+  async readBlobForCopy(id: string): Promise<BlobForCopy> {
+    const where = this.index.get(id);
+    if (!where) throw new CorruptArchiveError(`blob ${id.slice(0, 12)} is missing from the index`);
+    const what = `pack ${where.pack.slice(0, 12)} blob ${id.slice(0, 12)}`;
+    const sealed = await this.backend.load('data', where.pack, { offset: where.offset, length: where.length });
+    const framed = openSealed(this.key, sealed, blobAad(where.type, id), what);
+    let plaintext: Buffer;
+    try {
+      plaintext = await unpackPayload(framed, where.rawLength);
+    } catch (error) {
+      throw new CorruptArchiveError(`${what}: does not decompress (${(error as Error).message})`, { cause: error });
+    }
+    if (plaintext.length !== where.rawLength) throw new CorruptArchiveError(`${what}: wrong length`);
+    if (sha256(plaintext) !== id) throw new CorruptArchiveError(`${what}: content does not match its id`);
+    return { id, type: where.type, rawLength: where.rawLength, framed, plaintext };
+  }
+
+  /**
+   * Copy, target side: seals a blob another repository gave (readBlobForCopy) with this
+   * repository's key and adds it to the pack of its type, unless this repository has it. Its
+   * compressed framing is reused, not compressed again. Returns the sealed bytes added (0 for a
+   * blob already here).
+   */
+  async saveCopiedBlob(blob: BlobForCopy): Promise<number> {
+    if (this.has(blob.id)) return 0;
+    const sealed = sealParts(this.key, [blob.framed], blobAad(blob.type, blob.id));
+    await this.addToPack(blob.id, blob.type, sealed, blob.rawLength);
+    return sealed.reduce((n, part) => n + part.length, 0);
   }
 
   /**

@@ -71,12 +71,29 @@ export async function resolveSnapshot(
   project?: string,
   onDamaged?: (damaged: DamagedSnapshot) => void,
 ): Promise<StoredSnapshot> {
-  const { snapshots: all, damaged } = await readSnapshots(repo);
+  const found = findSnapshot(await readSnapshots(repo), ref, repo.backend.location, project, onDamaged);
+  if ('error' in found) throw new CorruptArchiveError(`snapshot ${shortId(found.id)} is damaged (${found.error}): pick another one ('cvat-backup snapshots')`);
+  return found;
+}
+
+/**
+ * `resolveSnapshot` within a listing already read (copy resolves several references against one):
+ * the snapshot, or the damaged one an id prefix names. UsageError when no snapshot or more than
+ * one matches; `location` names the repository in that message.
+ */
+export function findSnapshot(
+  listing: SnapshotListing,
+  ref: string,
+  location: string,
+  project?: string,
+  onDamaged?: (damaged: DamagedSnapshot) => void,
+): StoredSnapshot | DamagedSnapshot {
+  const { snapshots: all, damaged } = listing;
   if (ref === 'latest') {
     for (const d of damaged) onDamaged?.(d);
     const candidates = project === undefined ? all : all.filter((s) => s.project === project);
     const latest = candidates[candidates.length - 1];
-    if (!latest) throw new UsageError(`no snapshot${project ? ` of project '${project}'` : ''} in repository ${repo.backend.location}`);
+    if (!latest) throw new UsageError(`no snapshot${project ? ` of project '${project}'` : ''} in repository ${location}`);
     return latest;
   }
   const wanted = ref.toLowerCase();
@@ -84,8 +101,8 @@ export async function resolveSnapshot(
   const damagedMatches = damaged.filter((d) => d.id.startsWith(wanted));
   if (matches.length + damagedMatches.length > 1) throw new UsageError(`snapshot id '${ref}' is ambiguous: give more characters`);
   const hurt = damagedMatches[0];
-  if (hurt !== undefined) throw new CorruptArchiveError(`snapshot ${shortId(hurt.id)} is damaged (${hurt.error}): pick another one ('cvat-backup snapshots')`);
-  if (matches.length === 0) throw new UsageError(`no snapshot '${ref}' in repository ${repo.backend.location} (see 'cvat-backup snapshots')`);
+  if (hurt !== undefined) return hurt;
+  if (matches.length === 0) throw new UsageError(`no snapshot '${ref}' in repository ${location} (see 'cvat-backup snapshots')`);
   return matches[0]!;
 }
 

@@ -46,7 +46,7 @@ function fileNode(name: string, size: number, content: string[]): TreeNode {
 export async function writeSnapshot(
   repo: Repository,
   files: Record<string, Buffer>,
-  options: { chunk?: number; flushEvery?: number; time?: string; project?: string } = {},
+  options: { chunk?: number; flushEvery?: number; time?: string; project?: string; parent?: string } = {},
 ): Promise<string> {
   await repo.loadIndex();
   const chunk = options.chunk ?? 64 * 1024;
@@ -67,6 +67,7 @@ export async function writeSnapshot(
     hostname: 'test',
     tool: 'test',
     project: options.project ?? 'p',
+    ...(options.parent !== undefined ? { parent: options.parent } : {}),
     cvat: { version: '2.73.0', versionSource: 'given', serverImage: null, serverImageDigest: null },
     downtimeMs: 0,
     durationMs: 0,

@@ -72,6 +72,11 @@ export interface Snapshot {
   project: string;
   cvat: { version: string | null; versionSource: string; serverImage: string | null; serverImageDigest: string | null };
   parent?: string;
+  /**
+   * A copy (`cvat-backup copy`): the id of the snapshot in the repository where it was first
+   * written; kept through copies of copies.
+   */
+  original?: string;
   /** How CVAT was held still: stopped for the whole copy, stopped for the delta only, or frozen. */
   mode?: 'offline' | 'two-phase' | 'freeze';
   /** First container stopped (or frozen) → last started (or thawed), ms. */
