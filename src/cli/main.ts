@@ -95,6 +95,12 @@ function unusedShare(value: string): number {
   return n / 100;
 }
 
+/**
+ * Aborted at the first Ctrl-C: remote backends then stop waiting to retry (a pause can last a
+ * minute) and give up on a failing call at once; the calls of the cleanup still run.
+ */
+const retriesInterrupted = new AbortController();
+
 /** Ctrl-C aborts the operation; the operation itself restarts CVAT before it returns. */
 function interruptible(): { signal: AbortSignal; dispose: () => void } {
   const controller = new AbortController();
@@ -104,6 +110,7 @@ function interruptible(): { signal: AbortSignal; dispose: () => void } {
     if (count === 1) {
       process.stderr.write(`\n${name}: stopping; CVAT is being started again, please wait…\n`);
       controller.abort(new InterruptedError(`interrupted by ${name}`));
+      retriesInterrupted.abort(new InterruptedError(`interrupted by ${name}`));
     } else {
       process.stderr.write('still bringing CVAT back up; wait a few seconds more\n');
     }
@@ -192,7 +199,7 @@ export class OpenedBackends {
 
   async open(location: string, settings: BackendSettings = {}): Promise<Backend> {
     // A remote backend retries what fails for a moment; the user hears of each retry.
-    const backend = await openBackend(location, { ...this.settings, ...settings, retry: { onRetry: (event) => warn(event.message) } });
+    const backend = await openBackend(location, { ...this.settings, ...settings, retry: { onRetry: (event) => warn(event.message), signal: retriesInterrupted.signal } });
     this.backends.push(backend);
     return backend;
   }
