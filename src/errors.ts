@@ -22,6 +22,7 @@ export const ExitCode = {
   repositoryMissing: 14,
   database: 15,
   lockLost: 16,
+  objectLocked: 17,
   interrupted: 130,
 } as const;
 
@@ -122,6 +123,15 @@ export class DatabaseError extends CvatBackupError {
 export class LockLostError extends CvatBackupError {
   readonly code = 'LOCK_LOST';
   readonly exitCode = ExitCode.lockLost;
+}
+
+/**
+ * The storage keeps the file under S3 Object Lock retention until a date: forget/prune can remove
+ * it only after that (ransomware-proof repositories, `init --object-lock`).
+ */
+export class ObjectLockedError extends CvatBackupError {
+  readonly code = 'OBJECT_LOCKED';
+  readonly exitCode = ExitCode.objectLocked;
 }
 
 export class InterruptedError extends CvatBackupError {

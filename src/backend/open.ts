@@ -6,19 +6,31 @@ import { UsageError } from '../errors.js';
 import type { Backend } from './backend.js';
 import { LocalBackend } from './local.js';
 import { describeLocation, parseLocation, type Location } from './location.js';
+import { S3Backend, type ObjectLockSettings } from './s3.js';
 
 /** What a backend may need from outside (credentials come from the environment, never the location). */
 export interface BackendSettings {
   env?: NodeJS.ProcessEnv;
+  /** For `init --object-lock`: the repository is created with this retention (S3 only). */
+  objectLock?: ObjectLockSettings;
 }
 
 /** Opens the backend of `location` (text in restic's syntax, or parsed). Remote backends connect lazily. */
 export function openBackend(location: string | Location, settings: BackendSettings = {}): Promise<Backend> {
   const parsed = typeof location === 'string' ? parseLocation(location) : location;
-  void settings;
+  if (settings.objectLock && parsed.kind !== 's3') {
+    return Promise.reject(new UsageError(`--object-lock needs an S3 repository (s3:…), not '${describeLocation(parsed)}'`));
+  }
   switch (parsed.kind) {
     case 'local':
       return Promise.resolve(new LocalBackend(parsed.path));
+    case 's3':
+      return Promise.resolve(
+        new S3Backend(parsed, describeLocation(parsed), {
+          ...(settings.env ? { env: settings.env } : {}),
+          ...(settings.objectLock ? { objectLock: settings.objectLock } : {}),
+        }),
+      );
     default:
       return Promise.reject(new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`));
   }
