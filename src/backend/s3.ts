@@ -131,6 +131,9 @@ export class S3Backend implements Backend {
     this.partSize = Math.max(MIN_PART, options.partSize ?? 16 * 1024 * 1024);
     this.now = options.now ?? Date.now;
     if (options.objectLock) this.lockSettings = Promise.resolve(options.objectLock);
+    // The SDK warns on every run under Node 20 that its 2027 releases will need Node 22: a user
+    // of ours can do nothing about it (we support Node 20), so it is not shown.
+    process.env['AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED'] ??= 'true';
     const checksums = checksumSetting(env);
     const region = env['AWS_REGION'] || env['AWS_DEFAULT_REGION'] || (where.endpoint !== undefined ? 'us-east-1' : undefined);
     this.client = new S3Client({
@@ -448,8 +451,10 @@ export class S3Backend implements Backend {
     const hidden: HiddenObject[] = [];
     for (const [key, versions] of byKey) {
       const latest = versions.find((v) => v.isLatest);
-      const data = versions.filter((v) => !v.deleteMarker).sort((a, b) => (a.modifiedMs ?? 0) - (b.modifiedMs ?? 0));
-      const first = data[0];
+      // S3 lists a key's versions newest first: the last one is the one first written (times
+      // have whole seconds, so they cannot order two writes in the same second).
+      const data = versions.filter((v) => !v.deleteMarker);
+      const first = data[data.length - 1];
       if (!first) continue;
       const replaced = latest !== undefined && !latest.deleteMarker && latest.etag !== first.etag;
       if (latest?.deleteMarker || replaced) {
@@ -477,15 +482,17 @@ export class S3Backend implements Backend {
       }
       const now = (await this.versions(key)).find((v) => v.isLatest);
       if (now?.versionId !== h.versionId) {
-        const kind = h.key.split('/')[0] as FileKind;
-        const headers = await this.retentionHeaders(kind);
+        // The copy keeps the original's retention (an undelete neither shortens nor extends it).
+        const original = await this.call(`HEAD ${h.key}`, () => this.client.send(new HeadObjectCommand({ Bucket: this.where.bucket, Key: key, VersionId: h.versionId })));
+        const until = original.ObjectLockRetainUntilDate;
+        const headers = original.ObjectLockMode && until && until.getTime() > this.now() ? { ObjectLockMode: original.ObjectLockMode, ObjectLockRetainUntilDate: until } : {};
         await this.call(`copy back ${h.key}`, () =>
           this.client.send(
             new CopyObjectCommand({
               Bucket: this.where.bucket,
               Key: key,
               CopySource: `${this.where.bucket}/${encodeURIComponent(key).replace(/%2F/g, '/')}?versionId=${encodeURIComponent(h.versionId)}`,
-              ...(headers.ObjectLockMode ? { ObjectLockMode: headers.ObjectLockMode, ObjectLockRetainUntilDate: headers.ObjectLockRetainUntilDate } : {}),
+              ...headers,
             }),
           ),
         );

@@ -26,6 +26,7 @@
  */
 import type { FileInfo, TemporaryFile } from '../backend/backend.js';
 import { systemClock, type Clock } from '../clock.js';
+import { assertRemovable } from './object-lock.js';
 import { CorruptArchiveError, LockedError } from '../errors.js';
 import type { BlobType } from './blob-index.js';
 import type { PackHeaderEntry } from './packer.js';
@@ -288,6 +289,9 @@ export async function pruneRepository(repo: Repository, options: PruneOptions = 
     result.bytesFreed = result.bytesDeleted - repack.reduce((n, p) => n + p.used, 0);
     return result;
   }
+
+  // Object Lock: all the packs or none (a refusal half-way would leave the repository mid-prune).
+  await assertRemovable(repo, [...remove, ...repack].map((p) => ({ kind: 'data' as const, name: p.id })).concat(oldUnindexed.map((f) => ({ kind: 'data' as const, name: f.name }))), clock.now(), 'prune');
 
   // 5. Repack: copy the kept blobs of the chosen packs, sealed as they are, after checking each
   // is the blob the index says (a damaged copy is never carried over in place of a good one).
