@@ -100,7 +100,7 @@ describe('S3 repositories through the CLI (Ceph RGW)', { skip }, () => {
     const bucket = uniqueBucket('cli-lock');
     buckets.push(bucket);
     const repo = { CVAT_BACKUP_REPO: `s3:${s3!.endpoint}/${bucket}/repo` };
-    const RETENTION_S = 40;
+    const RETENTION_S = 60;
     const init = await cli(['init', '--object-lock', `${RETENTION_S}s`, '--object-lock-mode', 'compliance'], repo);
     assert.equal(init.code, 0, init.stderr);
     const b1 = await cli(['--project', f.project, '--json', 'backup'], repo);
@@ -109,7 +109,15 @@ describe('S3 repositories through the CLI (Ceph RGW)', { skip }, () => {
     const first = JSON.parse(b1.stdout) as { snapshot: string; retentionExtended: number };
     assert.ok(first.retentionExtended > 2, JSON.stringify(first));
 
-    // The attacker holds the same keys the backup used.
+    // A second backup; forgetting the first is refused while its retention lasts.
+    const b2 = await cli(['--project', f.project, 'backup'], repo);
+    assert.equal(b2.code, 0, b2.stderr);
+    const refused = await cli(['forget', '--keep-last', '1', '--prune'], repo);
+    assert.equal(refused.code, 17, refused.stderr);
+    assert.match(refused.stderr, /forget: .*Object Lock retention.*nothing was removed/);
+    assert.equal((JSON.parse((await cli(['--json', 'snapshots'], repo)).stdout) as unknown[]).length, 2);
+
+    // The attacker holds the same keys the backups used.
     const attacker = rawClient(s3!);
     const listed = await attacker.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: 'repo/data/' }));
     const pack = listed.Contents![0]!.Key!;
@@ -126,14 +134,9 @@ describe('S3 repositories through the CLI (Ceph RGW)', { skip }, () => {
     assert.equal((JSON.parse(undelete.stdout) as { restored: number }).restored, 2);
     const healed = await cli(['check', '--read-data'], repo);
     assert.equal(healed.code, 0, healed.stderr);
+    assert.match(healed.stdout, /OK: 2 snapshots/);
 
-    // A second backup; forgetting the first is refused while its retention lasts, and works after.
-    const b2 = await cli(['--project', f.project, 'backup'], repo);
-    assert.equal(b2.code, 0, b2.stderr);
-    const refused = await cli(['forget', '--keep-last', '1', '--prune'], repo);
-    assert.equal(refused.code, 17, refused.stderr);
-    assert.match(refused.stderr, /Object Lock retention.*nothing was removed/);
-    assert.equal((JSON.parse((await cli(['--json', 'snapshots'], repo)).stdout) as unknown[]).length, 2);
+    // After the retention, forget and prune work.
     await new Promise((r) => setTimeout(r, Math.max(0, firstWritten + (RETENTION_S + 2) * 1000 - Date.now())));
     const forgot = await cli(['--json', 'forget', '--keep-last', '1', '--prune'], repo);
     assert.equal(forgot.code, 0, forgot.stderr);
