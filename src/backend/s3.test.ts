@@ -6,11 +6,27 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { CreateMultipartUploadCommand, GetObjectLockConfigurationCommand, GetObjectRetentionCommand, PutObjectCommand, DeleteObjectCommand, ListObjectVersionsCommand } from '@aws-sdk/client-s3';
+import { PutBucketPolicyCommand, CreateMultipartUploadCommand, GetObjectLockConfigurationCommand, GetObjectRetentionCommand, PutObjectCommand, DeleteObjectCommand, ListObjectVersionsCommand } from '@aws-sdk/client-s3';
 import { ObjectLockedError, TargetNotEmptyError, UsageError } from '../errors.js';
 import { conformance } from './conformance.js';
 import { S3Backend, type S3BackendOptions } from './s3.js';
 import { emptyPrefix, rawClient, testS3, uniqueBucket, type TestS3 } from './s3-testing.js';
+
+/** What the CVAT host's user needs (README, "S3 Object Lock"); no s3:BypassGovernanceRetention. */
+const HOST_ACTIONS = [
+  's3:ListBucket',
+  's3:ListBucketVersions',
+  's3:ListBucketMultipartUploads',
+  's3:GetBucketObjectLockConfiguration',
+  's3:GetObject',
+  's3:GetObjectVersion',
+  's3:PutObject',
+  's3:DeleteObject',
+  's3:DeleteObjectVersion',
+  's3:PutObjectRetention',
+  's3:GetObjectRetention',
+  's3:AbortMultipartUpload',
+];
 
 const server = testS3();
 const skip = 'skip' in server ? server.skip : false;
@@ -150,6 +166,36 @@ void describe('S3 Object Lock on Ceph RGW', { skip }, () => {
     assert.ok((await b.load('data', name)).equals(pack));
     assert.equal((await b.load('index', 'i1')).toString(), 'index');
     assert.deepEqual(await b.listHidden(), []);
+  });
+
+  void it("governance: the CVAT host's own user (the README's bucket policy) backs up but cannot lift the retention; the owner can", async () => {
+    const bucket = uniqueBucket('lock-governance');
+    buckets.push(bucket);
+    await backend(s3!, bucket, '', { objectLock: { mode: 'governance', seconds: 3600 } }).create(); // the owner makes the bucket
+    const resources = [`arn:aws:s3:::${bucket}`, `arn:aws:s3:::${bucket}/*`];
+    const principal = { AWS: ['arn:aws:iam:::user/host'] };
+    const policy = {
+      Version: '2012-10-17',
+      Statement: [
+        { Effect: 'Allow', Principal: principal, Action: HOST_ACTIONS, Resource: resources },
+        { Effect: 'Deny', Principal: principal, Action: ['s3:BypassGovernanceRetention'], Resource: resources },
+      ],
+    };
+    await client!.send(new PutBucketPolicyCommand({ Bucket: bucket, Policy: JSON.stringify(policy) }));
+    const host = backend(s3!, bucket, 'repo', { credentials: s3!.host, objectLock: { mode: 'governance', seconds: 3600 } });
+    await host.create();
+    await host.save('config', 'config', Buffer.from('c'));
+    await host.save('snapshots', 's1', Buffer.from('snapshot'));
+    await host.save('locks', 'l1', Buffer.from('lock'));
+    await host.remove('locks', 'l1');
+    assert.equal(await host.extendRetention([{ kind: 'snapshots', name: 's1' }]), 1);
+    await assert.rejects(host.remove('snapshots', 's1'), ObjectLockedError);
+    const hostClient = rawClient(s3!, 'host');
+    const versionId = (await hostClient.send(new ListObjectVersionsCommand({ Bucket: bucket, Prefix: 'repo/snapshots/s1' }))).Versions![0]!.VersionId!;
+    await assert.rejects(hostClient.send(new DeleteObjectCommand({ Bucket: bucket, Key: 'repo/snapshots/s1', VersionId: versionId, BypassGovernanceRetention: true })), (e: unknown) => (e as Error).name === 'AccessDenied');
+    assert.equal((await host.load('snapshots', 's1')).toString(), 'snapshot');
+    await client!.send(new DeleteObjectCommand({ Bucket: bucket, Key: 'repo/snapshots/s1', VersionId: versionId, BypassGovernanceRetention: true }));
+    assert.equal(await host.stat('snapshots', 's1'), undefined, 'governance: the owner can lift it');
   });
 
   void it('refuses to put an Object Lock repository into an existing bucket without Object Lock', async () => {
