@@ -42,7 +42,9 @@ if (s3) {
   let n = 0;
   conformance('s3 (Ceph RGW)', () => {
     const prefix = `repo${++n}/sub`;
-    return { backend: backend(s3, bucket, prefix), dispose: () => emptyPrefix(rawClient(s3), bucket, prefix) };
+    // The SDK's default checksum headers (the other tests set when_required): both work on Ceph 16
+    // because every body goes up with its length (streamed bodies are what Ceph 16 rejects).
+    return { backend: backend(s3, bucket, prefix, { env: {} }), dispose: () => emptyPrefix(rawClient(s3), bucket, prefix) };
   });
 }
 
