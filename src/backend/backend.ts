@@ -1,11 +1,36 @@
 /**
  * Where repository files live. A backend stores immutable named files of a few kinds; the
- * repository above it never rewrites a file in place. Every backend (memory, local, and the remote
- * ones to come) must behave as this contract says; one conformance suite will hold them to it.
+ * repository above it never rewrites a file in place. Every backend (memory, local, sftp, s3,
+ * rest/rclone) behaves as this contract says, and conformance.ts holds each of them to it.
  *
- * Errors: a missing file is an error with `code: 'ENOENT'` (from `load`); anything else the
- * storage reports is passed on as it came (`ENOSPC`, `EACCES`, `EIO`, a network error), and the
- * caller decides. No method retries on its own.
+ * What every backend guarantees (remote ones included):
+ * - **Names.** `config` has the one name `config`; every other kind stores files under 64 lower-case
+ *   hex characters (SHA-256 names for keys, packs, index files, snapshots, state; random ones for
+ *   locks). A backend may lay them out as it likes (the local folder splits `data/` by the first two
+ *   characters) but lists them by the plain name and keeps kinds apart.
+ * - **Atomic visibility.** A file is listed, stat-ed or loaded only whole: never while a save of it
+ *   runs, never cut short by a save that failed or a process that was killed (an upload that did
+ *   not finish is no file; a local temporary file is not listed, see `listTemporary`).
+ * - **Durability.** When `save` or `remove` resolves, the storage has it: a crash (ours or the
+ *   server's, as far as the storage promises) does not undo it.
+ * - **Idempotence.** Saving the same content under the same name again succeeds and leaves one
+ *   file; removing a missing file succeeds. So a caller (the retry wrapper, retry.ts) may repeat a
+ *   call whose outcome it did not hear.
+ * - **Errors.** A missing file is an error with `code: 'ENOENT'` from `load` (with or without a
+ *   range), `undefined` from `stat`, nothing from `remove`. Every other failure is thrown as the
+ *   storage reported it (`ENOSPC`, `EACCES`, `EIO`, `ECONNRESET`, an HTTP status on `statusCode`
+ *   or `$metadata.httpStatusCode`): never taken for "missing", never swallowed. A backend does not
+ *   retry on its own (beyond what its client library does within one request): retry.ts does,
+ *   in one place, and needs the original error to tell transient from permanent; a failure the
+ *   backend knows to be passing but that carries no such code (an SSH channel that closed, a
+ *   helper process that died) is marked `transient: true`. Messages never carry credentials.
+ * - **Times.** `FileInfo.modifiedMs` is when the storage wrote the file, by the storage's clock
+ *   (the server's `mtime` or `Last-Modified`), never this host's clock at upload: locks judge
+ *   staleness and prune judges ages against the storage's own clock (a lock file's time).
+ * - **Consistency.** A file saved before a call starts is seen by it (list, stat, load); one saved
+ *   or removed while a listing runs may or may not be in it.
+ * - **Concurrency.** Any method may be called concurrently for different names, from this process
+ *   and from others on other hosts.
  */
 export type FileKind = 'config' | 'keys' | 'data' | 'index' | 'snapshots' | 'locks' | 'state';
 
@@ -46,22 +71,31 @@ export interface StagedFile {
 export interface Backend {
   /** Human-readable location, for messages. */
   readonly location: string;
-  /** True if the repository folder exists and has a config. Any number of calls. */
+  /** True if the location holds a config (a repository). Any number of calls. */
   exists(): Promise<boolean>;
   /**
-   * Creates the folder layout. Once per repository. Refuses (TargetNotEmptyError) a location
-   * that holds anything but an empty folder (or the empty folders an interrupted `create` left):
-   * mixing repository files into someone's folder risks their data and ours.
+   * Creates the folder layout (or nothing, where the storage needs none). Refuses
+   * (TargetNotEmptyError) a location that holds anything but an empty folder (or the empty folders
+   * an interrupted `create` left) — certainly one that holds a config: mixing repository files
+   * into someone's folder risks their data and ours. Calling it again on what it left is fine.
    */
   create(): Promise<void>;
   /**
    * Stores `data` under (kind, name) durably and atomically: after it resolves the file survives a
-   * crash; a crash before leaves no visible file (at most a temporary one, see `listTemporary`).
-   * Idempotent for the same content. `data` may come in parts (written in order, without joining
-   * them in memory). Any number of calls, also concurrently for different names.
+   * crash; a crash or failure before leaves no visible file (at most a temporary one, see
+   * `listTemporary`). Idempotent for the same content. `data` may come in parts (written in
+   * order, without joining them in memory where the storage can stream them). The parts are not
+   * changed or kept after it settles, so a retry may send them again. Any number of calls, also
+   * concurrently for different names.
    */
   save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void>;
-  /** The whole file, or `range` of it (shorter at the end of the file); ENOENT if missing. */
+  /**
+   * The whole file, or the bytes [offset, offset + length) of it: shorter where the file ends
+   * first, empty for length 0 or an offset at or past the end (never an error for that). ENOENT if
+   * the file is missing (also with a range). Returns exactly what the storage holds: a transfer
+   * cut short is an error (or, where a client cannot tell, a short result that retry.ts detects
+   * by the file's size), never silently fewer bytes.
+   */
   load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer>;
   /**
    * Every file of a kind (unordered), with size and modification time. A file saved before the

@@ -49,7 +49,8 @@ export class MemoryBackend implements Backend {
   }
 
   create(): Promise<void> {
-    if (this.created || [...this.files.values()].some((f) => f.size > 0)) {
+    // As a folder: creating an empty location again (an interrupted create) is fine.
+    if ([...this.files.values()].some((f) => f.size > 0)) {
       return Promise.reject(new TargetNotEmptyError(`${this.location} is not empty and holds no repository`));
     }
     this.created = true;
@@ -80,7 +81,7 @@ export class MemoryBackend implements Backend {
   }
 
   remove(kind: FileKind, name: string): Promise<void> {
-    this.folder(kind).delete(name);
+    this.folder(kind).delete(kind === 'config' ? 'config' : name);
     return Promise.resolve();
   }
 

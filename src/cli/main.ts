@@ -190,7 +190,8 @@ export class OpenedBackends {
   private readonly backends: Backend[] = [];
 
   async open(location: string, settings: BackendSettings = {}): Promise<Backend> {
-    const backend = await openBackend(location, settings);
+    // A remote backend retries what fails for a moment; the user hears of each retry.
+    const backend = await openBackend(location, { ...settings, retry: { onRetry: (event) => warn(event.message) } });
     this.backends.push(backend);
     return backend;
   }

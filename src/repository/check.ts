@@ -3,9 +3,12 @@
  * names is there with the right size and its own header says exactly what the index says (every
  * blob the index puts in pack P is in P's header at the same offset, length and type, and every
  * blob of the header is in the index for P), every tree a snapshot needs is readable, every blob
- * it references is indexed. With `readData`, every pack is read whole and every blob in it
- * decrypted and hashed, so a flipped bit or a truncated pack is found; damage is reported with
- * the snapshots it hurts.
+ * it references is indexed. With `readData`, every pack is read whole (one load each) and every
+ * blob in it decrypted and hashed, so a flipped bit or a truncated pack is found; a pack the index
+ * says is named by its hash (`nameIsHash`: every pack this build writes) must also hash to its
+ * name, which proves the upload end to end — bytes outside any blob included. Packs of earlier
+ * builds have random names, which prove nothing, and are checked blob by blob only. Damage is
+ * reported with the snapshots it hurts.
  *
  * Packs that no index names are listed as information, not as errors: a writer that is running
  * (check shares the lock with backups) or was killed leaves them, and prune deletes them once they
@@ -19,7 +22,7 @@ import type { FileInfo } from '../backend/backend.js';
 import { systemClock, type Clock } from '../clock.js';
 import { CorruptArchiveError } from '../errors.js';
 import type { PackHeaderEntry } from './packer.js';
-import type { Repository } from './repository.js';
+import { sha256, type Repository } from './repository.js';
 import { loadTree } from './restorer.js';
 import { readSnapshots, shortId } from './snapshots.js';
 import { isZeroChunk } from './tree.js';
@@ -68,12 +71,15 @@ export async function checkRepository(
   });
   /** What the index files say about each pack: every entry, once. */
   const indexed = new Map<string, Map<string, PackHeaderEntry>>();
+  /** Packs an index file says are named by the SHA-256 of their bytes. */
+  const hashNamed = new Set<string>();
   for (const name of repo.loadedIndexFiles()) {
     if (damagedIndex.has(name)) continue;
     for (const pack of (await repo.readIndexFile(name)).packs) {
       const entries = indexed.get(pack.id) ?? new Map<string, PackHeaderEntry>();
       for (const e of pack.blobs) entries.set(key(e), e);
       indexed.set(pack.id, entries);
+      if (pack.nameIsHash === true) hashNamed.add(pack.id);
     }
   }
 
@@ -164,11 +170,22 @@ export async function checkRepository(
     options.onPhase?.('reading all data');
     for (const [pack, header] of headers) {
       options.signal?.throwIfAborted();
+      let bytes: Buffer;
+      try {
+        bytes = await repo.backend.load('data', pack);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+        note(`pack ${shortId(pack)} vanished while check ran${affected(users, header.map((e) => e.id))}`);
+        continue;
+      }
+      if (hashNamed.has(pack) && sha256(bytes) !== pack) {
+        note(`pack ${shortId(pack)}: its bytes do not hash to its name (SHA-256 ${shortId(sha256(bytes))}): it was damaged in storage or on the way${affected(users, header.map((e) => e.id))}`);
+      }
       for (const entry of header) {
         blobs++;
         try {
-          // Read where the index says this copy is (a blob stored twice is read in each pack).
-          await repo.loadBlob(entry.id, undefined, { hash: true, at: { pack, ...entry } });
+          // Read where the header says this copy is (a blob stored twice is read in each pack).
+          await repo.openBlob(entry.id, { pack, ...entry }, bytes.subarray(entry.offset, entry.offset + entry.length), true);
         } catch (error) {
           note(`${(error as Error).message}${affected(users, [entry.id])}`);
         }

@@ -8,8 +8,11 @@
  * touches only small tree packs.
  *
  * A pack is: the sealed blobs, its sealed header (a JSON array of entries), the header's length
- * (uint32 LE). It is named by 32 random bytes: its blobs are authenticated one by one, so hashing
- * 16 MiB per pack would buy nothing.
+ * (uint32 LE). It is named by the SHA-256 of those bytes, as restic names its packs: the hash is
+ * computed as the blobs arrive (no second pass), and anyone holding the bytes can verify them
+ * against the name without the key — a storage server on upload, `check --read-data` end to end.
+ * (Builds before this named packs by 32 random bytes; readers take pack names as opaque, and the
+ * index says which packs are named by their hash: see repository.ts, `IndexedPack.nameIsHash`.)
  *
  * Where the backend can stage a file (`Backend.stage`: the local folder), a pack is written as its
  * blobs arrive, in batches of about 1 MiB, and committed (fsync, rename) when it closes: memory
@@ -17,7 +20,7 @@
  * otherwise. Elsewhere the pack is held whole and saved at once. Either way one pack commit is
  * pending at a time: the next pack fills while the disk syncs the last one.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, type Hash } from 'node:crypto';
 import type { Backend, StagedFile } from '../backend/backend.js';
 import type { BlobType } from './blob-index.js';
 import { seal } from './crypto.js';
@@ -62,6 +65,8 @@ class OpenPack {
   partsSize = 0;
   entries: PackHeaderEntry[] = [];
   size = 0;
+  /** SHA-256 of the pack's bytes so far, in the order they are written: the pack's name. */
+  readonly hash: Hash = createHash('sha256');
   /** The last batch write; each waits for the one before (a staged file's appends must not overlap). */
   private writing: Promise<void> = Promise.resolve();
 
@@ -80,6 +85,7 @@ class OpenPack {
   async add(id: string, type: BlobType, sealed: Buffer[], rawLength: number): Promise<void> {
     const length = sealed.reduce((n, part) => n + part.length, 0);
     this.entries.push({ id, type, offset: this.size, length, rawLength });
+    for (const part of sealed) this.hash.update(part);
     this.parts.push(...sealed);
     this.partsSize += length;
     this.size += length;
@@ -178,7 +184,7 @@ export class PackWriter {
     const header = seal(this.key, Buffer.from(JSON.stringify(pack.entries)), 'pack-header');
     const length = Buffer.alloc(4);
     length.writeUInt32LE(header.length);
-    const id = randomBytes(32).toString('hex');
+    const id = pack.hash.update(header).update(length).digest('hex');
     const size = pack.size + header.length + 4;
     const store = async (): Promise<void> => {
       if (!pack.staged) return this.backend.save('data', id, [...pack.parts, header, length]);

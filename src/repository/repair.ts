@@ -5,13 +5,14 @@
  *
  * Every pack is listed and its header read. A pack whose header cannot be read keeps the entries
  * the old index files gave it (its blobs may still be whole), and is reported; a pack the old
- * index names but the storage lacks is dropped from the index. The new index files are written
+ * index names but the storage lacks is dropped from the index. A pack keeps `nameIsHash` when an
+ * old index file gave it (its header cannot say how it was named). The new index files are written
  * (and the lock checked) before any old one is deleted, so a crash leaves the old index beside
  * the new — both true, merely twice — and running the command again finishes it.
  */
 import { CorruptArchiveError } from '../errors.js';
 import type { PackHeaderEntry } from './packer.js';
-import type { Repository } from './repository.js';
+import type { IndexedPack, Repository } from './repository.js';
 import { shortId } from './snapshots.js';
 
 export interface RepairIndexResult {
@@ -36,10 +37,15 @@ export async function repairIndex(
   const oldFiles = (await repo.backend.list('index')).map((f) => f.name);
   /** What the old index files said, for packs whose own header is unreadable. */
   const old = new Map<string, PackHeaderEntry[]>();
+  /** Packs the old index says are named by their hash: the new index says so too (headers do not tell). */
+  const hashed = new Set<string>();
   let damagedIndexFiles = 0;
   for (const name of oldFiles) {
     try {
-      for (const pack of (await repo.readIndexFile(name)).packs) old.set(pack.id, [...(old.get(pack.id) ?? []), ...pack.blobs]);
+      for (const pack of (await repo.readIndexFile(name)).packs) {
+        old.set(pack.id, [...(old.get(pack.id) ?? []), ...pack.blobs]);
+        if (pack.nameIsHash === true) hashed.add(pack.id);
+      }
     } catch (error) {
       if (!(error instanceof CorruptArchiveError)) throw error;
       damagedIndexFiles++;
@@ -48,19 +54,20 @@ export async function repairIndex(
 
   options.onPhase?.('reading pack headers');
   const stored = await repo.backend.list('data');
-  const packs: { id: string; blobs: PackHeaderEntry[] }[] = [];
+  const packs: IndexedPack[] = [];
+  const indexed = (id: string, blobs: PackHeaderEntry[]): IndexedPack => (hashed.has(id) ? { id, blobs, nameIsHash: true } : { id, blobs });
   const damagedPacks: RepairIndexResult['damagedPacks'] = [];
   let blobs = 0;
   for (const file of stored) {
     options.signal?.throwIfAborted();
     try {
       const header = await repo.readPackHeader(file.name, file.size);
-      packs.push({ id: file.name, blobs: header });
+      packs.push(indexed(file.name, header));
       blobs += header.length;
     } catch (error) {
       if (!(error instanceof CorruptArchiveError)) throw error;
       const before = dedupe(old.get(file.name) ?? []).filter((e) => e.offset + e.length <= file.size);
-      if (before.length > 0) packs.push({ id: file.name, blobs: before });
+      if (before.length > 0) packs.push(indexed(file.name, before));
       damagedPacks.push({ id: shortId(file.name), error: error.message, keptFromOldIndex: before.length });
     }
   }

@@ -40,9 +40,24 @@ export interface RepositoryConfig {
   created: string;
 }
 
-/** An index file: packs and the blobs in each (all of a pack's blobs, as its header lists them). */
+/** A pack as an index file names it. */
+export interface IndexedPack {
+  id: string;
+  /** All of the pack's blobs, as its header lists them. */
+  blobs: PackHeaderEntry[];
+  /**
+   * The pack's name is the SHA-256 of its bytes (packer.ts): `check --read-data` verifies it.
+   * Written only by builds that name packs so; absent for packs of earlier builds (named at
+   * random) and for packs `repair index` found without an index entry saying so. Absent never
+   * raises an alarm, so a reader that drops it (an older build rewriting an index) only loses
+   * that one check.
+   */
+  nameIsHash?: true;
+}
+
+/** An index file: packs and the blobs in each. */
 export interface IndexFile {
-  packs: { id: string; blobs: PackHeaderEntry[] }[];
+  packs: IndexedPack[];
 }
 
 /**
@@ -240,9 +255,9 @@ export class Repository {
    * Writes index files naming `packs` (split so that no file names more than INDEX_EVERY
    * blobs); checks the lock first. Returns the names written.
    */
-  async saveIndexFiles(packs: { id: string; blobs: PackHeaderEntry[] }[]): Promise<string[]> {
+  async saveIndexFiles(packs: IndexedPack[]): Promise<string[]> {
     const names: string[] = [];
-    let batch: { id: string; blobs: PackHeaderEntry[] }[] = [];
+    let batch: IndexedPack[] = [];
     let blobs = 0;
     const write = async (): Promise<void> => {
       if (batch.length === 0) return;
@@ -377,6 +392,14 @@ export class Repository {
     const local = pool ? this.backend.localPath?.('data', where.pack) : undefined;
     if (pool && local !== undefined) return pool.loadBlob(local, id, where, hash, to);
     const sealed = await this.backend.load('data', where.pack, { offset: where.offset, length: where.length });
+    return this.openBlob(id, where, sealed, hash);
+  }
+
+  /**
+   * Authenticates, unpacks and checks blob `id` from its sealed bytes, read by the caller from
+   * `where` (check reads whole packs at once). CorruptArchiveError when they are not that blob.
+   */
+  async openBlob(id: string, where: BlobLocation, sealed: Buffer, hash: boolean): Promise<Buffer> {
     const framed = openSealed(this.key, sealed, blobAad(where.type, id), `pack ${where.pack.slice(0, 12)} blob ${id.slice(0, 12)}`);
     const plaintext = await unpackPayload(framed, where.rawLength);
     // The id is authenticated with the blob (AAD), so a hash check only guards against our own bugs:
@@ -394,7 +417,7 @@ export class Repository {
     this.unindexed = [];
     this.unindexedBlobs = 0;
     try {
-      await this.saveObject('index', { packs: packs.map((p) => ({ id: p.id, blobs: p.blobs })) } satisfies IndexFile);
+      await this.saveObject('index', { packs: packs.map((p) => ({ id: p.id, blobs: p.blobs, nameIsHash: true as const })) } satisfies IndexFile);
     } catch (error) {
       // Not written: the packs stay unindexed, for a later attempt (or prune's grace period).
       this.unindexed = [...packs, ...this.unindexed];
