@@ -365,6 +365,7 @@ export class S3Backend implements Backend {
 
   /** The latest retain-until date of any version of the file (undefined: none, or no such file). */
   async retainedUntil(kind: FileKind, name: string): Promise<number | undefined> {
+    if (!(await this.objectLock())) return undefined;
     const key = this.key(kind, name);
     let until: number | undefined;
     for (const v of await this.versions(key)) {

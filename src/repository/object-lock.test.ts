@@ -95,4 +95,29 @@ void describe('Object Lock: retention that follows the snapshots', () => {
     assert.ok(result.packsDeleted > 0);
     assert.deepEqual(await readSnapshotFiles(await openTestRepository(backend), kept), files('kept', 2, 4));
   });
+
+  void it('prune leaves a partly used pack alone while it is retained (repacking cannot free it)', async () => {
+    const clock = new ManualClock();
+    const backend = new RetainingBackend(clock, 2 * 86_400);
+    await initTestRepository(backend);
+    // One pack holds the blobs of both snapshots; the second snapshot keeps it retained.
+    const both = { ...files('a', 1, 2), ...files('b', 2, 2) };
+    const old = await writeSnapshot(await openTestRepository(backend), both);
+    const oldPacks = (await backend.list('data')).map((f) => f.name);
+    await clock.advance(3 * DAY); // what only the old snapshot uses is past its retention
+    const repo = await openTestRepository(backend);
+    const kept = await writeSnapshot(repo, files('a', 1, 2));
+    await extendSnapshotRetention(repo, { ...(await repo.loadObject<Snapshot>('snapshots', kept)), id: kept });
+    await backend.remove('snapshots', old);
+    const result = await pruneRepository(await openTestRepository(backend), { clock, maxUnused: 0 });
+    assert.equal(result.packsRepacked, 0);
+    assert.ok(result.packsDeleted > 0, "the old snapshot's own tree pack goes");
+    const shared = oldPacks.filter((p) => backend.until.get(`data/${p}`)! > clock.now());
+    assert.equal(shared.length, 1);
+    assert.ok((await backend.list('data')).some((f) => f.name === shared[0]), 'the retained shared pack stays');
+    await clock.advance(3 * DAY);
+    const later = await pruneRepository(await openTestRepository(backend), { clock, maxUnused: 0 });
+    assert.ok(later.packsRepacked > 0, 'after the retention it is repacked');
+    assert.deepEqual(await readSnapshotFiles(await openTestRepository(backend), kept), files('a', 1, 2));
+  });
 });

@@ -254,6 +254,9 @@ export async function pruneRepository(repo: Repository, options: PruneOptions = 
   const repack: PackPlan[] = [];
   for (const plan of candidates) {
     if (unusedLeft <= maxUnused * (usedBytes + unusedLeft)) break;
+    // Object Lock: a partly used pack under retention cannot go (the snapshots that use it keep
+    // extending it); repacking it would only store its live blobs twice.
+    if (((await repo.backend.retainedUntil?.('data', plan.id)) ?? 0) > clock.now()) continue;
     repack.push(plan);
     unusedLeft -= plan.unused;
   }
