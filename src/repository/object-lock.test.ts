@@ -96,6 +96,21 @@ void describe('Object Lock: retention that follows the snapshots', () => {
     assert.deepEqual(await readSnapshotFiles(await openTestRepository(backend), kept), files('kept', 2, 4));
   });
 
+  void it('prune also refuses while an index file it would replace is retained, though the packs are not', async () => {
+    const clock = new ManualClock();
+    const backend = new RetainingBackend(clock, 2 * 86_400);
+    await initTestRepository(backend);
+    const old = await writeSnapshot(await openTestRepository(backend), files('old', 1, 4));
+    await writeSnapshot(await openTestRepository(backend), files('kept', 2, 4));
+    for (const key of [...backend.until.keys()]) if (!key.startsWith('index/')) backend.until.delete(key);
+    await backend.remove('snapshots', old);
+    const indexBefore = (await backend.list('index')).map((f) => f.name).sort();
+    const packsBefore = (await backend.list('data')).length;
+    await assert.rejects(pruneRepository(await openTestRepository(backend), { clock, maxUnused: 0 }), (e: unknown) => e instanceof ObjectLockedError && /nothing was removed/.test(e.message));
+    assert.deepEqual((await backend.list('index')).map((f) => f.name).sort(), indexBefore);
+    assert.equal((await backend.list('data')).length, packsBefore);
+  });
+
   void it('prune leaves a partly used pack alone while it is retained (repacking cannot free it)', async () => {
     const clock = new ManualClock();
     const backend = new RetainingBackend(clock, 2 * 86_400);

@@ -293,8 +293,20 @@ export async function pruneRepository(repo: Repository, options: PruneOptions = 
     return result;
   }
 
-  // Object Lock: all the packs or none (a refusal half-way would leave the repository mid-prune).
-  await assertRemovable(repo, [...remove, ...repack].map((p) => ({ kind: 'data' as const, name: p.id })).concat(oldUnindexed.map((f) => ({ kind: 'data' as const, name: f.name }))), clock.now(), 'prune');
+  // Object Lock: all the packs, and the index files that name them, or nothing (a refusal half-way
+  // would leave the repository mid-prune).
+  const goingPacks = [...remove, ...repack].map((p) => p.id).concat(missing);
+  const goingIndex = new Set(goingPacks.flatMap((id) => namedBy.get(id) ?? []));
+  await assertRemovable(
+    repo,
+    [
+      ...[...remove, ...repack].map((p) => ({ kind: 'data' as const, name: p.id })),
+      ...oldUnindexed.map((f) => ({ kind: 'data' as const, name: f.name })),
+      ...[...goingIndex].map((name) => ({ kind: 'index' as const, name })),
+    ],
+    clock.now(),
+    'prune',
+  );
 
   // 5. Repack: copy the kept blobs of the chosen packs, sealed as they are, after checking each
   // is the blob the index says (a damaged copy is never carried over in place of a good one).
