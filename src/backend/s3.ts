@@ -41,7 +41,7 @@ import {
   UploadPartCommand,
   type ObjectLockMode,
 } from '@aws-sdk/client-s3';
-import { ObjectLockedError, TargetNotEmptyError, UsageError } from '../errors.js';
+import { ObjectLockedError, RepositoryError, TargetNotEmptyError, UsageError } from '../errors.js';
 import type { Backend, FileInfo, FileKind, TemporaryFile } from './backend.js';
 
 const KINDS: FileKind[] = ['config', 'keys', 'data', 'index', 'snapshots', 'locks', 'state'];
@@ -162,11 +162,17 @@ export class S3Backend implements Backend {
   }
 
   private explain(what: string, error: unknown): Error {
-    if (error instanceof UsageError || error instanceof ObjectLockedError || error instanceof TargetNotEmptyError) return error;
+    if (error instanceof UsageError || error instanceof ObjectLockedError || error instanceof TargetNotEmptyError || error instanceof RepositoryError) return error;
     const e = error as SdkError & { code?: string };
     const name = e.name ?? 'Error';
     if (name === 'CredentialsProviderError' || /Could not load credentials/i.test(e.message ?? '')) {
       return new UsageError(`${this.location}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE`, { cause: error });
+    }
+    if (/Region is missing/i.test(e.message ?? '')) {
+      return new UsageError(`${this.location}: no AWS region: set AWS_REGION (or region in the AWS_PROFILE's ~/.aws/config)`, { cause: error });
+    }
+    if (name === 'NoSuchBucket') {
+      return new RepositoryError(`no repository at ${this.location}: the bucket does not exist (create one with 'cvat-backup init')`, { cause: error });
     }
     if (name === 'InvalidAccessKeyId' || name === 'SignatureDoesNotMatch') {
       return new UsageError(`${this.location}: the S3 server refused the credentials (${name}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY`, { cause: error });
