@@ -170,9 +170,20 @@ void describe('RetryBackend', () => {
     assert.equal(overMemory.stage, undefined, 'no staging: the packer then saves whole packs');
     assert.equal(overMemory.localPath, undefined, 'no local path: reads go through load, and so through retries');
     assert.equal(typeof overMemory.listTemporary, 'function');
+    assert.equal(overMemory.close, undefined, 'nothing to close');
     const overLocal = new RetryBackend(new LocalBackend('/nonexistent/repo'));
     assert.equal(typeof overLocal.stage, 'function');
     assert.equal(overLocal.localPath?.('data', name64), `/nonexistent/repo/data/ab/${name64}`);
+  });
+
+  void it('retries the optional methods that are idempotent, with their own messages', async () => {
+    const { memory, faulty, retry, events } = await setup([{ method: 'removeTemporary', times: 2, error: () => code('ECONNRESET') }]);
+    memory.plantTemporary('data', 'ab/.tmp-1', 10);
+    const [leftover] = await retry.listTemporary!();
+    await retry.removeTemporary!(leftover!);
+    assert.deepEqual(await memory.listTemporary(), []);
+    assert.equal(faulty.count('removeTemporary'), 3);
+    assert.equal(events[0]?.message, 'retrying remove of temporary data/ab/.tmp-1 (attempt 2/10): connection reset');
   });
 
   void it('tells transient failures from permanent ones, also through causes', () => {

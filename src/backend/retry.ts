@@ -16,7 +16,7 @@
  * named by its hash).
  */
 import { systemClock, type Clock } from '../clock.js';
-import type { Backend, FileInfo, FileKind, StagedFile, TemporaryFile } from './backend.js';
+import type { Backend, FileInfo, FileKind, TemporaryFile } from './backend.js';
 
 export interface RetryEvent {
   /** What is retried, e.g. "save of data/ab12cd34…". */
@@ -147,17 +147,44 @@ function firstLine(message: unknown): string {
   return text.split('\n', 1)[0]!.slice(0, 200);
 }
 
+/** The optional methods of the Backend contract. */
+type OptionalMethod = { [K in keyof Backend]-?: undefined extends Backend[K] ? K : never }[keyof Backend];
+
+/**
+ * What the wrapper does with each optional method, when the wrapped backend has it: `retry` (an
+ * idempotent call, repeated like the required ones) or `pass` (handed on as it is: local-only,
+ * bookkeeping, or calls that must not be repeated). Keyed by every optional method of Backend, so
+ * a method added to the contract does not compile here until someone decides: a wrapper that
+ * silently dropped it would hide the feature from everything above it.
+ */
+const OPTIONAL: { [K in OptionalMethod]: 'retry' | 'pass' } = {
+  listTemporary: 'retry',
+  removeTemporary: 'retry',
+  // A staged file's appends are not repeated: only local backends stage, and they are not wrapped.
+  stage: 'pass',
+  localPath: 'pass',
+  close: 'pass',
+  // Object Lock (S3): reads, and idempotent writes (retention set again, markers removed again).
+  retention: 'retry',
+  retainedUntil: 'retry',
+  extendRetention: 'retry',
+  listHidden: 'retry',
+  undelete: 'retry',
+};
+
 /** Wraps `inner` so that each call is retried on transient failures (see the module comment). */
 export class RetryBackend implements Backend {
-  readonly stage?: (kind: FileKind) => Promise<StagedFile>;
-  readonly localPath?: (kind: FileKind, name: string) => string;
-  readonly listTemporary?: () => Promise<TemporaryFile[]>;
-  readonly removeTemporary?: (file: TemporaryFile) => Promise<void>;
-  readonly retention?: NonNullable<Backend['retention']>;
-  readonly retainedUntil?: NonNullable<Backend['retainedUntil']>;
-  readonly extendRetention?: NonNullable<Backend['extendRetention']>;
-  readonly listHidden?: NonNullable<Backend['listHidden']>;
-  readonly undelete?: NonNullable<Backend['undelete']>;
+  // Present exactly when the wrapped backend has them (set in the constructor, from OPTIONAL).
+  declare readonly stage?: NonNullable<Backend['stage']>;
+  declare readonly localPath?: NonNullable<Backend['localPath']>;
+  declare readonly listTemporary?: NonNullable<Backend['listTemporary']>;
+  declare readonly removeTemporary?: NonNullable<Backend['removeTemporary']>;
+  declare readonly close?: NonNullable<Backend['close']>;
+  declare readonly retention?: NonNullable<Backend['retention']>;
+  declare readonly retainedUntil?: NonNullable<Backend['retainedUntil']>;
+  declare readonly extendRetention?: NonNullable<Backend['extendRetention']>;
+  declare readonly listHidden?: NonNullable<Backend['listHidden']>;
+  declare readonly undelete?: NonNullable<Backend['undelete']>;
   private readonly attempts: number;
   private readonly maxElapsedMs: number;
   private readonly initialDelayMs: number;
@@ -175,18 +202,13 @@ export class RetryBackend implements Backend {
     this.maxDelayMs = options.maxDelayMs ?? 60_000;
     this.clock = options.clock ?? systemClock;
     this.random = options.random ?? Math.random;
-    // Optional methods exist on the wrapper exactly when the inner backend has them.
-    // A staged file's appends are not repeated here (local backends only stage; they are not wrapped).
-    if (inner.stage) this.stage = (kind) => inner.stage!(kind);
-    if (inner.localPath) this.localPath = (kind, name) => inner.localPath!(kind, name);
-    if (inner.listTemporary) this.listTemporary = () => this.retry('list of temporary files', () => inner.listTemporary!());
-    if (inner.removeTemporary) this.removeTemporary = (file) => this.retry(`remove of temporary ${file.kind}/${file.name}`, () => inner.removeTemporary!(file));
-    // Object Lock (S3): the same calls, retried like the rest.
-    if (inner.retention) this.retention = () => this.retry('read of the Object Lock settings', () => inner.retention!());
-    if (inner.retainedUntil) this.retainedUntil = (kind, name) => this.retry(`retention of ${label(kind, name)}`, () => inner.retainedUntil!(kind, name));
-    if (inner.extendRetention) this.extendRetention = (files) => this.retry(`retention extension of ${files.length} files`, () => inner.extendRetention!(files));
-    if (inner.listHidden) this.listHidden = () => this.retry('list of hidden files', () => inner.listHidden!());
-    if (inner.undelete) this.undelete = () => this.retry('undelete', () => inner.undelete!());
+    const self = this as unknown as Record<string, unknown>;
+    for (const [method, mode] of Object.entries(OPTIONAL)) {
+      const fn = (inner as unknown as Record<string, unknown>)[method];
+      if (typeof fn !== 'function') continue;
+      const call = (...args: unknown[]): unknown => (fn as (...a: unknown[]) => unknown).apply(inner, args);
+      self[method] = mode === 'pass' ? call : (...args: unknown[]) => this.retry(describeCall(method, args), () => call(...args) as Promise<unknown>);
+    }
   }
 
   get location(): string {
@@ -201,13 +223,15 @@ export class RetryBackend implements Backend {
     return this.retry('create', () => this.inner.create());
   }
 
-  save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void> {
-    return this.retry(`save of ${label(kind, name)}`, () => this.inner.save(kind, name, data));
+  // Arguments are handed on whole, so a parameter the contract gains reaches the backend.
+  save(...args: Parameters<Backend['save']>): Promise<void> {
+    return this.retry(`save of ${label(args[0], args[1])}`, () => this.inner.save(...args));
   }
 
-  load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer> {
+  load(...args: Parameters<Backend['load']>): Promise<Buffer> {
+    const [kind, name, range] = args;
     return this.retry(`load of ${label(kind, name)}`, async () => {
-      const data = await this.inner.load(kind, name, range);
+      const data = await this.inner.load(...args);
       if (range && data.length < range.length) {
         // Shorter than asked: the end of the file, or a transfer cut short? The size tells.
         const size = await this.inner.stat(kind, name);
@@ -218,20 +242,16 @@ export class RetryBackend implements Backend {
     });
   }
 
-  list(kind: FileKind): Promise<FileInfo[]> {
-    return this.retry(`list of ${kind}/`, () => this.inner.list(kind));
+  list(...args: Parameters<Backend['list']>): Promise<FileInfo[]> {
+    return this.retry(`list of ${args[0]}/`, () => this.inner.list(...args));
   }
 
-  stat(kind: FileKind, name: string): Promise<number | undefined> {
-    return this.retry(`stat of ${label(kind, name)}`, () => this.inner.stat(kind, name));
+  stat(...args: Parameters<Backend['stat']>): Promise<number | undefined> {
+    return this.retry(`stat of ${label(args[0], args[1])}`, () => this.inner.stat(...args));
   }
 
-  remove(kind: FileKind, name: string): Promise<void> {
-    return this.retry(`remove of ${label(kind, name)}`, () => this.inner.remove(kind, name));
-  }
-
-  async close(): Promise<void> {
-    await this.inner.close?.();
+  remove(...args: Parameters<Backend['remove']>): Promise<void> {
+    return this.retry(`remove of ${label(args[0], args[1])}`, () => this.inner.remove(...args));
   }
 
   /**
@@ -258,6 +278,14 @@ export class RetryBackend implements Backend {
       }
     }
   }
+}
+
+/** What an optional method's retry message calls the call. */
+function describeCall(method: string, args: unknown[]): string {
+  if (method === 'listTemporary') return 'list of temporary files';
+  const file = args[0] as TemporaryFile | undefined;
+  if (method === 'removeTemporary' && file) return `remove of temporary ${file.kind}/${file.name}`;
+  return method;
 }
 
 /** "data/ab12cd34…": enough of a name to tell files apart in a message. */
