@@ -23,6 +23,7 @@ export const ExitCode = {
   database: 15,
   lockLost: 16,
   storageAccess: 17,
+  objectLocked: 18,
   interrupted: 130,
 } as const;
 
@@ -132,6 +133,15 @@ export class LockLostError extends CvatBackupError {
 export class StorageAccessError extends CvatBackupError {
   readonly code = 'STORAGE_ACCESS';
   readonly exitCode = ExitCode.storageAccess;
+}
+
+/**
+ * The storage keeps the file under S3 Object Lock retention until a date: forget/prune can remove
+ * it only after that (ransomware-proof repositories, `init --object-lock`).
+ */
+export class ObjectLockedError extends CvatBackupError {
+  readonly code = 'OBJECT_LOCKED';
+  readonly exitCode = ExitCode.objectLocked;
 }
 
 export class InterruptedError extends CvatBackupError {

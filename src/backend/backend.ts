@@ -150,6 +150,19 @@ export interface Backend {
    * Deletes nothing. Backends that always delete leave it out.
    */
   assertDeletes?(): Promise<void>;
+  /**
+   * Object Lock (S3): when the storage keeps any version of the file until (ms since the epoch),
+   * undefined when nothing does. Backends without retention leave this and the next three out.
+   */
+  retainedUntil?(kind: FileKind, name: string): Promise<number | undefined>;
+  /** The repository's Object Lock retention, undefined when it has none. */
+  retention?(): Promise<{ mode: 'governance' | 'compliance'; seconds: number } | undefined>;
+  /** Extends the files' retention to the repository's period from now; returns how many. */
+  extendRetention?(files: { kind: FileKind; name: string }[]): Promise<number>;
+  /** Repository files someone deleted (a delete marker) or replaced whose first version is still stored. */
+  listHidden?(): Promise<{ key: string; size: number; deletedMs: number | undefined }[]>;
+  /** Brings back what `listHidden` shows (with the bucket owner's rights); returns how many. */
+  undelete?(): Promise<number>;
   /** For backends on this machine's filesystem: the file's path, so worker threads can read it. */
   localPath?(kind: FileKind, name: string): string;
 }

@@ -164,12 +164,23 @@ const OPTIONAL: { [K in OptionalMethod]: 'own' | 'pass' | 'withhold' } = {
   // The server's clock (locks) and whether it allows deletes (append-only): the remote's answers.
   clockOffsetMs: 'pass',
   assertDeletes: 'pass',
+  // Object Lock (S3): the remote's retention and versions; nothing of it is cached.
+  retention: 'pass',
+  retainedUntil: 'pass',
+  extendRetention: 'pass',
+  listHidden: 'pass',
+  undelete: 'pass',
 };
 
 export class CachedBackend implements Backend {
   // Present exactly when the remote has them (set in the constructor, from OPTIONAL).
   declare readonly clockOffsetMs?: NonNullable<Backend['clockOffsetMs']>;
   declare readonly assertDeletes?: NonNullable<Backend['assertDeletes']>;
+  declare readonly retention?: NonNullable<Backend['retention']>;
+  declare readonly retainedUntil?: NonNullable<Backend['retainedUntil']>;
+  declare readonly extendRetention?: NonNullable<Backend['extendRetention']>;
+  declare readonly listHidden?: NonNullable<Backend['listHidden']>;
+  declare readonly undelete?: NonNullable<Backend['undelete']>;
   private spool: UploadSpool | undefined;
   /** Whole-file downloads under way (two readers of one tree pack fetch it once). */
   private readonly downloads = new Map<string, Promise<Buffer>>();

@@ -12,10 +12,13 @@ import { describeLocation, parseLocation, type Location } from './location.js';
 import { RestBackend } from './rest.js';
 import { RetryBackend, type RetryOptions } from './retry.js';
 import { SftpBackend, splitCommand } from './sftp.js';
+import { S3Backend, type ObjectLockSettings } from './s3.js';
 
 /** What a backend may need from outside (credentials come from the environment, never the location). */
 export interface BackendSettings {
   env?: NodeJS.ProcessEnv;
+  /** For `init --object-lock`: the repository is created with this retention (S3 only). */
+  objectLock?: ObjectLockSettings;
   /** How remote backends retry (attempts, pauses) and whom they tell (`onRetry`: the CLI's warnings). */
   retry?: RetryOptions;
   /** The local cache (and downtime spool) of remote repositories: --cache-dir, --no-cache. */
@@ -43,6 +46,9 @@ export function remote(backend: Backend, settings: BackendSettings = {}): Backen
  */
 export async function openBackend(location: string | Location, settings: BackendSettings = {}): Promise<Backend> {
   const parsed = typeof location === 'string' ? parseLocation(location) : location;
+  if (settings.objectLock && parsed.kind !== 's3') {
+    throw new UsageError(`--object-lock needs an S3 repository (s3:…), not '${describeLocation(parsed)}'`);
+  }
   const backend = backendOf(parsed, settings);
   return parsed.kind === 'local' ? backend : withCache(backend, { ...settings.cache, env: settings.cache?.env ?? settings.env });
 }
@@ -62,7 +68,13 @@ function backendOf(parsed: Location, settings: BackendSettings): Backend {
       const options = { command: command === undefined ? undefined : splitCommand(command), args: args === undefined ? undefined : splitCommand(args), env: settings.env };
       return remote(new SftpBackend({ ...parsed, text: describeLocation(parsed) }, options), settings);
     }
-    default:
-      throw new UsageError(`repository location '${describeLocation(parsed)}': ${parsed.kind}: repositories are not supported by this build yet`);
+    case 's3':
+      return remote(
+        new S3Backend(parsed, describeLocation(parsed), {
+          ...(settings.env ? { env: settings.env } : {}),
+          ...(settings.objectLock ? { objectLock: settings.objectLock } : {}),
+        }),
+        settings,
+      );
   }
 }

@@ -167,6 +167,12 @@ const OPTIONAL: { [K in OptionalMethod]: 'retry' | 'pass' } = {
   // The server's clock as its last reply showed it: nothing to retry.
   clockOffsetMs: 'pass',
   assertDeletes: 'retry',
+  // Object Lock (S3): reads, and idempotent writes (retention set again, markers removed again).
+  retention: 'retry',
+  retainedUntil: 'retry',
+  extendRetention: 'retry',
+  listHidden: 'retry',
+  undelete: 'retry',
 };
 
 /** Wraps `inner` so that each call is retried on transient failures (see the module comment). */
@@ -179,6 +185,11 @@ export class RetryBackend implements Backend {
   declare readonly close?: NonNullable<Backend['close']>;
   declare readonly clockOffsetMs?: NonNullable<Backend['clockOffsetMs']>;
   declare readonly assertDeletes?: NonNullable<Backend['assertDeletes']>;
+  declare readonly retention?: NonNullable<Backend['retention']>;
+  declare readonly retainedUntil?: NonNullable<Backend['retainedUntil']>;
+  declare readonly extendRetention?: NonNullable<Backend['extendRetention']>;
+  declare readonly listHidden?: NonNullable<Backend['listHidden']>;
+  declare readonly undelete?: NonNullable<Backend['undelete']>;
   private readonly attempts: number;
   private readonly maxElapsedMs: number;
   private readonly initialDelayMs: number;

@@ -17,6 +17,7 @@ import type { ProgressListener } from '../events.js';
 import { stat } from 'node:fs/promises';
 import type { Backend } from '../backend/backend.js';
 import { openBackend, type BackendSettings } from '../backend/open.js';
+import { assertRemovable, extendSnapshotRetention } from '../repository/object-lock.js';
 import { Repository } from '../repository/repository.js';
 import { readSnapshots, shortId, type SnapshotListing } from '../repository/snapshots.js';
 import { checkRepository } from '../repository/check.js';
@@ -85,6 +86,13 @@ export function parseDuration(value: string): number {
   const parts = [...value.trim().matchAll(/(\d+(?:\.\d+)?)(ms|s|m|h|d)/g)];
   if (parts.length === 0 || parts.map((p) => p[0]).join('') !== value.trim()) throw new InvalidArgumentError('a duration such as 30s, 5m, 2h or 1h30m');
   return Math.round(parts.reduce((sum, p) => sum + Number(p[1]) * DURATION_UNITS[p[2]!]!, 0));
+}
+
+/** "30" (days), "30d", "12h", "90s": seconds of Object Lock retention. */
+function retentionSeconds(value: string): number {
+  const seconds = /^\d+$/.test(value.trim()) ? Number(value) * 86_400 : Math.round(parseDuration(value) / 1000);
+  if (!Number.isInteger(seconds) || seconds < 1) throw new InvalidArgumentError('a number of days (e.g. 30), or a duration such as 12h');
+  return seconds;
 }
 
 /** "5%", "5", "unlimited": a share from 0 to 1. */
@@ -443,14 +451,16 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     choice: { includeCache: boolean; via: TransportChoice; mode: BackupMode; db: 'files' | 'dump'; repeatPrecopyAfterMs: number | undefined },
   ): Promise<void> {
     const repo = await openRepository();
-    const { snapshot, bytesAdded, stats, mode, passes } = await withProgress((signal, onProgress) =>
-      backupToRepository(engine, repo, {
+    const { snapshot, bytesAdded, stats, mode, passes, retained } = await withProgress(async (signal, onProgress) => {
+      const result = await backupToRepository(engine, repo, {
         project: globals().project,
         ...choice,
         signal,
         onProgress,
-      }),
-    );
+      });
+      // Object Lock: what this snapshot shares with older ones stays retained as long as it.
+      return { ...result, retained: await extendSnapshotRetention(repo, result.snapshot, signal) };
+    });
     if (globals().json) {
       out(
         JSON.stringify({
@@ -469,6 +479,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           bytesAdded,
           mode,
           passes,
+          retentionExtended: retained,
           database: snapshot.database ? { location: snapshot.database.location, dbname: snapshot.database.dbname, bytes: snapshot.database.size } : null,
           downtimeMs: snapshot.downtimeMs,
           durationMs: snapshot.durationMs,
@@ -507,9 +518,14 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .addOption(fromRepoOption())
     .addOption(fromPasswordFileOption())
     .option('--copy-chunker-params', "cut files like the --from-repo repository does (its chunker parameters), so data copied from it deduplicates with later backups here")
-    .action(async (options: InitFromOptions) => {
+    .addOption(new Option('--object-lock <days>', 'S3 only: create the bucket with Object Lock; every file is kept this many days after the last backup that uses it (or a duration: 12h, 90s)').argParser(retentionSeconds))
+    .addOption(new Option('--object-lock-mode <mode>', 'governance: the bucket owner can still lift it; compliance: nobody can before it ends').choices(['governance', 'compliance']).default('governance'))
+    .action(async (options: InitFromOptions & { objectLock?: number; objectLockMode: 'governance' | 'compliance' }) => {
       checkInitFrom(options);
-      const backend = await backends.open(repositoryLocation(globals().repo), backendSettings());
+      const backend = await backends.open(repositoryLocation(globals().repo), {
+        ...backendSettings(),
+        ...(options.objectLock !== undefined ? { objectLock: { mode: options.objectLockMode, seconds: options.objectLock } } : {}),
+      });
       const password = await readPassword(globals().passwordFile, true, warn);
       const from = await chunkerOfSource(options, password);
       const repo = await Repository.init(backend, password, from ? { chunker: from.chunker } : {});
@@ -559,6 +575,13 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     .action(async (options: { readData?: boolean }) => {
       await withRepositoryLock('check', async (repo, signal) => {
         const result = await checkRepository(repo, { readData: options.readData ?? false, signal, onPhase: (m) => process.stderr.write(`${m}…\n`) });
+        // Object Lock: files someone deleted (a delete marker) or overwrote are hidden, not gone.
+        const hidden = (await repo.backend.listHidden?.()) ?? [];
+        if (hidden.length > 0) {
+          result.errors.push(
+            `${hidden.length} repository files are hidden by a delete or an overwrite but still stored (${hidden.slice(0, 3).map((h) => h.key).join(', ')}${hidden.length > 3 ? ', …' : ''}): run 'cvat-backup repair undelete' with the bucket owner's credentials`,
+          );
+        }
         if (globals().json) out(JSON.stringify({ ok: result.errors.length === 0, ...result }));
         else {
           for (const e of result.errors) process.stderr.write(`error: ${e}\n`);
@@ -651,6 +674,7 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
           // Checked once, not per file: a snapshot removal needs no index, and a lost lock stops here.
           await repo.assertLockHeld();
           if (decision.remove.length > 0 || options.prune) await repo.backend.assertDeletes?.();
+          await assertRemovable(repo, decision.remove.map((s) => ({ kind: 'snapshots' as const, name: s.id })), Date.now(), 'forget');
           for (const s of decision.remove) await repo.backend.remove('snapshots', s.id); // durable: the folder is fsynced
         }
         const pruned = options.prune && !options.dryRun ? await prune(repo, signal, options) : undefined;
@@ -714,9 +738,18 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
       });
     });
 
-  program
-    .command('repair')
-    .description('repair the repository')
+  const repair = program.command('repair').description('repair the repository');
+  repair
+    .command('undelete')
+    .description("Object Lock (S3): bring back repository files someone deleted or overwrote (their first version is still stored); run with the bucket owner's credentials")
+    .action(async () => {
+      const backend = await backends.open(repositoryLocation(globals().repo));
+      if (!backend.undelete) throw new UsageError(`${backend.location}: only an S3 repository keeps deleted files (versions); nothing to undelete here`);
+      const restored = await backend.undelete();
+      if (globals().json) out(JSON.stringify({ repository: backend.location, restored }));
+      else out(`Brought back ${restored} files in ${backend.location}. Run 'cvat-backup check --read-data' next.`);
+    });
+  repair
     .command('index')
     .description("rebuild the index from the packs' own headers (when index files are lost, damaged, or disagree with the packs)")
     .action(async () => {

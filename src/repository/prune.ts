@@ -26,6 +26,7 @@
  */
 import type { FileInfo, TemporaryFile } from '../backend/backend.js';
 import { systemClock, type Clock } from '../clock.js';
+import { assertRemovable } from './object-lock.js';
 import { CorruptArchiveError, LockedError } from '../errors.js';
 import type { BlobType } from './blob-index.js';
 import type { PackHeaderEntry } from './packer.js';
@@ -253,6 +254,9 @@ export async function pruneRepository(repo: Repository, options: PruneOptions = 
   const repack: PackPlan[] = [];
   for (const plan of candidates) {
     if (unusedLeft <= maxUnused * (usedBytes + unusedLeft)) break;
+    // Object Lock: a partly used pack under retention cannot go (the snapshots that use it keep
+    // extending it); repacking it would only store its live blobs twice.
+    if (((await repo.backend.retainedUntil?.('data', plan.id)) ?? 0) > clock.now()) continue;
     repack.push(plan);
     unusedLeft -= plan.unused;
   }
@@ -290,6 +294,21 @@ export async function pruneRepository(repo: Repository, options: PruneOptions = 
   }
   // An append-only server refuses the deletes: say so before writing anything.
   await repo.backend.assertDeletes?.();
+
+  // Object Lock: all the packs, and the index files that name them, or nothing (a refusal half-way
+  // would leave the repository mid-prune).
+  const goingPacks = [...remove, ...repack].map((p) => p.id).concat(missing);
+  const goingIndex = new Set(goingPacks.flatMap((id) => namedBy.get(id) ?? []));
+  await assertRemovable(
+    repo,
+    [
+      ...[...remove, ...repack].map((p) => ({ kind: 'data' as const, name: p.id })),
+      ...oldUnindexed.map((f) => ({ kind: 'data' as const, name: f.name })),
+      ...[...goingIndex].map((name) => ({ kind: 'index' as const, name })),
+    ],
+    clock.now(),
+    'prune',
+  );
 
   // 5. Repack: copy the kept blobs of the chosen packs, sealed as they are, after checking each
   // is the blob the index says (a damaged copy is never carried over in place of a good one).
