@@ -225,6 +225,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
       let volumes: SnapshotVolume[];
       let window: DowntimeWindow;
       try {
+        await pool.ready();
         if (mode === 'offline') {
           const offline = async (): Promise<SnapshotVolume[]> => {
             const result = await pass('final', 'stopped', fromParentSnapshot, {});
