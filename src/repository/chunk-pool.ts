@@ -12,7 +12,7 @@ import { Worker } from 'node:worker_threads';
 import type { ChunkerParams } from './chunker.js';
 import type { BlobDestination, WorkerReply, WorkerRequest } from './blob-worker.js';
 import { CorruptArchiveError } from '../errors.js';
-import { restoreYoungGenerationHold } from './gc-hint.js';
+import { restoreHeapHold } from './gc-hint.js';
 
 /** A chunk a worker cut: its id, and its sealed bytes in parts (undefined for a hole). */
 export type ChunkHandler = (chunk: { id: string; rawLength: number; sealed: Buffer[] | undefined }) => Promise<void>;
@@ -82,7 +82,7 @@ export class ChunkPool {
       worker.on('message', (reply: WorkerReply) => {
         if (reply.type !== 'ready') return this.onReply(slot, reply);
         // Starting the thread (and the V8 flag it sets) reset V8's run-time flags.
-        restoreYoungGenerationHold();
+        restoreHeapHold();
         setUp();
       });
       worker.on('error', (error) => (slot.error ??= error));
@@ -98,8 +98,8 @@ export class ChunkPool {
 
   /**
    * Resolves once every thread is set up. Starting one resets V8's flags set at run time, the
-   * main thread's small young generation among them (gc-hint.ts): a caller that allocates much
-   * on the main thread waits for this before it starts, so that generation never grows.
+   * main thread's small heap among them (gc-hint.ts): a caller that allocates much
+   * on the main thread waits for this before it starts, so that its young generation never grows.
    */
   async ready(): Promise<void> {
     await Promise.all(this.workers.map((w) => w.ready));

@@ -10,7 +10,7 @@ import { getHeapSpaceStatistics } from 'node:v8';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { ChunkPool } from './chunk-pool.js';
 import { DEFAULT_CHUNKER } from './chunker.js';
-import { holdYoungGenerationSmall } from './gc-hint.js';
+import { holdHeapSmall } from './gc-hint.js';
 
 function newSpaceMiB(): number {
   return (getHeapSpaceStatistics().find((s) => s.space_name === 'new_space')?.space_size ?? 0) / 2 ** 20;
@@ -30,7 +30,7 @@ async function listFolders(count: number): Promise<number> {
 }
 
 it("keeps the main thread's young generation small while a pool's threads start and work", async () => {
-  holdYoungGenerationSmall();
+  holdHeapSmall();
   const pool = new ChunkPool(randomBytes(32), { ...DEFAULT_CHUNKER, seed: randomBytes(32).toString('hex') }, 2);
   try {
     await pool.ready();

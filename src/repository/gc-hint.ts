@@ -12,10 +12,12 @@
  * package does (`--expose-gc` set through v8, `gc` taken from a fresh context). If that is not
  * possible on some runtime, the hints do nothing: memory is then higher, nothing else changes.
  *
- * The main thread's young generation is held at its first size (holdYoungGenerationSmall): it
- * allocates small objects that die young or live as long as a folder is listed, and V8 would grow
- * it to 16 MiB a semi-space (Node 20, 22; 32 MiB on Node 24), all of it resident. Workers get
- * theirs from `resourceLimits` (chunk-pool.ts).
+ * The heap is held small (holdHeapSmall): the main thread allocates small objects that die young
+ * or live as long as a folder is listed. V8 would grow the young generation to 16 MiB a
+ * semi-space (Node 20, 22; 32 MiB on Node 24), all of it resident; held, it stays at 1 MiB, so
+ * a folder's nodes reach the old generation, where V8 would let garbage grow to about 4× what
+ * lives before it marks (at a million files: 60 MiB of garbage for 20 MiB live); held, it marks
+ * at 2×. Workers get their young generation from `resourceLimits` (chunk-pool.ts).
  */
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
@@ -36,25 +38,29 @@ function collector(): GcFunction | null {
   return gc;
 }
 
-let youngGenerationHeld = false;
+/**
+ * `--semi-space-growth-factor` and `--heap-growing-percent` are read each time V8 sizes a space
+ * (Node 20, 22; Node 24 grows the young generation by pages then, and still less).
+ */
+const HEAP_HELD_SMALL = ['--semi-space-growth-factor=1', '--heap-growing-percent=100'];
+let heapHeld = false;
 
-function setFlag(flag: string): void {
+function setFlags(flags: string[]): void {
   try {
-    setFlagsFromString(flag);
+    for (const flag of flags) setFlagsFromString(flag);
   } catch {
     // Memory is then higher; nothing else changes.
   }
 }
 
 /**
- * Keeps the young generation of every isolate created from now on, and of this one, at its first
- * size (1 MiB a semi-space): `--semi-space-growth-factor` is read each time V8 would grow it (Node
- * 20, 22; Node 24 grows it by pages then, and still less). Call before loading modules: loading
- * them is what would grow it first. The CLI calls it; a library caller may not want it.
+ * Holds the heap of this thread, and of those started later, small (see above). Call before
+ * loading modules: loading them is what would grow the young generation first. The CLI calls it;
+ * a library caller may not want it.
  */
-export function holdYoungGenerationSmall(): void {
-  youngGenerationHeld = true;
-  setFlag('--semi-space-growth-factor=1');
+export function holdHeapSmall(): void {
+  heapHeld = true;
+  setFlags(HEAP_HELD_SMALL);
 }
 
 /**
@@ -62,8 +68,8 @@ export function holdYoungGenerationSmall(): void {
  * (its own `--expose-gc` here): whoever creates workers calls this once they are set up, so a
  * hold taken before still holds.
  */
-export function restoreYoungGenerationHold(): void {
-  if (youngGenerationHeld) setFlag('--semi-space-growth-factor=1');
+export function restoreHeapHold(): void {
+  if (heapHeld) setFlags(HEAP_HELD_SMALL);
 }
 
 /** Counts bytes moved and runs a scavenge every `everyBytes` (one per thread that moves bytes). */
