@@ -232,6 +232,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
       /** A remote repository's writes during the downtime, held on this machine until CVAT runs again. */
       let deferral: UploadDeferral | undefined;
       try {
+        await pool.ready();
         if (mode === 'offline') {
           const offline = async (): Promise<SnapshotVolume[]> => {
             const result = await pass('final', 'stopped', fromParentSnapshot, {});

@@ -56,7 +56,9 @@ export type WorkerReply =
   | { type: 'error'; task: number; message: string; code: string | undefined; corrupt?: boolean }
   | { type: 'blob'; task: number; data: Uint8Array | undefined }
   /** For a 'seal': each blob's id, and the sealed blobs back to back. */
-  | { type: 'sealed'; task: number; ids: string[]; sealed: ArrayBuffer; sealedLengths: number[] };
+  | { type: 'sealed'; task: number; ids: string[]; sealed: ArrayBuffer; sealedLengths: number[] }
+  /** Sent once, when this thread has set itself up (V8 flags included: see gc-hint.ts). */
+  | { type: 'ready'; task: 0 };
 
 interface WorkerData {
   key: Uint8Array;
@@ -280,4 +282,5 @@ if (parentPort) {
     queue.push({ task: message.task, fd: message.fd, size: message.size });
     next();
   });
+  port.postMessage({ type: 'ready', task: 0 } satisfies WorkerReply);
 }

@@ -12,6 +12,7 @@ import { Worker } from 'node:worker_threads';
 import type { ChunkerParams } from './chunker.js';
 import type { BlobDestination, WorkerReply, WorkerRequest } from './blob-worker.js';
 import { CorruptArchiveError } from '../errors.js';
+import { restoreHeapHold } from './gc-hint.js';
 
 /** A chunk a worker cut: its id, and its sealed bytes in parts (undefined for a hole). */
 export type ChunkHandler = (chunk: { id: string; rawLength: number; sealed: Buffer[] | undefined }) => Promise<void>;
@@ -19,6 +20,8 @@ export type ChunkHandler = (chunk: { id: string; rawLength: number; sealed: Buff
 interface WorkerSlot {
   worker: Worker;
   load: number;
+  /** Resolves once the thread is set up (or has ended). */
+  ready: Promise<void>;
   /** Set once the thread has ended: nothing more is sent to it. */
   ended: boolean;
   error?: Error;
@@ -73,8 +76,15 @@ export class ChunkPool {
         workerData: { key: new Uint8Array(key), chunker },
         resourceLimits: { maxYoungGenerationSizeMb: 4 },
       });
-      const slot: WorkerSlot = { worker, load: 0, ended: false };
-      worker.on('message', (reply: WorkerReply) => this.onReply(slot, reply));
+      let setUp = (): void => undefined;
+      const slot: WorkerSlot = { worker, load: 0, ended: false, ready: new Promise<void>((resolve) => (setUp = resolve)) };
+      worker.once('exit', () => setUp());
+      worker.on('message', (reply: WorkerReply) => {
+        if (reply.type !== 'ready') return this.onReply(slot, reply);
+        // Starting the thread (and the V8 flag it sets) reset V8's run-time flags.
+        restoreHeapHold();
+        setUp();
+      });
       worker.on('error', (error) => (slot.error ??= error));
       // Tasks fail only once the thread has really ended: until then it may still read their files.
       worker.on('exit', (code) => this.failWorker(slot, slot.error ?? new Error(`a blob worker stopped (exit code ${code})`)));
@@ -84,6 +94,15 @@ export class ChunkPool {
 
   get size(): number {
     return this.workers.length;
+  }
+
+  /**
+   * Resolves once every thread is set up. Starting one resets V8's flags set at run time, the
+   * main thread's small heap among them (gc-hint.ts): a caller that allocates much
+   * on the main thread waits for this before it starts, so that its young generation never grows.
+   */
+  async ready(): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.ready));
   }
 
   /** The least busy worker still running; throws if none is left. */
