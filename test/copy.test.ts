@@ -153,7 +153,8 @@ describe('copy between repositories (CLI, real deployment)', { skip: !isRoot && 
       const before = await filesOf(repoB);
       const run = startCli(['-r', repoB, 'copy', '--from-repo', repoA, '--from-password-file', passwordFileA], envB);
       await run.waitForStderr(/copying snapshot/, 60_000).catch(() => undefined);
-      await new Promise((resolve) => setTimeout(resolve, 100 + trial * 300));
+      // Early enough that a kill lands while the copy sends packs (it takes about a second).
+      await new Promise((resolve) => setTimeout(resolve, [50, 150, 300][trial]));
       run.kill('SIGKILL');
       await run.result;
       const left = await filesOf(repoB);
@@ -165,7 +166,11 @@ describe('copy between repositories (CLI, real deployment)', { skip: !isRoot && 
     assert.ok(killedMidway > 0, 'at least one copy was killed after writing packs and before its snapshot');
     const finish = await copyAB();
     assert.equal(finish.code, 0, finish.stderr);
-    assert.deepEqual((JSON.parse(finish.stdout) as CopyJson).snapshots.map((s) => s.status), ['present', 'present', 'copied']);
+    // The last killed run may have finished before its kill (a quick machine): then there is nothing left to copy.
+    const statuses = (JSON.parse(finish.stdout) as CopyJson).snapshots.map((s) => s.status);
+    assert.deepEqual(statuses.slice(0, 2), ['present', 'present']);
+    assert.ok(statuses[2] === 'copied' || statuses[2] === 'present', statuses.join(','));
+    assert.equal(statuses.length, 3);
     const check = await cli(['-r', repoB, 'check', '--read-data'], envB);
     assert.equal(check.code, 0, check.stderr);
   });
