@@ -252,16 +252,15 @@ async function writeThroughEngine(
   // the body is never aborted: it ends where the checked stream stopped, and the rollback waits
   // for the engine's answer.
   const body = new PassThrough({ highWaterMark: 1 << 20 });
-  guarded.pipe(body, { end: false });
+  // On success the pipe ends the body after the last byte the stream pushed (the pipeline settles
+  // when the stream's writable side finishes, maybe before its output is all read).
+  guarded.pipe(body);
   let streamFailure: { error: unknown } | undefined;
-  const piped = pipeline(tar, processor, guarded, signal ? { signal } : {})
-    .catch((error: unknown) => {
-      streamFailure = { error };
-    })
-    .finally(() => {
-      guarded.unpipe(body);
-      body.end();
-    });
+  const piped = pipeline(tar, processor, guarded, signal ? { signal } : {}).catch((error: unknown) => {
+    streamFailure = { error };
+    guarded.unpipe(body);
+    body.end();
+  });
   try {
     await engine.writeArchive(containerId, '/', body);
   } catch (error) {
