@@ -25,6 +25,7 @@
  * Listings, loads and stats see spooled files as stored. Locks always go to the remote: they are
  * how other processes see us.
  */
+import { readRange } from './file-range.js';
 import { createHash, randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
 import { chmod, lstat, mkdir, open, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
@@ -413,14 +414,7 @@ export class CachedBackend implements Backend {
       const info = await handle.stat();
       if (!info.isFile()) throw new Error('not a file');
       if (!range) return await handle.readFile();
-      const buffer = Buffer.alloc(Math.max(0, Math.min(range.length, info.size - range.offset)));
-      let read = 0;
-      while (read < buffer.length) {
-        const { bytesRead } = await handle.read(buffer, read, buffer.length - read, range.offset + read);
-        if (bytesRead === 0) break;
-        read += bytesRead;
-      }
-      return buffer.subarray(0, read);
+      return await readRange(handle, range.offset, Math.max(0, Math.min(range.length, info.size - range.offset)));
     } catch {
       await handle.close().catch(() => undefined);
       handle = undefined;

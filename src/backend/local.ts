@@ -4,6 +4,7 @@
  * the same folder, are fsynced, renamed into place, and the folder is fsynced; removals fsync the
  * folder too, so a crash never brings back a deleted file (a pack prune believed gone, a lock).
  */
+import { readRange } from './file-range.js';
 import { randomBytes } from 'node:crypto';
 import { lstat, mkdir, open, readdir, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
@@ -146,14 +147,7 @@ export class LocalBackend implements Backend {
     const handle = await open(this.path(kind, name), 'r');
     try {
       if (!range) return await handle.readFile();
-      const buffer = Buffer.alloc(range.length);
-      let read = 0;
-      while (read < range.length) {
-        const { bytesRead } = await handle.read(buffer, read, range.length - read, range.offset + read);
-        if (bytesRead === 0) break;
-        read += bytesRead;
-      }
-      return buffer.subarray(0, read);
+      return await readRange(handle, range.offset, range.length);
     } finally {
       await handle.close();
     }

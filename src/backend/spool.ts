@@ -12,6 +12,7 @@
  * can name what is only in a spool, since the snapshot is written after the upload; so deleting a
  * dead spool loses nothing a snapshot needs, and the remote holds no partial state from it.
  */
+import { readRange } from './file-range.js';
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile, type FileHandle } from 'node:fs/promises';
@@ -118,14 +119,7 @@ export class UploadSpool {
     const handle = await open(this.path(kind, name), constants.O_RDONLY | constants.O_NOFOLLOW);
     try {
       if (!range) return await handle.readFile();
-      const buffer = Buffer.alloc(range.length);
-      let read = 0;
-      while (read < range.length) {
-        const { bytesRead } = await handle.read(buffer, read, range.length - read, range.offset + read);
-        if (bytesRead === 0) break;
-        read += bytesRead;
-      }
-      return buffer.subarray(0, read);
+      return await readRange(handle, range.offset, range.length);
     } finally {
       await handle.close();
     }
