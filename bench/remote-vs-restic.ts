@@ -27,7 +27,7 @@
  * Usage: npm run bench:remote   (a quick run: BENCH_MEDIA_MB=256 BENCH_DB_SCALE=2 BENCH_RUNS=1)
  */
 import { spawn } from 'node:child_process';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createFixtureDeployment, type FixtureDeployment } from '../test/fixture/deployment.js';
@@ -106,10 +106,24 @@ function s3Store(s3: TestS3, work: string): Store {
             }
           : { ...credentials, RESTIC_REPOSITORY: location, RESTIC_CACHE_DIR: join(work, `cache-restic-s3-${round}`) },
       args: [],
-      remove: () => emptyPrefix(rawClient(s3), bucket, ''),
+      remove: async () => {
+        await emptyPrefix(rawClient(s3), bucket, '');
+        await collectGarbage();
+      },
     };
   };
   return { name: 'S3', ours: (round) => repo('ours', round), restic: (round) => repo('restic', round) };
+}
+
+/**
+ * RGW frees deleted objects' data only after its garbage collection's wait (2 hours): the test
+ * server's store is in memory (4 GiB), so a few rounds of a large reference fill it (and every S3
+ * test on the machine then hangs). Collect now, as the gateway's admin (its ceph.conf is named
+ * in the server's env file).
+ */
+async function collectGarbage(): Promise<void> {
+  const conf = /^CEPH_CONF=(.*)$/m.exec(await readFile(process.env['CVAT_BACKUP_S3_TEST_ENV'] || '/tmp/cvat-backup-rgw/s3.env', 'utf8'))?.[1];
+  await run('radosgw-admin', ['gc', 'process', '--include-all'], { env: { ...process.env, ...(conf ? { CEPH_CONF: conf } : {}) } });
 }
 
 /** New media while CVAT runs: a 200 kB file every 100 ms (as bench/remote-downtime.ts). Dies with the containers. */
