@@ -93,6 +93,38 @@ void describe('cache of a remote repository', () => {
       assert.equal(remote.count('load'), loads + 4);
     }));
 
+  void it('keepReads (a restore): a ranged data read is downloaded once and read again from this machine until the end; forget drops a pack\'s ranges; a budget of 0 keeps nothing', () =>
+    withSubject(async ({ root, inner, remote, cache }) => {
+      await inner.save('data', id('p1'), Buffer.from('0123456789 data pack one'));
+      await inner.save('data', id('p2'), Buffer.from('abcdefghij data pack two'));
+      const kept = await cache.keepReads();
+      const spool = join(cacheFolderFor(root, LOCATION), 'spool');
+      assert.equal(readdirSync(spool).length, 1, 'a spool folder of its own (a crash leaves it to removeStaleSpools)');
+      const loads = remote.count('load');
+      assert.equal((await cache.load('data', id('p1'), { offset: 2, length: 5 })).toString(), '23456');
+      assert.equal((await cache.load('data', id('p2'), { offset: 0, length: 3 })).toString(), 'abc');
+      assert.equal(remote.count('load'), loads + 2);
+      assert.equal((await cache.load('data', id('p1'), { offset: 2, length: 5 })).toString(), '23456', 'the second read of a range');
+      assert.equal((await cache.load('data', id('p2'), { offset: 0, length: 3 })).toString(), 'abc');
+      assert.equal(remote.count('load'), loads + 2, 'came from this machine');
+      assert.equal((await cache.load('data', id('p1'), { offset: 3, length: 5 })).toString(), '34567', 'another range is another read');
+      assert.equal((await cache.load('data', id('p1'))).toString(), '0123456789 data pack one', 'a whole-pack read (check, prune) is not kept');
+      assert.equal(remote.count('load'), loads + 4);
+      assert.equal(await cache.forget('data', id('p1')), true, 'a damaged range: forget says there was a copy');
+      assert.equal((await cache.load('data', id('p1'), { offset: 2, length: 5 })).toString(), '23456');
+      assert.equal(remote.count('load'), loads + 5, 'read from the remote again');
+      await kept.end();
+      assert.deepEqual(readdirSync(spool), [], 'the file is gone at the end');
+      await cache.load('data', id('p2'), { offset: 0, length: 3 });
+      assert.equal(remote.count('load'), loads + 6, 'after the end, reads go to the remote');
+
+      const none = await cache.keepReads({ reserveBytes: Number.MAX_SAFE_INTEGER });
+      await cache.load('data', id('p2'), { offset: 0, length: 3 });
+      await cache.load('data', id('p2'), { offset: 0, length: 3 });
+      assert.equal(remote.count('load'), loads + 8, 'no room left: nothing kept');
+      await none.end();
+    }));
+
   void it('the remote listing is the truth: copies of files it no longer lists, or lists with another size, are dropped; remove and a missing stat drop them too', () =>
     withSubject(async ({ root, inner, remote, cache }) => {
       for (const n of ['a', 'b', 'c', 'd']) await cache.save('index', id(n), Buffer.from(`index ${n}`));

@@ -24,12 +24,20 @@
  * `upload` sends it later, once CVAT runs again (data before index, by the caller's order).
  * Listings, loads and stats see spooled files as stored. Locks always go to the remote: they are
  * how other processes see us.
+ *
+ * `keepReads` (a restore): a restore reads every blob twice, once to authenticate it before
+ * anything is touched and once to write it; from a remote that is twice the download. While kept,
+ * every ranged read of a data pack is appended (ciphertext as stored) to a file in a spool folder
+ * of this cache and the second read of that range comes from there (restic downloads once, but
+ * verifies nothing before it writes). Bounded by the free space the caller leaves (what it is
+ * about to write): past it, or on any error of the file, reads simply go to the remote again.
+ * The repository authenticates the copy as any other; `forget` drops a pack's kept ranges.
  */
 import { readRange } from './file-range.js';
 import { createHash, randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
-import { chmod, lstat, mkdir, open, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
-import { homedir } from 'node:os';
+import { chmod, lstat, mkdir, open, readdir, readFile, rename, rm, statfs, writeFile, type FileHandle } from 'node:fs/promises';
+import { homedir, hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import { DiskFullError } from '../errors.js';
 import type { Backend, FileHints, FileInfo, FileKind, TemporaryFile } from './backend.js';
@@ -183,6 +191,7 @@ export class CachedBackend implements Backend {
   declare readonly listHidden?: NonNullable<Backend['listHidden']>;
   declare readonly undelete?: NonNullable<Backend['undelete']>;
   private spool: UploadSpool | undefined;
+  private kept: KeptReadsFile | undefined;
   /** Whole-file downloads under way (two readers of one tree pack fetch it once). */
   private readonly downloads = new Map<string, Promise<Buffer>>();
   private warned = false;
@@ -254,7 +263,16 @@ export class CachedBackend implements Backend {
       return config;
     }
     // Data packs come from the cache only for a reader that says it reads metadata (trees):
-    // prune's repacking and check read what the remote holds.
+    // prune's repacking and check read what the remote holds; a restore's second read of a range
+    // comes from its kept reads.
+    const kept = this.kept;
+    if (kept && kind === 'data' && range && hints?.metadata !== true) {
+      const held = await kept.read(name, range);
+      if (held) return held;
+      const bytes = await this.remote.load(kind, name, range, hints);
+      await kept.keep(name, range, bytes);
+      return bytes;
+    }
     if (!this.cacheable(kind, hints) || this.cachePath(kind, name) === undefined) return this.remote.load(kind, name, range, hints);
     const cached = await this.readCached(kind, name, range);
     if (cached) return cached;
@@ -302,14 +320,15 @@ export class CachedBackend implements Backend {
    * then a second load reaches the remote. Spooled files are not copies and stay.
    */
   async forget(kind: FileKind, name: string): Promise<boolean> {
+    const dropped = kind === 'data' && this.kept !== undefined && this.kept.drop(name);
     const path = this.cachePath(kind, name);
-    if (path === undefined) return false;
+    if (path === undefined) return dropped;
     const there = await lstat(path).then(
       () => true,
       () => false,
     );
     if (there) await rm(path, { recursive: true, force: true }).catch((error: unknown) => this.warnOnce(`cannot remove ${kind}/${name.slice(0, 12)}`, error));
-    return there;
+    return there || dropped;
   }
 
   /**
@@ -330,6 +349,39 @@ export class CachedBackend implements Backend {
       }
     }
     return dropped;
+  }
+
+  /**
+   * From now on, ranged reads of data packs are kept on this machine and read from there the next
+   * time (see the file header), until `end`. `reserveBytes`: free space to leave on the cache's
+   * file system (what the restore is about to write there), besides 1 GiB. Once at a time.
+   */
+  async keepReads(options: { reserveBytes?: number } = {}): Promise<{ end(): Promise<void> }> {
+    if (this.kept) throw new Error('reads are already kept');
+    const root = join(this.dir, 'spool');
+    let budget = 0;
+    try {
+      const fs = await statfs(this.dir);
+      budget = fs.bavail * fs.bsize - (options.reserveBytes ?? 0) - KEPT_RESERVE;
+    } catch (error) {
+      this.warnOnce('cannot see its free space', error);
+    }
+    const none = { end: () => Promise.resolve() };
+    if (budget <= 0) return none;
+    let file: KeptReadsFile;
+    try {
+      file = await KeptReadsFile.create(root, budget);
+    } catch (error) {
+      this.warnOnce('cannot keep a restore\'s reads', error);
+      return none;
+    }
+    this.kept = file;
+    return {
+      end: async () => {
+        if (this.kept === file) this.kept = undefined;
+        await file.discard();
+      },
+    };
   }
 
   /**
@@ -490,6 +542,95 @@ export class CachedBackend implements Backend {
         if (stale) await rm(path, { recursive: true, force: true });
       }
     }
+  }
+}
+
+/** Free space `keepReads` always leaves. */
+const KEPT_RESERVE = 1024 ** 3;
+/** Ranges kept at most (each costs about 150 bytes of memory). */
+const KEPT_MAX_RANGES = 500_000;
+
+/**
+ * One file of kept ranged reads (`CachedBackend.keepReads`) in a spool folder of its own, so a
+ * crashed process's file is deleted by the next command (removeStaleSpools, by the owner file).
+ * Never throws to a reader: a range it cannot keep or read is simply read from the remote.
+ */
+class KeptReadsFile {
+  /** `pack:offset:length` → position in the file. */
+  private readonly ranges = new Map<string, number>();
+  private size = 0;
+  private broken = false;
+
+  private constructor(
+    private readonly dir: string,
+    private readonly handle: FileHandle,
+    private readonly budget: number,
+  ) {}
+
+  static async create(root: string, budget: number): Promise<KeptReadsFile> {
+    await mkdir(root, { recursive: true, mode: 0o700 });
+    const dir = join(root, `${process.pid}-${randomBytes(6).toString('hex')}`);
+    await mkdir(dir, { mode: 0o700 });
+    try {
+      await writeFile(join(dir, 'owner'), JSON.stringify({ hostname: hostname(), pid: process.pid }), { mode: 0o600 });
+      const handle = await open(join(dir, 'reads'), constants.O_RDWR | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+      return new KeptReadsFile(dir, handle, budget);
+    } catch (error) {
+      await rm(dir, { recursive: true, force: true }).catch(() => undefined);
+      throw error;
+    }
+  }
+
+  private static key(name: string, range: { offset: number; length: number }): string {
+    return `${name}:${range.offset}:${range.length}`;
+  }
+
+  async read(name: string, range: { offset: number; length: number }): Promise<Buffer | undefined> {
+    const at = this.ranges.get(KeptReadsFile.key(name, range));
+    if (at === undefined || this.broken) return undefined;
+    try {
+      const buffer = Buffer.allocUnsafe(range.length);
+      let read = 0;
+      while (read < buffer.length) {
+        const { bytesRead } = await this.handle.read(buffer, read, buffer.length - read, at + read);
+        if (bytesRead === 0) return undefined;
+        read += bytesRead;
+      }
+      return buffer;
+    } catch {
+      return undefined;
+    }
+  }
+
+  async keep(name: string, range: { offset: number; length: number }, bytes: Buffer): Promise<void> {
+    const key = KeptReadsFile.key(name, range);
+    if (this.broken || this.ranges.has(key) || bytes.length !== range.length) return;
+    if (this.size + bytes.length > this.budget || this.ranges.size >= KEPT_MAX_RANGES) return;
+    const at = this.size;
+    this.size += bytes.length;
+    try {
+      let written = 0;
+      while (written < bytes.length) written += (await this.handle.write(bytes, written, bytes.length - written, at + written)).bytesWritten;
+      this.ranges.set(key, at);
+    } catch {
+      this.broken = true; // a full disk: the rest is read from the remote
+    }
+  }
+
+  /** Forgets every kept range of a pack; true if there was one. */
+  drop(name: string): boolean {
+    let dropped = false;
+    for (const key of this.ranges.keys()) {
+      if (key.startsWith(`${name}:`)) dropped = this.ranges.delete(key) || dropped;
+    }
+    return dropped;
+  }
+
+  async discard(): Promise<void> {
+    this.broken = true;
+    this.ranges.clear();
+    await this.handle.close().catch(() => undefined);
+    await rm(this.dir, { recursive: true, force: true }).catch(() => undefined);
   }
 }
 

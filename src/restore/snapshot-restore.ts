@@ -13,6 +13,7 @@ import { isZeroChunk } from '../repository/tree.js';
 import type { TarStats } from '../archive/tar.js';
 import { CorruptArchiveError } from '../errors.js';
 import { blameLostLock } from '../repository/locks.js';
+import { localCopiesOf } from '../backend/cache.js';
 import { onlyVolumes, restoreFromSource, type ArchiveRestoreResult, type RestoreOptions, type RestoreSource } from './archive-restore.js';
 
 export interface SnapshotRestoreResult extends ArchiveRestoreResult {
@@ -27,6 +28,7 @@ export async function restoreFromSnapshot(
 ): Promise<SnapshotRestoreResult> {
   const lock = await repo.lock('restore', options.signal ? { signal: options.signal } : {});
   const pool = repo.createChunkPool();
+  let kept: { end(): Promise<void> } | undefined;
   try {
     // The snapshot before the index: one a backup finishes meanwhile has its index files written
     // first, so `latest` never names blobs the loaded index lacks.
@@ -43,6 +45,10 @@ export async function restoreFromSnapshot(
       volumes: found.database && volumeNames !== undefined && volumeNames.length === 0 && wantsDatabase ? [] : onlyVolumes(found.volumes, volumeNames, `snapshot ${shortId(found.id)}`),
     };
     const database = wantsDatabase ? found.database : undefined;
+    // From a remote repository the verification's reads are kept on this machine, so the writes
+    // after it do not download everything a second time (backend/cache.ts, keepReads).
+    const restoring = snapshot.volumes.reduce((n, v) => n + v.bytes, 0) + (database?.size ?? 0);
+    kept = await localCopiesOf(repo.backend)?.keepReads({ reserveBytes: restoring });
     const source: RestoreSource = {
       cvatVersion: snapshot.cvat.version ?? undefined,
       handMade: false,
@@ -94,6 +100,7 @@ export async function restoreFromSnapshot(
     // Data that vanished under a restore whose lock was lost is the lost lock's doing, not damage.
     throw error instanceof CorruptArchiveError || (error as NodeJS.ErrnoException).code === 'ENOENT' ? await blameLostLock(lock, error) : error;
   } finally {
+    await kept?.end();
     await pool.close();
     await lock.release().catch(() => undefined);
   }
