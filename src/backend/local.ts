@@ -4,9 +4,9 @@
  * the same folder, are fsynced, renamed into place, and the folder is fsynced; removals fsync the
  * folder too, so a crash never brings back a deleted file (a pack prune believed gone, a lock).
  */
-import { readRange } from './file-range.js';
+import { readRange, writeParts } from './file-range.js';
 import { randomBytes } from 'node:crypto';
-import { lstat, mkdir, open, readdir, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { lstat, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { TargetNotEmptyError } from '../errors.js';
 import type { Backend, FileInfo, FileKind, StagedFile, TemporaryFile } from './backend.js';
@@ -219,29 +219,3 @@ export class LocalBackend implements Backend {
   }
 }
 
-/**
- * Writes the parts in order with writev, up to 1024 at a time (a pack of tiny blobs has thousands
- * of parts: one write call each would cost more than the data). A short write continues where it
- * stopped.
- */
-async function writeParts(handle: FileHandle, parts: Buffer[], at?: number): Promise<void> {
-  let position = at;
-  for (let first = 0; first < parts.length; first += 1024) {
-    let batch = parts.slice(first, first + 1024);
-    while (batch.length > 0) {
-      const total = batch.reduce((sum, b) => sum + b.length, 0);
-      let { bytesWritten } = await handle.writev(batch, position);
-      if (position !== undefined) position += bytesWritten;
-      if (bytesWritten === total) break;
-      const rest: Buffer[] = [];
-      for (const b of batch) {
-        if (bytesWritten >= b.length) bytesWritten -= b.length;
-        else {
-          rest.push(b.subarray(bytesWritten));
-          bytesWritten = 0;
-        }
-      }
-      batch = rest;
-    }
-  }
-}

@@ -12,10 +12,10 @@
  * can name what is only in a spool, since the snapshot is written after the upload; so deleting a
  * dead spool loses nothing a snapshot needs, and the remote holds no partial state from it.
  */
-import { readRange } from './file-range.js';
+import { readRange, writeParts } from './file-range.js';
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { FileKind } from './backend.js';
@@ -42,25 +42,6 @@ async function fsyncDir(dir: string): Promise<void> {
   }
 }
 
-async function writeAll(handle: FileHandle, parts: Buffer[]): Promise<void> {
-  for (let first = 0; first < parts.length; first += 1024) {
-    let batch = parts.slice(first, first + 1024);
-    while (batch.length > 0) {
-      const total = batch.reduce((n, b) => n + b.length, 0);
-      let { bytesWritten } = await handle.writev(batch);
-      if (bytesWritten === total) break;
-      const rest: Buffer[] = [];
-      for (const b of batch) {
-        if (bytesWritten >= b.length) bytesWritten -= b.length;
-        else {
-          rest.push(b.subarray(bytesWritten));
-          bytesWritten = 0;
-        }
-      }
-      batch = rest;
-    }
-  }
-}
 
 export class UploadSpool {
   private readonly files = new Map<string, SpooledFile>();
@@ -101,7 +82,7 @@ export class UploadSpool {
     const temp = `${target}.tmp-${randomBytes(6).toString('hex')}`;
     const handle = await open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
     try {
-      await writeAll(handle, parts);
+      await writeParts(handle, parts);
       await handle.sync();
     } catch (error) {
       await handle.close().catch(() => undefined);
