@@ -41,6 +41,18 @@ export function backedUpByDefault(role: VolumeRole): boolean {
   return role !== 'cache';
 }
 
+/**
+ * Whether a change journal (fanotify or inotify: see fs/change-journal.ts) can be trusted to see
+ * every write to a volume of this role. Both report write(2) and its kin, but not stores through
+ * a shared memory map (MAP_SHARED), which reach the file with no system call. The database
+ * (PostgreSQL), the events store (ClickHouse) and the Redis/kvrocks stores run storage engines
+ * not audited here for that: their volumes are walked in full by the final pass. It costs little:
+ * they hold few files, and the walk compares each one's size, times and inode.
+ */
+export function journalSafe(role: VolumeRole): boolean {
+  return role !== 'database' && role !== 'events' && role !== 'inmem' && role !== 'cache';
+}
+
 /** The service that identifies a CVAT deployment and tells its version. */
 export const SERVER_SERVICE = 'cvat_server';
 
