@@ -1,0 +1,292 @@
+/**
+ * The change journal on Linux (issue 10), on fanotify: native/fanotify.c marks each filesystem that
+ * holds a volume once (FAN_MARK_FILESYSTEM) and reports changes as (folder handle, name), so no
+ * folder needs its own watch and a folder created during phase 1 is covered from its first entry
+ * (inotify needs a watch per folder and misses what happens in a new folder before its watch is
+ * added). A native thread drains the queue continuously and keeps distinct (folder, name) pairs
+ * only; this module turns them into the contract of change-journal.ts, one result per volume.
+ *
+ * What it cannot see, and so must be walked in full by the final pass:
+ * - Writes through shared memory maps (MAP_SHARED + PROT_WRITE): neither fanotify nor inotify
+ *   reports them. Per CVAT volume (upstream defaults, as CVAT's compose file runs them):
+ *
+ *   | volume          | program                     | writes files through shared maps?          |
+ *   |-----------------|-----------------------------|--------------------------------------------|
+ *   | cvat_db         | PostgreSQL 15               | no: data files and WAL by pwrite; the main |
+ *   |                 |                             | shared memory is anonymous; dynamic shared |
+ *   |                 |                             | memory is POSIX shm (/dev/shm) unless      |
+ *   |                 |                             | dynamic_shared_memory_type=mmap (then      |
+ *   |                 |                             | pg_dynshmem/ in the data folder)           |
+ *   | cvat_inmem_db   | Redis 7 (RDB/AOF)           | no: RDB and AOF written with write()       |
+ *   | cvat_cache_db   | kvrocks (RocksDB)           | no by default (allow_mmap_writes=false);   |
+ *   |                 |                             | yes if configured with it                  |
+ *   | cvat_events_db  | ClickHouse                  | no: parts written with write(); mmap only  |
+ *   |                 |                             | for reads (min_bytes_to_use_mmap_io)       |
+ *   | cvat_data, keys | CVAT (Django, Python)       | no                                         |
+ *
+ *   (Evidence and links: see the report of the `journal` branch; the lead routes volumes in
+ *   src/deployment/cvat.ts.)
+ * - This process's own writes (its repository may sit on the same filesystem): dropped by pid on
+ *   purpose. A backup must never write into the volumes it journals.
+ * - The other names of a hard-linked file: a write or chmod through one name is reported under that
+ *   name only, and link()/unlink() change the link count of the other names silently.
+ */
+import { realpath } from 'node:fs/promises';
+import type { ChangeJournal, JournalResult, VolumeChanges } from './change-journal.js';
+import { nativeHelper, nativeUnavailableReason } from './native.js';
+
+/** What native/fanotify.c exports. */
+interface NativeFanotify {
+  fanotifyStart(
+    roots: Buffer[],
+    options: { maxEntries: number; unlimitedQueue: boolean; reader: boolean },
+  ): { journal: object; errors: ({ code: string; message: string } | null)[] };
+  fanotifyCollect(journal: object): Promise<NativeCollect>;
+  fanotifyClose(journal: object): void;
+}
+
+interface NativeFolder {
+  /** The folder's current absolute path. */
+  path: Buffer;
+  /** Changed names, each NUL-terminated, back to back. */
+  names: Buffer;
+  /** The subset of `names` under which a folder was created or moved in. */
+  newFolders: Buffer;
+  /** The folder's own metadata changed (chmod, chown, utimes, xattr on it). */
+  self: boolean;
+  /** Entries were created, deleted or renamed in it (so its own mtime and ctime changed). */
+  listing: boolean;
+}
+
+interface NativeCollect extends JournalCounters {
+  overflow: string;
+  dirs: NativeFolder[];
+}
+
+/** What the last collect() saw (for benchmarks and the report). */
+export interface JournalCounters {
+  /** Events read from the kernel, in all. */
+  readonly events: number;
+  /** Of them, made by this process (dropped). */
+  readonly ownEvents: number;
+  /** Of them, in folders outside every volume (dropped). */
+  readonly outsideEvents: number;
+  /** Folder handles resolved to paths (first sight, then once per folder per collect). */
+  readonly resolutions: number;
+  /** Distinct changed folders + names held. */
+  readonly entries: number;
+  /** Heap the native sets hold, in bytes. */
+  readonly bytes: number;
+  /** Time collect() spent reading the queue up to now, and mapping folders to paths. */
+  readonly drainMs: number;
+  readonly resolveMs: number;
+  /** Linux thread id of the native reader (its CPU time: /proc/self/task/TID/stat). */
+  readonly readerTid: number;
+}
+
+export interface FanotifyJournalOptions {
+  /**
+   * Distinct changed folders + names kept before the journal gives up (every volume then falls back
+   * to a full walk). About 60 bytes each plus the name: the default bounds the sets near 100 MiB.
+   */
+  readonly maxEntries?: number;
+  /**
+   * Tests only: the kernel's bounded queue (fs.fanotify.max_queued_events) and no reader thread,
+   * so that the queue overflows as it would if the reader fell behind.
+   */
+  readonly boundedQueueWithoutReader?: boolean;
+}
+
+export const DEFAULT_MAX_ENTRIES = 1_000_000;
+
+export type JournalStart = { ok: true; journal: FanotifyJournal } | { ok: false; reason: string };
+
+function native(): NativeFanotify | undefined {
+  const helper = nativeHelper();
+  return helper && typeof helper['fanotifyStart'] === 'function' ? (helper as unknown as NativeFanotify) : undefined;
+}
+
+function startFailure(code: string, message: string): string {
+  switch (code) {
+    case 'EPERM':
+      return 'fanotify needs root (CAP_SYS_ADMIN)';
+    case 'EINVAL':
+      return 'the kernel has no fanotify name reporting (Linux 5.9 or later needed)';
+    case 'ENOSYS':
+      return 'the kernel has no fanotify';
+    case 'EMFILE':
+      return `too many fanotify groups (fs.fanotify.max_user_groups): ${message}`;
+    default:
+      return `fanotify: ${message}`;
+  }
+}
+
+function markFailure(code: string, message: string): string {
+  if (code === 'ENODEV' || code === 'EOPNOTSUPP' || code === 'EXDEV' || code === 'ENOTSUP')
+    return `its filesystem cannot report file handles to fanotify (${code})`;
+  return message;
+}
+
+/**
+ * Starts journaling the volumes at `volumeRoots` (their mount points; result keys are these strings
+ * as given). Call it before phase 1 starts; it returns once the kernel is recording. A volume whose
+ * filesystem cannot be watched gets `{ ok: false, reason }` from collect() (and in `unwatched`);
+ * when none can, or fanotify itself is missing, this returns `{ ok: false, reason }`.
+ */
+export async function startFanotifyJournal(volumeRoots: readonly string[], options: FanotifyJournalOptions = {}): Promise<JournalStart> {
+  const api = native();
+  if (!api) {
+    const why = nativeUnavailableReason() || 'has no fanotify support';
+    return { ok: false, reason: `no change journal: the native helper is ${why}` };
+  }
+  const unwatched = new Map<string, string>();
+  const watched: { root: string; real: Buffer }[] = [];
+  for (const root of volumeRoots) {
+    try {
+      watched.push({ root, real: await realpath(root, { encoding: 'buffer' }) });
+    } catch (error) {
+      unwatched.set(root, (error as Error).message);
+    }
+  }
+  let started: ReturnType<NativeFanotify['fanotifyStart']>;
+  try {
+    started = api.fanotifyStart(
+      watched.map((w) => w.real),
+      {
+        maxEntries: options.maxEntries ?? DEFAULT_MAX_ENTRIES,
+        unlimitedQueue: !options.boundedQueueWithoutReader,
+        reader: !options.boundedQueueWithoutReader,
+      },
+    );
+  } catch (error) {
+    const e = error as NodeJS.ErrnoException;
+    return { ok: false, reason: `no change journal: ${startFailure(e.code ?? '', e.message)}` };
+  }
+  const roots: WatchedRoot[] = [];
+  watched.forEach((w, i) => {
+    const error = started.errors[i];
+    if (error) unwatched.set(w.root, markFailure(error.code, error.message));
+    else roots.push({ root: w.root, real: w.real });
+  });
+  if (roots.length === 0) {
+    api.fanotifyClose(started.journal);
+    const reasons = [...new Set(unwatched.values())].join('; ');
+    return { ok: false, reason: `no change journal: ${reasons || 'no volumes'}` };
+  }
+  return { ok: true, journal: new FanotifyJournal(api, started.journal, roots, unwatched) };
+}
+
+interface WatchedRoot {
+  readonly root: string;
+  readonly real: Buffer;
+}
+
+export class FanotifyJournal implements ChangeJournal {
+  #closed = false;
+  #pending: Promise<unknown> = Promise.resolve();
+  #counters: JournalCounters | undefined;
+
+  constructor(
+    private readonly api: NativeFanotify,
+    private readonly handle: object,
+    private readonly roots: readonly WatchedRoot[],
+    /** Volumes that are not journaled, and why (collect() reports them as not ok). */
+    readonly unwatched: ReadonlyMap<string, string>,
+  ) {}
+
+  /** The counters of the last collect(), if any. */
+  get counters(): JournalCounters | undefined {
+    return this.#counters;
+  }
+
+  collect(): Promise<Map<string, JournalResult>> {
+    if (this.#closed) return Promise.reject(new Error('the change journal is closed'));
+    const run = this.#pending.then(async () => {
+      const raw = await this.api.fanotifyCollect(this.handle);
+      this.#counters = raw;
+      return this.#results(raw);
+    });
+    this.#pending = run.catch(() => undefined);
+    return run;
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    // Never close under a running collect: its worker thread holds the journal's lock.
+    await this.#pending;
+    this.api.fanotifyClose(this.handle);
+  }
+
+  #results(raw: NativeCollect): Map<string, JournalResult> {
+    const results = new Map<string, JournalResult>();
+    for (const [root, reason] of this.unwatched) results.set(root, { ok: false, reason });
+    if (raw.overflow) {
+      for (const { root } of this.roots) results.set(root, { ok: false, reason: `the change journal overflowed: ${raw.overflow}` });
+      return results;
+    }
+    const perRoot = new Map<WatchedRoot, { rel: string; folder: NativeFolder }[]>(this.roots.map((r) => [r, []]));
+    for (const folder of raw.dirs) {
+      const found = this.#locate(folder.path);
+      if (found) perRoot.get(found.root)?.push({ rel: found.rel, folder });
+    }
+    for (const [root, folders] of perRoot) results.set(root.root, { ok: true, changes: volumeChanges(folders) });
+    return results;
+  }
+
+  /** The volume a folder lies in (the deepest root containing it) and its relative path. */
+  #locate(path: Buffer): { root: WatchedRoot; rel: string } | undefined {
+    let best: { root: WatchedRoot; rel: string } | undefined;
+    for (const root of this.roots) {
+      const prefix = root.real.length === 1 ? 0 : root.real.length; // "/" contains everything
+      if (best && best.root.real.length >= root.real.length) continue;
+      if (path.equals(root.real)) best = { root, rel: '' };
+      else if (path.length > prefix && path[prefix] === 0x2f && path.subarray(0, prefix).equals(root.real.subarray(0, prefix)))
+        best = { root, rel: path.toString('latin1', prefix + 1) };
+    }
+    return best;
+  }
+}
+
+function splitNames(buffer: Buffer): string[] {
+  const names: string[] = [];
+  let start = 0;
+  for (let i = buffer.indexOf(0, start); i !== -1; i = buffer.indexOf(0, start)) {
+    names.push(buffer.toString('latin1', start, i));
+    start = i + 1;
+  }
+  return names;
+}
+
+function join(folder: string, name: string): string {
+  return folder === '' ? name : `${folder}/${name}`;
+}
+
+/**
+ * The contract's view of one volume's changed folders:
+ * - every changed name under its folder;
+ * - a folder created or moved in: 'all' (its contents were never seen at that path);
+ * - a folder whose own metadata changed, or whose entries changed (so did its mtime/ctime): its
+ *   name under its parent. The root has no parent here: the archiver stats it on every pass.
+ */
+function volumeChanges(folders: readonly { rel: string; folder: NativeFolder }[]): VolumeChanges {
+  const whole = new Set<string>();
+  const named = new Map<string, Set<string>>();
+  const add = (folder: string, name: string): void => {
+    let names = named.get(folder);
+    if (!names) named.set(folder, (names = new Set()));
+    names.add(name);
+  };
+  for (const { rel, folder } of folders) {
+    for (const name of splitNames(folder.newFolders)) whole.add(join(rel, name));
+    for (const name of splitNames(folder.names)) add(rel, name);
+    if ((folder.self || folder.listing) && rel !== '') {
+      const slash = rel.lastIndexOf('/');
+      add(slash === -1 ? '' : rel.slice(0, slash), rel.slice(slash + 1));
+    }
+  }
+  const result = new Map<string, ReadonlySet<string> | 'all'>();
+  for (const [folder, names] of named) result.set(folder, whole.has(folder) ? 'all' : names);
+  for (const folder of whole) result.set(folder, 'all');
+  return { folders: result };
+}
