@@ -36,6 +36,7 @@ import type { ProgressListener } from '../events.js';
 import { DatabaseError, VolumeMissingError } from '../errors.js';
 import { DATABASE_SERVICE, SERVER_SERVICE, journalSafe } from '../deployment/cvat.js';
 import type { ChangeJournal, JournalResult } from '../fs/change-journal.js';
+import { startFanotifyJournal } from '../fs/fanotify-journal.js';
 import { dumpDatabase, openDatabase, toolFailure } from '../deployment/database.js';
 import { storeStream } from '../repository/stream-content.js';
 import { cvatRecord, discoverDeployment, type Deployment } from '../deployment/discover.js';
@@ -59,11 +60,11 @@ import { selectVolumes } from './archive-backup.js';
 export type BackupMode = 'two-phase' | 'offline' | 'freeze';
 
 /**
- * Starts recording what changes in these folders (volume mount points on this host) from now on.
- * Called at most once per backup; rejects when no journal can be had here (the message says why,
- * in a few words: every volume is then walked in full).
+ * Starts recording what changes in these folders (volume mount points on this host) from now on;
+ * returns once it records. Called at most once per backup. Not ok when no journal can be had here
+ * (the reason says why, in a few words: every volume is then walked in full).
  */
-export type StartChangeJournal = (folders: string[], signal?: AbortSignal) => Promise<ChangeJournal>;
+export type StartChangeJournal = (folders: readonly string[]) => Promise<{ ok: true; journal: ChangeJournal } | { ok: false; reason: string }>;
 
 /** Which volumes the final pass took from the change journal, and why the others were walked in full. */
 export interface JournalUse {
@@ -91,9 +92,9 @@ export interface RepositoryBackupOptions {
   whileHeld?: () => Promise<void>;
   /**
    * Two-phase/freeze: the change journal that lets the final pass visit only what changed.
-   * Default: none (every volume walked in full). null: none, said as such.
+   * Default: fanotify (fs/fanotify-journal.ts), when the native helper and the kernel have it.
    */
-  startJournal?: StartChangeJournal | null;
+  startJournal?: StartChangeJournal;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   now?: () => number;
@@ -282,7 +283,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         } else {
           // The journal covers every phase-1 pass (the final pass's parent is the last one's tree);
           // closed in every path, and as soon as it is collected.
-          const journal = await startJournal(options.startJournal, selected, folders, options.signal);
+          const journal = await startJournal(options.startJournal ?? startFanotifyJournal, selected, folders, options.signal);
           try {
             // Phase 1, CVAT running: nothing here is a snapshot yet.
             onProgress({ type: 'phase', message: 'phase 1: copying while CVAT runs' });
@@ -395,7 +396,7 @@ interface BackupJournal {
  * full, and the reason is kept for the final pass's message.
  */
 async function startJournal(
-  start: StartChangeJournal | null | undefined,
+  start: StartChangeJournal,
   selected: SelectedVolume[],
   folders: ReadonlyMap<string, string | undefined>,
   signal: AbortSignal | undefined,
@@ -407,14 +408,17 @@ async function startJournal(
   }
   const unsafe = 'its service may write it through shared memory maps, which no change journal sees';
   let journal: ChangeJournal | undefined;
-  let missing = 'no change journal in this build';
-  if (watched.size > 0 && start) {
+  let missing = 'no change journal';
+  if (watched.size > 0) {
     try {
-      journal = await start([...new Set(watched.values())], signal);
+      const started = await start([...new Set(watched.values())]);
+      if (started.ok) journal = started.journal;
+      else missing = started.reason;
     } catch (error) {
-      signal?.throwIfAborted();
       missing = `no change journal (${(error as Error).message})`;
     }
+    if (signal?.aborted) await journal?.close().catch(() => undefined);
+    signal?.throwIfAborted();
   }
   const close = async (): Promise<void> => {
     await journal?.close().catch(() => undefined);
