@@ -71,7 +71,11 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
    * A two-phase backup under load; the snapshot must equal an offline copy at the stop. Returns
    * the final pass's report of the change journal.
    */
-  const twoPhaseUnderLoad = async (journal: Pick<RepositoryBackupOptions, 'startJournal'>): Promise<{ used: string[]; walked: { volume: string; reason: string }[] }> => {
+  const twoPhaseUnderLoad = async (
+    journal: Pick<RepositoryBackupOptions, 'startJournal'>,
+    target: Repository,
+  ): Promise<{ used: string[]; walked: { volume: string; reason: string }[] }> => {
+    const repo = target;
     await f.waitForDatabase();
     await f.psql('TRUNCATE load_rows;');
     const server = await f.container('cvat_server');
@@ -147,11 +151,14 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
     }
   };
 
+  /** Each path's first backup into its own repository: phase 1 copies everything. */
+  const freshRepository = (name: string): Promise<Repository> => Repository.init(new LocalBackend(join(work, `repo-${name}`)), 'pw', { kdf: { algorithm: 'scrypt', N: 1024, r: 8, p: 1 } });
+
   /** Why each volume was walked in full, by name. */
   const walkedWhy = (use: { walked: { volume: string; reason: string }[] }): Record<string, string> => Object.fromEntries(use.walked.map((w) => [w.volume, w.reason]));
 
   it('two-phase with the change journal: writes, renames, deletes, new and renamed folders, rewrites in place, hard links; the snapshot equals an offline copy at the stop', async () => {
-    const use = await twoPhaseUnderLoad({});
+    const use = await twoPhaseUnderLoad({}, repo);
     const why = walkedWhy(use);
     for (const v of ['cvat_db', 'cvat_events_db', 'cvat_inmem_db']) assert.match(why[v] ?? '', /shared memory maps/, v);
     if (nativeOff) {
@@ -166,13 +173,13 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
 
   it('two-phase with a change journal that overflows: every volume walked in full, the same snapshot', { skip: nativeOff && 'needs the native helper' }, async () => {
     // The journal's own bound on what it keeps, set so low that the load exceeds it.
-    const use = await twoPhaseUnderLoad({ startJournal: (folders) => startFanotifyJournal(folders, { maxEntries: 10 }) });
+    const use = await twoPhaseUnderLoad({ startJournal: (folders) => startFanotifyJournal(folders, { maxEntries: 10 }) }, await freshRepository('overflow'));
     assert.deepEqual(use.used, []);
     for (const v of ['cvat_data', 'cvat_keys', 'cvat_logs']) assert.match(walkedWhy(use)[v] ?? '', /overflow/, v);
   });
 
   it('two-phase without a change journal: the walk, the same snapshot', async () => {
-    const use = await twoPhaseUnderLoad({ startJournal: () => Promise.resolve({ ok: false, reason: 'none here (test)' }) });
+    const use = await twoPhaseUnderLoad({ startJournal: () => Promise.resolve({ ok: false, reason: 'none here (test)' }) }, await freshRepository('walk'));
     assert.deepEqual(use.used, []);
     assert.equal(walkedWhy(use)['cvat_data'], 'none here (test)');
   });
