@@ -138,7 +138,9 @@ interface JournalPlan {
   folders: ReadonlyMap<string, ReadonlySet<string> | 'all'>;
   /** Folder -> names of its sub-folders on the way to a changed folder. */
   onPath: ReadonlyMap<string, ReadonlySet<string>>;
-  /** Every name of a file with several links at the parent pass, and every folder above one. */
+  /** Every name of a file with several links at the parent pass. */
+  linked: ReadonlySet<string>;
+  /** The same, and every folder above one. */
   linkedOrAbove: ReadonlySet<string>;
 }
 
@@ -544,7 +546,9 @@ export class Archiver {
     };
     for (const [folder, names] of changes.folders) add(folder, names);
     for (const [folder, names] of parentPass.incomplete) add(folder, names);
-    // Every linked name and every folder above one: a changed name among them gives up.
+    // A changed name that is linked gives up; so does a folder above one that is gone, replaced
+    // or listed in full (a folder whose own metadata or listing changed is recursed into).
+    const linked = parentPass.linked;
     const linkedOrAbove = new Set<string>();
     for (const path of parentPass.linked) {
       for (let end = path.length; end > 0; end = path.lastIndexOf('/', end - 1)) linkedOrAbove.add(path.slice(0, end));
@@ -552,7 +556,7 @@ export class Archiver {
     }
     const onPath = new Map<string, Set<string>>();
     for (const [folder, names] of folders) {
-      if (names === 'all' ? linkedOrAbove.has(folder) : [...names].some((n) => linkedOrAbove.has(folder === '' ? n : `${folder}/${n}`))) {
+      if (names === 'all' ? linkedOrAbove.has(folder) : [...names].some((n) => linked.has(folder === '' ? n : `${folder}/${n}`))) {
         throw new FullWalkNeeded(`a changed entry in '${Buffer.from(folder, 'latin1').toString('utf8') || '.'}' is, or holds, a file with several hard links`);
       }
       if (names !== 'all') {
@@ -568,7 +572,7 @@ export class Archiver {
         child = above;
       }
     }
-    return { folders, onPath, linkedOrAbove };
+    return { folders, onPath, linked, linkedOrAbove };
   }
 
   /**
@@ -589,18 +593,12 @@ export class Archiver {
     const before = new Map(parent.nodes.map((n) => [n.name, n]));
     /** base64 name -> name bytes, of every name looked up here. */
     const look = new Map<string, Buffer>();
-    /** Names only on the way to a change (not changed themselves): same folder -> recurse with the journal. */
-    const passing = new Set<string>();
-    for (const n of changed ?? []) look.set(Buffer.from(n, 'latin1').toString('base64'), Buffer.from(n, 'latin1'));
-    for (const n of plan.onPath.get(key) ?? []) {
-      const b64 = Buffer.from(n, 'latin1').toString('base64');
-      if (!look.has(b64)) passing.add(b64);
-      look.set(b64, Buffer.from(n, 'latin1'));
-    }
+    // The changed names, and the folders on the way to a change (the same folder: recursed into).
+    for (const n of [...(changed ?? []), ...(plan.onPath.get(key) ?? [])]) look.set(Buffer.from(n, 'latin1').toString('base64'), Buffer.from(n, 'latin1'));
     // A file the parent pass left without content is read, whatever the journal says.
     for (const node of parent.nodes) {
       if (node.type === 'file' && node.content === undefined && node.hardlink === undefined && !look.has(node.name)) {
-        if (plan.linkedOrAbove.has(childPath(relative, Buffer.from(node.name, 'base64')).toString('latin1'))) throw new FullWalkNeeded('a file left for this pass has several hard links');
+        if (plan.linked.has(childPath(relative, Buffer.from(node.name, 'base64')).toString('latin1'))) throw new FullWalkNeeded('a file left for this pass has several hard links');
         look.set(node.name, Buffer.from(node.name, 'base64'));
       }
     }
@@ -621,6 +619,9 @@ export class Archiver {
       } catch (error) {
         if (!this.isChange(error)) throw error;
         // Gone (a name that is not there now is not in the tree: no warning, as not listed).
+        if (old?.type === 'dir' && plan.linkedOrAbove.has(childPath(relative, name).toString('latin1'))) {
+          throw new FullWalkNeeded(`'${childPath(relative, name).toString('utf8')}' is gone and held files with several hard links`);
+        }
         if (old) await this.uncount(old, true);
         slots.push(undefined);
         continue;
@@ -639,7 +640,7 @@ export class Archiver {
         continue;
       }
       const sameFolder = st.isDirectory() && old?.type === 'dir' && old.subtree !== undefined && old.inode === st.ino.toString();
-      if (passing.has(b64) && !sameFolder && plan.linkedOrAbove.has(rel.toString('latin1'))) {
+      if (old?.type === 'dir' && !sameFolder && plan.linkedOrAbove.has(rel.toString('latin1'))) {
         listed.closeSync();
         throw new FullWalkNeeded(`'${rel.toString('utf8')}' was replaced and held files with several hard links`);
       }

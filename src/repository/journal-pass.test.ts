@@ -265,6 +265,15 @@ void describe('the final pass with a change journal', () => {
 
         writeFileSync(join(s.volume, 'd02', 'f00'), randomBytes(10));
         await assertSameAsWalk(s, await journalPass(s, parent, { d02: ['f00'] }));
+        // Also in their folder, whose listing (so its mtime) changed: it is recursed into.
+        writeFileSync(join(s.volume, 'd10', 'new'), randomBytes(10));
+        await assertSameAsWalk(s, await journalPass(s, parent, { '': ['d10'], d02: ['f00'], d10: ['new'] }));
+        // But a folder holding linked files, renamed: the links' first names moved.
+        renameSync(join(s.volume, 'd10'), join(s.volume, 'd10-moved'));
+        const moved = await journalPass(s, parent, { '': ['d10', 'd10-moved'], 'd10-moved': 'all' });
+        assert.match((moved.result.journal as { reason: string }).reason, /'d10' is gone and held files with several hard links/);
+        await assertSameAsWalk(s, moved, false);
+        renameSync(join(s.volume, 'd10-moved'), join(s.volume, 'd10'));
 
         // A new name for a file phase 1 saw with one link: every name's ctime changed.
         linkSync(join(s.volume, 'd03', 'f00'), join(s.volume, 'd04', 'h'));
