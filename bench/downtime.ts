@@ -41,16 +41,23 @@ const WALK = (process.env['BENCH_WALK'] ?? (FILE_COUNTS ? '1' : '0')) === '1';
 /** What one row measures: media as 1 MiB files (a factor of BASE_MB), or as many small files. */
 type Axis = { kind: 'bytes'; factor: number } | { kind: 'files'; count: number };
 
-/** `count` small files in folders of 1000 under `dir`, from `first` on, written from the host. */
+/**
+ * `count` small files in folders of 1000 under `dir`, from `first` on (a multiple of 1000), written
+ * from the host and given to CVAT's user. Only the new folders are chowned: a chown of the others
+ * would change every file's ctime, so the next backup would read them all again.
+ */
 async function writeSmallFiles(dir: string, count: number, first = 0): Promise<void> {
+  const folders: string[] = [];
   for (let d = 0; d * 1000 < count; d++) {
     const folder = join(dir, String(Math.floor(first / 1000) + d));
     await mkdir(folder, { recursive: true });
+    folders.push(folder);
     const writes: Promise<void>[] = [];
     for (let i = d * 1000; i < Math.min(count, (d + 1) * 1000); i++) writes.push(writeFile(join(folder, `frame_${first + i}.json`), `{"frame": ${first + i}}\n`));
     await Promise.all(writes);
   }
-  await run('chown', ['-R', '1000:1000', dir]);
+  if (first === 0) folders.splice(0, folders.length, dir);
+  for (let i = 0; i < folders.length; i += 100) await run('chown', ['-R', '1000:1000', ...folders.slice(i, i + 100)]);
 }
 
 /** Light write load while CVAT runs: a media file every 100 ms and a row every ~50 ms. Dies with the containers. */

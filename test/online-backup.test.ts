@@ -14,6 +14,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readdirSync, readlinkSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -182,6 +183,37 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
     const use = await twoPhaseUnderLoad({ startJournal: () => Promise.resolve({ ok: false, reason: 'none here (test)' }) }, await freshRepository('walk'));
     assert.deepEqual(use.used, []);
     assert.equal(walkedWhy(use)['cvat_data'], 'none here (test)');
+  });
+
+  it('Ctrl-C during phase 1: the change journal is closed, CVAT runs on', { skip: nativeOff && 'needs the native helper' }, async () => {
+    const fanotifyFds = (): number =>
+      readdirSync('/proc/self/fd').filter((fd) => {
+        try {
+          return readlinkSync(`/proc/self/fd/${fd}`) === 'anon_inode:[fanotify]';
+        } catch {
+          return false; // the listing's own descriptor, closed by now
+        }
+      }).length;
+    const before = fanotifyFds();
+    const abort = new AbortController();
+    let during = 0;
+    await assert.rejects(
+      backupToRepository(engine, repo, {
+        project: f.project,
+        signal: abort.signal,
+        onProgress: (e) => {
+          if (e.type === 'phase' && e.message.startsWith('phase 1')) {
+            during = fanotifyFds();
+            abort.abort();
+          }
+        },
+      }),
+      (error: Error) => error.name === 'AbortError',
+    );
+    assert.ok(during > before, 'the journal ran during phase 1');
+    assert.equal(fanotifyFds(), before, 'and is closed');
+    const states = await f.states();
+    assert.ok(Object.values(states).every((s) => s === 'running'), JSON.stringify(states));
   });
 
   it('freeze: PostgreSQL under load; restored, it starts and holds every row committed before the freeze', async () => {
