@@ -33,10 +33,11 @@
  *
  * Hard links and the journal: a change to one name of an inode changes every name's ctime (and a
  * write through one name changes every name's content), but the journal reports only the name it
- * went through, or no name at all (link counts). So if any changed name is, or was at the parent
- * pass, a name of an inode with several links, or an inode had links outside the names the parent
- * pass saw, the volume is walked in full: the simplest rule that is provably right, and free for
- * CVAT's volumes, which hold no hard links.
+ * went through, or no name at all (link counts). So the volume is walked in full when a changed
+ * name is, or was at the parent pass, a name of an inode with several links; when a folder that
+ * held such a name is gone, replaced or listed in full; and when an inode had links outside the
+ * names the parent pass saw (a write through those is never reported here). The simplest rule that
+ * is provably right; linked files elsewhere in the volume keep the journal.
  */
 import { closeSync, read as readCallback, readSync } from 'node:fs';
 import type { BigIntStats } from 'node:fs';
