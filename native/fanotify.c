@@ -43,6 +43,8 @@
   (FAN_MODIFY | FAN_ATTRIB | FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO | FAN_ONDIR)
 #define LISTING_EVENTS (FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO)
 #define READ_BUFFER (256 * 1024)
+/* Pause between two drains of the queue (collect() drains it itself, so this delays nothing). */
+#define READ_PAUSE_MS 20
 /* Cached "outside every volume" verdicts are forgotten past this many (they are only a cache). */
 #define MAX_OUTSIDE_DIRS 65536
 
@@ -375,6 +377,9 @@ static void *reader(void *arg) {
       if (r < 0) set_overflow(j, "reading the fanotify queue failed");
       pthread_mutex_unlock(&j->lock);
     } while (r > 0 && !atomic_load(&j->stopping));
+    /* Let events gather before the next read: the kernel merges repeated writes to one file while
+     * they wait in the queue, and the writers are not woken into a reader on every write(). */
+    if (poll(&fds[1], 1, READ_PAUSE_MS) > 0) break;
   }
   return NULL;
 }

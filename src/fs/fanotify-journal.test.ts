@@ -156,6 +156,7 @@ echo pack > ../repository/their-pack`);
       const results = await journal.collect();
       assert.deepEqual(plain(results.get(a)), { '': ['a'], a: ['theirs'] });
       assert.ok((journal.counters?.ownEvents ?? 0) >= 3, `own events counted: ${JSON.stringify(journal.counters)}`);
+      assert.ok((journal.counters?.outsideEvents ?? 0) >= 1, `the child's repository write is outside: ${JSON.stringify(journal.counters)}`);
     } finally {
       await journal.close();
     }
