@@ -8,24 +8,28 @@
  *
  * What it cannot see, and so must be walked in full by the final pass:
  * - Writes through shared memory maps (MAP_SHARED + PROT_WRITE): neither fanotify nor inotify
- *   reports them. Per CVAT volume (upstream defaults, as CVAT's compose file runs them):
+ *   reports them. Checked per CVAT volume, in upstream code (2024-10 snapshots):
  *
- *   | volume          | program                     | writes files through shared maps?          |
- *   |-----------------|-----------------------------|--------------------------------------------|
- *   | cvat_db         | PostgreSQL 15               | no: data files and WAL by pwrite; the main |
- *   |                 |                             | shared memory is anonymous; dynamic shared |
- *   |                 |                             | memory is POSIX shm (/dev/shm) unless      |
- *   |                 |                             | dynamic_shared_memory_type=mmap (then      |
- *   |                 |                             | pg_dynshmem/ in the data folder)           |
- *   | cvat_inmem_db   | Redis 7 (RDB/AOF)           | no: RDB and AOF written with write()       |
- *   | cvat_cache_db   | kvrocks (RocksDB)           | no by default (allow_mmap_writes=false);   |
- *   |                 |                             | yes if configured with it                  |
- *   | cvat_events_db  | ClickHouse                  | no: parts written with write(); mmap only  |
- *   |                 |                             | for reads (min_bytes_to_use_mmap_io)       |
- *   | cvat_data, keys | CVAT (Django, Python)       | no                                         |
+ *   | volume          | program           | writes its files through shared maps?                |
+ *   |-----------------|-------------------|------------------------------------------------------|
+ *   | cvat_db         | PostgreSQL        | no by default: relation files and WAL by pwrite; the |
+ *   |                 |                   | main shared memory is anonymous; dynamic shared      |
+ *   |                 |                   | memory is POSIX shm (/dev/shm). Only with            |
+ *   |                 |                   | dynamic_shared_memory_type=mmap (dsm_impl_mmap:      |
+ *   |                 |                   | pg_dynshmem/ mapped PROT_WRITE, MAP_SHARED): scratch |
+ *   |                 |                   | segments PostgreSQL discards at restart              |
+ *   | cvat_inmem_db   | Redis             | no: RDB and AOF by write(); its only file mapping    |
+ *   |                 |                   | (util.c, a test) is PROT_READ                        |
+ *   | cvat_cache_db   | kvrocks (RocksDB) | no: kvrocks never sets allow_mmap_writes (RocksDB    |
+ *   |                 |                   | default false) and has no setting for it             |
+ *   | cvat_events_db  | ClickHouse        | no: parts by write(); MMappedFileDescriptor maps     |
+ *   |                 |                   | PROT_READ, MAP_PRIVATE (reads only)                  |
+ *   | cvat_data, keys | CVAT (Python)     | no                                                   |
  *
- *   (Evidence and links: see the report of the `journal` branch; the lead routes volumes in
- *   src/deployment/cvat.ts.)
+ *   So no volume needs the full walk for this reason with CVAT's defaults; a deployment that sets
+ *   dynamic_shared_memory_type=mmap (or runs other images) would. The database volumes hold few
+ *   files, so walking them fully anyway is cheap insurance: the routing lives in
+ *   src/deployment/cvat.ts.
  * - This process's own writes (its repository may sit on the same filesystem): dropped by pid on
  *   purpose. A backup must never write into the volumes it journals.
  * - The other names of a hard-linked file: a write or chmod through one name is reported under that
