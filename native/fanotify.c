@@ -66,6 +66,7 @@ typedef struct {
 typedef struct {
   uint64_t hash;
   int fs;         /* index into journal.fs */
+  int view;       /* index into journal.views it was last found inside through, or -1 */
   uint32_t flags;
   name_entry **names; /* open addressing, capacity names_cap (power of 2) */
   uint32_t nnames, names_cap;
@@ -73,13 +74,22 @@ typedef struct {
 } dir_entry;
 
 typedef struct {
-  __kernel_fsid_t fsid;
-  int mount_fd; /* a folder on that filesystem: open_by_handle_at resolves through its mount */
+  __kernel_fsid_t fsid; /* events name their filesystem by it */
 } watched_fs;
+
+/* A mount of a watched filesystem that holds volume roots: a handle resolved through it reads as a
+ * path under that mount, comparable with those roots' paths (a bind mount of a subfolder, e.g.
+ * Docker's data root bound elsewhere, names the same folders differently). */
+typedef struct {
+  int fs;
+  int mount_id;
+  int mount_fd; /* the first root seen on that mount */
+} mount_view;
 
 typedef struct {
   char *path; /* realpath, no trailing slash except "/" */
   size_t len;
+  int view; /* -1: not watched */
 } volume_root;
 
 typedef struct journal {
@@ -95,6 +105,8 @@ typedef struct journal {
 
   watched_fs *fs;
   int nfs;
+  mount_view *views;
+  int nviews;
   volume_root *roots;
   int nroots;
 
@@ -178,10 +190,10 @@ static int rehash_dirs(journal *j, size_t cap, int drop_outside) {
   return 0;
 }
 
-/* Path of a folder handle through `fs`'s mount: 0, -ESTALE when the folder is gone, -errno. */
-static int resolve_path(journal *j, int fs, struct file_handle *fh, char *path, size_t size) {
+/* Path of a folder handle through a view's mount: 0, -ESTALE when the folder is gone, -errno. */
+static int resolve_path(journal *j, int view, struct file_handle *fh, char *path, size_t size) {
   j->resolutions++;
-  int fd = open_by_handle_at(j->fs[fs].mount_fd, fh, O_PATH | O_CLOEXEC);
+  int fd = open_by_handle_at(j->views[view].mount_fd, fh, O_PATH | O_CLOEXEC);
   if (fd < 0) return errno == ESTALE || errno == ENOENT ? -ESTALE : -errno;
   struct stat st;
   if (fstat(fd, &st) != 0 || st.st_nlink == 0) {
@@ -199,14 +211,37 @@ static int resolve_path(journal *j, int fs, struct file_handle *fh, char *path, 
   return 0;
 }
 
-static int path_inside(const journal *j, const char *path) {
+static int path_inside(const journal *j, int view, const char *path) {
   size_t len = strlen(path);
   for (int i = 0; i < j->nroots; i++) {
     const volume_root *r = &j->roots[i];
+    if (r->view != view) continue;
     if (r->len == 1) return 1; /* "/" */
     if (len >= r->len && memcmp(path, r->path, r->len) == 0 && (len == r->len || path[r->len] == '/')) return 1;
   }
   return 0;
+}
+
+/*
+ * Where a folder is now: 0 = inside a volume (`path` set, through d->view), 1 = outside every
+ * volume, -ESTALE = gone, -errno = cannot tell. Tries the view it was last found through first.
+ */
+static int locate_dir(journal *j, dir_entry *d, char *path, size_t size) {
+  int err = 0;
+  for (int pass = 0; pass < 2; pass++) {
+    for (int v = 0; v < j->nviews; v++) {
+      if (j->views[v].fs != d->fs || (pass == 0) != (v == d->view)) continue;
+      int r = resolve_path(j, v, &d->fh, path, size);
+      if (r == -ESTALE) return r; /* the inode is gone, whatever the mount */
+      if (r < 0) {
+        err = r;
+      } else if (path_inside(j, v, path)) {
+        d->view = v;
+        return 0;
+      }
+    }
+  }
+  return err ? err : 1;
 }
 
 static dir_entry *find_or_add_dir(journal *j, int fs, const __kernel_fsid_t *fsid, const struct file_handle *fh) {
@@ -225,13 +260,14 @@ static dir_entry *find_or_add_dir(journal *j, int fs, const __kernel_fsid_t *fsi
   if (!d) return NULL;
   d->hash = h;
   d->fs = fs;
+  d->view = -1;
   d->fh.handle_bytes = fh->handle_bytes;
   d->fh.handle_type = fh->handle_type;
   memcpy(d->fh.f_handle, fh->f_handle, fh->handle_bytes);
   char path[PATH_MAX];
-  int r = resolve_path(j, fs, &d->fh, path, sizeof path);
+  int r = locate_dir(j, d, path, sizeof path);
   /* Unresolvable for another reason than "gone": keep it, collect() resolves it again. */
-  if (r == 0 ? path_inside(j, path) : r != -ESTALE) d->flags |= DIR_INSIDE;
+  if (r == 0 || (r < 0 && r != -ESTALE)) d->flags |= DIR_INSIDE;
   size_t k = h & (j->dirs_cap - 1);
   while (j->dirs[k]) k = (k + 1) & (j->dirs_cap - 1);
   j->dirs[k] = d;
@@ -401,8 +437,8 @@ static void close_journal(journal *j) {
     if (j->fan_fd >= 0) close(j->fan_fd);
     if (j->wake_fd >= 0) close(j->wake_fd);
     j->fan_fd = j->wake_fd = -1;
-    for (int i = 0; i < j->nfs; i++) close(j->fs[i].mount_fd);
-    j->nfs = 0;
+    for (int i = 0; i < j->nviews; i++) close(j->views[i].mount_fd);
+    j->nviews = j->nfs = 0;
     free_sets(j);
     free(j->buffer);
     j->buffer = NULL;
@@ -420,6 +456,7 @@ static void finalize_journal(napi_env env, void *data, void *hint) {
   for (int i = 0; i < j->nroots; i++) free(j->roots[i].path);
   free(j->roots);
   free(j->fs);
+  free(j->views);
   pthread_mutex_destroy(&j->lock);
   free(j);
 }
@@ -495,12 +532,13 @@ static napi_value fanotify_start(napi_env env, napi_callback_info info) {
   pthread_mutex_init(&j->lock, NULL);
   j->roots = calloc(nroots ? nroots : 1, sizeof *j->roots);
   j->fs = calloc(nroots ? nroots : 1, sizeof *j->fs);
+  j->views = calloc(nroots ? nroots : 1, sizeof *j->views);
   j->buffer = malloc(READ_BUFFER);
   napi_value errors;
   napi_create_array_with_length(env, nroots, &errors);
   int failed_errno = 0;
   const char *failed_call = NULL;
-  if (!j->roots || !j->fs || !j->buffer) {
+  if (!j->roots || !j->fs || !j->views || !j->buffer) {
     failed_errno = ENOMEM;
     failed_call = "malloc";
     goto fail;
@@ -535,28 +573,47 @@ static napi_value fanotify_start(napi_env env, napi_callback_info info) {
     j->roots[j->nroots].path = path;
     j->roots[j->nroots].len = len;
     j->nroots++;
+    j->roots[j->nroots - 1].view = -1;
     int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     struct statfs sfs;
+    struct {
+      struct file_handle fh;
+      unsigned char bytes[MAX_HANDLE_SZ];
+    } probe;
+    probe.fh.handle_bytes = MAX_HANDLE_SZ;
+    int mount_id = -1;
     if (fd < 0) {
       error = error_object(env, errno, "open");
     } else if (fstatfs(fd, &sfs) != 0) {
       error = error_object(env, errno, "fstatfs");
-      close(fd);
+    } else if (name_to_handle_at(fd, "", &probe.fh, &mount_id, AT_EMPTY_PATH) != 0) {
+      error = error_object(env, errno, "name_to_handle_at");
     } else {
-      int known = 0;
+      int fs = -1, view = -1;
       for (int k = 0; k < j->nfs; k++)
-        if (memcmp(&j->fs[k].fsid, &sfs.f_fsid, sizeof sfs.f_fsid) == 0) known = 1;
-      if (known) {
-        close(fd);
-      } else if (fanotify_mark(j->fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, EVENT_MASK, fd, NULL) != 0) {
-        error = error_object(env, errno, "fanotify_mark");
-        close(fd);
-      } else {
-        memcpy(&j->fs[j->nfs].fsid, &sfs.f_fsid, sizeof sfs.f_fsid);
-        j->fs[j->nfs].mount_fd = fd;
-        j->nfs++;
+        if (memcmp(&j->fs[k].fsid, &sfs.f_fsid, sizeof sfs.f_fsid) == 0) fs = k;
+      if (fs < 0) {
+        if (fanotify_mark(j->fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, EVENT_MASK, fd, NULL) != 0) {
+          error = error_object(env, errno, "fanotify_mark");
+        } else {
+          fs = j->nfs++;
+          memcpy(&j->fs[fs].fsid, &sfs.f_fsid, sizeof sfs.f_fsid);
+        }
+      }
+      if (fs >= 0) {
+        for (int k = 0; k < j->nviews; k++)
+          if (j->views[k].fs == fs && j->views[k].mount_id == mount_id) view = k;
+        if (view < 0) {
+          view = j->nviews++;
+          j->views[view].fs = fs;
+          j->views[view].mount_id = mount_id;
+          j->views[view].mount_fd = fd;
+          fd = -1; /* kept */
+        }
+        j->roots[j->nroots - 1].view = view;
       }
     }
+    if (fd >= 0) close(fd);
     napi_set_element(env, errors, i, error);
   }
   if (start_reader) {
@@ -657,7 +714,12 @@ static void collect_execute(napi_env env, void *data) {
     for (size_t i = 0; job->records && i < j->dirs_cap; i++) {
       dir_entry *d = j->dirs[i];
       if (!d || !(d->flags & DIR_INSIDE) || (d->nnames == 0 && !(d->flags & (DIR_SELF | DIR_LISTING)))) continue;
-      if (resolve_path(j, d->fs, &d->fh, path, sizeof path) != 0 || !path_inside(j, path)) continue;
+      int where = locate_dir(j, d, path, sizeof path);
+      if (where == 1 || where == -ESTALE) continue; /* moved out of the volumes, or deleted */
+      if (where < 0) {
+        snprintf(job->overflow, sizeof job->overflow, "a changed folder's path cannot be read: %s", strerror(-where));
+        break;
+      }
       dir_record *rec = &job->records[job->nrecords++];
       rec->path_len = strlen(path);
       rec->path = malloc(rec->path_len);

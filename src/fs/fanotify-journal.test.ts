@@ -244,6 +244,31 @@ echo pack > ../repository/their-pack`);
     }
   });
 
+  it('resolves folders through the mount their volume is reached by (a bind mount of the same filesystem)', async () => {
+    const { a } = await volumes();
+    const source = join(work, `bind-source-${round}`);
+    const target = join(work, `bind-target-${round}`);
+    await mkdir(join(source, 'vol', 'a'), { recursive: true });
+    await mkdir(target);
+    execFileSync('mount', ['--bind', source, target]);
+    try {
+      // `a` first: its mount (/) is the filesystem's first; the bound volume must not be read through it.
+      const bound = join(target, 'vol');
+      const journal = await start([a, bound]);
+      try {
+        sh(bound, 'echo 1 > a/through-the-bind-mount');
+        sh(a, 'echo 1 > a/direct');
+        const results = await journal.collect();
+        assert.deepEqual(plain(results.get(bound)), { '': ['a'], a: ['through-the-bind-mount'] });
+        assert.deepEqual(plain(results.get(a)), { '': ['a'], a: ['direct'] });
+      } finally {
+        await journal.close();
+      }
+    } finally {
+      execFileSync('umount', [target]);
+    }
+  });
+
   it('drops a deleted folder (its removal shows in its parent) and names that are not text', async () => {
     const { a } = await volumes();
     const journal = await start([a]);
