@@ -2,7 +2,9 @@
  * Benchmark: the fanotify change journal (src/fs/fanotify-journal.ts) under a writer that makes
  * BENCH_WRITES (default 200000) small writes, in another process, while the journal runs:
  *  - "new files": BENCH_WRITES files created and written in folders of 1000;
- *  - "rewrites": BENCH_WRITES appends spread over 1000 existing files (what the dedup set is for).
+ *  - "rewrites": BENCH_WRITES appends spread over 1000 existing files (what the dedup set is for);
+ *  - "spread": one append to a file in each of BENCH_FOLDERS (default 20000) existing folders (what
+ *    collect()'s mapping of folders to paths costs).
  * Prints, per scenario: the writer's time without and with the journal (ratio), events read, the
  * distinct names collected against those expected (drop rate), the reader thread's CPU time, the
  * native sets' heap and the process's RSS growth, and collect()'s time (drain, path mapping, total).
@@ -19,6 +21,9 @@ import { startFanotifyJournal } from '../src/fs/fanotify-journal.js';
 
 const WRITES = Number(process.env['BENCH_WRITES'] ?? '200000');
 const PER_FOLDER = 1000;
+const SPREAD = Number(process.env['BENCH_FOLDERS'] ?? '20000');
+type Scenario = 'new' | 'rewrite' | 'spread';
+const LABEL: Record<Scenario, string> = { new: 'new files', rewrite: 'rewrites', spread: 'spread' };
 
 function seconds(since: bigint): number {
   return Number(process.hrtime.bigint() - since) / 1e9;
@@ -32,9 +37,12 @@ function threadCpu(tid: number): number {
 }
 
 /** The writer: another Node process making WRITES synchronous writes (open, write, close each). */
-function writer(scenario: 'new' | 'rewrite', root: string, round: string): number {
+function writer(scenario: Scenario, root: string, round: string): number {
   const script =
-    scenario === 'new'
+    scenario === 'spread'
+      ? `const fs = require('node:fs');
+for (let d = 0; d < ${SPREAD}; d++) fs.appendFileSync('spread/' + d + '/f', '${round}');`
+      : scenario === 'new'
       ? `const fs = require('node:fs');
 for (let d = 0; d * ${PER_FOLDER} < ${WRITES}; d++) {
   fs.mkdirSync('${round}-' + d);
@@ -49,7 +57,13 @@ for (let n = 0; n * ${PER_FOLDER} < ${WRITES}; n++) for (let i = 0; i < ${PER_FO
 
 const ROUNDS = Number(process.env['BENCH_ROUNDS'] ?? '2');
 
-async function scenario(name: 'new' | 'rewrite', root: string): Promise<void> {
+async function scenario(name: Scenario, root: string): Promise<void> {
+  if (name === 'spread') {
+    for (let d = 0; d < SPREAD; d++) {
+      await mkdir(join(root, 'spread', String(d)), { recursive: true });
+      await writeFile(join(root, 'spread', String(d), 'f'), '');
+    }
+  }
   if (name === 'rewrite') {
     await mkdir(join(root, 'rewrite'), { recursive: true });
     await Promise.all(Array.from({ length: PER_FOLDER }, (_, i) => writeFile(join(root, 'rewrite', `f${i}`), '')));
@@ -85,14 +99,14 @@ async function scenario(name: 'new' | 'rewrite', root: string): Promise<void> {
       // new files: each file and each new folder's name, each new folder and the root;
       // rewrites: each file, and its folder.
       const folders = Math.ceil(WRITES / PER_FOLDER);
-      const expected = name === 'new' ? WRITES + 2 * folders + 1 : PER_FOLDER + 1;
+      const expected = name === 'new' ? WRITES + 2 * folders + 1 : name === 'rewrite' ? PER_FOLDER + 1 : SPREAD * 2;
       if (name === 'new' && result.changes.folders.get(`journaled-${round}-${folders - 1}`) !== 'all') throw new Error('last folder missing');
       if (name === 'rewrite') {
         const set = result.changes.folders.get('rewrite');
         if (set === undefined || set === 'all' || set.size !== PER_FOLDER) throw new Error('rewrites missing');
       }
       const rss = (process.memoryUsage().rss - rssBefore) / 2 ** 20;
-      console.log(`${name === 'new' ? 'new files' : 'rewrites'}, round ${round + 1}: writer ${took.toFixed(2)} s with the journal`);
+      console.log(`${LABEL[name]}, round ${round + 1}: writer ${took.toFixed(2)} s with the journal`);
       console.log(`  events read ${c.events} (own ${c.ownEvents}, outside the volume ${c.outsideEvents}); distinct entries ${c.entries} of ${expected} expected (drop rate ${((expected - c.entries) / expected).toFixed(6)})`);
       console.log(`  reader thread CPU ${cpu.toFixed(2)} s (${((cpu / took) * 100).toFixed(0)}% of one core while the writer ran); native sets ${(c.bytes / 2 ** 20).toFixed(1)} MiB for ${c.entries} entries; RSS +${rss.toFixed(1)} MiB`);
       console.log(`  collect ${(collectS * 1000).toFixed(0)} ms (queue drain ${c.drainMs.toFixed(1)} ms, path mapping ${c.resolveMs.toFixed(1)} ms; ${c.resolutions} path resolutions in all)`);
@@ -100,12 +114,12 @@ async function scenario(name: 'new' | 'rewrite', root: string): Promise<void> {
       await journal.close();
     }
   }
-  console.log(`${name === 'new' ? 'new files' : 'rewrites'}: ${WRITES} writes; writer best ${without.toFixed(2)} s without the journal, ${withJournal.toFixed(2)} s with (x${(withJournal / without).toFixed(2)})`);
+  console.log(`${LABEL[name]}: ${name === 'spread' ? SPREAD : WRITES} writes; writer best ${without.toFixed(2)} s without the journal, ${withJournal.toFixed(2)} s with (x${(withJournal / without).toFixed(2)})`);
 }
 
 async function main(): Promise<void> {
   console.log(`load average ${loadavg().map((l) => l.toFixed(2)).join(' ')}; ${WRITES} writes per scenario`);
-  for (const name of ['new', 'rewrite'] as const) {
+  for (const name of (process.env['BENCH_SCENARIOS'] ?? 'new,rewrite,spread').split(',') as Scenario[]) {
     const root = await mkdtemp(join(tmpdir(), 'cvat-backup-journal-bench-'));
     try {
       await scenario(name, root);
