@@ -211,22 +211,23 @@ static int resolve_path(journal *j, int view, struct file_handle *fh, char *path
   return 0;
 }
 
-static int path_inside(const journal *j, int view, const char *path) {
+/* The deepest volume root (seen through `view`) that `path` lies in, or -1. */
+static int root_of(const journal *j, int view, const char *path) {
   size_t len = strlen(path);
+  int found = -1;
   for (int i = 0; i < j->nroots; i++) {
     const volume_root *r = &j->roots[i];
-    if (r->view != view) continue;
-    if (r->len == 1) return 1; /* "/" */
-    if (len >= r->len && memcmp(path, r->path, r->len) == 0 && (len == r->len || path[r->len] == '/')) return 1;
+    if (r->view != view || (found >= 0 && j->roots[found].len >= r->len)) continue;
+    if (r->len == 1 || (len >= r->len && memcmp(path, r->path, r->len) == 0 && (len == r->len || path[r->len] == '/'))) found = i;
   }
-  return 0;
+  return found;
 }
 
 /*
  * Where a folder is now: 0 = inside a volume (`path` set, through d->view), 1 = outside every
  * volume, -ESTALE = gone, -errno = cannot tell. Tries the view it was last found through first.
  */
-static int locate_dir(journal *j, dir_entry *d, char *path, size_t size) {
+static int locate_dir(journal *j, dir_entry *d, char *path, size_t size, int *root) {
   int err = 0;
   for (int pass = 0; pass < 2; pass++) {
     for (int v = 0; v < j->nviews; v++) {
@@ -235,7 +236,7 @@ static int locate_dir(journal *j, dir_entry *d, char *path, size_t size) {
       if (r == -ESTALE) return r; /* the inode is gone, whatever the mount */
       if (r < 0) {
         err = r;
-      } else if (path_inside(j, v, path)) {
+      } else if ((*root = root_of(j, v, path)) >= 0) {
         d->view = v;
         return 0;
       }
@@ -265,7 +266,8 @@ static dir_entry *find_or_add_dir(journal *j, int fs, const __kernel_fsid_t *fsi
   d->fh.handle_type = fh->handle_type;
   memcpy(d->fh.f_handle, fh->f_handle, fh->handle_bytes);
   char path[PATH_MAX];
-  int r = locate_dir(j, d, path, sizeof path);
+  int root;
+  int r = locate_dir(j, d, path, sizeof path, &root);
   /* Unresolvable for another reason than "gone": keep it, collect() resolves it again. */
   if (r == 0 || (r < 0 && r != -ESTALE)) d->flags |= DIR_INSIDE;
   size_t k = h & (j->dirs_cap - 1);
@@ -638,15 +640,55 @@ fail:
   return cvat_throw_errno(env, failed_errno, failed_call);
 }
 
+/* collect()'s answer, one Buffer for all folders (not objects and Buffers per folder: a final pass
+ * may see tens of thousands of folders, and this runs while CVAT is down). Per folder, integers
+ * little-endian: u32 root index, u32 length + path relative to that root, u32 length + names
+ * (each NUL-terminated), u32 length + the names under which a folder was created or moved in,
+ * u8 flags (1: the folder's own metadata changed, 2: entries were created, deleted or renamed). */
 typedef struct {
-  char *path;
-  size_t path_len;
-  char *names; /* NUL-terminated names, back to back */
-  size_t names_len;
-  char *folders; /* names of folders created or moved in, same form */
-  size_t folders_len;
-  uint32_t flags;
-} dir_record;
+  char *data;
+  size_t len, cap;
+  int failed;
+} out_buffer;
+
+static void out_reserve(out_buffer *o, size_t more) {
+  if (o->failed || o->len + more <= o->cap) return;
+  size_t cap = o->cap ? o->cap : 65536;
+  while (cap < o->len + more) cap *= 2;
+  char *data = realloc(o->data, cap);
+  if (!data) {
+    o->failed = 1;
+    return;
+  }
+  o->data = data;
+  o->cap = cap;
+}
+
+static void out_bytes(out_buffer *o, const void *data, size_t len) {
+  out_reserve(o, len);
+  if (o->failed) return;
+  memcpy(o->data + o->len, data, len);
+  o->len += len;
+}
+
+static void out_u32(out_buffer *o, size_t value) {
+  unsigned char b[4] = {(unsigned char)value, (unsigned char)(value >> 8), (unsigned char)(value >> 16), (unsigned char)(value >> 24)};
+  out_bytes(o, b, 4);
+}
+
+/* The names of `d` that have all of `want_flags`, length-prefixed, each NUL-terminated. */
+static void out_names(out_buffer *o, const dir_entry *d, uint32_t want_flags) {
+  size_t total = 0;
+  for (uint32_t i = 0; i < d->names_cap; i++) {
+    const name_entry *e = d->names[i];
+    if (e && (e->flags & want_flags) == want_flags) total += e->len + 1;
+  }
+  out_u32(o, total);
+  for (uint32_t i = 0; i < d->names_cap; i++) {
+    const name_entry *e = d->names[i];
+    if (e && (e->flags & want_flags) == want_flags) out_bytes(o, e->name, e->len + 1);
+  }
+}
 
 typedef struct {
   journal *j;
@@ -656,8 +698,8 @@ typedef struct {
   int err;
   const char *err_call;
   char overflow[160];
-  dir_record *records;
-  size_t nrecords;
+  out_buffer out;
+  size_t folders;
   uint64_t events, own_events, outside_events, resolutions, entries, bytes;
   double drain_ms, resolve_ms;
 } collect_job;
@@ -666,26 +708,6 @@ static double now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-static char *join_names(const dir_entry *d, uint32_t want_flags, size_t *out_len) {
-  size_t total = 0;
-  for (uint32_t i = 0; i < d->names_cap; i++) {
-    const name_entry *e = d->names[i];
-    if (e && (e->flags & want_flags) == want_flags) total += e->len + 1;
-  }
-  *out_len = total;
-  if (total == 0) return NULL;
-  char *out = malloc(total), *p = out;
-  if (!out) return NULL;
-  for (uint32_t i = 0; i < d->names_cap; i++) {
-    const name_entry *e = d->names[i];
-    if (e && (e->flags & want_flags) == want_flags) {
-      memcpy(p, e->name, e->len + 1);
-      p += e->len + 1;
-    }
-  }
-  return out;
 }
 
 static void collect_execute(napi_env env, void *data) {
@@ -709,30 +731,31 @@ static void collect_execute(napi_env env, void *data) {
   if (j->overflow[0]) {
     snprintf(job->overflow, sizeof job->overflow, "%s", j->overflow);
   } else {
-    job->records = calloc(j->ndirs ? j->ndirs : 1, sizeof *job->records);
     char path[PATH_MAX];
-    for (size_t i = 0; job->records && i < j->dirs_cap; i++) {
+    for (size_t i = 0; i < j->dirs_cap; i++) {
       dir_entry *d = j->dirs[i];
       if (!d || !(d->flags & DIR_INSIDE) || (d->nnames == 0 && !(d->flags & (DIR_SELF | DIR_LISTING)))) continue;
-      int where = locate_dir(j, d, path, sizeof path);
+      int root;
+      int where = locate_dir(j, d, path, sizeof path, &root);
       if (where == 1 || where == -ESTALE) continue; /* moved out of the volumes, or deleted */
       if (where < 0) {
         snprintf(job->overflow, sizeof job->overflow, "a changed folder's path cannot be read: %s", strerror(-where));
         break;
       }
-      dir_record *rec = &job->records[job->nrecords++];
-      rec->path_len = strlen(path);
-      rec->path = malloc(rec->path_len);
-      if (rec->path) memcpy(rec->path, path, rec->path_len);
-      rec->names = join_names(d, 0, &rec->names_len);
-      rec->folders = join_names(d, NAME_NEW_FOLDER, &rec->folders_len);
-      rec->flags = d->flags;
-      if (!rec->path || (rec->names_len && !rec->names) || (rec->folders_len && !rec->folders)) {
-        snprintf(job->overflow, sizeof job->overflow, "out of memory");
-        break;
-      }
+      const volume_root *r = &j->roots[root];
+      size_t skip = r->len == 1 ? 1 : r->len + 1; /* the root and its slash */
+      size_t len = strlen(path);
+      size_t rel = len > skip ? len - skip : 0;
+      out_u32(&job->out, (size_t)root);
+      out_u32(&job->out, rel);
+      out_bytes(&job->out, path + len - rel, rel);
+      out_names(&job->out, d, 0);
+      out_names(&job->out, d, NAME_NEW_FOLDER);
+      unsigned char flags = (d->flags & DIR_SELF ? 1 : 0) | (d->flags & DIR_LISTING ? 2 : 0);
+      out_bytes(&job->out, &flags, 1);
+      job->folders++;
     }
-    if (!job->records) snprintf(job->overflow, sizeof job->overflow, "out of memory");
+    if (job->out.failed) snprintf(job->overflow, sizeof job->overflow, "out of memory");
   }
   job->resolve_ms = now_ms() - t1;
   job->events = j->events;
@@ -745,12 +768,7 @@ static void collect_execute(napi_env env, void *data) {
 }
 
 static void free_job(collect_job *job) {
-  for (size_t i = 0; i < job->nrecords; i++) {
-    free(job->records[i].path);
-    free(job->records[i].names);
-    free(job->records[i].folders);
-  }
-  free(job->records);
+  free(job->out.data);
   free(job);
 }
 
@@ -767,12 +785,6 @@ static void set_number(napi_env env, napi_value obj, const char *key, double val
   napi_set_named_property(env, obj, key, v);
 }
 
-static void set_bool(napi_env env, napi_value obj, const char *key, int value) {
-  napi_value v;
-  napi_get_boolean(env, value != 0, &v);
-  napi_set_named_property(env, obj, key, v);
-}
-
 static void collect_complete(napi_env env, napi_status status, void *data) {
   collect_job *job = data;
   napi_value result;
@@ -781,23 +793,12 @@ static void collect_complete(napi_env env, napi_status status, void *data) {
     napi_reject_deferred(env, job->deferred, error);
   } else {
     napi_create_object(env, &result);
-    napi_value overflow, dirs;
+    napi_value overflow;
     napi_create_string_utf8(env, job->overflow, NAPI_AUTO_LENGTH, &overflow);
     napi_set_named_property(env, result, "overflow", overflow);
-    size_t n = job->overflow[0] ? 0 : job->nrecords;
-    napi_create_array_with_length(env, n, &dirs);
-    for (size_t i = 0; i < n; i++) {
-      const dir_record *rec = &job->records[i];
-      napi_value obj;
-      napi_create_object(env, &obj);
-      napi_set_named_property(env, obj, "path", make_buffer(env, rec->path, rec->path_len));
-      napi_set_named_property(env, obj, "names", make_buffer(env, rec->names, rec->names_len));
-      napi_set_named_property(env, obj, "newFolders", make_buffer(env, rec->folders, rec->folders_len));
-      set_bool(env, obj, "self", rec->flags & DIR_SELF);
-      set_bool(env, obj, "listing", rec->flags & DIR_LISTING);
-      napi_set_element(env, dirs, (uint32_t)i, obj);
-    }
-    napi_set_named_property(env, result, "dirs", dirs);
+    size_t n = job->overflow[0] ? 0 : job->out.len;
+    napi_set_named_property(env, result, "folders", make_buffer(env, job->out.data, n));
+    set_number(env, result, "folderCount", job->overflow[0] ? 0 : (double)job->folders);
     set_number(env, result, "events", (double)job->events);
     set_number(env, result, "ownEvents", (double)job->own_events);
     set_number(env, result, "outsideEvents", (double)job->outside_events);
@@ -815,9 +816,8 @@ static void collect_complete(napi_env env, napi_status status, void *data) {
 }
 
 /*
- * fanotifyCollect(journal) -> Promise<{ overflow: string ('' = none), dirs: Array<{ path: Buffer,
- *   names: Buffer, newFolders: Buffer, self: boolean, listing: boolean }>, counters }>.
- * names / newFolders: NUL-terminated names back to back (one Buffer per folder, not one per name).
+ * fanotifyCollect(journal) -> Promise<{ overflow: string ('' = none), folders: Buffer (see
+ * out_buffer), folderCount, counters }>.
  */
 static napi_value fanotify_collect(napi_env env, napi_callback_info info) {
   size_t argc = 1;

@@ -269,6 +269,24 @@ echo pack > ../repository/their-pack`);
     }
   });
 
+  it('does not journal a volume with another mount inside it (the mark would not cover it)', async () => {
+    const { a } = await volumes();
+    const outer = join(work, `mount-outer-${round}`);
+    await mkdir(join(outer, 'inner'), { recursive: true });
+    execFileSync('mount', ['-t', 'tmpfs', 'none', join(outer, 'inner')]);
+    try {
+      const journal = await start([a, outer]);
+      try {
+        sh(outer, 'echo 1 > inner/unseen');
+        assert.match(plain((await journal.collect()).get(outer)) as string, /^not ok: another filesystem is mounted inside it \(.*\/inner\)$/);
+      } finally {
+        await journal.close();
+      }
+    } finally {
+      execFileSync('umount', [join(outer, 'inner')]);
+    }
+  });
+
   it('drops a deleted folder (its removal shows in its parent) and names that are not text', async () => {
     const { a } = await volumes();
     const journal = await start([a]);
