@@ -43,6 +43,8 @@
   (FAN_MODIFY | FAN_ATTRIB | FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO | FAN_ONDIR)
 #define LISTING_EVENTS (FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO)
 #define READ_BUFFER (256 * 1024)
+/* Pause between two drains of the queue (collect() drains it itself, so this delays nothing). */
+#define READ_PAUSE_MS 20
 /* Cached "outside every volume" verdicts are forgotten past this many (they are only a cache). */
 #define MAX_OUTSIDE_DIRS 65536
 
@@ -64,6 +66,7 @@ typedef struct {
 typedef struct {
   uint64_t hash;
   int fs;         /* index into journal.fs */
+  int view;       /* index into journal.views it was last found inside through, or -1 */
   uint32_t flags;
   name_entry **names; /* open addressing, capacity names_cap (power of 2) */
   uint32_t nnames, names_cap;
@@ -71,13 +74,22 @@ typedef struct {
 } dir_entry;
 
 typedef struct {
-  __kernel_fsid_t fsid;
-  int mount_fd; /* a folder on that filesystem: open_by_handle_at resolves through its mount */
+  __kernel_fsid_t fsid; /* events name their filesystem by it */
 } watched_fs;
+
+/* A mount of a watched filesystem that holds volume roots: a handle resolved through it reads as a
+ * path under that mount, comparable with those roots' paths (a bind mount of a subfolder, e.g.
+ * Docker's data root bound elsewhere, names the same folders differently). */
+typedef struct {
+  int fs;
+  int mount_id;
+  int mount_fd; /* the first root seen on that mount */
+} mount_view;
 
 typedef struct {
   char *path; /* realpath, no trailing slash except "/" */
   size_t len;
+  int view; /* -1: not watched */
 } volume_root;
 
 typedef struct journal {
@@ -93,6 +105,8 @@ typedef struct journal {
 
   watched_fs *fs;
   int nfs;
+  mount_view *views;
+  int nviews;
   volume_root *roots;
   int nroots;
 
@@ -176,10 +190,10 @@ static int rehash_dirs(journal *j, size_t cap, int drop_outside) {
   return 0;
 }
 
-/* Path of a folder handle through `fs`'s mount: 0, -ESTALE when the folder is gone, -errno. */
-static int resolve_path(journal *j, int fs, struct file_handle *fh, char *path, size_t size) {
+/* Path of a folder handle through a view's mount: 0, -ESTALE when the folder is gone, -errno. */
+static int resolve_path(journal *j, int view, struct file_handle *fh, char *path, size_t size) {
   j->resolutions++;
-  int fd = open_by_handle_at(j->fs[fs].mount_fd, fh, O_PATH | O_CLOEXEC);
+  int fd = open_by_handle_at(j->views[view].mount_fd, fh, O_PATH | O_CLOEXEC);
   if (fd < 0) return errno == ESTALE || errno == ENOENT ? -ESTALE : -errno;
   struct stat st;
   if (fstat(fd, &st) != 0 || st.st_nlink == 0) {
@@ -197,14 +211,38 @@ static int resolve_path(journal *j, int fs, struct file_handle *fh, char *path, 
   return 0;
 }
 
-static int path_inside(const journal *j, const char *path) {
+/* The deepest volume root (seen through `view`) that `path` lies in, or -1. */
+static int root_of(const journal *j, int view, const char *path) {
   size_t len = strlen(path);
+  int found = -1;
   for (int i = 0; i < j->nroots; i++) {
     const volume_root *r = &j->roots[i];
-    if (r->len == 1) return 1; /* "/" */
-    if (len >= r->len && memcmp(path, r->path, r->len) == 0 && (len == r->len || path[r->len] == '/')) return 1;
+    if (r->view != view || (found >= 0 && j->roots[found].len >= r->len)) continue;
+    if (r->len == 1 || (len >= r->len && memcmp(path, r->path, r->len) == 0 && (len == r->len || path[r->len] == '/'))) found = i;
   }
-  return 0;
+  return found;
+}
+
+/*
+ * Where a folder is now: 0 = inside a volume (`path` set, through d->view), 1 = outside every
+ * volume, -ESTALE = gone, -errno = cannot tell. Tries the view it was last found through first.
+ */
+static int locate_dir(journal *j, dir_entry *d, char *path, size_t size, int *root) {
+  int err = 0;
+  for (int pass = 0; pass < 2; pass++) {
+    for (int v = 0; v < j->nviews; v++) {
+      if (j->views[v].fs != d->fs || (pass == 0) != (v == d->view)) continue;
+      int r = resolve_path(j, v, &d->fh, path, size);
+      if (r == -ESTALE) return r; /* the inode is gone, whatever the mount */
+      if (r < 0) {
+        err = r;
+      } else if ((*root = root_of(j, v, path)) >= 0) {
+        d->view = v;
+        return 0;
+      }
+    }
+  }
+  return err ? err : 1;
 }
 
 static dir_entry *find_or_add_dir(journal *j, int fs, const __kernel_fsid_t *fsid, const struct file_handle *fh) {
@@ -223,13 +261,15 @@ static dir_entry *find_or_add_dir(journal *j, int fs, const __kernel_fsid_t *fsi
   if (!d) return NULL;
   d->hash = h;
   d->fs = fs;
+  d->view = -1;
   d->fh.handle_bytes = fh->handle_bytes;
   d->fh.handle_type = fh->handle_type;
   memcpy(d->fh.f_handle, fh->f_handle, fh->handle_bytes);
   char path[PATH_MAX];
-  int r = resolve_path(j, fs, &d->fh, path, sizeof path);
+  int root;
+  int r = locate_dir(j, d, path, sizeof path, &root);
   /* Unresolvable for another reason than "gone": keep it, collect() resolves it again. */
-  if (r == 0 ? path_inside(j, path) : r != -ESTALE) d->flags |= DIR_INSIDE;
+  if (r == 0 || (r < 0 && r != -ESTALE)) d->flags |= DIR_INSIDE;
   size_t k = h & (j->dirs_cap - 1);
   while (j->dirs[k]) k = (k + 1) & (j->dirs_cap - 1);
   j->dirs[k] = d;
@@ -375,6 +415,9 @@ static void *reader(void *arg) {
       if (r < 0) set_overflow(j, "reading the fanotify queue failed");
       pthread_mutex_unlock(&j->lock);
     } while (r > 0 && !atomic_load(&j->stopping));
+    /* Let events gather before the next read: the kernel merges repeated writes to one file while
+     * they wait in the queue, and the writers are not woken into a reader on every write(). */
+    if (poll(&fds[1], 1, READ_PAUSE_MS) > 0) break;
   }
   return NULL;
 }
@@ -396,8 +439,8 @@ static void close_journal(journal *j) {
     if (j->fan_fd >= 0) close(j->fan_fd);
     if (j->wake_fd >= 0) close(j->wake_fd);
     j->fan_fd = j->wake_fd = -1;
-    for (int i = 0; i < j->nfs; i++) close(j->fs[i].mount_fd);
-    j->nfs = 0;
+    for (int i = 0; i < j->nviews; i++) close(j->views[i].mount_fd);
+    j->nviews = j->nfs = 0;
     free_sets(j);
     free(j->buffer);
     j->buffer = NULL;
@@ -415,6 +458,7 @@ static void finalize_journal(napi_env env, void *data, void *hint) {
   for (int i = 0; i < j->nroots; i++) free(j->roots[i].path);
   free(j->roots);
   free(j->fs);
+  free(j->views);
   pthread_mutex_destroy(&j->lock);
   free(j);
 }
@@ -490,12 +534,13 @@ static napi_value fanotify_start(napi_env env, napi_callback_info info) {
   pthread_mutex_init(&j->lock, NULL);
   j->roots = calloc(nroots ? nroots : 1, sizeof *j->roots);
   j->fs = calloc(nroots ? nroots : 1, sizeof *j->fs);
+  j->views = calloc(nroots ? nroots : 1, sizeof *j->views);
   j->buffer = malloc(READ_BUFFER);
   napi_value errors;
   napi_create_array_with_length(env, nroots, &errors);
   int failed_errno = 0;
   const char *failed_call = NULL;
-  if (!j->roots || !j->fs || !j->buffer) {
+  if (!j->roots || !j->fs || !j->views || !j->buffer) {
     failed_errno = ENOMEM;
     failed_call = "malloc";
     goto fail;
@@ -530,28 +575,47 @@ static napi_value fanotify_start(napi_env env, napi_callback_info info) {
     j->roots[j->nroots].path = path;
     j->roots[j->nroots].len = len;
     j->nroots++;
+    j->roots[j->nroots - 1].view = -1;
     int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     struct statfs sfs;
+    struct {
+      struct file_handle fh;
+      unsigned char bytes[MAX_HANDLE_SZ];
+    } probe;
+    probe.fh.handle_bytes = MAX_HANDLE_SZ;
+    int mount_id = -1;
     if (fd < 0) {
       error = error_object(env, errno, "open");
     } else if (fstatfs(fd, &sfs) != 0) {
       error = error_object(env, errno, "fstatfs");
-      close(fd);
+    } else if (name_to_handle_at(fd, "", &probe.fh, &mount_id, AT_EMPTY_PATH) != 0) {
+      error = error_object(env, errno, "name_to_handle_at");
     } else {
-      int known = 0;
+      int fs = -1, view = -1;
       for (int k = 0; k < j->nfs; k++)
-        if (memcmp(&j->fs[k].fsid, &sfs.f_fsid, sizeof sfs.f_fsid) == 0) known = 1;
-      if (known) {
-        close(fd);
-      } else if (fanotify_mark(j->fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, EVENT_MASK, fd, NULL) != 0) {
-        error = error_object(env, errno, "fanotify_mark");
-        close(fd);
-      } else {
-        memcpy(&j->fs[j->nfs].fsid, &sfs.f_fsid, sizeof sfs.f_fsid);
-        j->fs[j->nfs].mount_fd = fd;
-        j->nfs++;
+        if (memcmp(&j->fs[k].fsid, &sfs.f_fsid, sizeof sfs.f_fsid) == 0) fs = k;
+      if (fs < 0) {
+        if (fanotify_mark(j->fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, EVENT_MASK, fd, NULL) != 0) {
+          error = error_object(env, errno, "fanotify_mark");
+        } else {
+          fs = j->nfs++;
+          memcpy(&j->fs[fs].fsid, &sfs.f_fsid, sizeof sfs.f_fsid);
+        }
+      }
+      if (fs >= 0) {
+        for (int k = 0; k < j->nviews; k++)
+          if (j->views[k].fs == fs && j->views[k].mount_id == mount_id) view = k;
+        if (view < 0) {
+          view = j->nviews++;
+          j->views[view].fs = fs;
+          j->views[view].mount_id = mount_id;
+          j->views[view].mount_fd = fd;
+          fd = -1; /* kept */
+        }
+        j->roots[j->nroots - 1].view = view;
       }
     }
+    if (fd >= 0) close(fd);
     napi_set_element(env, errors, i, error);
   }
   if (start_reader) {
@@ -576,15 +640,55 @@ fail:
   return cvat_throw_errno(env, failed_errno, failed_call);
 }
 
+/* collect()'s answer, one Buffer for all folders (not objects and Buffers per folder: a final pass
+ * may see tens of thousands of folders, and this runs while CVAT is down). Per folder, integers
+ * little-endian: u32 root index, u32 length + path relative to that root, u32 length + names
+ * (each NUL-terminated), u32 length + the names under which a folder was created or moved in,
+ * u8 flags (1: the folder's own metadata changed, 2: entries were created, deleted or renamed). */
 typedef struct {
-  char *path;
-  size_t path_len;
-  char *names; /* NUL-terminated names, back to back */
-  size_t names_len;
-  char *folders; /* names of folders created or moved in, same form */
-  size_t folders_len;
-  uint32_t flags;
-} dir_record;
+  char *data;
+  size_t len, cap;
+  int failed;
+} out_buffer;
+
+static void out_reserve(out_buffer *o, size_t more) {
+  if (o->failed || o->len + more <= o->cap) return;
+  size_t cap = o->cap ? o->cap : 65536;
+  while (cap < o->len + more) cap *= 2;
+  char *data = realloc(o->data, cap);
+  if (!data) {
+    o->failed = 1;
+    return;
+  }
+  o->data = data;
+  o->cap = cap;
+}
+
+static void out_bytes(out_buffer *o, const void *data, size_t len) {
+  out_reserve(o, len);
+  if (o->failed) return;
+  memcpy(o->data + o->len, data, len);
+  o->len += len;
+}
+
+static void out_u32(out_buffer *o, size_t value) {
+  unsigned char b[4] = {(unsigned char)value, (unsigned char)(value >> 8), (unsigned char)(value >> 16), (unsigned char)(value >> 24)};
+  out_bytes(o, b, 4);
+}
+
+/* The names of `d` that have all of `want_flags`, length-prefixed, each NUL-terminated. */
+static void out_names(out_buffer *o, const dir_entry *d, uint32_t want_flags) {
+  size_t total = 0;
+  for (uint32_t i = 0; i < d->names_cap; i++) {
+    const name_entry *e = d->names[i];
+    if (e && (e->flags & want_flags) == want_flags) total += e->len + 1;
+  }
+  out_u32(o, total);
+  for (uint32_t i = 0; i < d->names_cap; i++) {
+    const name_entry *e = d->names[i];
+    if (e && (e->flags & want_flags) == want_flags) out_bytes(o, e->name, e->len + 1);
+  }
+}
 
 typedef struct {
   journal *j;
@@ -594,8 +698,8 @@ typedef struct {
   int err;
   const char *err_call;
   char overflow[160];
-  dir_record *records;
-  size_t nrecords;
+  out_buffer out;
+  size_t folders;
   uint64_t events, own_events, outside_events, resolutions, entries, bytes;
   double drain_ms, resolve_ms;
 } collect_job;
@@ -604,26 +708,6 @@ static double now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-static char *join_names(const dir_entry *d, uint32_t want_flags, size_t *out_len) {
-  size_t total = 0;
-  for (uint32_t i = 0; i < d->names_cap; i++) {
-    const name_entry *e = d->names[i];
-    if (e && (e->flags & want_flags) == want_flags) total += e->len + 1;
-  }
-  *out_len = total;
-  if (total == 0) return NULL;
-  char *out = malloc(total), *p = out;
-  if (!out) return NULL;
-  for (uint32_t i = 0; i < d->names_cap; i++) {
-    const name_entry *e = d->names[i];
-    if (e && (e->flags & want_flags) == want_flags) {
-      memcpy(p, e->name, e->len + 1);
-      p += e->len + 1;
-    }
-  }
-  return out;
 }
 
 static void collect_execute(napi_env env, void *data) {
@@ -647,25 +731,31 @@ static void collect_execute(napi_env env, void *data) {
   if (j->overflow[0]) {
     snprintf(job->overflow, sizeof job->overflow, "%s", j->overflow);
   } else {
-    job->records = calloc(j->ndirs ? j->ndirs : 1, sizeof *job->records);
     char path[PATH_MAX];
-    for (size_t i = 0; job->records && i < j->dirs_cap; i++) {
+    for (size_t i = 0; i < j->dirs_cap; i++) {
       dir_entry *d = j->dirs[i];
       if (!d || !(d->flags & DIR_INSIDE) || (d->nnames == 0 && !(d->flags & (DIR_SELF | DIR_LISTING)))) continue;
-      if (resolve_path(j, d->fs, &d->fh, path, sizeof path) != 0 || !path_inside(j, path)) continue;
-      dir_record *rec = &job->records[job->nrecords++];
-      rec->path_len = strlen(path);
-      rec->path = malloc(rec->path_len);
-      if (rec->path) memcpy(rec->path, path, rec->path_len);
-      rec->names = join_names(d, 0, &rec->names_len);
-      rec->folders = join_names(d, NAME_NEW_FOLDER, &rec->folders_len);
-      rec->flags = d->flags;
-      if (!rec->path || (rec->names_len && !rec->names) || (rec->folders_len && !rec->folders)) {
-        snprintf(job->overflow, sizeof job->overflow, "out of memory");
+      int root;
+      int where = locate_dir(j, d, path, sizeof path, &root);
+      if (where == 1 || where == -ESTALE) continue; /* moved out of the volumes, or deleted */
+      if (where < 0) {
+        snprintf(job->overflow, sizeof job->overflow, "a changed folder's path cannot be read: %s", strerror(-where));
         break;
       }
+      const volume_root *r = &j->roots[root];
+      size_t skip = r->len == 1 ? 1 : r->len + 1; /* the root and its slash */
+      size_t len = strlen(path);
+      size_t rel = len > skip ? len - skip : 0;
+      out_u32(&job->out, (size_t)root);
+      out_u32(&job->out, rel);
+      out_bytes(&job->out, path + len - rel, rel);
+      out_names(&job->out, d, 0);
+      out_names(&job->out, d, NAME_NEW_FOLDER);
+      unsigned char flags = (d->flags & DIR_SELF ? 1 : 0) | (d->flags & DIR_LISTING ? 2 : 0);
+      out_bytes(&job->out, &flags, 1);
+      job->folders++;
     }
-    if (!job->records) snprintf(job->overflow, sizeof job->overflow, "out of memory");
+    if (job->out.failed) snprintf(job->overflow, sizeof job->overflow, "out of memory");
   }
   job->resolve_ms = now_ms() - t1;
   job->events = j->events;
@@ -678,12 +768,7 @@ static void collect_execute(napi_env env, void *data) {
 }
 
 static void free_job(collect_job *job) {
-  for (size_t i = 0; i < job->nrecords; i++) {
-    free(job->records[i].path);
-    free(job->records[i].names);
-    free(job->records[i].folders);
-  }
-  free(job->records);
+  free(job->out.data);
   free(job);
 }
 
@@ -700,12 +785,6 @@ static void set_number(napi_env env, napi_value obj, const char *key, double val
   napi_set_named_property(env, obj, key, v);
 }
 
-static void set_bool(napi_env env, napi_value obj, const char *key, int value) {
-  napi_value v;
-  napi_get_boolean(env, value != 0, &v);
-  napi_set_named_property(env, obj, key, v);
-}
-
 static void collect_complete(napi_env env, napi_status status, void *data) {
   collect_job *job = data;
   napi_value result;
@@ -714,23 +793,12 @@ static void collect_complete(napi_env env, napi_status status, void *data) {
     napi_reject_deferred(env, job->deferred, error);
   } else {
     napi_create_object(env, &result);
-    napi_value overflow, dirs;
+    napi_value overflow;
     napi_create_string_utf8(env, job->overflow, NAPI_AUTO_LENGTH, &overflow);
     napi_set_named_property(env, result, "overflow", overflow);
-    size_t n = job->overflow[0] ? 0 : job->nrecords;
-    napi_create_array_with_length(env, n, &dirs);
-    for (size_t i = 0; i < n; i++) {
-      const dir_record *rec = &job->records[i];
-      napi_value obj;
-      napi_create_object(env, &obj);
-      napi_set_named_property(env, obj, "path", make_buffer(env, rec->path, rec->path_len));
-      napi_set_named_property(env, obj, "names", make_buffer(env, rec->names, rec->names_len));
-      napi_set_named_property(env, obj, "newFolders", make_buffer(env, rec->folders, rec->folders_len));
-      set_bool(env, obj, "self", rec->flags & DIR_SELF);
-      set_bool(env, obj, "listing", rec->flags & DIR_LISTING);
-      napi_set_element(env, dirs, (uint32_t)i, obj);
-    }
-    napi_set_named_property(env, result, "dirs", dirs);
+    size_t n = job->overflow[0] ? 0 : job->out.len;
+    napi_set_named_property(env, result, "folders", make_buffer(env, job->out.data, n));
+    set_number(env, result, "folderCount", job->overflow[0] ? 0 : (double)job->folders);
     set_number(env, result, "events", (double)job->events);
     set_number(env, result, "ownEvents", (double)job->own_events);
     set_number(env, result, "outsideEvents", (double)job->outside_events);
@@ -748,9 +816,8 @@ static void collect_complete(napi_env env, napi_status status, void *data) {
 }
 
 /*
- * fanotifyCollect(journal) -> Promise<{ overflow: string ('' = none), dirs: Array<{ path: Buffer,
- *   names: Buffer, newFolders: Buffer, self: boolean, listing: boolean }>, counters }>.
- * names / newFolders: NUL-terminated names back to back (one Buffer per folder, not one per name).
+ * fanotifyCollect(journal) -> Promise<{ overflow: string ('' = none), folders: Buffer (see
+ * out_buffer), folderCount, counters }>.
  */
 static napi_value fanotify_collect(napi_env env, napi_callback_info info) {
   size_t argc = 1;

@@ -156,6 +156,7 @@ echo pack > ../repository/their-pack`);
       const results = await journal.collect();
       assert.deepEqual(plain(results.get(a)), { '': ['a'], a: ['theirs'] });
       assert.ok((journal.counters?.ownEvents ?? 0) >= 3, `own events counted: ${JSON.stringify(journal.counters)}`);
+      assert.ok((journal.counters?.outsideEvents ?? 0) >= 1, `the child's repository write is outside: ${JSON.stringify(journal.counters)}`);
     } finally {
       await journal.close();
     }
@@ -240,6 +241,49 @@ echo pack > ../repository/their-pack`);
       }
     } finally {
       await rm(shm, { recursive: true, force: true });
+    }
+  });
+
+  it('resolves folders through the mount their volume is reached by (a bind mount of the same filesystem)', async () => {
+    const { a } = await volumes();
+    const source = join(work, `bind-source-${round}`);
+    const target = join(work, `bind-target-${round}`);
+    await mkdir(join(source, 'vol', 'a'), { recursive: true });
+    await mkdir(target);
+    execFileSync('mount', ['--bind', source, target]);
+    try {
+      // `a` first: its mount (/) is the filesystem's first; the bound volume must not be read through it.
+      const bound = join(target, 'vol');
+      const journal = await start([a, bound]);
+      try {
+        sh(bound, 'echo 1 > a/through-the-bind-mount');
+        sh(a, 'echo 1 > a/direct');
+        const results = await journal.collect();
+        assert.deepEqual(plain(results.get(bound)), { '': ['a'], a: ['through-the-bind-mount'] });
+        assert.deepEqual(plain(results.get(a)), { '': ['a'], a: ['direct'] });
+      } finally {
+        await journal.close();
+      }
+    } finally {
+      execFileSync('umount', [target]);
+    }
+  });
+
+  it('does not journal a volume with another mount inside it (the mark would not cover it)', async () => {
+    const { a } = await volumes();
+    const outer = join(work, `mount-outer-${round}`);
+    await mkdir(join(outer, 'inner'), { recursive: true });
+    execFileSync('mount', ['-t', 'tmpfs', 'none', join(outer, 'inner')]);
+    try {
+      const journal = await start([a, outer]);
+      try {
+        sh(outer, 'echo 1 > inner/unseen');
+        assert.match(plain((await journal.collect()).get(outer)) as string, /^not ok: another filesystem is mounted inside it \(.*\/inner\)$/);
+      } finally {
+        await journal.close();
+      }
+    } finally {
+      execFileSync('umount', [join(outer, 'inner')]);
     }
   });
 

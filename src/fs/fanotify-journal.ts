@@ -8,30 +8,36 @@
  *
  * What it cannot see, and so must be walked in full by the final pass:
  * - Writes through shared memory maps (MAP_SHARED + PROT_WRITE): neither fanotify nor inotify
- *   reports them. Per CVAT volume (upstream defaults, as CVAT's compose file runs them):
+ *   reports them. Checked per CVAT volume, in upstream code (2024-10 snapshots):
  *
- *   | volume          | program                     | writes files through shared maps?          |
- *   |-----------------|-----------------------------|--------------------------------------------|
- *   | cvat_db         | PostgreSQL 15               | no: data files and WAL by pwrite; the main |
- *   |                 |                             | shared memory is anonymous; dynamic shared |
- *   |                 |                             | memory is POSIX shm (/dev/shm) unless      |
- *   |                 |                             | dynamic_shared_memory_type=mmap (then      |
- *   |                 |                             | pg_dynshmem/ in the data folder)           |
- *   | cvat_inmem_db   | Redis 7 (RDB/AOF)           | no: RDB and AOF written with write()       |
- *   | cvat_cache_db   | kvrocks (RocksDB)           | no by default (allow_mmap_writes=false);   |
- *   |                 |                             | yes if configured with it                  |
- *   | cvat_events_db  | ClickHouse                  | no: parts written with write(); mmap only  |
- *   |                 |                             | for reads (min_bytes_to_use_mmap_io)       |
- *   | cvat_data, keys | CVAT (Django, Python)       | no                                         |
+ *   | volume          | program           | writes its files through shared maps?                |
+ *   |-----------------|-------------------|------------------------------------------------------|
+ *   | cvat_db         | PostgreSQL        | no by default: relation files and WAL by pwrite; the |
+ *   |                 |                   | main shared memory is anonymous; dynamic shared      |
+ *   |                 |                   | memory is POSIX shm (/dev/shm). Only with            |
+ *   |                 |                   | dynamic_shared_memory_type=mmap (dsm_impl_mmap:      |
+ *   |                 |                   | pg_dynshmem/ mapped PROT_WRITE, MAP_SHARED): scratch |
+ *   |                 |                   | segments PostgreSQL discards at restart              |
+ *   | cvat_inmem_db   | Redis             | no: RDB and AOF by write(); its only file mapping    |
+ *   |                 |                   | (util.c, a test) is PROT_READ                        |
+ *   | cvat_cache_db   | kvrocks (RocksDB) | no: kvrocks never sets allow_mmap_writes (RocksDB    |
+ *   |                 |                   | default false) and has no setting for it             |
+ *   | cvat_events_db  | ClickHouse        | no: parts by write(); MMappedFileDescriptor maps     |
+ *   |                 |                   | PROT_READ, MAP_PRIVATE (reads only)                  |
+ *   | cvat_data, keys | CVAT (Python)     | no                                                   |
  *
- *   (Evidence and links: see the report of the `journal` branch; the lead routes volumes in
- *   src/deployment/cvat.ts.)
+ *   So no volume needs the full walk for this reason with CVAT's defaults; a deployment that sets
+ *   dynamic_shared_memory_type=mmap (or runs other images) would. The database volumes hold few
+ *   files, so walking them fully anyway is cheap insurance: the routing lives in
+ *   src/deployment/cvat.ts.
  * - This process's own writes (its repository may sit on the same filesystem): dropped by pid on
  *   purpose. A backup must never write into the volumes it journals.
+ * - Another filesystem mounted inside a volume (the mark covers the volume root's filesystem): such
+ *   a volume is not journaled (its reason says so).
  * - The other names of a hard-linked file: a write or chmod through one name is reported under that
  *   name only, and link()/unlink() change the link count of the other names silently.
  */
-import { realpath } from 'node:fs/promises';
+import { readFile, realpath } from 'node:fs/promises';
 import type { ChangeJournal, JournalResult, VolumeChanges } from './change-journal.js';
 import { nativeHelper, nativeUnavailableReason } from './native.js';
 
@@ -45,9 +51,10 @@ interface NativeFanotify {
   fanotifyClose(journal: object): void;
 }
 
-interface NativeFolder {
-  /** The folder's current absolute path. */
-  path: Buffer;
+/** One changed folder, as read from collect()'s buffer. */
+interface ChangedFolder {
+  /** Its path relative to its volume's root ('' = the root). */
+  rel: string;
   /** Changed names, each NUL-terminated, back to back. */
   names: Buffer;
   /** The subset of `names` under which a folder was created or moved in. */
@@ -60,7 +67,8 @@ interface NativeFolder {
 
 interface NativeCollect extends JournalCounters {
   overflow: string;
-  dirs: NativeFolder[];
+  /** Per folder (little-endian): u32 root index, u32 + relative path, u32 + names, u32 + new folders, u8 flags. */
+  folders: Buffer;
 }
 
 /** What the last collect() saw (for benchmarks and the report). */
@@ -73,6 +81,8 @@ export interface JournalCounters {
   readonly outsideEvents: number;
   /** Folder handles resolved to paths (first sight, then once per folder per collect). */
   readonly resolutions: number;
+  /** Changed folders collected (inside the volumes, still there). */
+  readonly folderCount: number;
   /** Distinct changed folders + names held. */
   readonly entries: number;
   /** Heap the native sets hold, in bytes. */
@@ -87,7 +97,9 @@ export interface JournalCounters {
 export interface FanotifyJournalOptions {
   /**
    * Distinct changed folders + names kept before the journal gives up (every volume then falls back
-   * to a full walk). About 60 bytes each plus the name: the default bounds the sets near 100 MiB.
+   * to a full walk). Measured: 38 bytes each in the native sets with short names, and about 180
+   * bytes each once collect() has made them strings and sets; the default keeps both near 110 MiB
+   * at worst (a phase 1 that changes half a million files is rare: its final pass reads them all).
    */
   readonly maxEntries?: number;
   /**
@@ -97,7 +109,7 @@ export interface FanotifyJournalOptions {
   readonly boundedQueueWithoutReader?: boolean;
 }
 
-export const DEFAULT_MAX_ENTRIES = 1_000_000;
+export const DEFAULT_MAX_ENTRIES = 500_000;
 
 export type JournalStart = { ok: true; journal: FanotifyJournal } | { ok: false; reason: string };
 
@@ -136,14 +148,19 @@ function markFailure(code: string, message: string): string {
 export async function startFanotifyJournal(volumeRoots: readonly string[], options: FanotifyJournalOptions = {}): Promise<JournalStart> {
   const api = native();
   if (!api) {
-    const why = nativeUnavailableReason() || 'has no fanotify support';
-    return { ok: false, reason: `no change journal: the native helper is ${why}` };
+    const why = nativeUnavailableReason();
+    return { ok: false, reason: `no change journal: the native helper ${why ? `is ${why}` : 'has no fanotify support (rebuild it: sh scripts/build-native.sh)'}` };
   }
   const unwatched = new Map<string, string>();
   const watched: { root: string; real: Buffer }[] = [];
+  const mounts = await mountPoints();
   for (const root of volumeRoots) {
     try {
-      watched.push({ root, real: await realpath(root, { encoding: 'buffer' }) });
+      const real = await realpath(root, { encoding: 'buffer' });
+      const inside = real.toString('latin1').replace(/\/?$/, '/');
+      const nested = mounts.find((m) => m.startsWith(inside));
+      if (nested) unwatched.set(root, `another filesystem is mounted inside it (${Buffer.from(nested, 'latin1').toString()})`);
+      else watched.push({ root, real });
     } catch (error) {
       unwatched.set(root, (error as Error).message);
     }
@@ -162,13 +179,14 @@ export async function startFanotifyJournal(volumeRoots: readonly string[], optio
     const e = error as NodeJS.ErrnoException;
     return { ok: false, reason: `no change journal: ${startFailure(e.code ?? '', e.message)}` };
   }
-  const roots: WatchedRoot[] = [];
-  watched.forEach((w, i) => {
+  // Indexed as passed to fanotifyStart (collect() names a folder's volume by that index).
+  const roots: (string | undefined)[] = watched.map((w, i) => {
     const error = started.errors[i];
-    if (error) unwatched.set(w.root, markFailure(error.code, error.message));
-    else roots.push({ root: w.root, real: w.real });
+    if (!error) return w.root;
+    unwatched.set(w.root, markFailure(error.code, error.message));
+    return undefined;
   });
-  if (roots.length === 0) {
+  if (roots.every((root) => root === undefined)) {
     api.fanotifyClose(started.journal);
     const reasons = [...new Set(unwatched.values())].join('; ');
     return { ok: false, reason: `no change journal: ${reasons || 'no volumes'}` };
@@ -176,9 +194,15 @@ export async function startFanotifyJournal(volumeRoots: readonly string[], optio
   return { ok: true, journal: new FanotifyJournal(api, started.journal, roots, unwatched) };
 }
 
-interface WatchedRoot {
-  readonly root: string;
-  readonly real: Buffer;
+/** This process's mount points (latin1 strings: one char per byte), from /proc/self/mountinfo. */
+async function mountPoints(): Promise<string[]> {
+  const text = (await readFile('/proc/self/mountinfo')).toString('latin1');
+  // "36 35 98:0 /mnt1 /mnt/point opts ...": the fifth field, with space, tab, newline and backslash as \ooo.
+  return text
+    .split('\n')
+    .map((line) => line.split(' ')[4])
+    .filter((field): field is string => field !== undefined)
+    .map((field) => field.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8))));
 }
 
 export class FanotifyJournal implements ChangeJournal {
@@ -189,7 +213,8 @@ export class FanotifyJournal implements ChangeJournal {
   constructor(
     private readonly api: NativeFanotify,
     private readonly handle: object,
-    private readonly roots: readonly WatchedRoot[],
+    /** The watched volumes, by the index the native side uses (undefined: not watched). */
+    private readonly roots: readonly (string | undefined)[],
     /** Volumes that are not journaled, and why (collect() reports them as not ok). */
     readonly unwatched: ReadonlyMap<string, string>,
   ) {}
@@ -221,30 +246,30 @@ export class FanotifyJournal implements ChangeJournal {
   #results(raw: NativeCollect): Map<string, JournalResult> {
     const results = new Map<string, JournalResult>();
     for (const [root, reason] of this.unwatched) results.set(root, { ok: false, reason });
+    const watched = this.roots.filter((root): root is string => root !== undefined);
     if (raw.overflow) {
-      for (const { root } of this.roots) results.set(root, { ok: false, reason: `the change journal overflowed: ${raw.overflow}` });
+      for (const root of watched) results.set(root, { ok: false, reason: `the change journal overflowed: ${raw.overflow}` });
       return results;
     }
-    const perRoot = new Map<WatchedRoot, { rel: string; folder: NativeFolder }[]>(this.roots.map((r) => [r, []]));
-    for (const folder of raw.dirs) {
-      const found = this.#locate(folder.path);
-      if (found) perRoot.get(found.root)?.push({ rel: found.rel, folder });
+    const perRoot = new Map<string, ChangedFolder[]>(watched.map((root) => [root, []]));
+    const b = raw.folders;
+    for (let o = 0; o < b.length; ) {
+      const index = b.readUInt32LE(o);
+      const relLength = b.readUInt32LE(o + 4);
+      const rel = b.toString('latin1', o + 8, o + 8 + relLength);
+      o += 8 + relLength;
+      const namesLength = b.readUInt32LE(o);
+      const names = b.subarray(o + 4, o + 4 + namesLength);
+      o += 4 + namesLength;
+      const newLength = b.readUInt32LE(o);
+      const newFolders = b.subarray(o + 4, o + 4 + newLength);
+      o += 4 + newLength;
+      const flags = b[o++] ?? 0;
+      const root = this.roots[index];
+      if (root !== undefined) perRoot.get(root)?.push({ rel, names, newFolders, self: (flags & 1) !== 0, listing: (flags & 2) !== 0 });
     }
-    for (const [root, folders] of perRoot) results.set(root.root, { ok: true, changes: volumeChanges(folders) });
+    for (const [root, folders] of perRoot) results.set(root, { ok: true, changes: volumeChanges(folders) });
     return results;
-  }
-
-  /** The volume a folder lies in (the deepest root containing it) and its relative path. */
-  #locate(path: Buffer): { root: WatchedRoot; rel: string } | undefined {
-    let best: { root: WatchedRoot; rel: string } | undefined;
-    for (const root of this.roots) {
-      const prefix = root.real.length === 1 ? 0 : root.real.length; // "/" contains everything
-      if (best && best.root.real.length >= root.real.length) continue;
-      if (path.equals(root.real)) best = { root, rel: '' };
-      else if (path.length > prefix && path[prefix] === 0x2f && path.subarray(0, prefix).equals(root.real.subarray(0, prefix)))
-        best = { root, rel: path.toString('latin1', prefix + 1) };
-    }
-    return best;
   }
 }
 
@@ -269,7 +294,7 @@ function join(folder: string, name: string): string {
  * - a folder whose own metadata changed, or whose entries changed (so did its mtime/ctime): its
  *   name under its parent. The root has no parent here: the archiver stats it on every pass.
  */
-function volumeChanges(folders: readonly { rel: string; folder: NativeFolder }[]): VolumeChanges {
+function volumeChanges(folders: readonly ChangedFolder[]): VolumeChanges {
   const whole = new Set<string>();
   const named = new Map<string, Set<string>>();
   const add = (folder: string, name: string): void => {
@@ -277,7 +302,8 @@ function volumeChanges(folders: readonly { rel: string; folder: NativeFolder }[]
     if (!names) named.set(folder, (names = new Set()));
     names.add(name);
   };
-  for (const { rel, folder } of folders) {
+  for (const folder of folders) {
+    const rel = folder.rel;
     for (const name of splitNames(folder.newFolders)) whole.add(join(rel, name));
     for (const name of splitNames(folder.names)) add(rel, name);
     if ((folder.self || folder.listing) && rel !== '') {
