@@ -11,7 +11,8 @@
  * added each day (repository size against one backup), peak memory (GNU time's max RSS).
  * Then peak memory with BENCH_SMALL_FILES small files (default 10000; set 1000000 for the large run).
  *
- * Usage: npm run bench:restic
+ * Usage: npm run bench:restic (BENCH_NODE=<path of a node binary>: run cvat-backup under that
+ * runtime, e.g. Node 22 or 24, while the benchmark itself runs under this one)
  */
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
@@ -25,6 +26,8 @@ import { measure, type Measure, runBench } from './measure.js';
 const MEDIA_MB = Number(process.env['BENCH_MEDIA_MB'] ?? 2048);
 const DB_SCALE = Number(process.env['BENCH_DB_SCALE'] ?? 20);
 const SMALL_FILES = (process.env['BENCH_SMALL_FILES'] ?? '10000').split(',').map(Number);
+/** The runtime cvat-backup runs under. */
+const NODE = process.env['BENCH_NODE'] ?? process.execPath;
 const VOLUMES = ['cvat_db', 'cvat_data', 'cvat_keys', 'cvat_logs', 'cvat_events_db', 'cvat_inmem_db'];
 
 async function du(path: string): Promise<number> {
@@ -46,6 +49,7 @@ async function main(): Promise<void> {
   };
   const secs = (n: number): string => `${n.toFixed(1)} s`;
   try {
+    process.stdout.write(`cvat-backup on Node ${(await run(NODE, ['--version'])).stdout.trim()}; ${(await run('restic', ['version'])).stdout.trim()}\n`);
     process.stdout.write(`reference deployment: ${MEDIA_MB} MiB media in ${MEDIA_MB} files, pgbench scale ${DB_SCALE}\n`);
     const mediaDir = join(await f.volumePath('cvat_data'), 'data', 'bench');
     await run('sh', ['-c', `mkdir -p ${mediaDir} && cd ${mediaDir} && i=0; while [ $i -lt ${MEDIA_MB} ]; do d=$((i / 250)); mkdir -p $d; head -c 1048576 /dev/urandom > $d/frame_$i.jpg; i=$((i + 1)); done; chown -R 1000:1000 ${mediaDir}`]);
@@ -56,7 +60,7 @@ async function main(): Promise<void> {
     const dataBytes = (await Promise.all(folders.map(du))).reduce((a, b) => a + b, 0);
     process.stdout.write(`data: ${mib(dataBytes)} in ${VOLUMES.length} volumes\n\n`);
 
-    await run(process.execPath, [BIN, 'init'], { env: { ...process.env, ...ours } });
+    await run(NODE, [BIN, 'init'], { env: { ...process.env, ...ours } });
     await run('restic', ['init', '--repository-version', '2'], { env: { ...process.env, ...restic } });
     await run('sh', ['-c', `find ${folders.join(' ')} -type f -exec cat {} + > /dev/null`]);
 
@@ -66,7 +70,7 @@ async function main(): Promise<void> {
       await f.compose(['start']);
       return Number(process.hrtime.bigint() - start) / 1e9;
     })();
-    const ourBackup = (): Promise<Measure> => measure(process.execPath, [BIN, '--project', f.project, 'backup', '--mode', 'offline'], ours);
+    const ourBackup = (): Promise<Measure> => measure(NODE, [BIN, '--project', f.project, 'backup', '--mode', 'offline'], ours);
     const resticBackup = async (): Promise<Measure> => {
       const start = process.hrtime.bigint();
       await f.compose(['stop']);
@@ -90,7 +94,7 @@ async function main(): Promise<void> {
     // into the volume's folder (emptied first, as ours does).
     // Both start with the backups' dirty pages on disk, so neither pays for the other's writeback.
     await run('sync', []);
-    const oR = await measure(process.execPath, [BIN, '--project', f.project, 'restore', 'latest', '--volume', 'cvat_data'], ours);
+    const oR = await measure(NODE, [BIN, '--project', f.project, 'restore', 'latest', '--volume', 'cvat_data'], ours);
     await run('sync', []);
     const mediaVolume = await f.volumePath('cvat_data');
     const rR = await (async () => {

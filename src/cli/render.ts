@@ -2,7 +2,8 @@
  * Rendering of progress events and results. Bars on a TTY (cli-progress), plain lines otherwise;
  * everything goes to stderr so stdout carries only the result (a table, or one JSON object).
  */
-import cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
+import type cliProgressModule from 'cli-progress';
 import type { ProgressEvent, ProgressListener } from '../events.js';
 
 export function formatBytes(bytes: number): string {
@@ -92,6 +93,8 @@ function lineRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
 }
 
 function barRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
+  // Loaded for a terminal only: a log (cron, CI) does without its 5 MiB.
+  const cliProgress = createRequire(import.meta.url)('cli-progress') as typeof cliProgressModule;
   const multi = new cliProgress.MultiBar(
     {
       stream,
@@ -106,7 +109,7 @@ function barRenderer(stream: NodeJS.WriteStream): ProgressRenderer {
     },
     cliProgress.Presets.shades_classic,
   );
-  const bars = new Map<string, { bar: cliProgress.SingleBar; started: number; total: number; label: string }>();
+  const bars = new Map<string, { bar: cliProgressModule.SingleBar; started: number; total: number; label: string }>();
   const log = (line: string): void => {
     multi.log(`${line}\n`);
   };

@@ -8,7 +8,8 @@
  * volume's own container already has, with that container's mounts (`VolumesFrom`).
  */
 import { PassThrough, Writable, type Duplex, type Readable } from 'node:stream';
-import Docker from 'dockerode';
+import Module, { createRequire } from 'node:module';
+import type Docker from 'dockerode';
 import { DockerUnavailableError } from '../errors.js';
 
 export type ContainerState = 'created' | 'running' | 'paused' | 'restarting' | 'removing' | 'exited' | 'dead';
@@ -168,7 +169,49 @@ export class EngineError extends Error {
 }
 
 export function createDockerEngine(options: Docker.DockerOptions = {}): DockerEngine {
-  return new DockerodeEngine(new Docker(options), describeEndpoint());
+  const Dockerode = loadDockerode();
+  return new DockerodeEngine(new Dockerode(options), describeEndpoint());
+}
+
+let dockerode: typeof Docker | undefined;
+
+/**
+ * dockerode, loaded when an engine is first needed (commands on a repository alone never load
+ * it) and without what only some of its calls use: it requires at once gRPC and protobuf (for
+ * BuildKit sessions: image builds, which this tool never asks for) and ssh2 (for
+ * DOCKER_HOST=ssh://), 12 MiB resident in all. Both modules export one function: each is put in
+ * require's cache as a stand-in that loads the real module on its first call. If dockerode's
+ * layout is not the one expected, it loads as it is.
+ */
+function loadDockerode(): typeof Docker {
+  if (dockerode) return dockerode;
+  const require = createRequire(import.meta.url);
+  try {
+    const main = require.resolve('dockerode');
+    const beside = createRequire(main);
+    for (const path of [beside.resolve('./session'), beside.resolve('docker-modem/lib/ssh.js')]) loadOnFirstCall(require, path);
+  } catch {
+    // Loaded whole below.
+  }
+  dockerode = require('dockerode') as typeof Docker;
+  return dockerode;
+}
+
+/** Puts in require's cache, for the module at `path` (one that exports a function), a stand-in that loads it on the first call. */
+function loadOnFirstCall(require: NodeJS.Require, path: string): void {
+  if (require.cache[path]) return;
+  let real: ((...args: unknown[]) => unknown) | undefined;
+  const standIn = new Module(path);
+  standIn.filename = path;
+  standIn.loaded = true;
+  standIn.exports = function (this: unknown, ...args: unknown[]): unknown {
+    if (!real) {
+      if (require.cache[path] === standIn) delete require.cache[path];
+      real = require(path) as (...args: unknown[]) => unknown;
+    }
+    return real.apply(this, args);
+  };
+  require.cache[path] = standIn;
 }
 
 class DockerodeEngine implements DockerEngine {

@@ -26,14 +26,16 @@ import { CorruptArchiveError } from '../errors.js';
 
 /**
  * Sealed bytes sent and not yet acknowledged, per worker (and at most MAX_UNACKED chunks): enough
- * to keep the main thread fed while it writes a batch, little enough that sealed chunks waiting
- * for it stay a few MiB — counted in bytes, since data without content-defined boundaries (a
- * database's padded rows) comes in chunks of the maximum size, 8 MiB. One chunk always goes.
+ * to keep the main thread fed while it writes a batch (a 1 MiB batch, chunks of 1 MiB on
+ * average), little enough that sealed chunks waiting for it stay a few MiB — counted in bytes,
+ * since data without content-defined boundaries (a database's padded rows) comes in chunks of
+ * the maximum size, 8 MiB. One chunk always goes. (8 MiB here, and reads of 4 MiB, cost about
+ * 10 MiB more at the peak of a first backup.)
  */
-export const MAX_UNACKED_BYTES = 8 << 20;
+export const MAX_UNACKED_BYTES = 3 << 20;
 export const MAX_UNACKED = 16;
-/** Bytes read per system call. */
-const READ_SIZE = 4 << 20;
+/** Bytes read per system call (the worker's buffer holds a max-size chunk and one read). */
+const READ_SIZE = 1 << 20;
 
 export type WorkerRequest =
   | { type: 'file'; task: number; fd: number; size: number }

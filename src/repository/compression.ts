@@ -7,7 +7,6 @@
  * with the same test the archive compressor uses.
  */
 import * as zlib from 'node:zlib';
-import { init as initWasm, compress as wasmCompress, decompress as wasmDecompress } from '@bokuweb/zstd-wasm';
 import { looksCompressible } from '../archive/pgzip.js';
 import { GarbageHint } from './gc-hint.js';
 
@@ -21,6 +20,9 @@ interface NativeZstd {
 
 let codec: Promise<Codec> | undefined;
 
+/** What one call of Node's zstd holds until collected, at least (measured: 0.3 to 1 MiB). */
+const CALL_COST = 512 << 10;
+
 function loadCodec(): Promise<Codec> {
   const native = zlib as unknown as Partial<NativeZstd>;
   if (typeof native.zstdCompressSync === 'function' && typeof native.zstdDecompressSync === 'function') {
@@ -29,27 +31,41 @@ function loadCodec(): Promise<Codec> {
     // Node 22 frees a zstd call's native context (megabytes) only when the garbage collector
     // finds its small JavaScript handle, which it has no reason to look for soon: 300 MB of
     // database pages left 500 MB resident. A scavenge every few MiB frees them (gc-hint.ts).
+    // A call counts as at least CALL_COST bytes, as each holds a context however small its
+    // input: counted by input alone, a database's small files (8 KiB pages, sealed in batches)
+    // left hundreds of contexts between two scavenges, 45 MiB resident.
+    // Node 24 frees some of them only in a full collection (4000 pages of 8 KiB on the main
+    // thread: 40 MiB resident with scavenges alone, 11 MiB with a full collection every 8 calls).
+    // One every 16 MiB of input (a few ms on a worker's small heap) took a first backup's peak
+    // from 179-182 MiB to 173-174 MiB in alternating runs.
     const garbage = new GarbageHint(4 << 20);
+    const major = new GarbageHint(16 << 20, 'major');
     return Promise.resolve({
       compress: (data) => {
         const out = zstdCompressSync(data, { params: { [level]: 3 } });
-        garbage.note(data.length);
+        garbage.note(Math.max(data.length, CALL_COST));
+        major.note(data.length);
         return out;
       },
       decompress: (data) => {
         const out = zstdDecompressSync(data);
-        garbage.note(out.length);
+        garbage.note(Math.max(out.length, CALL_COST));
+        major.note(out.length);
         return out;
       },
     });
   }
-  return initWasm().then(() => ({
-    compress: (data) => {
-      const out = wasmCompress(data, 3); // a copy out of the WebAssembly heap already: wrapped, not copied again
-      return Buffer.from(out.buffer, out.byteOffset, out.byteLength);
-    },
-    decompress: (data, rawLength) => Buffer.from(wasmDecompress(data, { defaultHeapSize: rawLength + 1024 })),
-  }));
+  // Loaded only where it is used: on Node 22 the module alone is 12 MiB resident, in each thread.
+  return import('@bokuweb/zstd-wasm').then(async (wasm) => {
+    await wasm.init();
+    return {
+      compress: (data) => {
+        const out = wasm.compress(data, 3); // a copy out of the WebAssembly heap already: wrapped, not copied again
+        return Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+      },
+      decompress: (data, rawLength) => Buffer.from(wasm.decompress(data, { defaultHeapSize: rawLength + 1024 })),
+    };
+  });
 }
 
 export function zstd(): Promise<Codec> {

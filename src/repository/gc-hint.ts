@@ -72,18 +72,24 @@ export function restoreHeapHold(): void {
   if (heapHeld) setFlags(HEAP_HELD_SMALL);
 }
 
-/** Counts bytes moved and runs a scavenge every `everyBytes` (one per thread that moves bytes). */
+/**
+ * Counts bytes moved and runs a scavenge (`type` 'major': a full collection) every `everyBytes`
+ * (one per thread that moves bytes).
+ */
 export class GarbageHint {
   private moved = 0;
   private readonly collect = collector();
 
-  constructor(private readonly everyBytes = 8 << 20) {}
+  constructor(
+    private readonly everyBytes = 8 << 20,
+    private readonly type: 'minor' | 'major' = 'minor',
+  ) {}
 
   note(bytes: number): void {
     if (this.collect === null) return;
     this.moved += bytes;
     if (this.moved < this.everyBytes) return;
     this.moved = 0;
-    this.collect({ type: 'minor' });
+    this.collect({ type: this.type });
   }
 }
