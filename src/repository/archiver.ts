@@ -26,7 +26,8 @@
 import { closeSync, read as readCallback, readSync } from 'node:fs';
 import type { BigIntStats } from 'node:fs';
 import { promisify } from 'node:util';
-import { DirHandle, isChangedError, type EntryHandle, type ExpectedFile } from '../fs/beneath.js';
+import { changedError, DirHandle, isChangedError, type EntryHandle } from '../fs/beneath.js';
+import { errnoName, nativeWalk, NUMS, TEXTS, type FolderListing, type NativeWalk } from '../fs/native-walk.js';
 import { leaveOutOwnFolders } from '../archive/member-guard.js';
 import { isAllZero } from './zero.js';
 import { Chunker } from './chunker.js';
@@ -72,6 +73,12 @@ export interface ArchiveOptions {
    * read a second time (never called in a tolerant pass). The message names its path.
    */
   onWarning?: (message: string) => void;
+  /**
+   * How folders are listed: 'native' (the default where the native helper is there: one call per
+   * folder, off this thread, several folders ahead) or 'plain' (a lookup per entry on this
+   * thread). Both give the same trees.
+   */
+  walk?: 'native' | 'plain';
 }
 
 /** Files up to this size are read synchronously (see fileContent). */
@@ -110,15 +117,81 @@ interface Folder {
   dir: DirHandle;
   relative: Buffer;
   parentNodes: Map<string, TreeNode>;
+  /** The parent tree's id and nodes (its blob is this folder's tree if every node is reused). */
+  parentTree: string | undefined;
+  parent: Tree | undefined;
+  /** Per node type: whether the parent tree's nodes have baseNode's key order (see reusable()). */
+  keyOrder: Map<NodeType, boolean>;
 }
+
+/** The keys of a file node with content and of a folder node, in the order this file sets them. */
+const NODE_KEYS: Partial<Record<NodeType, string>> = {
+  file: 'name,type,mode,uid,gid,mtimeNs,ctimeNs,inode,size,content',
+  dir: 'name,type,mode,uid,gid,mtimeNs,ctimeNs,inode,size,subtree',
+};
 
 /** A file of a folder whose content is read after the folder is listed, several at once. */
 interface PendingRead {
   slot: number;
   name: Buffer;
-  /** The inode listed (not the whole stat: a folder may hold millions of files). */
-  listed: ExpectedFile;
+  /** Opens it again by name, checked to be the inode listed (code ECHANGED if not). */
+  reopen: () => number;
   node: TreeNode;
+}
+
+/** A folder opened, and its listing and parent tree asked for, before its turn (native walk). */
+interface FolderAhead {
+  dir: DirHandle;
+  listing: Promise<FolderListing>;
+  parent: Promise<Tree | undefined>;
+}
+
+/**
+ * An entry as listed (an O_PATH handle's fstat, or a line of a native listing): its node's
+ * metadata, and the checked ways to open exactly the inode listed.
+ */
+interface Listed {
+  /** undefined: a socket (left out). */
+  type: NodeType | undefined;
+  /** Owner, mode, times, inode, size: the node without content, subtree, target or link. */
+  node: TreeNode | undefined;
+  nlink: number;
+  rdev: number;
+  /** Device and inode, as the key of hard links. */
+  inodeKey: string;
+  /** A folder's handle (the listed one; else code ECHANGED). */
+  openDir(): DirHandle;
+  /** A regular file opened for reading (the listed one; else code ECHANGED). */
+  openFile(): number;
+  /** For later, when the listing's handle is closed: opens the name again, checked. */
+  reopenFile(): number;
+  close(): void;
+  /** A folder started ahead (its handle is the one openDir returns). */
+  ahead?: FolderAhead | undefined;
+}
+
+/** Folders of a folder opened and listed ahead of their turn (native walk). */
+const FOLDERS_AHEAD = 4;
+
+const S_IFMT = 0o170000;
+
+function typeOfMode(mode: number): NodeType | undefined {
+  switch (mode & S_IFMT) {
+    case 0o100000:
+      return 'file';
+    case 0o040000:
+      return 'dir';
+    case 0o120000:
+      return 'symlink';
+    case 0o010000:
+      return 'fifo';
+    case 0o020000:
+      return 'chardev';
+    case 0o060000:
+      return 'blockdev';
+    default:
+      return undefined;
+  }
 }
 
 function nodeType(st: BigIntStats): NodeType | undefined {
@@ -137,6 +210,7 @@ export class Archiver {
   /** Errors of repository calls: never taken for a change in the volume (a missing pack is ENOENT too). */
   private readonly repositoryErrors = new WeakSet<object>();
   private lastReport = 0;
+  private readonly walk: NativeWalk | undefined;
 
   /** Small files' bytes on their way to the workers to be sealed (only with a pool). */
   private readonly small: SmallBlobBatches | undefined;
@@ -145,6 +219,7 @@ export class Archiver {
     private readonly repo: Repository,
     private readonly options: ArchiveOptions = {},
   ) {
+    this.walk = options.walk === 'plain' ? undefined : nativeWalk();
     this.small =
       options.pool &&
       new SmallBlobBatches(options.pool, {
@@ -226,9 +301,14 @@ export class Archiver {
     return since !== undefined && (BigInt(node.mtimeNs) >= since || BigInt(node.ctimeNs) >= since);
   }
 
-  private async folder(dir: DirHandle, relative: Buffer, parentTree: string | undefined): Promise<string> {
-    const parent = parentTree ? (JSON.parse((await this.inRepository(this.repo.loadBlob(parentTree))).toString('utf8')) as Tree) : undefined;
-    const f: Folder = { dir, relative, parentNodes: new Map(parent?.nodes.map((n) => [n.name, n])) };
+  private async loadTree(id: string | undefined): Promise<Tree | undefined> {
+    return id ? (JSON.parse((await this.inRepository(this.repo.loadBlob(id))).toString('utf8')) as Tree) : undefined;
+  }
+
+  private async folder(dir: DirHandle, relative: Buffer, parentTree: string | undefined, ahead?: FolderAhead): Promise<string> {
+    if (this.walk) return this.listedFolder(this.walk, dir, relative, parentTree, ahead);
+    const parent = await this.loadTree(parentTree);
+    const f: Folder = { dir, relative, parentNodes: new Map(parent?.nodes.map((n) => [n.name, n])), parentTree, parent, keyOrder: new Map() };
     const names = leaveOutOwnFolders(await dir.readdir(), relative.length === 0, this.options.onWarning).sort((a, b) => Buffer.compare(a, b));
     /** One slot per name, in name order; undefined: left out. */
     const slots: (TreeNode | undefined)[] = [];
@@ -239,20 +319,164 @@ export class Archiver {
       let node: TreeNode | undefined;
       try {
         // Plain system calls: a lookup costs this thread less than a hop through the thread pool.
-        node = await this.entry(f, name, f.dir.lookupSync(name), { linkable: true, defer: (read) => reads.push({ ...read, slot: index }) });
+        node = await this.entry(f, name, this.handleListed(f, name, f.dir.lookupSync(name)), { linkable: true, defer: (read) => reads.push({ ...read, slot: index }) });
       } catch (error) {
         node = await this.changed(f, name, error);
       }
       slots.push(node);
       this.report();
     }
+    return this.finishFolder(f, reads, slots);
+  }
+
+  /** Reads the folder's deferred files, then stores its tree. */
+  private async finishFolder(f: Folder, reads: PendingRead[], slots: (TreeNode | undefined)[]): Promise<string> {
     await this.readPending(f, reads, slots);
     // The tree names its small files' blobs: they must all be sealed and stored first.
     await this.small?.drain();
     const nodes = slots.filter((n): n is TreeNode => n !== undefined);
+    // Every node the parent's own, in its order: the tree is the parent's, byte for byte (it is
+    // JSON.stringify of what JSON.parse made of it), so it needs neither a stringify nor a hash.
+    const parentNodes = f.parent?.nodes;
+    if (f.parentTree !== undefined && parentNodes?.length === nodes.length && nodes.every((n, i) => n === parentNodes[i])) return f.parentTree;
     const saved = await this.inRepository(this.repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes } satisfies Tree))));
     this.stats.bytesAdded += saved.added;
     return saved.id;
+  }
+
+  /** An entry looked up through an O_PATH handle (the plain walk, and every second look). */
+  private handleListed(f: Folder, name: Buffer, handle: EntryHandle): Listed {
+    const st = handle.stat;
+    const type = nodeType(st);
+    return {
+      type,
+      node: type && this.baseNode(name, st, type),
+      nlink: Number(st.nlink),
+      rdev: Number(st.rdev),
+      inodeKey: `${st.dev}:${st.ino}`,
+      openDir: () => handle.openDirSync(),
+      openFile: () => handle.openFileSync(),
+      reopenFile: () => f.dir.openFileSync(name, { dev: st.dev, ino: st.ino }).fd,
+      close: () => handle.closeSync(),
+    };
+  }
+
+  /**
+   * A folder listed by the native helper: one call lists it (names and lstat of every entry, off
+   * this thread), and the next FOLDERS_AHEAD sub-folders are opened and listed, and their parent
+   * trees loaded, while this thread builds the nodes; they are still archived one after the
+   * other, in tree order, so the trees (and the first name of every hard link) are those of the
+   * plain walk.
+   */
+  private async listedFolder(walk: NativeWalk, dir: DirHandle, relative: Buffer, parentTree: string | undefined, ahead: FolderAhead | undefined): Promise<string> {
+    const [listing, parent] = await Promise.all([ahead?.listing ?? walk.listFolder(dir.fd), ahead?.parent ?? this.loadTree(parentTree)]);
+    const f: Folder = { dir, relative, parentNodes: new Map(parent?.nodes.map((n) => [n.name, n])), parentTree, parent, keyOrder: new Map() };
+    const { count, names, nameEnds, textEnds, nums } = listing;
+    // One string for the folder; each field is a slice of it.
+    const text = listing.text.toString('latin1');
+    const atRoot = relative.length === 0;
+    const slots: (TreeNode | undefined)[] = [];
+    const reads: PendingRead[] = [];
+    const folders: number[] = [];
+    for (let i = 0; i < count; i++) if ((nums[i * NUMS]! & S_IFMT) === 0o040000 && nums[i * NUMS + 6] === 0) folders.push(i);
+    const started = new Map<number, FolderAhead | { error: unknown }>();
+    let nextAhead = 0;
+    const startAhead = (upTo: number): void => {
+      for (; nextAhead < Math.min(upTo, folders.length); nextAhead++) {
+        const i = folders[nextAhead]!;
+        const t = i * TEXTS;
+        try {
+          const fd = walk.openListed(dir.fd, names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i]), text.slice(textEnds[t + 3], textEnds[t + 4]), text.slice(textEnds[t + 2], textEnds[t + 3]), true);
+          const sub = DirHandle.fromFd(fd);
+          const before = f.parentNodes.get(text.slice(t === 0 ? 0 : textEnds[t - 1], textEnds[t]));
+          const a: FolderAhead = { dir: sub, listing: walk.listFolder(fd), parent: this.loadTree(before?.type === 'dir' ? before.subtree : undefined) };
+          // Awaited at its turn; a folder whose turn never comes (a failure before it) must not
+          // leave an unhandled rejection.
+          a.listing.catch(() => undefined);
+          a.parent.catch(() => undefined);
+          started.set(i, a);
+        } catch (error) {
+          started.set(i, { error });
+        }
+      }
+    };
+    let foldersDone = 0;
+    startAhead(FOLDERS_AHEAD);
+    try {
+      for (let i = 0; i < count; i++) {
+        this.options.signal?.throwIfAborted();
+        const name = names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i]);
+        if (atRoot && leaveOutOwnFolders([name], true, this.options.onWarning).length === 0) continue;
+        let a: FolderAhead | { error: unknown } | undefined;
+        if (started.has(i)) {
+          a = started.get(i);
+          started.delete(i);
+          startAhead(++foldersDone + FOLDERS_AHEAD);
+        }
+        const slot = slots.length;
+        let node: TreeNode | undefined;
+        try {
+          const listed = this.nativeListed(walk, f, listing, text, i, name, a);
+          node = await this.entry(f, name, listed, { linkable: true, defer: (read) => reads.push({ ...read, slot }) });
+        } catch (error) {
+          node = await this.changed(f, name, error);
+        } finally {
+          if (a !== undefined && 'dir' in a) a.dir.closeSync(); // closed already unless entry() failed before opening it
+        }
+        slots.push(node);
+        this.report();
+      }
+    } finally {
+      for (const a of started.values()) if ('dir' in a) a.dir.closeSync();
+    }
+    return this.finishFolder(f, reads, slots);
+  }
+
+  /** Entry `i` of a native listing; throws its lstat's error (a changed error if it is gone). */
+  private nativeListed(walk: NativeWalk, f: Folder, listing: FolderListing, text: string, i: number, name: Buffer, ahead: FolderAhead | { error: unknown } | undefined): Listed {
+    const { nums, textEnds } = listing;
+    const o = i * NUMS;
+    const errno = nums[o + 6]!;
+    if (errno !== 0) {
+      const code = errnoName(errno);
+      const error = Object.assign(new Error(`lstat '${name.toString()}': ${code}`), { code });
+      if (isChangedError(error)) throw Object.assign(changedError(`'${name.toString()}'`), { cause: error });
+      throw error;
+    }
+    const t = i * TEXTS;
+    const mode = nums[o]!;
+    const type = typeOfMode(mode);
+    const dev = text.slice(textEnds[t + 3], textEnds[t + 4]);
+    const ino = text.slice(textEnds[t + 2], textEnds[t + 3]);
+    // Keys in baseNode's order: the tree's bytes are the plain walk's.
+    const node: TreeNode | undefined = type && {
+      name: text.slice(t === 0 ? 0 : textEnds[t - 1], textEnds[t]),
+      type,
+      mode: mode & 0o7777,
+      uid: nums[o + 1]!,
+      gid: nums[o + 2]!,
+      mtimeNs: text.slice(textEnds[t], textEnds[t + 1]),
+      ctimeNs: text.slice(textEnds[t + 1], textEnds[t + 2]),
+      inode: ino,
+      size: type === 'file' ? nums[o + 3]! : 0,
+    };
+    const open = (): number => walk.openListed(f.dir.fd, name, dev, ino, false);
+    return {
+      type,
+      node,
+      nlink: nums[o + 4]!,
+      rdev: nums[o + 5]!,
+      inodeKey: `${dev}:${ino}`,
+      openDir: () => {
+        if (ahead === undefined) return DirHandle.fromFd(walk.openListed(f.dir.fd, name, dev, ino, true));
+        if ('error' in ahead) throw ahead.error;
+        return ahead.dir;
+      },
+      openFile: open,
+      reopenFile: open,
+      close: () => undefined,
+      ahead: ahead && 'dir' in ahead ? ahead : undefined,
+    };
   }
 
   /**
@@ -268,31 +492,31 @@ export class Archiver {
   private async entry(
     f: Folder,
     name: Buffer,
-    listed: EntryHandle,
+    listed: Listed,
     how: { linkable: boolean; defer?: (read: Omit<PendingRead, 'slot'>) => void },
   ): Promise<TreeNode | undefined> {
     try {
-      const st = listed.stat;
-      const type = nodeType(st);
-      if (type === undefined) return undefined; // sockets
-      const node = this.baseNode(name, st, type);
-      const rel = f.relative.length === 0 ? name : Buffer.concat([f.relative, Buffer.from('/'), name]);
+      const { type, node } = listed;
+      if (type === undefined || node === undefined) return undefined; // sockets
+      const rel = (): Buffer => (f.relative.length === 0 ? name : Buffer.concat([f.relative, Buffer.from('/'), name]));
       const before = f.parentNodes.get(node.name);
+      let result = node;
       if (type === 'dir') {
-        const sub = listed.openDirSync();
-        listed.closeSync();
+        const sub = listed.openDir();
+        listed.close();
         try {
-          node.subtree = await this.folder(sub, rel, before?.type === 'dir' ? before.subtree : undefined);
+          node.subtree = await this.folder(sub, rel(), before?.type === 'dir' ? before.subtree : undefined, listed.ahead);
         } finally {
           await sub.close();
         }
+        if (before?.type === 'dir' && before.subtree === node.subtree && this.reusable(f, before, node)) result = before;
       } else if (type === 'symlink') {
         node.target = (await f.dir.readListedLink(name)).toString('base64');
       } else if (type === 'chardev' || type === 'blockdev') {
-        node.rdev = Number(st.rdev);
+        node.rdev = listed.rdev;
       } else if (type === 'file') {
-        const inodeKey = `${st.dev}:${st.ino}`;
-        const linked = how.linkable && st.nlink > 1n;
+        const inodeKey = listed.inodeKey;
+        const linked = how.linkable && listed.nlink > 1;
         const first = linked ? this.seenInodes.get(inodeKey) : undefined;
         const unchanged =
           before?.type === 'file' &&
@@ -307,22 +531,49 @@ export class Archiver {
         } else if (unchanged && before.content) {
           node.content = before.content;
           this.stats.filesUnchanged++;
+          if (this.reusable(f, before, node)) result = before;
         } else if (how.defer && !linked && !this.isTiny(node.size)) {
-          listed.closeSync(); // not kept open while waiting: a folder may hold millions of files
-          how.defer({ name, listed: { dev: st.dev, ino: st.ino }, node });
+          listed.close(); // not kept open while waiting: a folder may hold millions of files
+          how.defer({ name, reopen: () => listed.reopenFile(), node });
         } else {
           // Read now: a tiny file (cheaper than a second lookup later), or the first name of an
           // inode with several (were it left out, the names that follow must not point at it).
-          const content = await this.readContent(() => listed.openFileSync(), node.size);
+          const content = await this.readContent(() => listed.openFile(), node.size);
           if (content !== undefined) node.content = content;
         }
-        if (linked && first === undefined) this.seenInodes.set(inodeKey, rel.toString('base64'));
+        if (linked && first === undefined) this.seenInodes.set(inodeKey, rel().toString('base64'));
       }
-      this.count(node, 1);
-      return node;
+      this.count(result, 1);
+      return result;
     } finally {
-      listed.closeSync();
+      listed.close();
     }
+  }
+
+  /**
+   * True if the parent's node `before` can stand for `node` (the same metadata, content or
+   * subtree): it then serialises to the same bytes as long as its keys are in this file's order,
+   * checked once per folder and node type (a tree's nodes of a type were all written alike).
+   * Reusing it spares an object, and lets an unchanged folder keep its parent's tree as is.
+   */
+  private reusable(f: Folder, before: TreeNode, node: TreeNode): boolean {
+    if (
+      before.mode !== node.mode ||
+      before.uid !== node.uid ||
+      before.gid !== node.gid ||
+      before.mtimeNs !== node.mtimeNs ||
+      before.ctimeNs !== node.ctimeNs ||
+      before.inode !== node.inode ||
+      before.size !== node.size
+    ) {
+      return false;
+    }
+    let ordered = f.keyOrder.get(node.type);
+    if (ordered === undefined) {
+      ordered = Object.keys(before).join(',') === NODE_KEYS[node.type];
+      f.keyOrder.set(node.type, ordered);
+    }
+    return ordered;
   }
 
   /**
@@ -333,7 +584,7 @@ export class Archiver {
     if (!this.isChange(error)) throw error;
     if (this.options.tolerateChanges) return undefined;
     try {
-      return await this.entry(f, name, f.dir.lookupSync(name), { linkable });
+      return await this.entry(f, name, this.handleListed(f, name, f.dir.lookupSync(name)), { linkable });
     } catch (again) {
       if (!this.isChange(again)) throw again;
       const rel = f.relative.length === 0 ? name : Buffer.concat([f.relative, Buffer.from('/'), name]);
@@ -357,7 +608,7 @@ export class Archiver {
         try {
           this.options.signal?.throwIfAborted();
           // Opened by name again, and checked to be the inode listed.
-          const content = await this.readContent(() => f.dir.openFileSync(r.name, r.listed).fd, r.node.size);
+          const content = await this.readContent(r.reopen, r.node.size);
           // No content (a tolerant pass): it changed while read; the next pass reads it.
           if (content !== undefined) r.node.content = content;
         } catch (error) {
