@@ -1,12 +1,13 @@
 /**
  * Benchmark: the full walk against `find`'s stat walk of the same tree (issue 10: full walk
  * <= 1.0x find). BENCH_FILES (default "200000,1000000") small files are written in folders of 1000,
- * spread over a few nested levels, into a plain folder on the disk that holds /work (the same
- * filesystem as the Docker volumes here). Warm: `find DIR -printf '%s %T@ %C@ %i\n'` is run twice
- * and the second run is timed. Ours is the archiver on a nothing-changed tree, which is what a
- * nightly phase 1 does: a first backup is made (untimed), then a second one with it as parent is
- * timed (twice, the second counted), with the native walk and with CVAT_BACKUP_NATIVE=off, each in
- * its own process. The local repository sits on the same disk.
+ * three levels down (l<n>/m<n>/job<n>), into a plain folder on the disk that holds /work (the
+ * filesystem of the Docker volumes here). Ours is the archiver on a nothing-changed tree, which is
+ * what a nightly phase 1 does (a first backup, untimed, then backups with it as parent): with the
+ * native walk and with CVAT_BACKUP_NATIVE=off, each in its own process with a local repository on
+ * the same disk. Warm, and alternating so both see the same load: `find DIR -printf '%s %T@ %C@
+ * %i\n' >/dev/null`, then our walk, BENCH_ROUNDS (default 3) times after one warm-up of each; the
+ * medians are printed, and their ratio.
  *
  * Usage: npm run build && node dist/bench/walk-vs-find.js
  * (BENCH_PROFILE=DIR writes a CPU profile of each timed walk there.)
@@ -14,6 +15,7 @@
 import { spawnSync } from 'node:child_process';
 import { Session } from 'node:inspector/promises';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Repository } from '../src/repository/repository.js';
@@ -24,6 +26,7 @@ import { runBench } from './measure.js';
 
 const SELF = fileURLToPath(import.meta.url);
 const COUNTS = (process.env['BENCH_FILES'] ?? '200000,1000000').split(',').map(Number);
+const ROUNDS = Number(process.env['BENCH_ROUNDS'] ?? 3);
 const fastKdf = { algorithm: 'scrypt' as const, N: 1024, r: 8, p: 1 };
 
 /** count files in folders of 1000: top/<a>/<b>/<folder of 1000>, ten folders per level. */
@@ -47,39 +50,59 @@ function timeFind(dir: string): number {
   return seconds(start);
 }
 
-/** Child: first backup (untimed), then nothing-changed backups; prints the last one's seconds. */
+/**
+ * Child: a first backup (untimed), then ROUNDS times: find's stat walk, then a nothing-changed
+ * backup, timed one after the other so both see the same load. A warm-up of each comes first.
+ */
 async function child(repoPath: string, volume: string, label: string): Promise<void> {
   const repo = await Repository.init(new LocalBackend(repoPath), 'pw', { kdf: fastKdf });
   const pool = repo.createChunkPool(2);
   try {
     const first = await new Archiver(repo, { pool }).archive(volume, undefined);
     await repo.flush();
-    let walk = 0;
+    const finds: number[] = [];
+    const walks: number[] = [];
     let tree = '';
     const profile = process.env['BENCH_PROFILE'];
     const session = new Session();
-    for (let round = 0; round < 2; round++) {
-      if (profile && round === 1) {
+    for (let round = 0; round <= ROUNDS; round++) {
+      const find = timeFind(volume);
+      if (profile && round === ROUNDS) {
         session.connect();
         await session.post('Profiler.enable');
         await session.post('Profiler.start');
       }
       const start = process.hrtime.bigint();
       tree = (await new Archiver(repo, { pool }).archive(volume, first.tree)).tree;
-      walk = seconds(start);
+      const walk = seconds(start);
+      if (round === 0) continue; // warm-up
+      finds.push(find);
+      walks.push(walk);
     }
     if (profile) {
       const { profile: taken } = await session.post('Profiler.stop');
       writeFileSync(join(profile, `${label}.cpuprofile`), JSON.stringify(taken));
       session.disconnect();
     }
-    process.stdout.write(`${JSON.stringify({ walk, tree, native: nativeHelper() !== undefined })}\n`);
+    process.stdout.write(`${JSON.stringify({ find: median(finds), walk: median(walks), tree, native: nativeHelper() !== undefined } satisfies ChildResult)}\n`);
   } finally {
     await pool.close();
   }
 }
 
-function ours(work: string, volume: string, native: boolean, label: string): { walk: number; tree: string; native: boolean } {
+interface ChildResult {
+  find: number;
+  walk: number;
+  tree: string;
+  native: boolean;
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)]!;
+}
+
+function ours(work: string, volume: string, native: boolean, label: string): ChildResult {
   const repoPath = join(work, `repo-${label}`);
   const r = spawnSync(process.execPath, [SELF, 'child', repoPath, volume, label], {
     env: { ...process.env, CVAT_BACKUP_NATIVE: native ? 'on' : 'off' },
@@ -89,7 +112,7 @@ function ours(work: string, volume: string, native: boolean, label: string): { w
   });
   rmSync(repoPath, { recursive: true, force: true });
   if (r.status !== 0) throw new Error(`archiver child failed (${r.status})`);
-  return JSON.parse(r.stdout.trim().split('\n').pop()!) as { walk: number; tree: string; native: boolean };
+  return JSON.parse(r.stdout.trim().split('\n').pop()!) as ChildResult;
 }
 
 async function main(): Promise<void> {
@@ -108,15 +131,13 @@ async function main(): Promise<void> {
         if (kept) mkdirSync(join(volume, 'complete'));
         process.stdout.write(`${count} files written in ${seconds(built).toFixed(0)} s\n`);
       }
-      timeFind(volume);
-      const find = timeFind(volume);
       const native = ours(work, volume, true, `native-${count}`);
       const plain = ours(work, volume, false, `js-${count}`);
       if (native.tree !== plain.tree) throw new Error(`tree ids differ: native ${native.tree}, pure JS ${plain.tree}`);
-      const find2 = timeFind(volume);
       process.stdout.write(
-        `${count} files: find ${find.toFixed(2)} s (again after: ${find2.toFixed(2)} s) | ours, nothing changed: native ${native.walk.toFixed(2)} s = ${(native.walk / find).toFixed(2)}x find` +
-          `${native.native ? '' : ' (NATIVE HELPER NOT LOADED)'} | CVAT_BACKUP_NATIVE=off ${plain.walk.toFixed(2)} s = ${(plain.walk / find).toFixed(2)}x find | same tree id: yes\n`,
+        `${count} files (median of ${ROUNDS}, find and ours alternating; load ${loadavg()[0]!.toFixed(1)}): ` +
+          `native walk ${native.walk.toFixed(2)} s vs find ${native.find.toFixed(2)} s = ${(native.walk / native.find).toFixed(2)}x${native.native ? '' : ' (NATIVE HELPER NOT LOADED)'} | ` +
+          `CVAT_BACKUP_NATIVE=off ${plain.walk.toFixed(2)} s vs find ${plain.find.toFixed(2)} s = ${(plain.walk / plain.find).toFixed(2)}x | same tree id: yes\n`,
       );
     } finally {
       rmSync(work, { recursive: true, force: true });

@@ -6,8 +6,8 @@
  * folders are listed at once on libuv's pool while JavaScript builds trees): getdents64 and an
  * fstatat(AT_SYMLINK_NOFOLLOW) of every entry in one call, sorted by name bytes, returned as a few
  * flat arrays instead of an object per entry. The folder is read through a description of its own
- * (openat(fd, ".")), made before the call returns, so the caller may close `fd` at once and the
- * listing is never of another folder that got its number.
+ * (openat(fd, ".") of a duplicate of `fd` made before the call returns), so the caller may close
+ * `fd` at once and the listing is never of another folder that got its number.
  *
  * openListed(dirfd, name, dev, ino, folder) opens an entry that was listed, exactly as listed:
  * never following a link, never opening a device or FIFO (a file is first opened O_PATH, checked,
@@ -144,6 +144,14 @@ static void list_execute(napi_env env, void *data) {
   (void)env;
   struct listing *l = data;
   char buffer[64 * 1024];
+  int own = openat(l->fd, ".", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (own < 0) {
+    l->err = errno;
+    l->failed_call = "openat";
+    return;
+  }
+  close(l->fd);
+  l->fd = own;
   for (;;) {
     long n = syscall(SYS_getdents64, l->fd, buffer, sizeof buffer);
     if (n < 0) {
@@ -290,12 +298,14 @@ static napi_value list_folder(napi_env env, napi_callback_info info) {
   }
   struct listing *l = calloc(1, sizeof *l);
   if (!l) return cvat_throw_errno(env, ENOMEM, "listFolder");
-  /* A description of our own: its offset is ours, and it stays this folder whatever `fd` becomes. */
-  l->fd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  /* A reference of our own, made now: it stays this folder whatever `fd` becomes. The pool thread
+   * opens a description of its own through it (its offset is ours), which costs this thread a
+   * path lookup less. */
+  l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (l->fd < 0) {
     int err = errno;
     free(l);
-    return cvat_throw_errno(env, err, "openat");
+    return cvat_throw_errno(env, err, "dup");
   }
   napi_create_string_utf8(env, "cvat_listFolder", NAPI_AUTO_LENGTH, &resource_name);
   if (napi_create_promise(env, &l->deferred, &promise) != napi_ok ||
@@ -379,10 +389,105 @@ static napi_value open_listed(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * sameAsParent(text, textEnds, nums, parent: Buffer, racySince: bigint | null): Uint32Array | null
+ *
+ * Whether a folder's listing is, entry by entry, its parent tree (the JSON of the parent snapshot's
+ * tree of that folder) as the archiver would write it again: each entry a file with one link whose
+ * node in the parent, at the same position, is byte for byte `{"name":..,"type":"file",...,"size":N,`
+ * for what was listed, followed by its "content" and nothing else, or a folder likewise followed
+ * by its "subtree"; and the parent has no other node. A file whose mtime or ctime is at or after
+ * racySince does not count as the same. Returns the start and end offsets of every node's text in
+ * `parent` (two per entry), or null (the archiver then compares node by node).
+ */
+static int expect(const char *p, size_t length, size_t *at, const char *what, size_t n) {
+  if (*at + n > length || memcmp(p + *at, what, n) != 0) return 0;
+  *at += n;
+  return 1;
+}
+
+static napi_value same_as_parent(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5], null_value;
+  napi_get_null(env, &null_value);
+  char *text, *parent;
+  size_t text_length, parent_length, ends_length, nums_length;
+  void *ends_data, *nums_data;
+  napi_typedarray_type ends_type, nums_type;
+  int64_t racy_since = INT64_MAX;
+  napi_valuetype racy_type;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5 || napi_get_buffer_info(env, argv[0], (void **)&text, &text_length) != napi_ok ||
+      napi_get_typedarray_info(env, argv[1], &ends_type, &ends_length, &ends_data, NULL, NULL) != napi_ok || ends_type != napi_uint32_array ||
+      napi_get_typedarray_info(env, argv[2], &nums_type, &nums_length, &nums_data, NULL, NULL) != napi_ok || nums_type != napi_float64_array ||
+      napi_get_buffer_info(env, argv[3], (void **)&parent, &parent_length) != napi_ok || napi_typeof(env, argv[4], &racy_type) != napi_ok ||
+      ends_length % TEXTS != 0 || nums_length != ends_length / TEXTS * NUMS) {
+    napi_throw_type_error(env, NULL, "sameAsParent(text, textEnds, nums, parent, racySince)");
+    return NULL;
+  }
+  if (racy_type == napi_bigint) {
+    bool lossless;
+    napi_get_value_bigint_int64(env, argv[4], &racy_since, &lossless);
+  }
+  const uint32_t *ends = ends_data;
+  const double *nums = nums_data;
+  size_t count = ends_length / TEXTS;
+  uint32_t *offsets = malloc((count * 2 + 1) * sizeof *offsets);
+  char prefix[1024];
+  if (!offsets) return cvat_throw_errno(env, ENOMEM, "sameAsParent");
+  size_t at = 0;
+  int same = parent_length < UINT32_MAX && expect(parent, parent_length, &at, "{\"nodes\":[", 10);
+  for (size_t i = 0; same && i < count; i++) {
+    const double *n = nums + i * NUMS;
+    const uint32_t *e = ends + i * TEXTS;
+    uint32_t t0 = i == 0 ? 0 : ends[i * TEXTS - 1];
+    int is_file = ((mode_t)n[0] & S_IFMT) == S_IFREG, is_dir = ((mode_t)n[0] & S_IFMT) == S_IFDIR;
+    if (n[6] != 0 || !(is_dir || (is_file && n[4] == 1))) {
+      same = 0;
+      break;
+    }
+    if (is_file && racy_since != INT64_MAX) {
+      int64_t mtime = strtoll(text + e[0], NULL, 10), ctime = strtoll(text + e[1], NULL, 10);
+      if (mtime >= racy_since || ctime >= racy_since) {
+        same = 0;
+        break;
+      }
+    }
+    int k = snprintf(prefix, sizeof prefix, "{\"name\":\"%.*s\",\"type\":\"%s\",\"mode\":%u,\"uid\":%u,\"gid\":%u,\"mtimeNs\":\"%.*s\",\"ctimeNs\":\"%.*s\",\"inode\":\"%.*s\",\"size\":%" PRIu64 ",%s",
+                     (int)(e[0] - t0), text + t0, is_file ? "file" : "dir", (unsigned)((mode_t)n[0] & 07777), (unsigned)n[1], (unsigned)n[2], (int)(e[1] - e[0]), text + e[0],
+                     (int)(e[2] - e[1]), text + e[1], (int)(e[3] - e[2]), text + e[2], is_file ? (uint64_t)n[3] : 0, is_file ? "\"content\":[" : "\"subtree\":\"");
+    if (k <= 0 || (size_t)k >= sizeof prefix || (i > 0 && !expect(parent, parent_length, &at, ",", 1))) {
+      same = 0;
+      break;
+    }
+    offsets[i * 2] = (uint32_t)at;
+    if (!expect(parent, parent_length, &at, prefix, (size_t)k)) {
+      same = 0;
+      break;
+    }
+    /* Chunk ids and a subtree id hold no ']' or '"'. */
+    const char *close = memchr(parent + at, is_file ? ']' : '"', parent_length - at);
+    if (!close) {
+      same = 0;
+      break;
+    }
+    at = (size_t)(close - parent) + 1;
+    same = expect(parent, parent_length, &at, "}", 1);
+    offsets[i * 2 + 1] = (uint32_t)at;
+  }
+  if (same) same = expect(parent, parent_length, &at, "]}", 2) && at == parent_length;
+  napi_value result = null_value;
+  if (same) {
+    if (typed_array(env, napi_uint32_array, offsets, count * 2, 4, &result) != napi_ok) result = null_value;
+  }
+  free(offsets);
+  return result;
+}
+
 napi_status cvat_register_walk(napi_env env, napi_value exports) {
   napi_property_descriptor properties[] = {
       {"listFolder", NULL, list_folder, NULL, NULL, NULL, napi_default, NULL},
       {"openListed", NULL, open_listed, NULL, NULL, NULL, napi_default, NULL},
+      {"sameAsParent", NULL, same_as_parent, NULL, NULL, NULL, napi_default, NULL},
   };
   return napi_define_properties(env, exports, sizeof properties / sizeof *properties, properties);
 }

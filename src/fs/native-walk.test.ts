@@ -64,7 +64,7 @@ describe('native folder listing (native/walk.c)', { skip: off && 'CVAT_BACKUP_NA
       const fd = openSync(dir, 'r');
       const listing = await walk.listFolder(fd);
       closeSync(fd);
-      names.sort(Buffer.compare);
+      names.sort((a, b) => Buffer.compare(a, b));
       assert.equal(listing.count, names.length);
       for (let i = 0; i < listing.count; i++) {
         const e = entryOf(listing, i);

@@ -36,6 +36,14 @@ export interface NativeWalk {
    * ENOENT, ELOOP or ENOTDIR (isChangedError). Returns the descriptor; the caller closes it.
    */
   openListed(dirfd: number, name: Buffer, dev: string, ino: string, folder: boolean): number;
+  /**
+   * Whether the listing is the parent tree `parent` (JSON) node for node, as the archiver would
+   * write it again: every entry a file with one link (not racy: mtime and ctime before
+   * `racySince`) followed by its content, or a folder followed by its subtree, at the same place
+   * with the same metadata, and no other node. Returns the start and end offset of each entry's
+   * node in `parent` (two per entry), or null.
+   */
+  sameAsParent(text: Buffer, textEnds: Uint32Array, nums: Float64Array, parent: Buffer, racySince: bigint | null): Uint32Array | null;
 }
 
 /** The native walk, or undefined (then nativeUnavailableReason() says why). */

@@ -326,8 +326,11 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
         const repo = await Repository.init(new LocalBackend(join(work, 'repo')), 'pw', { kdf: fastKdf });
         const pool = repo.createChunkPool(2);
         try {
-          const archive = async (walk: 'native' | 'plain', parent: string | undefined): Promise<string> =>
-            (await new Archiver(repo, { pool, walk, onWarning: () => undefined }).archive(volume, parent)).tree;
+          const archive = async (walk: 'native' | 'plain', parent: string | undefined): Promise<string> => {
+            const { tree } = await new Archiver(repo, { pool, walk, onWarning: () => undefined }).archive(volume, parent);
+            await repo.flush();
+            return tree;
+          };
           const nativeFirst = await archive('native', undefined);
           const plainFirst = await archive('plain', undefined);
           assert.equal(nativeFirst, plainFirst);

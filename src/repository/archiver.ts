@@ -143,7 +143,8 @@ interface PendingRead {
 interface FolderAhead {
   dir: DirHandle;
   listing: Promise<FolderListing>;
-  parent: Promise<Tree | undefined>;
+  /** The parent tree's JSON. */
+  parent: Promise<Buffer | undefined>;
 }
 
 /**
@@ -302,7 +303,12 @@ export class Archiver {
   }
 
   private async loadTree(id: string | undefined): Promise<Tree | undefined> {
-    return id ? (JSON.parse((await this.inRepository(this.repo.loadBlob(id))).toString('utf8')) as Tree) : undefined;
+    const json = await this.loadTreeJson(id);
+    return json && (JSON.parse(json.toString('utf8')) as Tree);
+  }
+
+  private async loadTreeJson(id: string | undefined): Promise<Buffer | undefined> {
+    return id ? this.inRepository(this.repo.loadBlob(id)) : undefined;
   }
 
   private async folder(dir: DirHandle, relative: Buffer, parentTree: string | undefined, ahead?: FolderAhead): Promise<string> {
@@ -367,18 +373,36 @@ export class Archiver {
    * trees loaded, while this thread builds the nodes; they are still archived one after the
    * other, in tree order, so the trees (and the first name of every hard link) are those of the
    * plain walk.
+   *
+   * A folder whose listing is its parent tree node for node (sameAsParent: files with one link,
+   * not racy, and folders, each at the same place with the same metadata, in the same JSON) is
+   * not parsed: its files keep the parent's nodes as they are, only its folders are walked, and if
+   * their trees are the parent's too, so is this folder's (the same bytes, so the same id).
    */
   private async listedFolder(walk: NativeWalk, dir: DirHandle, relative: Buffer, parentTree: string | undefined, ahead: FolderAhead | undefined): Promise<string> {
-    const [listing, parent] = await Promise.all([ahead?.listing ?? walk.listFolder(dir.fd), ahead?.parent ?? this.loadTree(parentTree)]);
-    const f: Folder = { dir, relative, parentNodes: new Map(parent?.nodes.map((n) => [n.name, n])), parentTree, parent, keyOrder: new Map() };
-    const { count, names, nameEnds, textEnds, nums } = listing;
-    // One string for the folder; each field is a slice of it.
-    const text = listing.text.toString('latin1');
+    const [listing, parentJson] = await Promise.all([ahead?.listing ?? walk.listFolder(dir.fd), ahead?.parent ?? this.loadTreeJson(parentTree)]);
     const atRoot = relative.length === 0;
-    const slots: (TreeNode | undefined)[] = [];
-    const reads: PendingRead[] = [];
+    // Offsets of the parent's node texts, when the listing is the parent tree (not at the root,
+    // where the tool's own folders are left out).
+    const same = parentJson && !atRoot ? walk.sameAsParent(listing.text, listing.textEnds, listing.nums, parentJson, this.options.racySinceNs ?? null) : null;
+    const parentText = same ? parentJson!.toString('latin1') : '';
+    const parent = same ? undefined : parentJson && (JSON.parse(parentJson.toString('utf8')) as Tree);
+    const parentNodes = new Map(parent?.nodes.map((n) => [n.name, n]));
+    const { count, names, nameEnds, textEnds, nums } = listing;
     const folders: number[] = [];
     for (let i = 0; i < count; i++) if ((nums[i * NUMS]! & S_IFMT) === 0o040000 && nums[i * NUMS + 6] === 0) folders.push(i);
+    // The same as the parent: only the folders' nodes are needed (to walk them).
+    if (same) {
+      for (const i of folders) {
+        const node = JSON.parse(parentText.slice(same[2 * i], same[2 * i + 1])) as TreeNode;
+        parentNodes.set(node.name, node);
+      }
+    }
+    const f: Folder = { dir, relative, parentNodes, parentTree, parent, keyOrder: new Map() };
+    // One string for the folder; each field is a slice of it.
+    const text = listing.text.toString('latin1');
+    const slots: (TreeNode | undefined)[] = [];
+    const reads: PendingRead[] = [];
     const started = new Map<number, FolderAhead | { error: unknown }>();
     let nextAhead = 0;
     const startAhead = (upTo: number): void => {
@@ -389,7 +413,7 @@ export class Archiver {
           const fd = walk.openListed(dir.fd, names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i]), text.slice(textEnds[t + 3], textEnds[t + 4]), text.slice(textEnds[t + 2], textEnds[t + 3]), true);
           const sub = DirHandle.fromFd(fd);
           const before = f.parentNodes.get(text.slice(t === 0 ? 0 : textEnds[t - 1], textEnds[t]));
-          const a: FolderAhead = { dir: sub, listing: walk.listFolder(fd), parent: this.loadTree(before?.type === 'dir' ? before.subtree : undefined) };
+          const a: FolderAhead = { dir: sub, listing: walk.listFolder(fd), parent: this.loadTreeJson(before?.type === 'dir' ? before.subtree : undefined) };
           // Awaited at its turn; a folder whose turn never comes (a failure before it) must not
           // leave an unhandled rejection.
           a.listing.catch(() => undefined);
@@ -401,10 +425,22 @@ export class Archiver {
       }
     };
     let foldersDone = 0;
+    /** With `same`: every folder's node came back as the parent's. */
+    let allSame = true;
     startAhead(FOLDERS_AHEAD);
     try {
       for (let i = 0; i < count; i++) {
         this.options.signal?.throwIfAborted();
+        if (same && (nums[i * NUMS]! & S_IFMT) !== 0o040000) {
+          // A file the same as in the parent: its node is the parent's (taken below if needed).
+          this.stats.entries++;
+          this.stats.files++;
+          this.stats.bytes += nums[i * NUMS + 3]!;
+          this.stats.filesUnchanged++;
+          slots.push(undefined);
+          this.report();
+          continue;
+        }
         const name = names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i]);
         if (atRoot && leaveOutOwnFolders([name], true, this.options.onWarning).length === 0) continue;
         let a: FolderAhead | { error: unknown } | undefined;
@@ -423,11 +459,17 @@ export class Archiver {
         } finally {
           if (a !== undefined && 'dir' in a) a.dir.closeSync(); // closed already unless entry() failed before opening it
         }
+        if (same && (node === undefined || node !== f.parentNodes.get(node.name))) allSame = false;
         slots.push(node);
         this.report();
       }
     } finally {
       for (const a of started.values()) if ('dir' in a) a.dir.closeSync();
+    }
+    if (same) {
+      if (allSame) return parentTree!;
+      // A folder below changed: the files' nodes are the parent's, as JSON.parse makes them.
+      for (let i = 0; i < count; i++) if (slots[i] === undefined && (nums[i * NUMS]! & S_IFMT) !== 0o040000) slots[i] = JSON.parse(parentText.slice(same[2 * i], same[2 * i + 1])) as TreeNode;
     }
     return this.finishFolder(f, reads, slots);
   }
