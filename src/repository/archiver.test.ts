@@ -13,7 +13,7 @@ import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -312,6 +312,8 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
           mkdirSync(join(volume, 'jobs', `job${d}`), { recursive: true });
           for (let i = 0; i < 150; i++) writeFileSync(join(volume, 'jobs', `job${d}`, `frame${i}.json`), `{"frame": ${d * 1000 + i}}\n`);
         }
+        const sneaky = join(volume, 'jobs', 'job6', 'frame8.json');
+        utimesSync(sneaky, 1_000_000_000, 1_000_000_000); // whole seconds: put back exactly below
         writeFileSync(join(volume, 'a', 'b', 'c', 'big.bin'), randomBytes(300_000));
         writeFileSync(join(volume, 'a', 'zeros'), Buffer.alloc(100_000));
         writeFileSync(join(volume, 'a', 'empty-file'), '');
@@ -336,7 +338,11 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
           assert.equal(nativeFirst, plainFirst);
           assert.equal(await archive('native', plainFirst), plainFirst);
           assert.equal(await archive('plain', nativeFirst), nativeFirst);
-          // Something changed: a new file deep down, a file rewritten, a folder's mode.
+          // Something changed: a new file deep down, a file rewritten, a folder's mode, and a file
+          // rewritten in place with the same size and its mtime put back (only its ctime moved).
+          writeFileSync(sneaky, readFileSync(sneaky, 'utf8').replace('6008', '9999'));
+          utimesSync(sneaky, 1_000_000_000, 1_000_000_000);
+          assert.equal(statSync(sneaky, { bigint: true }).mtimeNs, 1_000_000_000_000_000_000n);
           writeFileSync(join(volume, 'a', 'b', 'c', 'new'), 'new');
           writeFileSync(join(volume, 'jobs', 'job5', 'frame7.json'), 'rewritten, longer than before');
           chmodSync(join(volume, 'jobs', 'job9'), 0o700);
@@ -349,6 +355,7 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
           assert.equal(nodes.get('a/b/linked-too')?.content?.length, 1);
           assert.equal(Buffer.from(nodes.get('jobs/job3/linked')!.hardlink!, 'base64').toString(), 'a/b/linked-too');
           assert.equal((await content(repo, nodes.get('jobs/job5/frame7.json')!)).toString(), 'rewritten, longer than before');
+          assert.equal((await content(repo, nodes.get('jobs/job6/frame8.json')!)).toString(), '{"frame": 9999}\n');
           assert.equal(nodes.has('.cvat-backup-retired'), false);
         } finally {
           await pool.close();
