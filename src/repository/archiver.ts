@@ -22,6 +22,12 @@
  *
  * Small files are read here with plain system calls and sealed on the workers in batches
  * (small-blobs.ts); larger ones are read and sealed on the workers, several files at once.
+ *
+ * With the native helper (fs/native-walk.ts) a folder is listed in one call off this thread
+ * (names and lstat of every entry), a few folders ahead of the one being archived; a listed
+ * entry is then opened by name and must be the device and inode listed (else "changed", as
+ * above), with the same rules: no link followed, no device or FIFO opened. Without it (or
+ * `walk: 'plain'`) every entry is looked up as described above. Both make the same trees.
  */
 import { closeSync, read as readCallback, readSync } from 'node:fs';
 import type { BigIntStats } from 'node:fs';
