@@ -15,7 +15,9 @@ export type ProgressEvent =
   | { type: 'volume-start'; volume: string; action: VolumeAction; totalBytes: number | undefined }
   | { type: 'volume-progress'; volume: string; bytes: number; files: number }
   | { type: 'volume-done'; volume: string; bytes: number; files: number }
-  | { type: 'warning'; message: string };
+  | { type: 'warning'; message: string }
+  /** Once per two-phase or freeze backup: which volumes the final pass took from the change journal, and why not the others. */
+  | { type: 'change-journal'; used: string[]; walked: { volume: string; reason: string }[] };
 
 export type ProgressListener = (event: ProgressEvent) => void;
 

@@ -1,15 +1,20 @@
 /**
  * Backups with seconds of downtime, on a real engine with real PostgreSQL under a write load:
  *
- * - two-phase: files are written, renamed and deleted and rows inserted, updated and deleted
- *   while phase 1 copies; the snapshot must be identical (same tree blobs, so same names, owners,
- *   modes, times and bytes) to an offline copy taken at the instant CVAT was stopped.
+ * - two-phase: files are written, renamed and deleted, folders created and renamed, a file
+ *   rewritten in place with the same size and mtime, hard links made, and rows inserted, updated
+ *   and deleted while phase 1 copies; the snapshot must be identical (same tree blobs, so same
+ *   names, owners, modes, times and bytes) to an offline copy taken at the instant CVAT was
+ *   stopped. On every path of the final pass: the change journal (fanotify; the volume with hard
+ *   links falls back to a full walk), a journal that overflows, and no journal (the walk). Run
+ *   with CVAT_BACKUP_NATIVE=off, the journal case takes the walk path and must still be equal.
  * - freeze: PostgreSQL keeps inserting rows until the containers are frozen; the snapshot,
  *   restored, starts (PostgreSQL replays its WAL) and holds every row committed before the freeze.
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readdirSync, readlinkSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,7 +25,8 @@ import { createDockerEngine } from '../src/docker/engine.js';
 import { LocalBackend } from '../src/backend/local.js';
 import { Repository } from '../src/repository/repository.js';
 import { Archiver } from '../src/repository/archiver.js';
-import { backupToRepository } from '../src/backup/repository-backup.js';
+import { backupToRepository, type RepositoryBackupOptions } from '../src/backup/repository-backup.js';
+import { startFanotifyJournal } from '../src/fs/fanotify-journal.js';
 import { restoreFromSnapshot } from '../src/restore/snapshot-restore.js';
 import type { ProgressEvent } from '../src/events.js';
 
@@ -60,18 +66,36 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
     if (work) await rm(work, { recursive: true, force: true });
   });
 
-  it('two-phase: writes, renames and deletes during phase 1; the snapshot equals an offline copy at the stop', async () => {
+  const nativeOff = process.env['CVAT_BACKUP_NATIVE'] === 'off';
+
+  /**
+   * A two-phase backup under load; the snapshot must equal an offline copy at the stop. Returns
+   * the final pass's report of the change journal.
+   */
+  const twoPhaseUnderLoad = async (
+    journal: Pick<RepositoryBackupOptions, 'startJournal'>,
+    target: Repository,
+  ): Promise<{ used: string[]; walked: { volume: string; reason: string }[] }> => {
+    const repo = target;
+    await f.waitForDatabase();
+    await f.psql('TRUNCATE load_rows;');
     const server = await f.container('cvat_server');
     const db = await f.container('cvat_db');
     const files = load(
       server,
-      `d=/home/django/data/data/load; mkdir -p $d; i=0
+      `d=/home/django/data/data/load; l=/home/django/logs/load; mkdir -p $d $l; i=0
+       head -c 4096 /dev/urandom > $d/fixed.bin
        while true; do i=$((i+1))
          head -c $((1000 + i * 37 % 50000)) /dev/urandom > $d/new_$i.bin
          echo "line $i" >> $d/append.log
          if [ $i -gt 3 ]; then mv $d/new_$((i-3)).bin $d/renamed_$i.bin; fi
          if [ $i -gt 6 ]; then rm -f $d/renamed_$((i-3)).bin; fi
          chown 1000:1000 $d/new_$i.bin; chmod $((i % 2 * 2 + 640)) $d/new_$i.bin 2>/dev/null || true
+         mkdir -p $d/dir_$i/sub; echo "a $i" > $d/dir_$i/sub/a; echo "b $i" > $d/dir_$i/b
+         if [ $i -gt 2 ]; then mv $d/dir_$((i-2)) $d/moved_$i; fi
+         if [ $i -gt 4 ]; then rm -rf $d/moved_$((i-2)); fi
+         touch -r $d/fixed.bin $d/fixed.ref; head -c 4096 /dev/urandom | dd of=$d/fixed.bin conv=notrunc 2>/dev/null; touch -r $d/fixed.ref $d/fixed.bin
+         echo "log $i" > $l/log_$i; ln -f $l/log_$i $l/link_$((i % 3))
          echo $i
        done`,
     );
@@ -89,6 +113,7 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
       let atPhase2 = { files: 0, rows: 0 };
       const result = await backupToRepository(engine, repo, {
         project: f.project,
+        ...journal,
         onProgress: (e) => {
           events.push(e);
           if (e.type === 'phase' && e.message.startsWith('phase 2')) atPhase2 = { files: files.lines.length, rows: rows.lines.length };
@@ -116,10 +141,79 @@ describe('backups with seconds of downtime', { skip: !isRoot && 'reads volume fo
       }
       const states = await f.states();
       assert.ok(Object.values(states).every((s) => s === 'running'), JSON.stringify(states));
+      // Said once, and the same as the final pass's record.
+      const said = events.filter((e) => e.type === 'change-journal');
+      assert.equal(said.length, 1);
+      assert.deepEqual(result.passes[1]!.journal, { used: said[0]!.used, walked: said[0]!.walked });
+      return result.passes[1]!.journal;
     } finally {
       files.child.kill();
       rows.child.kill();
     }
+  };
+
+  /** Each path's first backup into its own repository: phase 1 copies everything. */
+  const freshRepository = (name: string): Promise<Repository> => Repository.init(new LocalBackend(join(work, `repo-${name}`)), 'pw', { kdf: { algorithm: 'scrypt', N: 1024, r: 8, p: 1 } });
+
+  /** Why each volume was walked in full, by name. */
+  const walkedWhy = (use: { walked: { volume: string; reason: string }[] }): Record<string, string> => Object.fromEntries(use.walked.map((w) => [w.volume, w.reason]));
+
+  it('two-phase with the change journal: writes, renames, deletes, new and renamed folders, rewrites in place, hard links; the snapshot equals an offline copy at the stop', async () => {
+    const use = await twoPhaseUnderLoad({}, repo);
+    const why = walkedWhy(use);
+    for (const v of ['cvat_db', 'cvat_events_db', 'cvat_inmem_db']) assert.match(why[v] ?? '', /shared memory maps/, v);
+    if (nativeOff) {
+      // No journal: the walk path, and still the same snapshot.
+      assert.deepEqual(use.used, []);
+      assert.match(why['cvat_data'] ?? '', /native helper is turned off/);
+    } else {
+      assert.deepEqual(use.used.sort(), ['cvat_data', 'cvat_keys']);
+      assert.match(why['cvat_logs'] ?? '', /hard links/, 'the volume with hard links is walked in full');
+    }
+  });
+
+  it('two-phase with a change journal that overflows: every volume walked in full, the same snapshot', { skip: nativeOff && 'needs the native helper' }, async () => {
+    // The journal's own bound on what it keeps, set so low that the load exceeds it.
+    const use = await twoPhaseUnderLoad({ startJournal: (folders) => startFanotifyJournal(folders, { maxEntries: 10 }) }, await freshRepository('overflow'));
+    assert.deepEqual(use.used, []);
+    for (const v of ['cvat_data', 'cvat_keys', 'cvat_logs']) assert.match(walkedWhy(use)[v] ?? '', /overflow/, v);
+  });
+
+  it('two-phase without a change journal: the walk, the same snapshot', async () => {
+    const use = await twoPhaseUnderLoad({ startJournal: () => Promise.resolve({ ok: false, reason: 'none here (test)' }) }, await freshRepository('walk'));
+    assert.deepEqual(use.used, []);
+    assert.equal(walkedWhy(use)['cvat_data'], 'none here (test)');
+  });
+
+  it('Ctrl-C during phase 1: the change journal is closed, CVAT runs on', { skip: nativeOff && 'needs the native helper' }, async () => {
+    const fanotifyFds = (): number =>
+      readdirSync('/proc/self/fd').filter((fd) => {
+        try {
+          return readlinkSync(`/proc/self/fd/${fd}`) === 'anon_inode:[fanotify]';
+        } catch {
+          return false; // the listing's own descriptor, closed by now
+        }
+      }).length;
+    const before = fanotifyFds();
+    const abort = new AbortController();
+    let during = 0;
+    await assert.rejects(
+      backupToRepository(engine, repo, {
+        project: f.project,
+        signal: abort.signal,
+        onProgress: (e) => {
+          if (e.type === 'phase' && e.message.startsWith('phase 1')) {
+            during = fanotifyFds();
+            abort.abort();
+          }
+        },
+      }),
+      (error: Error) => error.name === 'AbortError',
+    );
+    assert.ok(during > before, 'the journal ran during phase 1');
+    assert.equal(fanotifyFds(), before, 'and is closed');
+    const states = await f.states();
+    assert.ok(Object.values(states).every((s) => s === 'running'), JSON.stringify(states));
   });
 
   it('freeze: PostgreSQL under load; restored, it starts and holds every row committed before the freeze', async () => {

@@ -21,12 +21,22 @@
  *   within one timestamp tick). The snapshot is what an offline backup at the stop would hold.
  * - freeze: as two-phase, but phase 2 freezes the containers (`docker pause`) instead of
  *   stopping them: no restart, a crash-consistent copy (see docs/architecture.md).
+ *
+ * The change journal (two-phase, freeze): started on the volume folders before phase 1's first
+ * pass, collected once CVAT is stopped or frozen, so it holds every change since the last phase-1
+ * pass began (and earlier ones: more than needed is only re-read). The final pass then visits only
+ * what changed (Archiver, fs/change-journal.ts). A volume is walked in full instead when there is
+ * no journal, when the journal cannot vouch for it (queue overflow, ...), when CVAT's service may
+ * write it through shared memory maps (deployment/cvat.ts: journalSafe), or when hard links are
+ * involved (the archiver decides); one progress event says which volume went which way and why.
  */
 import { hostname } from 'node:os';
 import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
 import { DatabaseError, VolumeMissingError } from '../errors.js';
-import { DATABASE_SERVICE, SERVER_SERVICE } from '../deployment/cvat.js';
+import { DATABASE_SERVICE, SERVER_SERVICE, journalSafe } from '../deployment/cvat.js';
+import type { ChangeJournal, JournalResult } from '../fs/change-journal.js';
+import { startFanotifyJournal } from '../fs/fanotify-journal.js';
 import { dumpDatabase, openDatabase, toolFailure } from '../deployment/database.js';
 import { storeStream } from '../repository/stream-content.js';
 import { cvatRecord, discoverDeployment, type Deployment } from '../deployment/discover.js';
@@ -40,7 +50,7 @@ import { TarTreeBuilder } from '../repository/tar-import.js';
 import { posix } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import type { Repository, UploadDeferral } from '../repository/repository.js';
-import { Archiver, type ArchiveStats } from '../repository/archiver.js';
+import { Archiver, type ArchiveStats, type ChangesSinceParent, type PassFacts } from '../repository/archiver.js';
 import { backupPoolSize } from '../repository/chunk-pool.js';
 import { readSnapshots, shortId } from '../repository/snapshots.js';
 import type { Snapshot, SnapshotDatabase, SnapshotVolume, TreeNode } from '../repository/tree.js';
@@ -48,6 +58,19 @@ import { TOOL_VERSION } from '../version.js';
 import { selectVolumes } from './archive-backup.js';
 
 export type BackupMode = 'two-phase' | 'offline' | 'freeze';
+
+/**
+ * Starts recording what changes in these folders (volume mount points on this host) from now on;
+ * returns once it records. Called at most once per backup. Not ok when no journal can be had here
+ * (the reason says why, in a few words: every volume is then walked in full).
+ */
+export type StartChangeJournal = (folders: readonly string[]) => Promise<{ ok: true; journal: ChangeJournal } | { ok: false; reason: string }>;
+
+/** Which volumes the final pass took from the change journal, and why the others were walked in full. */
+export interface JournalUse {
+  used: string[];
+  walked: { volume: string; reason: string }[];
+}
 
 export interface RepositoryBackupOptions {
   project?: string | undefined;
@@ -67,6 +90,11 @@ export interface RepositoryBackupOptions {
    * snapshot holds (the tests take an offline copy here to compare).
    */
   whileHeld?: () => Promise<void>;
+  /**
+   * Two-phase/freeze: the change journal that lets the final pass visit only what changed.
+   * Default: fanotify (fs/fanotify-journal.ts), when the native helper and the kernel have it.
+   */
+  startJournal?: StartChangeJournal;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   now?: () => number;
@@ -80,6 +108,8 @@ export interface BackupPass {
   durationMs: number;
   filesRead: number;
   bytesRead: number;
+  /** The final pass of a two-phase or freeze backup: what it took from the change journal. */
+  journal?: JournalUse;
 }
 
 export interface RepositoryBackupResult {
@@ -148,6 +178,8 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
       for (const d of listing.damaged) onProgress({ type: 'warning', message: `snapshot ${shortId(d.id)} cannot be read (${d.error}): not used as a parent; run 'cvat-backup check'` });
       const parent = listing.snapshots.filter((s) => s.project === deployment.project).pop();
       const passes: BackupPass[] = [];
+      /** Per volume, what its last phase-1 pass saw that the journal does not tell (see Archiver). */
+      const lastPassFacts = new Map<string, PassFacts>();
       let stats: Record<string, ArchiveStats> = {};
       const addedPerPass: number[] = [];
       /** One pass over every selected volume; `parents` gives each volume's tree to compare with. */
@@ -156,6 +188,7 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         cvat: BackupPass['cvat'],
         parents: (volume: (typeof selected)[number]) => string | undefined,
         archiveOptions: { tolerateChanges?: boolean; racySinceNs?: bigint },
+        journal?: { changesFor: (volume: (typeof selected)[number]) => ChangesSinceParent | string; use: JournalUse },
       ): Promise<SnapshotVolume[]> => {
         const began = now();
         const out: SnapshotVolume[] = [];
@@ -169,7 +202,14 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
           let result: { tree: string; root: TreeNode; stats: ArchiveStats };
           if (folder !== undefined) {
             const archiver = new Archiver(repo, { ...signalOption, ...archiveOptions, pool, onProgress: (s) => progress({ bytes: s.bytesRead, files: s.files }), onWarning: (message) => onProgress({ type: 'warning', message: `${volume.composeName}: ${message}` }) });
-            result = { ...(await archiver.archive(folder, parents(volume))), stats: archiver.stats };
+            const changes = journal?.changesFor(volume);
+            const archived = await archiver.archive(folder, parents(volume), typeof changes === 'string' ? undefined : changes);
+            if (typeof changes === 'string') journal?.use.walked.push({ volume: volume.composeName, reason: changes });
+            else if (archived.journal?.used) journal?.use.used.push(volume.composeName);
+            else if (archived.journal) journal?.use.walked.push({ volume: volume.composeName, reason: archived.journal.reason });
+            const facts = archiver.passFacts;
+            if (name === 'precopy' && facts) lastPassFacts.set(volume.composeName, facts);
+            result = { tree: archived.tree, root: archived.root, stats: archiver.stats };
             result.stats.entries++;
           } else {
             // Through the engine: no ctime/inode, so every file is read; chunks still deduplicate.
@@ -241,35 +281,51 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
           };
           ({ result: volumes, window } = await withDeploymentStopped(engine, deployment.containers, onProgress, offline, now));
         } else {
-          // Phase 1, CVAT running: nothing here is a snapshot yet.
-          onProgress({ type: 'phase', message: 'phase 1: copying while CVAT runs' });
-          let since = nowNs() - RACY_SLACK_NS;
-          let precopy = await pass('precopy', 'running', fromParentSnapshot, { tolerateChanges: true });
-          const repeatAfter = options.repeatPrecopyAfterMs;
-          const precopies = (): BackupPass[] => passes.filter((p) => p.name === 'precopy');
-          while (repeatAfter !== undefined && precopies().length < 3 && precopies().pop()!.durationMs > repeatAfter) {
-            onProgress({ type: 'phase', message: 'phase 1 again: copying what changed meanwhile' });
-            const previous = precopy;
-            const passSince = nowNs() - RACY_SLACK_NS;
-            precopy = await pass('precopy', 'running', (v) => previous.find((p) => p.composeName === v.composeName)?.tree, { tolerateChanges: true, racySinceNs: since });
-            since = passSince;
+          // The journal covers every phase-1 pass (the final pass's parent is the last one's tree);
+          // closed in every path, and as soon as it is collected.
+          const journal = await startJournal(options.startJournal ?? startFanotifyJournal, selected, folders, options.signal);
+          try {
+            // Phase 1, CVAT running: nothing here is a snapshot yet.
+            onProgress({ type: 'phase', message: 'phase 1: copying while CVAT runs' });
+            let since = nowNs() - RACY_SLACK_NS;
+            let precopy = await pass('precopy', 'running', fromParentSnapshot, { tolerateChanges: true });
+            const repeatAfter = options.repeatPrecopyAfterMs;
+            const precopies = (): BackupPass[] => passes.filter((p) => p.name === 'precopy');
+            while (repeatAfter !== undefined && precopies().length < 3 && precopies().pop()!.durationMs > repeatAfter) {
+              onProgress({ type: 'phase', message: 'phase 1 again: copying what changed meanwhile' });
+              const previous = precopy;
+              const passSince = nowNs() - RACY_SLACK_NS;
+              precopy = await pass('precopy', 'running', (v) => previous.find((p) => p.composeName === v.composeName)?.tree, { tolerateChanges: true, racySinceNs: since });
+              since = passSince;
+            }
+            const last = precopy;
+            const final = async (): Promise<SnapshotVolume[]> => {
+              // Everything CVAT wrote is in the journal's queue now that it is stopped or frozen.
+              const changesFor = await journal.collect(lastPassFacts);
+              const use: JournalUse = { used: [], walked: [] };
+              const result = await pass(
+                'final',
+                mode === 'freeze' ? 'frozen' : 'stopped',
+                (v) => last.find((p) => p.composeName === v.composeName)?.tree,
+                { racySinceNs: since },
+                { changesFor, use },
+              );
+              passes[passes.length - 1]!.journal = use;
+              onProgress({ type: 'change-journal', ...use });
+              await options.whileHeld?.();
+              return result;
+            };
+            // The final pass never waits on the network: trees come from the cache, writes go to
+            // the spool (a local repository writes directly).
+            deferral = await repo.deferUploads();
+            onProgress({ type: 'phase', message: `phase 2: copying what changed with CVAT ${mode === 'freeze' ? 'frozen' : 'stopped'}` });
+            ({ result: volumes, window } =
+              mode === 'freeze'
+                ? await withDeploymentFrozen(engine, deployment.containers, onProgress, final, now)
+                : await withDeploymentStopped(engine, deployment.containers, onProgress, final, now));
+          } finally {
+            await journal.close();
           }
-          const last = precopy;
-          const final = async (): Promise<SnapshotVolume[]> => {
-            const result = await pass('final', mode === 'freeze' ? 'frozen' : 'stopped', (v) => last.find((p) => p.composeName === v.composeName)?.tree, {
-              racySinceNs: since,
-            });
-            await options.whileHeld?.();
-            return result;
-          };
-          // The final pass never waits on the network: trees come from the cache, writes go to
-          // the spool (a local repository writes directly).
-          deferral = await repo.deferUploads();
-          onProgress({ type: 'phase', message: `phase 2: copying what changed with CVAT ${mode === 'freeze' ? 'frozen' : 'stopped'}` });
-          ({ result: volumes, window } =
-            mode === 'freeze'
-              ? await withDeploymentFrozen(engine, deployment.containers, onProgress, final, now)
-              : await withDeploymentStopped(engine, deployment.containers, onProgress, final, now));
         }
       } catch (error) {
         // Nothing a snapshot needs is left only in the spool: the backup failed before its snapshot.
@@ -319,6 +375,80 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
   } finally {
     await projectLock.release().catch(() => undefined);
   }
+}
+
+type SelectedVolume = ReturnType<typeof selectVolumes>['selected'][number];
+
+/** A backup's change journal: started before phase 1, collected once CVAT is held. */
+interface BackupJournal {
+  /**
+   * Per volume, the changes to give the final pass, or why it is walked in full. Closes the
+   * journal. Never throws: a journal that fails leaves every volume to a full walk.
+   */
+  collect(facts: ReadonlyMap<string, PassFacts>): Promise<(volume: SelectedVolume) => ChangesSinceParent | string>;
+  /** Idempotent; never throws. */
+  close(): Promise<void>;
+}
+
+/**
+ * Starts the change journal on the folders of the volumes it can vouch for (journalSafe), if
+ * there is a journal. Never throws but for an abort: without a journal, every volume is walked in
+ * full, and the reason is kept for the final pass's message.
+ */
+async function startJournal(
+  start: StartChangeJournal,
+  selected: SelectedVolume[],
+  folders: ReadonlyMap<string, string | undefined>,
+  signal: AbortSignal | undefined,
+): Promise<BackupJournal> {
+  const watched = new Map<string, string>();
+  for (const v of selected) {
+    const folder = folders.get(v.composeName);
+    if (folder !== undefined && journalSafe(v.role)) watched.set(v.composeName, folder);
+  }
+  const unsafe = 'its service may write it through shared memory maps, which no change journal sees';
+  let journal: ChangeJournal | undefined;
+  let missing = 'no change journal';
+  if (watched.size > 0) {
+    try {
+      const started = await start([...new Set(watched.values())]);
+      if (started.ok) journal = started.journal;
+      else missing = started.reason;
+    } catch (error) {
+      missing = `no change journal (${(error as Error).message})`;
+    }
+    if (signal?.aborted) await journal?.close().catch(() => undefined);
+    signal?.throwIfAborted();
+  }
+  const close = async (): Promise<void> => {
+    await journal?.close().catch(() => undefined);
+  };
+  return {
+    close,
+    collect: async (facts) => {
+      let results: Map<string, JournalResult> | undefined;
+      let failed = missing;
+      if (journal) {
+        try {
+          results = await journal.collect();
+        } catch (error) {
+          failed = `the change journal failed (${(error as Error).message})`;
+        }
+        await close();
+      }
+      return (volume) => {
+        const folder = watched.get(volume.composeName);
+        if (folder === undefined) return journalSafe(volume.role) ? 'its folder is not on this host' : unsafe;
+        if (results === undefined) return failed;
+        const result = results.get(folder);
+        if (result === undefined) return 'the change journal did not report on it';
+        if (!result.ok) return result.reason;
+        const parentPass = facts.get(volume.composeName);
+        if (parentPass === undefined) return 'its last pass while CVAT ran was not a full walk';
+        return { changes: result.changes, parentPass };
+      };
+    },
+  };
 }
 
 function count(n: number, what: string): string {

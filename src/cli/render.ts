@@ -49,6 +49,11 @@ function eventLine(event: ProgressEvent): string | undefined {
       return `  froze ${event.count} containers`;
     case 'containers-thawed':
       return `  thawed ${event.count} containers`;
+    case 'change-journal': {
+      const used = event.used.length > 0 ? `only what changed in ${event.used.join(', ')} (change journal)` : 'no volume from the change journal';
+      const walked = event.walked.map((w) => `${w.volume} (${w.reason})`).join('; ');
+      return `  final pass: ${used}${walked ? `; walked in full: ${walked}` : ''}`;
+    }
     default:
       return undefined;
   }

@@ -41,6 +41,19 @@ export function backedUpByDefault(role: VolumeRole): boolean {
   return role !== 'cache';
 }
 
+/**
+ * Whether a change journal (fanotify or inotify: see fs/change-journal.ts) is trusted to see every
+ * write to a volume of this role. Both report write(2) and its kin, but not stores through a
+ * shared memory map (MAP_SHARED), which reach the file with no system call. With CVAT's defaults
+ * none of its services writes its files that way (checked upstream: fs/fanotify-journal.ts), but
+ * PostgreSQL does with dynamic_shared_memory_type=mmap, and a deployment may run other images of
+ * the database, events (ClickHouse) and Redis/kvrocks services: their volumes are walked in full
+ * by the final pass, as cheap insurance (few files, each compared by size, times and inode).
+ */
+export function journalSafe(role: VolumeRole): boolean {
+  return role !== 'database' && role !== 'events' && role !== 'inmem' && role !== 'cache';
+}
+
 /** The service that identifies a CVAT deployment and tells its version. */
 export const SERVER_SERVICE = 'cvat_server';
 

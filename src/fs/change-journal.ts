@@ -13,8 +13,18 @@ export interface VolumeChanges {
   /**
    * Folder -> the names in it that were created, deleted, renamed (either side), written or had
    * their metadata changed (a folder's own metadata change is reported under its parent, by its
-   * name); 'all' when the folder itself must be listed again in full. A folder absent from the
-   * map, with no descendant in it, is unchanged: its parent-pass tree can be taken as it is.
+   * name; so is a folder whose entries changed, since that changes its mtime and ctime); 'all'
+   * when the folder and everything below it must be walked again in full (a folder created or
+   * moved in during the journal: its contents were never seen at that path). A folder absent from
+   * the map, with no descendant in it, is unchanged: its parent-pass tree can be taken as it is.
+   *
+   * What the consumer must still do itself:
+   * - A name may no longer exist (deleted, renamed away): lstat says so. An 'all' path may no
+   *   longer exist or no longer be a folder: then it adds nothing beyond the names in its parent.
+   * - The root folder's own metadata is never reported (it has no parent): stat it every pass.
+   * - Hard links: a change made through one name is reported under that name only, and link() or
+   *   unlink() changes the link count of the other names without an event for them. A file that
+   *   has (or had, in the parent pass) more than one link must be re-checked under every name.
    */
   readonly folders: ReadonlyMap<string, ReadonlySet<string> | 'all'>;
 }

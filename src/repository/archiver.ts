@@ -23,6 +23,22 @@
  * Small files are read here with plain system calls and sealed on the workers in batches
  * (small-blobs.ts); larger ones are read and sealed on the workers, several files at once.
  *
+ * With a change journal (fs/change-journal.ts: what changed since the parent pass began), the
+ * final pass of a two-phase or --freeze backup visits only what changed (see changedFolder): a
+ * folder neither changed nor above a changed one keeps the parent tree's node untouched (no
+ * lookup, no tree load); in a folder on the way to a change only the changed names are looked up,
+ * and a changed file is always read again (the journal saw a write: its size and mtime prove
+ * nothing). What the parent pass saw and a journal does not tell (hard links, entries a tolerant
+ * pass left for the next one, the counts of the whole tree) comes from that pass: PassFacts.
+ *
+ * Hard links and the journal: a change to one name of an inode changes every name's ctime (and a
+ * write through one name changes every name's content), but the journal reports only the name it
+ * went through, or no name at all (link counts). So the volume is walked in full when a changed
+ * name is, or was at the parent pass, a name of an inode with several links; when a folder that
+ * held such a name is gone, replaced or listed in full; and when an inode had links outside the
+ * names the parent pass saw (a write through those is never reported here). The simplest rule that
+ * is provably right; linked files elsewhere in the volume keep the journal.
+ *
  * With the native helper (fs/native-walk.ts) a folder is listed in one call off this thread
  * (names and lstat of every entry), a few folders ahead of the one being archived; a listed
  * entry is then opened by name and must be the device and inode listed (else "changed", as
@@ -32,9 +48,10 @@
 import { closeSync, read as readCallback, readSync } from 'node:fs';
 import type { BigIntStats } from 'node:fs';
 import { promisify } from 'node:util';
-import { changedError, DirHandle, isChangedError, type EntryHandle } from '../fs/beneath.js';
+import { changedError, DirHandle, isChangedError, isComponent, type EntryHandle } from '../fs/beneath.js';
+import type { VolumeChanges } from '../fs/change-journal.js';
 import { errnoName, nativeWalk, NUMS, TEXTS, type FolderListing, type NativeWalk } from '../fs/native-walk.js';
-import { leaveOutOwnFolders } from '../archive/member-guard.js';
+import { isReservedName, leaveOutOwnFolders } from '../archive/member-guard.js';
 import { isAllZero } from './zero.js';
 import { Chunker } from './chunker.js';
 import type { Repository } from './repository.js';
@@ -85,6 +102,78 @@ export interface ArchiveOptions {
    * thread). Both give the same trees.
    */
   walk?: 'native' | 'plain';
+}
+
+/**
+ * What a full walk saw that a later pass using a change journal needs (Archiver.passFacts). Paths
+ * and names are as in fs/change-journal.ts: relative to the volume root, bytes as 'latin1'.
+ */
+export interface PassFacts {
+  /** Entries, files and bytes of the tree below its root (the journal pass adjusts them). */
+  totals: { entries: number; files: number; bytes: number };
+  /** Every name of a regular file with several links. */
+  linked: ReadonlySet<string>;
+  /** Some inode had more links than names seen here (a name elsewhere, or one left out). */
+  linksOutside: boolean;
+  /** Folder -> names a tolerant pass left out or left without content: the next pass looks at them. */
+  incomplete: ReadonlyMap<string, ReadonlySet<string>>;
+}
+
+/** The changes since the parent pass began, and that pass's facts: what a journal pass needs. */
+export interface ChangesSinceParent {
+  changes: VolumeChanges;
+  parentPass: PassFacts;
+}
+
+export interface ArchiveResult {
+  tree: string;
+  /** The volume root itself. */
+  root: TreeNode;
+  /** Only with changes given: whether they were used, or why the volume was walked in full. */
+  journal?: { used: true } | { used: false; reason: string };
+}
+
+/** How much of the volume a pass looked at (the journal pass exists to keep these small). */
+export interface VisitCounts {
+  /** Folders listed in full (readdir). */
+  foldersListed: number;
+  /** Entries looked up (one lstat-like system call each). */
+  lookups: number;
+  /** Tree blobs of the parent pass loaded. */
+  treesLoaded: number;
+}
+
+/** A journal pass cannot be trusted for this volume (caught in archive: full walk). */
+class FullWalkNeeded extends Error {}
+
+/** The changes a journal pass follows (Archiver.journalPlan). Keys and names: 'latin1'. */
+interface JournalPlan {
+  /** Folder -> changed names, or 'all': the journal's, and what the parent pass left for this one. */
+  folders: ReadonlyMap<string, ReadonlySet<string> | 'all'>;
+  /** Folder -> names of its sub-folders on the way to a changed folder. */
+  onPath: ReadonlyMap<string, ReadonlySet<string>>;
+  /** Every name of a file with several links at the parent pass. */
+  linked: ReadonlySet<string>;
+  /** The same, and every folder above one. */
+  linkedOrAbove: ReadonlySet<string>;
+}
+
+/** Kept nodes (in name order, as in their tree) and fresh ones (in name order) as one list in name order. */
+function mergeByName(kept: TreeNode[], fresh: { node: TreeNode; name: Buffer }[]): TreeNode[] {
+  const out: TreeNode[] = [];
+  let k = 0;
+  for (const { node, name } of fresh) {
+    while (k < kept.length && Buffer.compare(Buffer.from(kept[k]!.name, 'base64'), name) < 0) out.push(kept[k++]!);
+    out.push(node);
+  }
+  while (k < kept.length) out.push(kept[k++]!);
+  return out;
+}
+
+const SLASH = Buffer.from('/');
+
+function childPath(relative: Buffer, name: Buffer): Buffer {
+  return relative.length === 0 ? name : Buffer.concat([relative, SLASH, name]);
 }
 
 /** Files up to this size are read synchronously (see fileContent). */
@@ -218,6 +307,12 @@ export class Archiver {
   private readonly repositoryErrors = new WeakSet<object>();
   private lastReport = 0;
   private readonly walk: NativeWalk | undefined;
+  readonly visits: VisitCounts = { foldersListed: 0, lookups: 0, treesLoaded: 0 };
+  /** Names of files with several links seen by this pass, per inode (for PassFacts). */
+  private readonly linkNames = new Map<string, { nlink: bigint; paths: Set<string> }>();
+  /** Folder -> names this tolerant pass left out or without content (for PassFacts). */
+  private readonly incomplete = new Map<string, Set<string>>();
+  private facts: PassFacts | undefined;
 
   /** Small files' bytes on their way to the workers to be sealed (only with a pool). */
   private readonly small: SmallBlobBatches | undefined;
@@ -249,17 +344,68 @@ export class Archiver {
     this.options.onProgress?.({ ...this.stats });
   }
 
-  /** Archives the folder `root` (a trusted path: the volume's mount point); returns the id of its tree blob. */
-  async archive(root: string, parentTree: string | undefined): Promise<{ tree: string; root: TreeNode }> {
+  /**
+   * Archives the folder `root` (a trusted path: the volume's mount point); returns the id of its
+   * tree blob. With `changes` (everything changed since `parentTree`'s pass began), only what
+   * changed is visited, unless the changes cannot be trusted for this volume (hard links: see the
+   * file header): then it is walked in full, and `journal` says why.
+   */
+  async archive(root: string, parentTree: string | undefined, changes?: ChangesSinceParent): Promise<ArchiveResult> {
     const dir = await DirHandle.openRoot(root);
     try {
       const st = await dir.stat();
-      const tree = await this.folder(dir, Buffer.alloc(0), parentTree);
+      let journal: ArchiveResult['journal'];
+      let tree: string | undefined;
+      if (changes !== undefined) {
+        try {
+          if (parentTree === undefined) throw new FullWalkNeeded('no parent tree');
+          const plan = this.journalPlan(changes);
+          // The parent's tree as it is, every file unchanged; what the pass replaces is taken out.
+          const { entries, files, bytes } = changes.parentPass.totals;
+          Object.assign(this.stats, { entries, files, bytes, filesUnchanged: files });
+          tree = await this.changedFolder(dir, Buffer.alloc(0), parentTree, plan);
+          // A file with several links met anywhere (also in a new folder walked in full).
+          if (this.linkNames.size > 0) throw new FullWalkNeeded(`'${[...[...this.linkNames.values()][0]!.paths][0]}' has several hard links`);
+          journal = { used: true };
+        } catch (error) {
+          if (!(error instanceof FullWalkNeeded)) throw error;
+          journal = { used: false, reason: error.message };
+          tree = undefined;
+          this.restart();
+        }
+      }
+      if (tree === undefined) {
+        tree = await this.folder(dir, Buffer.alloc(0), parentTree);
+        this.facts = this.factsOfWalk();
+      }
       this.report(true);
-      return { tree, root: this.baseNode(Buffer.alloc(0), st, 'dir') };
+      return { tree, root: this.baseNode(Buffer.alloc(0), st, 'dir'), ...(journal ? { journal } : {}) };
     } finally {
       await dir.close();
     }
+  }
+
+  /** What this pass saw that a later journal pass needs; undefined unless it walked in full. */
+  get passFacts(): PassFacts | undefined {
+    return this.facts;
+  }
+
+  private factsOfWalk(): PassFacts {
+    const linked = new Set<string>();
+    let linksOutside = false;
+    for (const { nlink, paths } of this.linkNames.values()) {
+      for (const p of paths) linked.add(p);
+      if (BigInt(paths.size) < nlink) linksOutside = true;
+    }
+    return { totals: { entries: this.stats.entries, files: this.stats.files, bytes: this.stats.bytes }, linked, linksOutside, incomplete: this.incomplete };
+  }
+
+  /** Forgets a journal pass given up on (what it stored stays stored: blobs are deduplicated). */
+  private restart(): void {
+    Object.assign(this.stats, { entries: 0, files: 0, bytes: 0, filesUnchanged: 0 });
+    this.seenInodes.clear();
+    this.linkNames.clear();
+    this.incomplete.clear();
   }
 
   private baseNode(name: Buffer, st: BigIntStats, type: NodeType): TreeNode {
@@ -308,7 +454,8 @@ export class Archiver {
     return since !== undefined && (BigInt(node.mtimeNs) >= since || BigInt(node.ctimeNs) >= since);
   }
 
-  private async loadTree(id: string | undefined): Promise<Tree | undefined> {
+  /** The parent tree of a folder walked in full (counted in countVisit). */
+  private async loadParentTree(id: string | undefined): Promise<Tree | undefined> {
     const json = await this.loadTreeJson(id);
     return json && (JSON.parse(json.toString('utf8')) as Tree);
   }
@@ -319,9 +466,10 @@ export class Archiver {
 
   private async folder(dir: DirHandle, relative: Buffer, parentTree: string | undefined, ahead?: FolderAhead): Promise<string> {
     if (this.walk) return this.listedFolder(this.walk, dir, relative, parentTree, ahead);
-    const parent = await this.loadTree(parentTree);
+    const parent = await this.loadParentTree(parentTree);
     const f: Folder = { dir, relative, parentNodes: new Map(parent?.nodes.map((n) => [n.name, n])), parentTree, parent, keyOrder: new Map() };
     const names = leaveOutOwnFolders(await dir.readdir(), relative.length === 0, this.options.onWarning).sort((a, b) => Buffer.compare(a, b));
+    this.countVisit(names.length, parent !== undefined);
     /** One slot per name, in name order; undefined: left out. */
     const slots: (TreeNode | undefined)[] = [];
     /** Files of this folder to read once it is listed, several at once when workers are there. */
@@ -338,12 +486,13 @@ export class Archiver {
       slots.push(node);
       this.report();
     }
-    return this.finishFolder(f, reads, slots);
+    return this.finishFolder(f, reads, slots, () => names);
   }
 
-  /** Reads the folder's deferred files, then stores its tree. */
-  private async finishFolder(f: Folder, reads: PendingRead[], slots: (TreeNode | undefined)[]): Promise<string> {
+  /** Reads the folder's deferred files, then stores its tree. `names`: the name of each slot. */
+  private async finishFolder(f: Folder, reads: PendingRead[], slots: (TreeNode | undefined)[], names: () => Buffer[]): Promise<string> {
     await this.readPending(f, reads, slots);
+    if (this.options.tolerateChanges) this.noteIncomplete(f.relative, names(), slots);
     // The tree names its small files' blobs: they must all be sealed and stored first.
     await this.small?.drain();
     const nodes = slots.filter((n): n is TreeNode => n !== undefined);
@@ -405,6 +554,9 @@ export class Archiver {
       }
     }
     const f: Folder = { dir, relative, parentNodes, parentTree, parent, keyOrder: new Map() };
+    this.countVisit(count, parentJson !== undefined);
+    /** The listing's entry of each slot. */
+    const slotEntries: number[] = [];
     // One string for the folder; each field is a slice of it.
     const text = listing.text.toString('latin1');
     const slots: (TreeNode | undefined)[] = [];
@@ -419,7 +571,9 @@ export class Archiver {
           const fd = walk.openListed(dir.fd, names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i]), text.slice(textEnds[t + 3], textEnds[t + 4]), text.slice(textEnds[t + 2], textEnds[t + 3]), true);
           const sub = DirHandle.fromFd(fd);
           const before = f.parentNodes.get(text.slice(t === 0 ? 0 : textEnds[t - 1], textEnds[t]));
-          const a: FolderAhead = { dir: sub, listing: walk.listFolder(fd), parent: this.loadTreeJson(before?.type === 'dir' ? before.subtree : undefined) };
+          // The tree first: its reads queue on the same threads as the listings.
+          const parent = this.loadTreeJson(before?.type === 'dir' ? before.subtree : undefined);
+          const a: FolderAhead = { dir: sub, listing: walk.listFolder(fd), parent };
           // Awaited at its turn; a folder whose turn never comes (a failure before it) must not
           // leave an unhandled rejection.
           a.listing.catch(() => undefined);
@@ -443,6 +597,7 @@ export class Archiver {
           this.stats.files++;
           this.stats.bytes += nums[i * NUMS + 3]!;
           this.stats.filesUnchanged++;
+          slotEntries.push(i);
           slots.push(undefined);
           this.report();
           continue;
@@ -466,6 +621,7 @@ export class Archiver {
           if (a !== undefined && 'dir' in a) a.dir.closeSync(); // closed already unless entry() failed before opening it
         }
         if (same && (node === undefined || node !== f.parentNodes.get(node.name))) allSame = false;
+        slotEntries.push(i);
         slots.push(node);
         this.report();
       }
@@ -477,7 +633,7 @@ export class Archiver {
       // A folder below changed: the files' nodes are the parent's, as JSON.parse makes them.
       for (let i = 0; i < count; i++) if (slots[i] === undefined && (nums[i * NUMS]! & S_IFMT) !== 0o040000) slots[i] = JSON.parse(parentText.slice(same[2 * i], same[2 * i + 1])) as TreeNode;
     }
-    return this.finishFolder(f, reads, slots);
+    return this.finishFolder(f, reads, slots, () => slotEntries.map((i) => names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i])));
   }
 
   /** Entry `i` of a native listing; throws its lstat's error (a changed error if it is gone). */
@@ -564,6 +720,7 @@ export class Archiver {
         node.rdev = listed.rdev;
       } else if (type === 'file') {
         const inodeKey = listed.inodeKey;
+        if (listed.nlink > 1) this.noteLink(inodeKey, BigInt(listed.nlink), rel());
         const linked = how.linkable && listed.nlink > 1;
         const first = linked ? this.seenInodes.get(inodeKey) : undefined;
         const unchanged =
@@ -639,6 +796,205 @@ export class Archiver {
       this.options.onWarning?.(`'${rel.toString('utf8')}' changed while it was read, and again when read a second time: left out of this backup`);
       return undefined;
     }
+  }
+
+  private countVisit(names: number, treeLoaded: boolean): void {
+    this.visits.foldersListed++;
+    this.visits.lookups += names;
+    if (treeLoaded) this.visits.treesLoaded++;
+  }
+
+  private noteLink(inodeKey: string, nlink: bigint, rel: Buffer): void {
+    let seen = this.linkNames.get(inodeKey);
+    if (!seen) this.linkNames.set(inodeKey, (seen = { nlink, paths: new Set() }));
+    if (nlink > seen.nlink) seen.nlink = nlink;
+    seen.paths.add(rel.toString('latin1'));
+  }
+
+  /** A tolerant pass's names left out, or files left without content: the next pass must look at them. */
+  private noteIncomplete(relative: Buffer, names: Buffer[], slots: (TreeNode | undefined)[]): void {
+    for (const [index, name] of names.entries()) {
+      const node = slots[index];
+      if (node !== undefined && (node.type !== 'file' || node.content !== undefined || node.hardlink !== undefined)) continue;
+      const key = relative.toString('latin1');
+      let set = this.incomplete.get(key);
+      if (!set) this.incomplete.set(key, (set = new Set()));
+      set.add(name.toString('latin1'));
+    }
+  }
+
+  private async loadTree(id: string): Promise<Tree> {
+    this.visits.treesLoaded++;
+    return JSON.parse((await this.inRepository(this.repo.loadBlob(id))).toString('utf8')) as Tree;
+  }
+
+  /** Takes a parent node (and, for a folder, everything below it) out of the counts of a journal pass. */
+  private async uncount(node: TreeNode, withSubtree: boolean): Promise<void> {
+    this.count(node, -1);
+    if (node.type === 'file') this.stats.filesUnchanged--;
+    if (withSubtree && node.type === 'dir' && node.subtree !== undefined) {
+      for (const child of (await this.loadTree(node.subtree)).nodes) await this.uncount(child, true);
+    }
+  }
+
+  /**
+   * The journal's changes merged with what the parent pass left for this one, and what decides
+   * between the journal and a full walk before anything is read. Throws FullWalkNeeded.
+   */
+  private journalPlan(input: ChangesSinceParent): JournalPlan {
+    const { changes, parentPass } = input;
+    if (parentPass.linksOutside) throw new FullWalkNeeded('a file has hard links outside what the last pass saw');
+    const folders = new Map<string, Set<string> | 'all'>();
+    const add = (folder: string, names: ReadonlySet<string> | 'all'): void => {
+      const had = folders.get(folder);
+      if (had === 'all') return;
+      if (names === 'all') return void folders.set(folder, 'all');
+      if (had === undefined) folders.set(folder, new Set(names));
+      else for (const n of names) had.add(n);
+    };
+    for (const [folder, names] of changes.folders) add(folder, names);
+    for (const [folder, names] of parentPass.incomplete) add(folder, names);
+    // A changed name that is linked gives up; so does a folder above one that is gone, replaced
+    // or listed in full (a folder whose own metadata or listing changed is recursed into).
+    const linked = parentPass.linked;
+    const linkedOrAbove = new Set<string>();
+    for (const path of parentPass.linked) {
+      for (let end = path.length; end > 0; end = path.lastIndexOf('/', end - 1)) linkedOrAbove.add(path.slice(0, end));
+      linkedOrAbove.add('');
+    }
+    const onPath = new Map<string, Set<string>>();
+    for (const [folder, names] of folders) {
+      if (names === 'all' ? linkedOrAbove.has(folder) : [...names].some((n) => linked.has(folder === '' ? n : `${folder}/${n}`))) {
+        throw new FullWalkNeeded(`a changed entry in '${Buffer.from(folder, 'latin1').toString('utf8') || '.'}' is, or holds, a file with several hard links`);
+      }
+      if (names !== 'all') {
+        for (const n of names) if (!isComponent(Buffer.from(n, 'latin1'))) throw new FullWalkNeeded(`the change journal named an invalid entry in '${folder}'`);
+      }
+      // The folders above this one, each with the name of its child on the way down.
+      for (let child = folder; child !== ''; ) {
+        const cut = child.lastIndexOf('/');
+        const above = cut < 0 ? '' : child.slice(0, cut);
+        let set = onPath.get(above);
+        if (!set) onPath.set(above, (set = new Set()));
+        set.add(child.slice(cut + 1));
+        child = above;
+      }
+    }
+    return { folders, onPath, linked, linkedOrAbove };
+  }
+
+  /**
+   * A folder on the way to a change, with the journal (see the file header): the parent pass's
+   * tree with only the changed names looked up again. Same trust rules as folder(): everything is
+   * reached through `dir`; an entry that changes while it is read is looked at once more, then
+   * left out with a warning. Throws FullWalkNeeded for a file with several links.
+   */
+  private async changedFolder(dir: DirHandle, relative: Buffer, parentTree: string, plan: JournalPlan): Promise<string> {
+    const key = relative.toString('latin1');
+    const changed = plan.folders.get(key);
+    if (changed === 'all') {
+      // Listed in full, as without a journal (the parent's nodes are compared by metadata then).
+      for (const node of (await this.loadTree(parentTree)).nodes) await this.uncount(node, true);
+      return this.folder(dir, relative, parentTree);
+    }
+    const parent = await this.loadTree(parentTree);
+    const before = new Map(parent.nodes.map((n) => [n.name, n]));
+    /** base64 name -> name bytes, of every name looked up here. */
+    const look = new Map<string, Buffer>();
+    // The changed names, and the folders on the way to a change (the same folder: recursed into).
+    for (const n of [...(changed ?? []), ...(plan.onPath.get(key) ?? [])]) look.set(Buffer.from(n, 'latin1').toString('base64'), Buffer.from(n, 'latin1'));
+    // A file the parent pass left without content is read, whatever the journal says.
+    for (const node of parent.nodes) {
+      if (node.type === 'file' && node.content === undefined && node.hardlink === undefined && !look.has(node.name)) {
+        if (plan.linked.has(childPath(relative, Buffer.from(node.name, 'base64')).toString('latin1'))) throw new FullWalkNeeded('a file left for this pass has several hard links');
+        look.set(node.name, Buffer.from(node.name, 'base64'));
+      }
+    }
+    const names = [...look.values()].sort((a, b) => Buffer.compare(a, b));
+    // Nothing of the parent's is reused for a name looked up: a changed file is always read.
+    const f: Folder = { dir, relative, parentNodes: new Map(), parentTree: undefined, parent: undefined, keyOrder: new Map() };
+    const slots: (TreeNode | undefined)[] = [];
+    const reads: PendingRead[] = [];
+    for (const [index, name] of names.entries()) {
+      this.options.signal?.throwIfAborted();
+      const b64 = name.toString('base64');
+      const old = before.get(b64);
+      let node: TreeNode | undefined;
+      let listed: EntryHandle;
+      this.visits.lookups++;
+      try {
+        listed = f.dir.lookupSync(name);
+      } catch (error) {
+        if (!this.isChange(error)) throw error;
+        // Gone (a name that is not there now is not in the tree: no warning, as not listed).
+        if (old?.type === 'dir' && plan.linkedOrAbove.has(childPath(relative, name).toString('latin1'))) {
+          throw new FullWalkNeeded(`'${childPath(relative, name).toString('utf8')}' is gone and held files with several hard links`);
+        }
+        if (old) await this.uncount(old, true);
+        slots.push(undefined);
+        continue;
+      }
+      const st = listed.stat;
+      const rel = childPath(relative, name);
+      if (st.isFile() && st.nlink > 1n) {
+        listed.closeSync();
+        throw new FullWalkNeeded(`'${rel.toString('utf8')}' has several hard links`);
+      }
+      if (relative.length === 0 && isReservedName(name)) {
+        listed.closeSync();
+        if (old) await this.uncount(old, true);
+        leaveOutOwnFolders([name], true, this.options.onWarning);
+        slots.push(undefined);
+        continue;
+      }
+      const sameFolder = st.isDirectory() && old?.type === 'dir' && old.subtree !== undefined && old.inode === st.ino.toString();
+      if (old?.type === 'dir' && !sameFolder && plan.linkedOrAbove.has(rel.toString('latin1'))) {
+        listed.closeSync();
+        throw new FullWalkNeeded(`'${rel.toString('utf8')}' was replaced and held files with several hard links`);
+      }
+      if (sameFolder) {
+        // A folder of the parent's (same inode): only what changed in it is looked at.
+        let sub: DirHandle | undefined;
+        let openError: unknown;
+        try {
+          sub = listed.openDirSync();
+        } catch (error) {
+          openError = error;
+        } finally {
+          listed.closeSync();
+        }
+        if (sub) {
+          node = this.baseNode(name, st, 'dir');
+          try {
+            node.subtree = await this.changedFolder(sub, rel, old.subtree!, plan);
+          } finally {
+            await sub.close();
+          }
+          this.count(old, -1);
+          this.count(node, 1);
+        } else {
+          await this.uncount(old, true);
+          node = await this.changed(f, name, openError);
+        }
+      } else {
+        // New here, replaced, or a changed file: read (a folder: walked in full, nothing reused).
+        if (old) await this.uncount(old, true);
+        try {
+          node = await this.entry(f, name, this.handleListed(f, name, listed), { linkable: true, defer: (read) => reads.push({ ...read, slot: index }) });
+        } catch (error) {
+          node = await this.changed(f, name, error);
+        }
+      }
+      slots.push(node);
+      this.report();
+    }
+    await this.readPending(f, reads, slots);
+    await this.small?.drain();
+    const fresh = slots.map((n, i) => n && { node: n, name: names[i]! }).filter((n) => n !== undefined);
+    const nodes = mergeByName(parent.nodes.filter((n) => !look.has(n.name)), fresh);
+    const saved = await this.inRepository(this.repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes } satisfies Tree))));
+    this.stats.bytesAdded += saved.added;
+    return saved.id;
   }
 
   /**
