@@ -419,7 +419,9 @@ export class Archiver {
           const fd = walk.openListed(dir.fd, names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i]), text.slice(textEnds[t + 3], textEnds[t + 4]), text.slice(textEnds[t + 2], textEnds[t + 3]), true);
           const sub = DirHandle.fromFd(fd);
           const before = f.parentNodes.get(text.slice(t === 0 ? 0 : textEnds[t - 1], textEnds[t]));
-          const a: FolderAhead = { dir: sub, listing: walk.listFolder(fd), parent: this.loadTreeJson(before?.type === 'dir' ? before.subtree : undefined) };
+          // The tree first: its reads queue on the same threads as the listings.
+          const parent = this.loadTreeJson(before?.type === 'dir' ? before.subtree : undefined);
+          const a: FolderAhead = { dir: sub, listing: walk.listFolder(fd), parent };
           // Awaited at its turn; a folder whose turn never comes (a failure before it) must not
           // leave an unhandled rejection.
           a.listing.catch(() => undefined);
