@@ -132,7 +132,8 @@ async function main(): Promise<void> {
         process.stdout.write(`${count} files written in ${seconds(built).toFixed(0)} s\n`);
       }
       const native = ours(work, volume, true, `native-${count}`);
-      const plain = ours(work, volume, false, `js-${count}`);
+      // BENCH_NATIVE_ONLY=1: the native walk only (to try its settings).
+      const plain = process.env['BENCH_NATIVE_ONLY'] ? native : ours(work, volume, false, `js-${count}`);
       if (native.tree !== plain.tree) throw new Error(`tree ids differ: native ${native.tree}, pure JS ${plain.tree}`);
       process.stdout.write(
         `${count} files (median of ${ROUNDS}, find and ours alternating; load ${loadavg()[0]!.toFixed(1)}): ` +
