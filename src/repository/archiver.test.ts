@@ -11,9 +11,9 @@
  */
 import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -22,6 +22,8 @@ import { LocalBackend } from '../backend/local.js';
 import { FaultyBackend } from '../backend/faulty.js';
 import { Archiver, type ArchiveOptions } from './archiver.js';
 import { isZeroChunk, type Tree, type TreeNode } from './tree.js';
+import { nativeWalk } from '../fs/native-walk.js';
+import { nativeUnavailableReason } from '../fs/native.js';
 import { makeHostileVolume } from '../../test/fixture/hostile-volume.js';
 import { startSwapper } from '../../test/fixture/swapper.js';
 
@@ -295,6 +297,72 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
       await assert.rejects(new Archiver(repo, { pool }).archive(volume, undefined), /worker/);
       await closing;
       assert.deepEqual(volumeFds(), []);
+    });
+  });
+
+  void describe('the native walk and the plain walk', { skip: !nativeWalk() && `no native walk: ${nativeUnavailableReason() || 'an old build'}` }, () => {
+    void it('make the same trees (same ids), first backup and nothing-changed backup, each as the parent of the other', async () => {
+      const work = mkdtempSync(join(tmpdir(), 'archiver-walks-'));
+      try {
+        const volume = join(work, 'volume');
+        mkdirSync(join(volume, 'a', 'b', 'c'), { recursive: true });
+        mkdirSync(join(volume, 'empty'));
+        mkdirSync(join(volume, '.cvat-backup-retired'));
+        for (let d = 0; d < 12; d++) {
+          mkdirSync(join(volume, 'jobs', `job${d}`), { recursive: true });
+          for (let i = 0; i < 150; i++) writeFileSync(join(volume, 'jobs', `job${d}`, `frame${i}.json`), `{"frame": ${d * 1000 + i}}\n`);
+        }
+        const sneaky = join(volume, 'jobs', 'job6', 'frame8.json');
+        utimesSync(sneaky, 1_000_000_000, 1_000_000_000); // whole seconds: put back exactly below
+        writeFileSync(join(volume, 'a', 'b', 'c', 'big.bin'), randomBytes(300_000));
+        writeFileSync(join(volume, 'a', 'zeros'), Buffer.alloc(100_000));
+        writeFileSync(join(volume, 'a', 'empty-file'), '');
+        writeFileSync(Buffer.concat([Buffer.from(`${volume}/a/`), Buffer.from([0xff, 0x0a, 0x20, 0x41])]), 'odd name');
+        // Hard links across folders: the first name in tree order is the one stored.
+        writeFileSync(join(volume, 'jobs', 'job3', 'linked'), 'linked');
+        execFileSync('ln', [join(volume, 'jobs', 'job3', 'linked'), join(volume, 'a', 'b', 'linked-too')]);
+        execFileSync('ln', [join(volume, 'jobs', 'job3', 'linked'), join(volume, 'z-last')]);
+        symlinkSync('../../etc/passwd', join(volume, 'a', 'link'));
+        execFileSync('mkfifo', [join(volume, 'a', 'fifo')]);
+        if (isRoot) execFileSync('mknod', [join(volume, 'a', 'zero'), 'c', '1', '5']);
+        const repo = await Repository.init(new LocalBackend(join(work, 'repo')), 'pw', { kdf: fastKdf });
+        const pool = repo.createChunkPool(2);
+        try {
+          const archive = async (walk: 'native' | 'plain', parent: string | undefined): Promise<string> => {
+            const { tree } = await new Archiver(repo, { pool, walk, onWarning: () => undefined }).archive(volume, parent);
+            await repo.flush();
+            return tree;
+          };
+          const nativeFirst = await archive('native', undefined);
+          const plainFirst = await archive('plain', undefined);
+          assert.equal(nativeFirst, plainFirst);
+          assert.equal(await archive('native', plainFirst), plainFirst);
+          assert.equal(await archive('plain', nativeFirst), nativeFirst);
+          // Something changed: a new file deep down, a file rewritten, a folder's mode, and a file
+          // rewritten in place with the same size and its mtime put back (only its ctime moved).
+          writeFileSync(sneaky, readFileSync(sneaky, 'utf8').replace('6008', '9999'));
+          utimesSync(sneaky, 1_000_000_000, 1_000_000_000);
+          assert.equal(statSync(sneaky, { bigint: true }).mtimeNs, 1_000_000_000_000_000_000n);
+          writeFileSync(join(volume, 'a', 'b', 'c', 'new'), 'new');
+          writeFileSync(join(volume, 'jobs', 'job5', 'frame7.json'), 'rewritten, longer than before');
+          chmodSync(join(volume, 'jobs', 'job9'), 0o700);
+          const nativeNext = await archive('native', nativeFirst);
+          assert.notEqual(nativeNext, nativeFirst);
+          assert.equal(await archive('plain', plainFirst), nativeNext);
+          await repo.flush();
+          const nodes = new Map<string, TreeNode>();
+          for await (const { rel, node } of walk(repo, nativeNext)) nodes.set(rel, node);
+          assert.equal(nodes.get('a/b/linked-too')?.content?.length, 1);
+          assert.equal(Buffer.from(nodes.get('jobs/job3/linked')!.hardlink!, 'base64').toString(), 'a/b/linked-too');
+          assert.equal((await content(repo, nodes.get('jobs/job5/frame7.json')!)).toString(), 'rewritten, longer than before');
+          assert.equal((await content(repo, nodes.get('jobs/job6/frame8.json')!)).toString(), '{"frame": 9999}\n');
+          assert.equal(nodes.has('.cvat-backup-retired'), false);
+        } finally {
+          await pool.close();
+        }
+      } finally {
+        rmSync(work, { recursive: true, force: true });
+      }
     });
   });
 

@@ -38,12 +38,19 @@
  * held such a name is gone, replaced or listed in full; and when an inode had links outside the
  * names the parent pass saw (a write through those is never reported here). The simplest rule that
  * is provably right; linked files elsewhere in the volume keep the journal.
+ *
+ * With the native helper (fs/native-walk.ts) a folder is listed in one call off this thread
+ * (names and lstat of every entry), a few folders ahead of the one being archived; a listed
+ * entry is then opened by name and must be the device and inode listed (else "changed", as
+ * above), with the same rules: no link followed, no device or FIFO opened. Without it (or
+ * `walk: 'plain'`) every entry is looked up as described above. Both make the same trees.
  */
 import { closeSync, read as readCallback, readSync } from 'node:fs';
 import type { BigIntStats } from 'node:fs';
 import { promisify } from 'node:util';
-import { DirHandle, isChangedError, isComponent, type EntryHandle, type ExpectedFile } from '../fs/beneath.js';
+import { changedError, DirHandle, isChangedError, isComponent, type EntryHandle } from '../fs/beneath.js';
 import type { VolumeChanges } from '../fs/change-journal.js';
+import { errnoName, nativeWalk, NUMS, TEXTS, type FolderListing, type NativeWalk } from '../fs/native-walk.js';
 import { isReservedName, leaveOutOwnFolders } from '../archive/member-guard.js';
 import { isAllZero } from './zero.js';
 import { Chunker } from './chunker.js';
@@ -89,6 +96,12 @@ export interface ArchiveOptions {
    * read a second time (never called in a tolerant pass). The message names its path.
    */
   onWarning?: (message: string) => void;
+  /**
+   * How folders are listed: 'native' (the default where the native helper is there: one call per
+   * folder, off this thread, several folders ahead) or 'plain' (a lookup per entry on this
+   * thread). Both give the same trees.
+   */
+  walk?: 'native' | 'plain';
 }
 
 /**
@@ -199,15 +212,82 @@ interface Folder {
   dir: DirHandle;
   relative: Buffer;
   parentNodes: Map<string, TreeNode>;
+  /** The parent tree's id and nodes (its blob is this folder's tree if every node is reused). */
+  parentTree: string | undefined;
+  parent: Tree | undefined;
+  /** Per node type: whether the parent tree's nodes have baseNode's key order (see reusable()). */
+  keyOrder: Map<NodeType, boolean>;
 }
+
+/** The keys of a file node with content and of a folder node, in the order this file sets them. */
+const NODE_KEYS: Partial<Record<NodeType, string>> = {
+  file: 'name,type,mode,uid,gid,mtimeNs,ctimeNs,inode,size,content',
+  dir: 'name,type,mode,uid,gid,mtimeNs,ctimeNs,inode,size,subtree',
+};
 
 /** A file of a folder whose content is read after the folder is listed, several at once. */
 interface PendingRead {
   slot: number;
   name: Buffer;
-  /** The inode listed (not the whole stat: a folder may hold millions of files). */
-  listed: ExpectedFile;
+  /** Opens it again by name, checked to be the inode listed (code ECHANGED if not). */
+  reopen: () => number;
   node: TreeNode;
+}
+
+/** A folder opened, and its listing and parent tree asked for, before its turn (native walk). */
+interface FolderAhead {
+  dir: DirHandle;
+  listing: Promise<FolderListing>;
+  /** The parent tree's JSON. */
+  parent: Promise<Buffer | undefined>;
+}
+
+/**
+ * An entry as listed (an O_PATH handle's fstat, or a line of a native listing): its node's
+ * metadata, and the checked ways to open exactly the inode listed.
+ */
+interface Listed {
+  /** undefined: a socket (left out). */
+  type: NodeType | undefined;
+  /** Owner, mode, times, inode, size: the node without content, subtree, target or link. */
+  node: TreeNode | undefined;
+  nlink: number;
+  rdev: number;
+  /** Device and inode, as the key of hard links. */
+  inodeKey: string;
+  /** A folder's handle (the listed one; else code ECHANGED). */
+  openDir(): DirHandle;
+  /** A regular file opened for reading (the listed one; else code ECHANGED). */
+  openFile(): number;
+  /** For later, when the listing's handle is closed: opens the name again, checked. */
+  reopenFile(): number;
+  close(): void;
+  /** A folder started ahead (its handle is the one openDir returns). */
+  ahead?: FolderAhead | undefined;
+}
+
+/** Folders of a folder opened and listed ahead of their turn (native walk). */
+const FOLDERS_AHEAD = 4;
+
+const S_IFMT = 0o170000;
+
+function typeOfMode(mode: number): NodeType | undefined {
+  switch (mode & S_IFMT) {
+    case 0o100000:
+      return 'file';
+    case 0o040000:
+      return 'dir';
+    case 0o120000:
+      return 'symlink';
+    case 0o010000:
+      return 'fifo';
+    case 0o020000:
+      return 'chardev';
+    case 0o060000:
+      return 'blockdev';
+    default:
+      return undefined;
+  }
 }
 
 function nodeType(st: BigIntStats): NodeType | undefined {
@@ -226,6 +306,7 @@ export class Archiver {
   /** Errors of repository calls: never taken for a change in the volume (a missing pack is ENOENT too). */
   private readonly repositoryErrors = new WeakSet<object>();
   private lastReport = 0;
+  private readonly walk: NativeWalk | undefined;
   readonly visits: VisitCounts = { foldersListed: 0, lookups: 0, treesLoaded: 0 };
   /** Names of files with several links seen by this pass, per inode (for PassFacts). */
   private readonly linkNames = new Map<string, { nlink: bigint; paths: Set<string> }>();
@@ -240,6 +321,7 @@ export class Archiver {
     private readonly repo: Repository,
     private readonly options: ArchiveOptions = {},
   ) {
+    this.walk = options.walk === 'plain' ? undefined : nativeWalk();
     this.small =
       options.pool &&
       new SmallBlobBatches(options.pool, {
@@ -372,9 +454,20 @@ export class Archiver {
     return since !== undefined && (BigInt(node.mtimeNs) >= since || BigInt(node.ctimeNs) >= since);
   }
 
-  private async folder(dir: DirHandle, relative: Buffer, parentTree: string | undefined): Promise<string> {
-    const parent = parentTree ? (JSON.parse((await this.inRepository(this.repo.loadBlob(parentTree))).toString('utf8')) as Tree) : undefined;
-    const f: Folder = { dir, relative, parentNodes: new Map(parent?.nodes.map((n) => [n.name, n])) };
+  /** The parent tree of a folder walked in full (counted in countVisit). */
+  private async loadParentTree(id: string | undefined): Promise<Tree | undefined> {
+    const json = await this.loadTreeJson(id);
+    return json && (JSON.parse(json.toString('utf8')) as Tree);
+  }
+
+  private async loadTreeJson(id: string | undefined): Promise<Buffer | undefined> {
+    return id ? this.inRepository(this.repo.loadBlob(id)) : undefined;
+  }
+
+  private async folder(dir: DirHandle, relative: Buffer, parentTree: string | undefined, ahead?: FolderAhead): Promise<string> {
+    if (this.walk) return this.listedFolder(this.walk, dir, relative, parentTree, ahead);
+    const parent = await this.loadParentTree(parentTree);
+    const f: Folder = { dir, relative, parentNodes: new Map(parent?.nodes.map((n) => [n.name, n])), parentTree, parent, keyOrder: new Map() };
     const names = leaveOutOwnFolders(await dir.readdir(), relative.length === 0, this.options.onWarning).sort((a, b) => Buffer.compare(a, b));
     this.countVisit(names.length, parent !== undefined);
     /** One slot per name, in name order; undefined: left out. */
@@ -386,21 +479,208 @@ export class Archiver {
       let node: TreeNode | undefined;
       try {
         // Plain system calls: a lookup costs this thread less than a hop through the thread pool.
-        node = await this.entry(f, name, f.dir.lookupSync(name), { linkable: true, defer: (read) => reads.push({ ...read, slot: index }) });
+        node = await this.entry(f, name, this.handleListed(f, name, f.dir.lookupSync(name)), { linkable: true, defer: (read) => reads.push({ ...read, slot: index }) });
       } catch (error) {
         node = await this.changed(f, name, error);
       }
       slots.push(node);
       this.report();
     }
+    return this.finishFolder(f, reads, slots, () => names);
+  }
+
+  /** Reads the folder's deferred files, then stores its tree. `names`: the name of each slot. */
+  private async finishFolder(f: Folder, reads: PendingRead[], slots: (TreeNode | undefined)[], names: () => Buffer[]): Promise<string> {
     await this.readPending(f, reads, slots);
-    if (this.options.tolerateChanges) this.noteIncomplete(relative, names, slots);
+    if (this.options.tolerateChanges) this.noteIncomplete(f.relative, names(), slots);
     // The tree names its small files' blobs: they must all be sealed and stored first.
     await this.small?.drain();
     const nodes = slots.filter((n): n is TreeNode => n !== undefined);
+    // Every node the parent's own, in its order: the tree is the parent's, byte for byte (it is
+    // JSON.stringify of what JSON.parse made of it), so it needs neither a stringify nor a hash.
+    const parentNodes = f.parent?.nodes;
+    if (f.parentTree !== undefined && parentNodes?.length === nodes.length && nodes.every((n, i) => n === parentNodes[i])) return f.parentTree;
     const saved = await this.inRepository(this.repo.saveBlob('tree', Buffer.from(JSON.stringify({ nodes } satisfies Tree))));
     this.stats.bytesAdded += saved.added;
     return saved.id;
+  }
+
+  /** An entry looked up through an O_PATH handle (the plain walk, and every second look). */
+  private handleListed(f: Folder, name: Buffer, handle: EntryHandle): Listed {
+    const st = handle.stat;
+    const type = nodeType(st);
+    return {
+      type,
+      node: type && this.baseNode(name, st, type),
+      nlink: Number(st.nlink),
+      rdev: Number(st.rdev),
+      inodeKey: `${st.dev}:${st.ino}`,
+      openDir: () => handle.openDirSync(),
+      openFile: () => handle.openFileSync(),
+      reopenFile: () => f.dir.openFileSync(name, { dev: st.dev, ino: st.ino }).fd,
+      close: () => handle.closeSync(),
+    };
+  }
+
+  /**
+   * A folder listed by the native helper: one call lists it (names and lstat of every entry, off
+   * this thread), and the next FOLDERS_AHEAD sub-folders are opened and listed, and their parent
+   * trees loaded, while this thread builds the nodes; they are still archived one after the
+   * other, in tree order, so the trees (and the first name of every hard link) are those of the
+   * plain walk.
+   *
+   * A folder whose listing is its parent tree node for node (sameAsParent: files with one link,
+   * not racy, and folders, each at the same place with the same metadata, in the same JSON) is
+   * not parsed: its files keep the parent's nodes as they are, only its folders are walked, and if
+   * their trees are the parent's too, so is this folder's (the same bytes, so the same id).
+   */
+  private async listedFolder(walk: NativeWalk, dir: DirHandle, relative: Buffer, parentTree: string | undefined, ahead: FolderAhead | undefined): Promise<string> {
+    const [listing, parentJson] = await Promise.all([ahead?.listing ?? walk.listFolder(dir.fd), ahead?.parent ?? this.loadTreeJson(parentTree)]);
+    const atRoot = relative.length === 0;
+    // Offsets of the parent's node texts, when the listing is the parent tree (not at the root,
+    // where the tool's own folders are left out).
+    const same = parentJson && !atRoot ? walk.sameAsParent(listing.text, listing.textEnds, listing.nums, parentJson, this.options.racySinceNs ?? null) : null;
+    const parentText = same ? parentJson!.toString('latin1') : '';
+    const parent = same ? undefined : parentJson && (JSON.parse(parentJson.toString('utf8')) as Tree);
+    const parentNodes = new Map(parent?.nodes.map((n) => [n.name, n]));
+    const { count, names, nameEnds, textEnds, nums } = listing;
+    const folders: number[] = [];
+    for (let i = 0; i < count; i++) if ((nums[i * NUMS]! & S_IFMT) === 0o040000 && nums[i * NUMS + 6] === 0) folders.push(i);
+    // The same as the parent: only the folders' nodes are needed (to walk them).
+    if (same) {
+      for (const i of folders) {
+        const node = JSON.parse(parentText.slice(same[2 * i], same[2 * i + 1])) as TreeNode;
+        parentNodes.set(node.name, node);
+      }
+    }
+    const f: Folder = { dir, relative, parentNodes, parentTree, parent, keyOrder: new Map() };
+    this.countVisit(count, parentJson !== undefined);
+    /** The listing's entry of each slot. */
+    const slotEntries: number[] = [];
+    // One string for the folder; each field is a slice of it.
+    const text = listing.text.toString('latin1');
+    const slots: (TreeNode | undefined)[] = [];
+    const reads: PendingRead[] = [];
+    const started = new Map<number, FolderAhead | { error: unknown }>();
+    let nextAhead = 0;
+    const startAhead = (upTo: number): void => {
+      for (; nextAhead < Math.min(upTo, folders.length); nextAhead++) {
+        const i = folders[nextAhead]!;
+        const t = i * TEXTS;
+        try {
+          const fd = walk.openListed(dir.fd, names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i]), text.slice(textEnds[t + 3], textEnds[t + 4]), text.slice(textEnds[t + 2], textEnds[t + 3]), true);
+          const sub = DirHandle.fromFd(fd);
+          const before = f.parentNodes.get(text.slice(t === 0 ? 0 : textEnds[t - 1], textEnds[t]));
+          // The tree first: its reads queue on the same threads as the listings.
+          const parent = this.loadTreeJson(before?.type === 'dir' ? before.subtree : undefined);
+          const a: FolderAhead = { dir: sub, listing: walk.listFolder(fd), parent };
+          // Awaited at its turn; a folder whose turn never comes (a failure before it) must not
+          // leave an unhandled rejection.
+          a.listing.catch(() => undefined);
+          a.parent.catch(() => undefined);
+          started.set(i, a);
+        } catch (error) {
+          started.set(i, { error });
+        }
+      }
+    };
+    let foldersDone = 0;
+    /** With `same`: every folder's node came back as the parent's. */
+    let allSame = true;
+    startAhead(FOLDERS_AHEAD);
+    try {
+      for (let i = 0; i < count; i++) {
+        this.options.signal?.throwIfAborted();
+        if (same && (nums[i * NUMS]! & S_IFMT) !== 0o040000) {
+          // A file the same as in the parent: its node is the parent's (taken below if needed).
+          this.stats.entries++;
+          this.stats.files++;
+          this.stats.bytes += nums[i * NUMS + 3]!;
+          this.stats.filesUnchanged++;
+          slotEntries.push(i);
+          slots.push(undefined);
+          this.report();
+          continue;
+        }
+        const name = names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i]);
+        if (atRoot && leaveOutOwnFolders([name], true, this.options.onWarning).length === 0) continue;
+        let a: FolderAhead | { error: unknown } | undefined;
+        if (started.has(i)) {
+          a = started.get(i);
+          started.delete(i);
+          startAhead(++foldersDone + FOLDERS_AHEAD);
+        }
+        const slot = slots.length;
+        let node: TreeNode | undefined;
+        try {
+          const listed = this.nativeListed(walk, f, listing, text, i, name, a);
+          node = await this.entry(f, name, listed, { linkable: true, defer: (read) => reads.push({ ...read, slot }) });
+        } catch (error) {
+          node = await this.changed(f, name, error);
+        } finally {
+          if (a !== undefined && 'dir' in a) a.dir.closeSync(); // closed already unless entry() failed before opening it
+        }
+        if (same && (node === undefined || node !== f.parentNodes.get(node.name))) allSame = false;
+        slotEntries.push(i);
+        slots.push(node);
+        this.report();
+      }
+    } finally {
+      for (const a of started.values()) if ('dir' in a) a.dir.closeSync();
+    }
+    if (same) {
+      if (allSame) return parentTree!;
+      // A folder below changed: the files' nodes are the parent's, as JSON.parse makes them.
+      for (let i = 0; i < count; i++) if (slots[i] === undefined && (nums[i * NUMS]! & S_IFMT) !== 0o040000) slots[i] = JSON.parse(parentText.slice(same[2 * i], same[2 * i + 1])) as TreeNode;
+    }
+    return this.finishFolder(f, reads, slots, () => slotEntries.map((i) => names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i])));
+  }
+
+  /** Entry `i` of a native listing; throws its lstat's error (a changed error if it is gone). */
+  private nativeListed(walk: NativeWalk, f: Folder, listing: FolderListing, text: string, i: number, name: Buffer, ahead: FolderAhead | { error: unknown } | undefined): Listed {
+    const { nums, textEnds } = listing;
+    const o = i * NUMS;
+    const errno = nums[o + 6]!;
+    if (errno !== 0) {
+      const code = errnoName(errno);
+      const error = Object.assign(new Error(`lstat '${name.toString()}': ${code}`), { code });
+      if (isChangedError(error)) throw Object.assign(changedError(`'${name.toString()}'`), { cause: error });
+      throw error;
+    }
+    const t = i * TEXTS;
+    const mode = nums[o]!;
+    const type = typeOfMode(mode);
+    const dev = text.slice(textEnds[t + 3], textEnds[t + 4]);
+    const ino = text.slice(textEnds[t + 2], textEnds[t + 3]);
+    // Keys in baseNode's order: the tree's bytes are the plain walk's.
+    const node: TreeNode | undefined = type && {
+      name: text.slice(t === 0 ? 0 : textEnds[t - 1], textEnds[t]),
+      type,
+      mode: mode & 0o7777,
+      uid: nums[o + 1]!,
+      gid: nums[o + 2]!,
+      mtimeNs: text.slice(textEnds[t], textEnds[t + 1]),
+      ctimeNs: text.slice(textEnds[t + 1], textEnds[t + 2]),
+      inode: ino,
+      size: type === 'file' ? nums[o + 3]! : 0,
+    };
+    const open = (): number => walk.openListed(f.dir.fd, name, dev, ino, false);
+    return {
+      type,
+      node,
+      nlink: nums[o + 4]!,
+      rdev: nums[o + 5]!,
+      inodeKey: `${dev}:${ino}`,
+      openDir: () => {
+        if (ahead === undefined) return DirHandle.fromFd(walk.openListed(f.dir.fd, name, dev, ino, true));
+        if ('error' in ahead) throw ahead.error;
+        return ahead.dir;
+      },
+      openFile: open,
+      reopenFile: open,
+      close: () => undefined,
+      ahead: ahead && 'dir' in ahead ? ahead : undefined,
+    };
   }
 
   /**
@@ -416,32 +696,32 @@ export class Archiver {
   private async entry(
     f: Folder,
     name: Buffer,
-    listed: EntryHandle,
+    listed: Listed,
     how: { linkable: boolean; defer?: (read: Omit<PendingRead, 'slot'>) => void },
   ): Promise<TreeNode | undefined> {
     try {
-      const st = listed.stat;
-      const type = nodeType(st);
-      if (type === undefined) return undefined; // sockets
-      const node = this.baseNode(name, st, type);
-      const rel = f.relative.length === 0 ? name : Buffer.concat([f.relative, Buffer.from('/'), name]);
+      const { type, node } = listed;
+      if (type === undefined || node === undefined) return undefined; // sockets
+      const rel = (): Buffer => (f.relative.length === 0 ? name : Buffer.concat([f.relative, Buffer.from('/'), name]));
       const before = f.parentNodes.get(node.name);
+      let result = node;
       if (type === 'dir') {
-        const sub = listed.openDirSync();
-        listed.closeSync();
+        const sub = listed.openDir();
+        listed.close();
         try {
-          node.subtree = await this.folder(sub, rel, before?.type === 'dir' ? before.subtree : undefined);
+          node.subtree = await this.folder(sub, rel(), before?.type === 'dir' ? before.subtree : undefined, listed.ahead);
         } finally {
           await sub.close();
         }
+        if (before?.type === 'dir' && before.subtree === node.subtree && this.reusable(f, before, node)) result = before;
       } else if (type === 'symlink') {
         node.target = (await f.dir.readListedLink(name)).toString('base64');
       } else if (type === 'chardev' || type === 'blockdev') {
-        node.rdev = Number(st.rdev);
+        node.rdev = listed.rdev;
       } else if (type === 'file') {
-        const inodeKey = `${st.dev}:${st.ino}`;
-        if (st.nlink > 1n) this.noteLink(inodeKey, st.nlink, rel);
-        const linked = how.linkable && st.nlink > 1n;
+        const inodeKey = listed.inodeKey;
+        if (listed.nlink > 1) this.noteLink(inodeKey, BigInt(listed.nlink), rel());
+        const linked = how.linkable && listed.nlink > 1;
         const first = linked ? this.seenInodes.get(inodeKey) : undefined;
         const unchanged =
           before?.type === 'file' &&
@@ -456,22 +736,49 @@ export class Archiver {
         } else if (unchanged && before.content) {
           node.content = before.content;
           this.stats.filesUnchanged++;
+          if (this.reusable(f, before, node)) result = before;
         } else if (how.defer && !linked && !this.isTiny(node.size)) {
-          listed.closeSync(); // not kept open while waiting: a folder may hold millions of files
-          how.defer({ name, listed: { dev: st.dev, ino: st.ino }, node });
+          listed.close(); // not kept open while waiting: a folder may hold millions of files
+          how.defer({ name, reopen: () => listed.reopenFile(), node });
         } else {
           // Read now: a tiny file (cheaper than a second lookup later), or the first name of an
           // inode with several (were it left out, the names that follow must not point at it).
-          const content = await this.readContent(() => listed.openFileSync(), node.size);
+          const content = await this.readContent(() => listed.openFile(), node.size);
           if (content !== undefined) node.content = content;
         }
-        if (linked && first === undefined) this.seenInodes.set(inodeKey, rel.toString('base64'));
+        if (linked && first === undefined) this.seenInodes.set(inodeKey, rel().toString('base64'));
       }
-      this.count(node, 1);
-      return node;
+      this.count(result, 1);
+      return result;
     } finally {
-      listed.closeSync();
+      listed.close();
     }
+  }
+
+  /**
+   * True if the parent's node `before` can stand for `node` (the same metadata, content or
+   * subtree): it then serialises to the same bytes as long as its keys are in this file's order,
+   * checked once per folder and node type (a tree's nodes of a type were all written alike).
+   * Reusing it spares an object, and lets an unchanged folder keep its parent's tree as is.
+   */
+  private reusable(f: Folder, before: TreeNode, node: TreeNode): boolean {
+    if (
+      before.mode !== node.mode ||
+      before.uid !== node.uid ||
+      before.gid !== node.gid ||
+      before.mtimeNs !== node.mtimeNs ||
+      before.ctimeNs !== node.ctimeNs ||
+      before.inode !== node.inode ||
+      before.size !== node.size
+    ) {
+      return false;
+    }
+    let ordered = f.keyOrder.get(node.type);
+    if (ordered === undefined) {
+      ordered = Object.keys(before).join(',') === NODE_KEYS[node.type];
+      f.keyOrder.set(node.type, ordered);
+    }
+    return ordered;
   }
 
   /**
@@ -482,7 +789,7 @@ export class Archiver {
     if (!this.isChange(error)) throw error;
     if (this.options.tolerateChanges) return undefined;
     try {
-      return await this.entry(f, name, f.dir.lookupSync(name), { linkable });
+      return await this.entry(f, name, this.handleListed(f, name, f.dir.lookupSync(name)), { linkable });
     } catch (again) {
       if (!this.isChange(again)) throw again;
       const rel = f.relative.length === 0 ? name : Buffer.concat([f.relative, Buffer.from('/'), name]);
@@ -605,7 +912,7 @@ export class Archiver {
     }
     const names = [...look.values()].sort((a, b) => Buffer.compare(a, b));
     // Nothing of the parent's is reused for a name looked up: a changed file is always read.
-    const f: Folder = { dir, relative, parentNodes: new Map() };
+    const f: Folder = { dir, relative, parentNodes: new Map(), parentTree: undefined, parent: undefined, keyOrder: new Map() };
     const slots: (TreeNode | undefined)[] = [];
     const reads: PendingRead[] = [];
     for (const [index, name] of names.entries()) {
@@ -673,7 +980,7 @@ export class Archiver {
         // New here, replaced, or a changed file: read (a folder: walked in full, nothing reused).
         if (old) await this.uncount(old, true);
         try {
-          node = await this.entry(f, name, listed, { linkable: true, defer: (read) => reads.push({ ...read, slot: index }) });
+          node = await this.entry(f, name, this.handleListed(f, name, listed), { linkable: true, defer: (read) => reads.push({ ...read, slot: index }) });
         } catch (error) {
           node = await this.changed(f, name, error);
         }
@@ -705,7 +1012,7 @@ export class Archiver {
         try {
           this.options.signal?.throwIfAborted();
           // Opened by name again, and checked to be the inode listed.
-          const content = await this.readContent(() => f.dir.openFileSync(r.name, r.listed).fd, r.node.size);
+          const content = await this.readContent(r.reopen, r.node.size);
           // No content (a tolerant pass): it changed while read; the next pass reads it.
           if (content !== undefined) r.node.content = content;
         } catch (error) {
