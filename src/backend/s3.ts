@@ -296,7 +296,9 @@ export class S3Backend implements Backend {
     };
     try {
       const reply = await this.client.send(new GetObjectCommand(request));
-      return Buffer.from(await reply.Body!.transformToByteArray());
+      const bytes = await reply.Body!.transformToByteArray();
+      // The collected body as it is (no copy: a pack read is megabytes).
+      return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     } catch (error) {
       // A range that starts at or past the end: the contract's "shorter at the end" is empty.
       if (range && statusOf(error) === 416 && (await this.stat(kind, name)) !== undefined) return Buffer.alloc(0);
