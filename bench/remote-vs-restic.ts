@@ -179,7 +179,7 @@ async function main(): Promise<void> {
     await run('sh', ['-c', `find ${folders.join(' ')} -type f -exec cat {} + > /dev/null`]);
     const mediaVolume = await fx.volumePath('cvat_data');
 
-    const ours = (repo: Repo, args: string[], node: string[] = []): Promise<Measure> =>
+    const ours = (repo: Repo, args: string[], node: string[] = []): Promise<Measure & { stdout: string }> =>
       measure(process.execPath, [...node, BIN, '--project', fx.project, ...args], { CVAT_BACKUP_PASSWORD: PASSWORD, ...repo.env });
     const profile = CPU_PROF ? ['--cpu-prof', '--cpu-prof-dir', CPU_PROF] : [];
     const restic = (repo: Repo, args: string[]): Promise<Measure> => measure('restic', [...repo.args, ...args], { RESTIC_PASSWORD: PASSWORD, ...repo.env });
@@ -209,7 +209,13 @@ async function main(): Promise<void> {
             await run(process.execPath, [BIN, 'init'], { env: { ...process.env, CVAT_BACKUP_PASSWORD: PASSWORD, ...repo.env } });
             for (const row of ['first', 'again'] as Row[]) note(`${store.name} ${row} ours`, await ours(repo, ['backup', '--mode', 'offline']));
             await run('sync', []);
-            for (let k = 0; k < RESTORES; k++) note(`${store.name} restore ours`, await ours(repo, ['restore', 'latest', '--volume', 'cvat_data'], profile));
+            for (let k = 0; k < RESTORES; k++) {
+              // --json: the downtime inside it (CVAT stopped: the writes) shows apart from the verification before.
+              const m = await ours(repo, ['--json', 'restore', 'latest', '--volume', 'cvat_data'], profile);
+              note(`${store.name} restore ours`, m);
+              const downtime = (JSON.parse(m.stdout) as { downtimeMs?: number }).downtimeMs;
+              if (downtime !== undefined) process.stdout.write(`    (of which CVAT down ${(downtime / 1000).toFixed(1)} s)\n`);
+            }
           } finally {
             await repo.remove();
           }

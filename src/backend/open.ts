@@ -12,7 +12,8 @@ import { describeLocation, parseLocation, type Location } from './location.js';
 import { RestBackend } from './rest.js';
 import { RetryBackend, type RetryOptions } from './retry.js';
 import { SftpBackend, splitCommand } from './sftp.js';
-import { S3Backend, type ObjectLockSettings } from './s3.js';
+// s3.js is loaded only for an S3 location: the AWS SDK takes most of a second to load.
+import type { ObjectLockSettings } from './s3.js';
 
 /** What a backend may need from outside (credentials come from the environment, never the location). */
 export interface BackendSettings {
@@ -49,11 +50,11 @@ export async function openBackend(location: string | Location, settings: Backend
   if (settings.objectLock && parsed.kind !== 's3') {
     throw new UsageError(`--object-lock needs an S3 repository (s3:…), not '${describeLocation(parsed)}'`);
   }
-  const backend = backendOf(parsed, settings);
+  const backend = await backendOf(parsed, settings);
   return parsed.kind === 'local' ? backend : withCache(backend, { ...settings.cache, env: settings.cache?.env ?? settings.env });
 }
 
-function backendOf(parsed: Location, settings: BackendSettings): Backend {
+async function backendOf(parsed: Location, settings: BackendSettings): Promise<Backend> {
   const env = settings.env ?? process.env;
   switch (parsed.kind) {
     case 'local':
@@ -68,7 +69,8 @@ function backendOf(parsed: Location, settings: BackendSettings): Backend {
       const options = { command: command === undefined ? undefined : splitCommand(command), args: args === undefined ? undefined : splitCommand(args), env: settings.env };
       return remote(new SftpBackend({ ...parsed, text: describeLocation(parsed) }, options), settings);
     }
-    case 's3':
+    case 's3': {
+      const { S3Backend } = await import('./s3.js');
       return remote(
         new S3Backend(parsed, describeLocation(parsed), {
           ...(settings.env ? { env: settings.env } : {}),
@@ -76,5 +78,6 @@ function backendOf(parsed: Location, settings: BackendSettings): Backend {
         }),
         settings,
       );
+    }
   }
 }

@@ -39,7 +39,7 @@ export interface PackReadPlan {
   maxLength: number;
 }
 
-export const DEFAULT_PLAN: PackReadPlan = { maxGap: 1 << 20, maxLength: 8 << 20 };
+export const DEFAULT_PLAN: PackReadPlan = { maxGap: 512 << 10, maxLength: 4 << 20 };
 
 /**
  * The reads that fetch `blobs`: grouped by pack (packs in the order the blobs first name them),
@@ -78,7 +78,7 @@ export function planPackReads(blobs: Iterable<{ id: string; where: BlobLocation 
 export interface PackReaderOptions {
   /** Authenticates blobs of kept reads on these workers (else on this thread). */
   pool?: ChunkPool | undefined;
-  /** Reads in flight at once (default 6). */
+  /** Reads in flight at once (default 5, restic's connections to S3). */
   concurrency?: number;
   /** Blobs planned together (default 4096), and their sealed bytes at most (default 256 MiB). */
   windowBlobs?: number;
@@ -137,7 +137,7 @@ export class PackReader {
     private readonly repo: Repository,
     private readonly options: PackReaderOptions = {},
   ) {
-    this.reads = new Slots(Math.max(1, options.concurrency ?? 6));
+    this.reads = new Slots(Math.max(1, options.concurrency ?? 5));
     this.plan = options.plan ?? DEFAULT_PLAN;
   }
 
