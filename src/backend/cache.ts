@@ -28,10 +28,12 @@
  * `keepReads` (a restore): a restore reads every blob twice, once to authenticate it before
  * anything is touched and once to write it; from a remote that is twice the download. While kept,
  * every ranged read of a data pack is appended (ciphertext as stored) to a file in a spool folder
- * of this cache and the second read of that range comes from there (restic downloads once, but
- * verifies nothing before it writes). Bounded by the free space the caller leaves (what it is
- * about to write): past it, or on any error of the file, reads simply go to the remote again.
- * The repository authenticates the copy as any other; `forget` drops a pack's kept ranges.
+ * of this cache, and a later read of any part of a kept range comes from there (the verification
+ * reads a pack's blobs as one range, the writes each blob: repository/pack-reads.ts; `keptAt`
+ * tells a worker thread where a kept range is). restic downloads once, but verifies nothing
+ * before it writes. Bounded by the free space the caller leaves (what it is about to write): past
+ * it, or on any error of the file, reads simply go to the remote again. The repository
+ * authenticates the copy as any other; `forget` drops a pack's kept ranges.
  */
 import { readRange } from './file-range.js';
 import { createHash, randomBytes } from 'node:crypto';
