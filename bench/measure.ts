@@ -6,11 +6,11 @@ export interface Measure {
   maxRssMiB: number;
 }
 
-export async function measure(command: string, args: string[], env: NodeJS.ProcessEnv): Promise<Measure> {
+export async function measure(command: string, args: string[], env: NodeJS.ProcessEnv): Promise<Measure & { stdout: string }> {
   const start = process.hrtime.bigint();
   const r = await run('/usr/bin/time', ['-f', 'MAXRSS=%M', command, ...args], { env: { ...process.env, ...env } });
   const rss = /MAXRSS=(\d+)/.exec(r.stderr);
-  return { seconds: Number(process.hrtime.bigint() - start) / 1e9, maxRssMiB: rss ? Number(rss[1]) / 1024 : NaN };
+  return { seconds: Number(process.hrtime.bigint() - start) / 1e9, maxRssMiB: rss ? Number(rss[1]) / 1024 : NaN, stdout: r.stdout };
 }
 
 /** Runs a benchmark's main; a failure prints its stack and sets a non-zero exit code. */

@@ -23,7 +23,10 @@
  * the CLI): the first backup and BENCH_RUNS nightly ones (1 % new media). Target (issue 9): remote
  * downtime ≤ local + 1 s.
  *
- * BENCH_TARGETS=sftp,s3 picks the stores; BENCH_DOWNTIME=0 leaves the downtime part out.
+ * BENCH_TARGETS=sftp,s3 picks the stores; BENCH_DOWNTIME=0 leaves the downtime part out;
+ * BENCH_RESTORES=k restores each repository k times per round (each counts for the median: the
+ * restore is the noisiest row on a shared machine); BENCH_CPU_PROF=DIR runs our restores with
+ * node's --cpu-prof into DIR.
  * Usage: npm run bench:remote   (a quick run: BENCH_MEDIA_MB=256 BENCH_DB_SCALE=2 BENCH_RUNS=1)
  */
 import { spawn } from 'node:child_process';
@@ -43,6 +46,8 @@ const DB_SCALE = Number(process.env['BENCH_DB_SCALE'] ?? 20);
 const RUNS = Math.max(1, Number(process.env['BENCH_RUNS'] ?? 3));
 const TARGETS = (process.env['BENCH_TARGETS'] ?? 'sftp,s3').split(',').filter((t) => t === 'sftp' || t === 's3');
 const DOWNTIME = process.env['BENCH_DOWNTIME'] !== '0';
+const RESTORES = Math.max(1, Number(process.env['BENCH_RESTORES'] ?? 1));
+const CPU_PROF = process.env['BENCH_CPU_PROF'];
 const VOLUMES = ['cvat_db', 'cvat_data', 'cvat_keys', 'cvat_logs', 'cvat_events_db', 'cvat_inmem_db'];
 const PASSWORD = 'bench-pw';
 
@@ -174,7 +179,9 @@ async function main(): Promise<void> {
     await run('sh', ['-c', `find ${folders.join(' ')} -type f -exec cat {} + > /dev/null`]);
     const mediaVolume = await fx.volumePath('cvat_data');
 
-    const ours = (repo: Repo, args: string[]): Promise<Measure> => measure(process.execPath, [BIN, '--project', fx.project, ...args], { CVAT_BACKUP_PASSWORD: PASSWORD, ...repo.env });
+    const ours = (repo: Repo, args: string[], node: string[] = []): Promise<Measure & { stdout: string }> =>
+      measure(process.execPath, [...node, BIN, '--project', fx.project, ...args], { CVAT_BACKUP_PASSWORD: PASSWORD, ...repo.env });
+    const profile = CPU_PROF ? ['--cpu-prof', '--cpu-prof-dir', CPU_PROF] : [];
     const restic = (repo: Repo, args: string[]): Promise<Measure> => measure('restic', [...repo.args, ...args], { RESTIC_PASSWORD: PASSWORD, ...repo.env });
     const stopped = async (what: () => Promise<unknown>): Promise<number> => {
       const start = process.hrtime.bigint();
@@ -202,7 +209,13 @@ async function main(): Promise<void> {
             await run(process.execPath, [BIN, 'init'], { env: { ...process.env, CVAT_BACKUP_PASSWORD: PASSWORD, ...repo.env } });
             for (const row of ['first', 'again'] as Row[]) note(`${store.name} ${row} ours`, await ours(repo, ['backup', '--mode', 'offline']));
             await run('sync', []);
-            note(`${store.name} restore ours`, await ours(repo, ['restore', 'latest', '--volume', 'cvat_data']));
+            for (let k = 0; k < RESTORES; k++) {
+              // --json: the downtime inside it (CVAT stopped: the writes) shows apart from the verification before.
+              const m = await ours(repo, ['--json', 'restore', 'latest', '--volume', 'cvat_data'], profile);
+              note(`${store.name} restore ours`, m);
+              const downtime = (JSON.parse(m.stdout) as { downtimeMs?: number }).downtimeMs;
+              if (downtime !== undefined) process.stdout.write(`    (of which CVAT down ${(downtime / 1000).toFixed(1)} s)\n`);
+            }
           } finally {
             await repo.remove();
           }
@@ -217,12 +230,14 @@ async function main(): Promise<void> {
               note(`${store.name} ${row} restic`, { seconds, maxRssMiB: rss });
             }
             await run('sync', []);
-            let rss = NaN;
-            const seconds = await stopped(async () => {
-              await run('sh', ['-c', `find ${mediaVolume} -mindepth 1 -delete`]);
-              rss = (await restic(repo, ['restore', 'latest', '--target', '/', '--include', mediaVolume])).maxRssMiB;
-            });
-            note(`${store.name} restore restic`, { seconds, maxRssMiB: rss });
+            for (let k = 0; k < RESTORES; k++) {
+              let rss = NaN;
+              const seconds = await stopped(async () => {
+                await run('sh', ['-c', `find ${mediaVolume} -mindepth 1 -delete`]);
+                rss = (await restic(repo, ['restore', 'latest', '--target', '/', '--include', mediaVolume])).maxRssMiB;
+              });
+              note(`${store.name} restore restic`, { seconds, maxRssMiB: rss });
+            }
           } finally {
             await repo.remove();
           }
@@ -243,7 +258,7 @@ async function main(): Promise<void> {
         rows.push([`${store.name}: ${label}`, `${os.toFixed(1)} s`, `${rs.toFixed(1)} s`, (os / rs).toFixed(2), `${Math.max(...o.rss).toFixed(0)} / ${Math.max(...r.rss).toFixed(0)} MiB`]);
       }
     }
-    process.stdout.write(`\nmedian of ${RUNS}, CVAT stopped around both (stop+start included); ${await machineState()}\n${table(rows)}\n\n`);
+    process.stdout.write(`\nmedian of ${RUNS}${RESTORES > 1 ? ` (restores: of ${RUNS * RESTORES})` : ''}, CVAT stopped around both (stop+start included); ${await machineState()}\n${table(rows)}\n\n`);
 
     if (DOWNTIME) {
       const local = join(work, 'downtime-local');

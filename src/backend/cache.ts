@@ -28,10 +28,12 @@
  * `keepReads` (a restore): a restore reads every blob twice, once to authenticate it before
  * anything is touched and once to write it; from a remote that is twice the download. While kept,
  * every ranged read of a data pack is appended (ciphertext as stored) to a file in a spool folder
- * of this cache and the second read of that range comes from there (restic downloads once, but
- * verifies nothing before it writes). Bounded by the free space the caller leaves (what it is
- * about to write): past it, or on any error of the file, reads simply go to the remote again.
- * The repository authenticates the copy as any other; `forget` drops a pack's kept ranges.
+ * of this cache, and a later read of any part of a kept range comes from there (the verification
+ * reads a pack's blobs as one range, the writes each blob: repository/pack-reads.ts; `keptAt`
+ * tells a worker thread where a kept range is). restic downloads once, but verifies nothing
+ * before it writes. Bounded by the free space the caller leaves (what it is about to write): past
+ * it, or on any error of the file, reads simply go to the remote again. The repository
+ * authenticates the copy as any other; `forget` drops a pack's kept ranges.
  */
 import { readRange } from './file-range.js';
 import { createHash, randomBytes } from 'node:crypto';
@@ -385,6 +387,18 @@ export class CachedBackend implements Backend {
   }
 
   /**
+   * Where the kept bytes of `range` of data pack `name` are on this machine (a file and a position
+   * in it), for a reader on a worker thread; undefined when no kept range holds all of them. The
+   * bytes are as the remote returned them: the reader authenticates them, and on a failure calls
+   * `forget` and reads from the remote.
+   */
+  keptAt(name: string, range: { offset: number; length: number }): { path: string; position: number } | undefined {
+    const kept = this.kept;
+    const position = kept?.locate(name, range);
+    return kept === undefined || position === undefined ? undefined : { path: kept.path, position };
+  }
+
+  /**
    * From now on, every write but a lock's goes to a spool on this machine (see the file header).
    * Once; `end` or `discard` the returned handle before deferring again.
    */
@@ -550,14 +564,24 @@ const KEPT_RESERVE = 1024 ** 3;
 /** Ranges kept at most (each costs about 150 bytes of memory). */
 const KEPT_MAX_RANGES = 500_000;
 
+/** A kept range of a pack: its bytes [offset, offset + length) are at `at` in the file. */
+interface KeptRange {
+  offset: number;
+  length: number;
+  at: number;
+}
+
 /**
  * One file of kept ranged reads (`CachedBackend.keepReads`) in a spool folder of its own, so a
  * crashed process's file is deleted by the next command (removeStaleSpools, by the owner file).
- * Never throws to a reader: a range it cannot keep or read is simply read from the remote.
+ * A read is served from here when a kept range of its pack holds all of it (a restore reads a
+ * pack's blobs as one range, then each blob on its own). Never throws to a reader: a range it
+ * cannot keep or read is simply read from the remote.
  */
 class KeptReadsFile {
-  /** `pack:offset:length` → position in the file. */
-  private readonly ranges = new Map<string, number>();
+  /** Pack name → its kept ranges. */
+  private readonly ranges = new Map<string, KeptRange[]>();
+  private count = 0;
   private size = 0;
   private broken = false;
 
@@ -581,13 +605,27 @@ class KeptReadsFile {
     }
   }
 
-  private static key(name: string, range: { offset: number; length: number }): string {
-    return `${name}:${range.offset}:${range.length}`;
+  /** The file that holds the kept bytes (worker threads read it by path). */
+  get path(): string {
+    return join(this.dir, 'reads');
+  }
+
+  /** Where in the file the bytes of `range` of pack `name` are, if a kept range holds all of them. */
+  locate(name: string, range: { offset: number; length: number }): number | undefined {
+    const list = this.broken ? undefined : this.ranges.get(name);
+    if (!list) return undefined;
+    const end = range.offset + range.length;
+    // Sorted by offset: look back from the last range that starts at or before this one.
+    for (let i = lastAtOrBefore(list, range.offset); i >= 0; i--) {
+      const r = list[i]!;
+      if (end <= r.offset + r.length) return r.at + (range.offset - r.offset);
+    }
+    return undefined;
   }
 
   async read(name: string, range: { offset: number; length: number }): Promise<Buffer | undefined> {
-    const at = this.ranges.get(KeptReadsFile.key(name, range));
-    if (at === undefined || this.broken) return undefined;
+    const at = this.locate(name, range);
+    if (at === undefined) return undefined;
     try {
       const buffer = Buffer.allocUnsafe(range.length);
       let read = 0;
@@ -602,16 +640,21 @@ class KeptReadsFile {
     }
   }
 
+  /** Keeps what a ranged read of pack `name` returned (fewer bytes than asked where the pack ends). */
   async keep(name: string, range: { offset: number; length: number }, bytes: Buffer): Promise<void> {
-    const key = KeptReadsFile.key(name, range);
-    if (this.broken || this.ranges.has(key) || bytes.length !== range.length) return;
-    if (this.size + bytes.length > this.budget || this.ranges.size >= KEPT_MAX_RANGES) return;
+    if (this.broken || bytes.length === 0 || bytes.length > range.length) return;
+    if (this.locate(name, { offset: range.offset, length: bytes.length }) !== undefined) return;
+    if (this.size + bytes.length > this.budget || this.count >= KEPT_MAX_RANGES) return;
     const at = this.size;
     this.size += bytes.length;
     try {
       let written = 0;
       while (written < bytes.length) written += (await this.handle.write(bytes, written, bytes.length - written, at + written)).bytesWritten;
-      this.ranges.set(key, at);
+      const list = this.ranges.get(name);
+      const kept = { offset: range.offset, length: bytes.length, at };
+      if (list) list.splice(lastAtOrBefore(list, kept.offset) + 1, 0, kept);
+      else this.ranges.set(name, [kept]);
+      this.count++;
     } catch {
       this.broken = true; // a full disk: the rest is read from the remote
     }
@@ -619,19 +662,32 @@ class KeptReadsFile {
 
   /** Forgets every kept range of a pack; true if there was one. */
   drop(name: string): boolean {
-    let dropped = false;
-    for (const key of this.ranges.keys()) {
-      if (key.startsWith(`${name}:`)) dropped = this.ranges.delete(key) || dropped;
-    }
-    return dropped;
+    const list = this.ranges.get(name);
+    if (!list) return false;
+    this.count -= list.length;
+    this.ranges.delete(name);
+    return true;
   }
 
   async discard(): Promise<void> {
     this.broken = true;
     this.ranges.clear();
+    this.count = 0;
     await this.handle.close().catch(() => undefined);
     await rm(this.dir, { recursive: true, force: true }).catch(() => undefined);
   }
+}
+
+/** Index of the last range of `list` (sorted by offset) that starts at or before `offset`; -1 if none. */
+function lastAtOrBefore(list: KeptRange[], offset: number): number {
+  let low = 0;
+  let high = list.length;
+  while (low < high) {
+    const mid = (low + high) >>> 1;
+    if (list[mid]!.offset <= offset) low = mid + 1;
+    else high = mid;
+  }
+  return low - 1;
 }
 
 /** Bytes of the files a downtime spooled (for progress messages). */

@@ -69,7 +69,8 @@ async function backendOf(parsed: Location, settings: BackendSettings): Promise<B
       return remote(new SftpBackend({ ...parsed, text: describeLocation(parsed) }, options), settings);
     }
     case 's3': {
-      // Loaded only for an S3 location: the AWS SDK is tens of MiB of resident memory.
+      // Loaded only for an S3 location: the AWS SDK is tens of MiB of resident memory and most
+      // of a second to load.
       const { S3Backend } = await import('./s3.js');
       return remote(
         new S3Backend(parsed, describeLocation(parsed), {

@@ -21,6 +21,7 @@
  * `undelete` brings them back (run with the bucket owner's credentials).
  */
 import { createHash } from 'node:crypto';
+import { Readable } from 'node:stream';
 import {
   AbortMultipartUploadCommand,
   CompleteMultipartUploadCommand,
@@ -296,7 +297,7 @@ export class S3Backend implements Backend {
     };
     try {
       const reply = await this.client.send(new GetObjectCommand(request));
-      return Buffer.from(await reply.Body!.transformToByteArray());
+      return await collectBody(reply.Body!, reply.ContentLength);
     } catch (error) {
       // A range that starts at or past the end: the contract's "shorter at the end" is empty.
       if (range && statusOf(error) === 416 && (await this.stat(kind, name)) !== undefined) return Buffer.alloc(0);
@@ -583,4 +584,24 @@ function parseLockMetadata(value: string | undefined): ObjectLockSettings | unde
 function formatSeconds(seconds: number): string {
   if (seconds % 86_400 === 0) return `${seconds / 86_400} days`;
   return `${seconds} s`;
+}
+
+/**
+ * A GET's body as one Buffer: copied as it arrives into one buffer of the announced length (a pack
+ * read is megabytes: no list of pieces joined at the end). A body that ends early comes back
+ * shorter (retry.ts tells a short read by the file's size); one that fails mid-way throws.
+ */
+async function collectBody(body: { transformToByteArray(): Promise<Uint8Array> }, length: number | undefined): Promise<Buffer> {
+  if (!(body instanceof Readable) || length === undefined || !Number.isSafeInteger(length) || length < 0) {
+    const bytes = await body.transformToByteArray();
+    return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  }
+  const out = Buffer.allocUnsafe(length);
+  let at = 0;
+  for await (const chunk of body as AsyncIterable<Buffer>) {
+    if (at + chunk.length > length) throw Object.assign(new Error(`the server sent more than the ${length} bytes it announced`), { code: 'EIO' });
+    chunk.copy(out, at);
+    at += chunk.length;
+  }
+  return at === length ? out : out.subarray(0, at);
 }

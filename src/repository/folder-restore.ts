@@ -23,6 +23,7 @@ import { DirHandle, closeFd, setFileMeta } from '../fs/beneath.js';
 import type { ChunkPool } from './chunk-pool.js';
 import type { Repository } from './repository.js';
 import { chunkLength } from './restorer.js';
+import { loadKeptBlob } from './pack-reads.js';
 import { TreeWalkBounds, comparePreOrder, hardLinkTarget, isReservedEntry, loadCheckedTree } from './tree-guard.js';
 import { isZeroChunk, type SnapshotVolume, type TreeNode } from './tree.js';
 
@@ -81,6 +82,12 @@ class Slots {
   }
 }
 
+/** Blob `id` written into `fd` at `position`: from what the verification kept when it can (pack-reads.ts). */
+async function writeBlob(repo: Repository, pool: ChunkPool | undefined, id: string, fd: number, position: number): Promise<void> {
+  if (await loadKeptBlob(repo, pool, id, { kind: 'file', fd, position })) return;
+  await repo.writeBlobTo(id, pool, fd, position);
+}
+
 export async function restoreVolumeToFolder(
   repo: Repository,
   volume: SnapshotVolume,
@@ -127,7 +134,7 @@ export async function restoreVolumeToFolder(
         await chunks.admit();
         writes.push(
           chunks.track(
-            repo.writeBlobTo(ref, options.pool, fd, at).then(() => {
+            writeBlob(repo, options.pool, ref, fd, at).then(() => {
               stats.bytes += length;
               report();
             }),

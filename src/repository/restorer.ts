@@ -10,6 +10,7 @@ import { memberPrefixOf } from '../archive/manifest.js';
 import type { TarStats } from '../archive/tar.js';
 import type { Repository } from './repository.js';
 import type { ChunkPool } from './chunk-pool.js';
+import { PackReader, loadKeptBlob } from './pack-reads.js';
 import { CorruptArchiveError } from '../errors.js';
 import { isZeroChunk, zeroChunkLength, type SnapshotVolume, type Tree, type TreeNode } from './tree.js';
 import { TreeWalkBounds, checkRootNode, comparePreOrder, hardLinkTarget, isReservedEntry, loadCheckedTree } from './tree-guard.js';
@@ -56,13 +57,19 @@ export class BlobPrefetcher {
 
   take(): Promise<Buffer> {
     while (this.queue.length < this.ahead && this.next < this.refs.length) {
-      const p = this.repo.loadBlob(this.refs[this.next++]!, this.pool);
+      const p = this.load(this.refs[this.next++]!);
       p.catch(() => undefined); // awaited in order by take()
       this.queue.push(p);
     }
     const head = this.queue.shift();
     if (!head) throw new Error('restorer read past its blob list');
     return head;
+  }
+
+  /** What the verification kept on this machine is read there, on a worker; the rest as usual. */
+  private async load(id: string): Promise<Buffer> {
+    const kept = await loadKeptBlob(this.repo, this.pool, id, { kind: 'reply' });
+    return kept?.data ?? this.repo.loadBlob(id, this.pool);
   }
 }
 
@@ -179,25 +186,9 @@ export async function verifySnapshotVolume(
 ): Promise<TarStats> {
   const stats: TarStats = { entries: 1, files: 0, bytes: 0 };
   const verified = new Set<string>();
-  const inFlight = new Set<Promise<void>>();
   const bounds = new TreeWalkBounds(volume);
   const links: { path: Buffer[]; target: Buffer[] }[] = [];
-  let failure: Error | undefined;
-  const check = async (ref: string): Promise<void> => {
-    // Up to 8 blobs at once: reads overlap with decryption and hashing.
-    while (inFlight.size >= 8) await Promise.race(inFlight);
-    if (failure) throw failure;
-    const tracked: Promise<void> = repo
-      .checkBlob(ref, options.pool)
-      .then(
-        () => undefined,
-        (error: unknown) => {
-          failure ??= error as Error;
-        },
-      )
-      .finally(() => inFlight.delete(tracked));
-    inFlight.add(tracked);
-  };
+  const blobs = blobChecker(repo, options.pool, options.signal);
   const walk = async (treeId: string, path: Buffer[]): Promise<void> => {
     const depth = bounds.depth;
     bounds.enter(treeId);
@@ -225,7 +216,7 @@ export async function verifySnapshotVolume(
       for (const ref of content) {
         if (isZeroChunk(ref) || verified.has(ref)) continue;
         verified.add(ref);
-        await check(ref);
+        await blobs.add(ref);
       }
       options.onProgress?.({ ...stats });
     }
@@ -235,11 +226,62 @@ export async function verifySnapshotVolume(
     checkRootNode(volume.root);
     await walk(volume.tree, []);
     await checkHardLinks(repo, volume, links);
-  } finally {
-    await Promise.all(inFlight);
+  } catch (error) {
+    await blobs.finish().catch(() => undefined); // nothing may still run; the first error is told
+    throw error;
   }
-  if (failure) throw failure;
+  await blobs.finish();
   return stats;
+}
+
+/**
+ * Checks data blobs as they are added (`add` waits while many are in flight and throws the first
+ * failure; `finish` waits for the rest and throws it too). A local repository's blobs are read by
+ * the workers straight from its packs, up to 8 at once; a remote one's by pack (pack-reads.ts),
+ * several reads at once, kept on this machine for the writes that follow.
+ */
+function blobChecker(repo: Repository, pool: ChunkPool | undefined, signal: AbortSignal | undefined): { add(id: string): Promise<void>; finish(): Promise<void> } {
+  if (repo.backend.localPath === undefined) return new PackReader(repo, { pool, signal });
+  const inFlight = new Set<Promise<void>>();
+  let failure: Error | undefined;
+  return {
+    add: async (id) => {
+      while (inFlight.size >= 8) await Promise.race(inFlight);
+      if (failure) throw failure;
+      const tracked: Promise<void> = repo
+        .checkBlob(id, pool)
+        .then(
+          () => undefined,
+          (error: unknown) => {
+            failure ??= error as Error;
+          },
+        )
+        .finally(() => inFlight.delete(tracked));
+      inFlight.add(tracked);
+    },
+    finish: async () => {
+      await Promise.all(inFlight);
+      if (failure) throw failure;
+    },
+  };
+}
+
+/** Checks every blob of `refs` (holes skipped) as a restore's verification does (a database dump's chunks). */
+export async function verifyBlobs(repo: Repository, refs: string[], pool?: ChunkPool, signal?: AbortSignal): Promise<void> {
+  const blobs = blobChecker(repo, pool, signal);
+  const seen = new Set<string>();
+  try {
+    for (const ref of refs) {
+      signal?.throwIfAborted();
+      if (isZeroChunk(ref) || seen.has(ref)) continue;
+      seen.add(ref);
+      await blobs.add(ref);
+    }
+  } catch (error) {
+    await blobs.finish().catch(() => undefined);
+    throw error;
+  }
+  await blobs.finish();
 }
 
 /** Every hard link names a regular file (not itself a link) that the walk meets before the link. */

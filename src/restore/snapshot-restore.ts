@@ -5,11 +5,10 @@
  */
 import type { DockerEngine } from '../docker/engine.js';
 import type { Repository } from '../repository/repository.js';
-import { snapshotVolumeTar, verifySnapshotVolume } from '../repository/restorer.js';
+import { snapshotVolumeTar, verifyBlobs, verifySnapshotVolume } from '../repository/restorer.js';
 import { resolveSnapshot, shortId } from '../repository/snapshots.js';
 import { restoreVolumeToFolder } from '../repository/folder-restore.js';
 import { contentStream } from '../repository/stream-content.js';
-import { isZeroChunk } from '../repository/tree.js';
 import type { TarStats } from '../archive/tar.js';
 import { CorruptArchiveError } from '../errors.js';
 import { blameLostLock } from '../repository/locks.js';
@@ -77,8 +76,7 @@ export async function restoreFromSnapshot(
         if (database) {
           onProgress({ type: 'volume-start', volume: 'database', action: 'verifying', totalBytes: database.size });
           try {
-            const refs = database.content.filter((ref) => !isZeroChunk(ref));
-            for (let i = 0; i < refs.length; i += 8) await Promise.all(refs.slice(i, i + 8).map((ref) => repo.checkBlob(ref, pool)));
+            await verifyBlobs(repo, database.content, pool, signal);
           } catch (error) {
             if (error instanceof CorruptArchiveError) {
               throw new CorruptArchiveError(`snapshot ${shortId(snapshot.id)} is damaged (database dump): ${error.message}`, { cause: error });
