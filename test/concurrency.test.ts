@@ -76,7 +76,15 @@ interface Run {
 
 interface LockSample {
   t: number;
-  locks: { operation: string; pid: number; hostname: string; exclusive: boolean }[];
+  /** `parent`: the holder's parent process when sampled (a clock-moved run's lock is its wrapper's child's). */
+  locks: { operation: string; pid: number; parent?: number; hostname: string; exclusive: boolean }[];
+}
+
+/** The parent pid of a running process (from /proc/PID/stat), or undefined once it is gone. */
+async function parentPid(pid: number): Promise<number | undefined> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => undefined);
+  const fields = stat?.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return fields?.[1] === undefined ? undefined : Number(fields[1]);
 }
 
 /** Reads the lock folder every few milliseconds: which locks existed when. */
@@ -108,7 +116,8 @@ class LockSampler {
       if (text === undefined) continue;
       try {
         const l = JSON.parse(text) as LockSample['locks'][number];
-        locks.push({ operation: l.operation, pid: l.pid, hostname: l.hostname, exclusive: l.exclusive });
+        const parent = await parentPid(l.pid);
+        locks.push({ operation: l.operation, pid: l.pid, ...(parent === undefined ? {} : { parent }), hostname: l.hostname, exclusive: l.exclusive });
       } catch {
         // half-read while being replaced: the next sample sees it
       }
@@ -217,9 +226,12 @@ function lockedAt(run: Run): number | undefined {
   return run.events.find((e) => /finding data in use/.test(e.text))?.t;
 }
 
-/** The run (of those we started ourselves, unwrapped) that a sampled lock belongs to. */
-function runOf(runs: Run[], pid: number, t: number): Run | undefined {
-  return runs.find((r) => !r.wrapped && r.pid === pid && r.start <= t && t <= r.end);
+/**
+ * The run that a sampled lock belongs to: the process we started, or for a wrapped run (faketime
+ * runs cvat-backup as its child) the child of that process.
+ */
+function runOf(runs: Run[], lock: { pid: number; parent?: number }, t: number): Run | undefined {
+  return runs.find((r) => (r.wrapped ? r.pid === lock.parent : r.pid === lock.pid) && r.start <= t && t <= r.end);
 }
 
 /**
@@ -229,7 +241,7 @@ function runOf(runs: Run[], pid: number, t: number): Run | undefined {
 function overlapSeen(samples: LockSample[], runs: Run[]): { t: number; writer: string; reader: string } | undefined {
   for (const s of samples) {
     if (s.locks.some((l) => l.exclusive)) continue;
-    const held = s.locks.map((l) => runOf(runs, l.pid, s.t)).filter((r): r is Run => r !== undefined && r.code === 0 && !r.killed);
+    const held = s.locks.map((l) => runOf(runs, l, s.t)).filter((r): r is Run => r !== undefined && r.code === 0 && !r.killed);
     const writer = held.find((r) => r.role === 'writer');
     const reader = held.find((r) => r.role === 'reader');
     if (writer && reader) return { t: s.t, writer: writer.label, reader: reader.label };
@@ -249,7 +261,7 @@ function exclusiveBehaved(samples: LockSample[], runs: Run[], run: Run): 'refuse
   const holders = new Set<Run>();
   for (const s of samples.filter((x) => x.t >= firstTry - 300 && x.t <= firstTry)) {
     for (const l of s.locks) {
-      const holder = !l.exclusive ? runOf(runs, l.pid, s.t) : undefined;
+      const holder = !l.exclusive ? runOf(runs, l, s.t) : undefined;
       if (holder && holder !== run) holders.add(holder);
     }
   }
