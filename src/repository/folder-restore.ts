@@ -26,6 +26,7 @@ import { chunkLength } from './restorer.js';
 import { loadKeptBlob } from './pack-reads.js';
 import { TreeWalkBounds, comparePreOrder, hardLinkTarget, isReservedEntry, loadCheckedTree } from './tree-guard.js';
 import { isZeroChunk, type SnapshotVolume, type TreeNode } from './tree.js';
+import { Slots } from './slots.js';
 
 const ftruncateFd = promisify(ftruncateCallback);
 
@@ -48,38 +49,6 @@ export interface FolderRestoreResult {
 function seconds(ns: string): number {
   const value = BigInt(ns);
   return Number(value / 1000000000n) + Number(value % 1000000000n) / 1e9;
-}
-
-/** Bounded concurrency with the first failure kept: nothing new is admitted after one. */
-class Slots {
-  private readonly running = new Set<Promise<void>>();
-  failure: Error | undefined;
-
-  constructor(private readonly size: number) {}
-
-  /** Waits for a free slot; throws the first failure instead once there is one. */
-  async admit(): Promise<void> {
-    while (this.running.size >= this.size) await Promise.race(this.running);
-    if (this.failure !== undefined) throw this.failure;
-  }
-
-  /** Tracks admitted work; returns it as given. */
-  track<T>(work: Promise<T>): Promise<T> {
-    const tracked: Promise<void> = work.then(
-      () => undefined,
-      (error: unknown) => {
-        this.failure ??= error instanceof Error ? error : new Error(String(error));
-      },
-    );
-    const done = tracked.finally(() => this.running.delete(done));
-    this.running.add(done);
-    return work;
-  }
-
-  async drain(): Promise<void> {
-    while (this.running.size > 0) await Promise.race(this.running);
-    if (this.failure !== undefined) throw this.failure;
-  }
 }
 
 /** Blob `id` written into `fd` at `position`: from what the verification kept when it can (pack-reads.ts). */

@@ -23,6 +23,7 @@ import type { BlobLocation } from './blob-index.js';
 import type { BlobDestination } from './blob-worker.js';
 import type { ChunkPool } from './chunk-pool.js';
 import type { Repository } from './repository.js';
+import { Slots } from './slots.js';
 
 /** One ranged read of a pack and the blobs it holds. */
 export interface PackRead {
@@ -89,37 +90,6 @@ export interface PackReaderOptions {
   onBlob?: (id: string, sealedLength: number) => void;
 }
 
-/** Bounded concurrency with the first failure kept: nothing new is admitted after one. */
-class Slots {
-  private readonly running = new Set<Promise<void>>();
-  failure: Error | undefined;
-
-  constructor(private readonly size: number) {}
-
-  async admit(): Promise<void> {
-    while (this.running.size >= this.size) await Promise.race(this.running);
-    if (this.failure !== undefined) throw this.failure;
-  }
-
-  track(work: Promise<unknown>): void {
-    const done: Promise<void> = work
-      .then(
-        () => undefined,
-        (error: unknown) => {
-          this.failure ??= error instanceof Error ? error : new Error(String(error));
-        },
-      )
-      .finally(() => this.running.delete(done));
-    this.running.add(done);
-  }
-
-  /** Waits for everything admitted; throws the first failure. */
-  async drain(): Promise<void> {
-    while (this.running.size > 0) await Promise.race(this.running);
-    if (this.failure !== undefined) throw this.failure;
-  }
-}
-
 /**
  * Authenticates data blobs of a remote repository by pack reads (see the file header): `add` each
  * id (it waits while the reads in flight are many), then `finish`. The first failure (damage, a
@@ -169,7 +139,7 @@ export class PackReader {
       this.options.signal?.throwIfAborted();
       await this.reads.admit();
       if (this.checks.failure) throw this.checks.failure;
-      this.reads.track(this.read(read));
+      void this.reads.track(this.read(read));
     }
   }
 
@@ -183,7 +153,7 @@ export class PackReader {
       const kept = pool ? cache?.keptAt(read.pack, where) : undefined;
       if (pool && kept) {
         await this.checks.admit();
-        this.checks.track(this.checkKept(id, where, pool, kept));
+        void this.checks.track(this.checkKept(id, where, pool, kept));
       } else {
         // From memory, on this thread (unpacking waits for zstd, so reads go on meanwhile).
         await this.repo.openBlob(id, where, bytes.subarray(start, start + where.length), false);
