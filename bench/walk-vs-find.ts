@@ -43,11 +43,18 @@ function seconds(start: bigint): number {
   return Number(process.hrtime.bigint() - start) / 1e9;
 }
 
-function timeFind(dir: string): number {
+/** find's wall time and CPU time (user + system, from the shell's `times`). */
+function timeFind(dir: string): { wall: number; cpu: number } {
   const start = process.hrtime.bigint();
-  const r = spawnSync('sh', ['-c', `find "$1" -printf '%s %T@ %C@ %i\\n' >/dev/null`, 'sh', dir], { stdio: 'inherit' });
+  const r = spawnSync('sh', ['-c', `find "$1" -printf '%s %T@ %C@ %i\\n' >/dev/null; times`, 'sh', dir], { stdio: ['ignore', 'pipe', 'inherit'], encoding: 'utf8' });
+  const wall = seconds(start);
   if (r.status !== 0) throw new Error('find failed');
-  return seconds(start);
+  // Second line of `times`: the children's user and system time, as 0m1.234s 0m0.567s.
+  const children = r.stdout.trim().split('\n').pop()!.split(/\s+/).map((t) => {
+    const m = /^(\d+)m([\d.]+)s$/.exec(t);
+    return m ? Number(m[1]) * 60 + Number(m[2]) : NaN;
+  });
+  return { wall, cpu: children[0]! + children[1]! };
 }
 
 /**
@@ -62,6 +69,8 @@ async function child(repoPath: string, volume: string, label: string): Promise<v
     await repo.flush();
     const finds: number[] = [];
     const walks: number[] = [];
+    const findCpus: number[] = [];
+    const walkCpus: number[] = [];
     let tree = '';
     const profile = process.env['BENCH_PROFILE'];
     const session = new Session();
@@ -73,18 +82,23 @@ async function child(repoPath: string, volume: string, label: string): Promise<v
         await session.post('Profiler.start');
       }
       const start = process.hrtime.bigint();
+      // All of this process's threads (libuv's pool and the workers too).
+      const cpu = process.cpuUsage();
       tree = (await new Archiver(repo, { pool }).archive(volume, first.tree)).tree;
       const walk = seconds(start);
+      const used = process.cpuUsage(cpu);
       if (round === 0) continue; // warm-up
-      finds.push(find);
+      finds.push(find.wall);
       walks.push(walk);
+      findCpus.push(find.cpu);
+      walkCpus.push((used.user + used.system) / 1e6);
     }
     if (profile) {
       const { profile: taken } = await session.post('Profiler.stop');
       writeFileSync(join(profile, `${label}.cpuprofile`), JSON.stringify(taken));
       session.disconnect();
     }
-    process.stdout.write(`${JSON.stringify({ find: median(finds), walk: median(walks), tree, native: nativeHelper() !== undefined } satisfies ChildResult)}\n`);
+    process.stdout.write(`${JSON.stringify({ find: median(finds), walk: median(walks), findCpu: median(findCpus), walkCpu: median(walkCpus), tree, native: nativeHelper() !== undefined } satisfies ChildResult)}\n`);
   } finally {
     await pool.close();
   }
@@ -93,6 +107,9 @@ async function child(repoPath: string, volume: string, label: string): Promise<v
 interface ChildResult {
   find: number;
   walk: number;
+  /** CPU seconds (user + system), medians: less bent by other work on the machine than wall time. */
+  findCpu: number;
+  walkCpu: number;
   tree: string;
   native: boolean;
 }
@@ -137,7 +154,8 @@ async function main(): Promise<void> {
       if (native.tree !== plain.tree) throw new Error(`tree ids differ: native ${native.tree}, pure JS ${plain.tree}`);
       process.stdout.write(
         `${count} files (median of ${ROUNDS}, find and ours alternating; load ${loadavg()[0]!.toFixed(1)}): ` +
-          `native walk ${native.walk.toFixed(2)} s vs find ${native.find.toFixed(2)} s = ${(native.walk / native.find).toFixed(2)}x${native.native ? '' : ' (NATIVE HELPER NOT LOADED)'} | ` +
+          `native walk ${native.walk.toFixed(2)} s vs find ${native.find.toFixed(2)} s = ${(native.walk / native.find).toFixed(2)}x${native.native ? '' : ' (NATIVE HELPER NOT LOADED)'} ` +
+          `(CPU ${native.walkCpu.toFixed(2)} s vs ${native.findCpu.toFixed(2)} s = ${(native.walkCpu / native.findCpu).toFixed(2)}x) | ` +
           `CVAT_BACKUP_NATIVE=off ${plain.walk.toFixed(2)} s vs find ${plain.find.toFixed(2)} s = ${(plain.walk / plain.find).toFixed(2)}x | same tree id: yes\n`,
       );
     } finally {

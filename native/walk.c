@@ -78,7 +78,15 @@ struct listing {
   uint32_t *text_ends;
   double *nums;
   size_t count;
+  /* With a parent tree (listFolder's 2nd argument): sameAsParent of the listing, on the pool. */
+  napi_ref parent_ref;
+  const char *parent;
+  size_t parent_length;
+  int64_t racy_since;
+  uint32_t *same; /* offsets, or NULL: not the same */
 };
+
+static uint32_t *compare_with_parent(const char *text, const uint32_t *ends, const double *nums, size_t count, const char *parent, size_t parent_length, int64_t racy_since);
 
 static int by_name(const void *a, const void *b, void *names) {
   const struct entry *x = a, *y = b;
@@ -114,16 +122,27 @@ static int append_base64(struct growable *g, const unsigned char *in, size_t n) 
   return 0;
 }
 
+/* `v` in decimal at the end of `out` (24 bytes): returns where the digits start (snprintf costs several times more, four times per entry). */
+static char *decimal(char *out_end, uint64_t v) {
+  char *p = out_end;
+  do {
+    *--p = (char)('0' + v % 10);
+    v /= 10;
+  } while (v);
+  return p;
+}
+
 static int append_signed(struct growable *g, int64_t v) {
   char digits[24];
-  int n = snprintf(digits, sizeof digits, "%" PRId64, v);
-  return append(g, digits, (size_t)n);
+  char *p = decimal(digits + sizeof digits, v < 0 ? 0 - (uint64_t)v : (uint64_t)v);
+  if (v < 0) *--p = '-';
+  return append(g, p, (size_t)(digits + sizeof digits - p));
 }
 
 static int append_unsigned(struct growable *g, uint64_t v) {
   char digits[24];
-  int n = snprintf(digits, sizeof digits, "%" PRIu64, v);
-  return append(g, digits, (size_t)n);
+  char *p = decimal(digits + sizeof digits, v);
+  return append(g, p, (size_t)(digits + sizeof digits - p));
 }
 
 /* As Node's bigint stats: seconds * 1e9 + nanoseconds. */
@@ -220,6 +239,7 @@ static void list_execute(napi_env env, void *data) {
     ends[4] = (uint32_t)l->text.length;
     l->name_ends[i] = (uint32_t)l->sorted_names.length;
   }
+  if (l->parent) l->same = compare_with_parent(l->text.data ? l->text.data : "", l->text_ends, l->nums, l->count, l->parent, l->parent_length, l->racy_since);
   return;
 fail:
   l->failed_call = "listFolder";
@@ -247,6 +267,7 @@ static void free_listing(struct listing *l) {
   free(l->name_ends);
   free(l->text_ends);
   free(l->nums);
+  free(l->same);
   free(l);
 }
 
@@ -277,6 +298,9 @@ static void list_complete(napi_env env, napi_status status, void *data) {
       napi_set_named_property(env, result, "text", text);
       napi_set_named_property(env, result, "textEnds", text_ends);
       napi_set_named_property(env, result, "nums", nums);
+      napi_value same;
+      if (!l->same || typed_array(env, napi_uint32_array, l->same, l->count * 2, 4, &same) != napi_ok) napi_get_null(env, &same);
+      napi_set_named_property(env, result, "same", same);
       napi_resolve_deferred(env, l->deferred, result);
     } else {
       napi_reject_deferred(env, l->deferred, errno_error(env, ENOMEM, "listFolder"));
@@ -285,31 +309,54 @@ static void list_complete(napi_env env, napi_status status, void *data) {
     napi_reject_deferred(env, l->deferred, errno_error(env, l->err ? l->err : EIO, l->failed_call ? l->failed_call : "listFolder"));
   }
   napi_delete_async_work(env, l->work);
+  if (l->parent_ref) napi_delete_reference(env, l->parent_ref);
   free_listing(l);
 }
 
+/* listFolder(fd, parent?: Buffer, racySince?: bigint | null) */
 static napi_value list_folder(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1], promise, resource_name;
+  size_t argc = 3;
+  napi_value argv[3], promise, resource_name;
   int32_t fd;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1 || napi_get_value_int32(env, argv[0], &fd) != napi_ok) {
-    napi_throw_type_error(env, NULL, "listFolder(fd: number)");
+  bool has_parent = false;
+  char *parent = NULL;
+  size_t parent_length = 0;
+  int64_t racy_since = INT64_MAX;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      (argc >= 2 && (napi_is_buffer(env, argv[1], &has_parent) != napi_ok)) ||
+      (has_parent && napi_get_buffer_info(env, argv[1], (void **)&parent, &parent_length) != napi_ok)) {
+    napi_throw_type_error(env, NULL, "listFolder(fd: number, parent?: Buffer, racySince?: bigint | null)");
     return NULL;
+  }
+  if (has_parent && argc >= 3) {
+    napi_valuetype racy_type;
+    bool lossless;
+    if (napi_typeof(env, argv[2], &racy_type) == napi_ok && racy_type == napi_bigint) napi_get_value_bigint_int64(env, argv[2], &racy_since, &lossless);
   }
   struct listing *l = calloc(1, sizeof *l);
   if (!l) return cvat_throw_errno(env, ENOMEM, "listFolder");
+  /* The parent's bytes are read on the pool: a reference keeps the Buffer (and its memory) alive. */
+  if (has_parent && napi_create_reference(env, argv[1], 1, &l->parent_ref) != napi_ok) {
+    free(l);
+    return cvat_throw_errno(env, ENOMEM, "listFolder");
+  }
+  l->parent = has_parent ? (parent ? parent : "") : NULL;
+  l->parent_length = parent_length;
+  l->racy_since = racy_since;
   /* A reference of our own, made now: it stays this folder whatever `fd` becomes. The pool thread
    * opens a description of its own through it (its offset is ours), which costs this thread a
    * path lookup less. */
   l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (l->fd < 0) {
     int err = errno;
+    if (l->parent_ref) napi_delete_reference(env, l->parent_ref);
     free(l);
     return cvat_throw_errno(env, err, "dup");
   }
   napi_create_string_utf8(env, "cvat_listFolder", NAPI_AUTO_LENGTH, &resource_name);
   if (napi_create_promise(env, &l->deferred, &promise) != napi_ok ||
       napi_create_async_work(env, NULL, resource_name, list_execute, list_complete, l, &l->work) != napi_ok || napi_queue_async_work(env, l->work) != napi_ok) {
+    if (l->parent_ref) napi_delete_reference(env, l->parent_ref);
     free_listing(l);
     return cvat_throw_errno(env, EIO, "listFolder");
   }
@@ -428,12 +475,31 @@ static napi_value same_as_parent(napi_env env, napi_callback_info info) {
     bool lossless;
     napi_get_value_bigint_int64(env, argv[4], &racy_since, &lossless);
   }
-  const uint32_t *ends = ends_data;
-  const double *nums = nums_data;
-  size_t count = ends_length / TEXTS;
+  uint32_t *offsets = compare_with_parent(text, ends_data, nums_data, ends_length / TEXTS, parent, parent_length, racy_since);
+  napi_value result = null_value;
+  if (offsets && typed_array(env, napi_uint32_array, offsets, ends_length / TEXTS * 2, 4, &result) != napi_ok) result = null_value;
+  free(offsets);
+  return result;
+}
+
+/*
+ * A decimal field of the listing's text (`n` bytes: the fields are back to back, with no end
+ * mark, so strtoll would run into the next one). INT64_MAX when it does not fit: racy.
+ */
+static int64_t parse_ns(const char *p, size_t n) {
+  int negative = n > 0 && p[0] == '-';
+  int64_t v = 0;
+  for (size_t i = negative; i < n; i++) {
+    if (p[i] < '0' || p[i] > '9' || v > (INT64_MAX - 9) / 10) return INT64_MAX;
+    v = v * 10 + (p[i] - '0');
+  }
+  return negative ? -v : v;
+}
+
+/* The offsets of sameAsParent (malloc'ed, the caller frees them), or NULL. No Node-API: also runs on the pool. */
+static uint32_t *compare_with_parent(const char *text, const uint32_t *ends, const double *nums, size_t count, const char *parent, size_t parent_length, int64_t racy_since) {
   uint32_t *offsets = malloc((count * 2 + 1) * sizeof *offsets);
-  char prefix[1024];
-  if (!offsets) return cvat_throw_errno(env, ENOMEM, "sameAsParent");
+  if (!offsets) return NULL;
   size_t at = 0;
   int same = parent_length < UINT32_MAX && expect(parent, parent_length, &at, "{\"nodes\":[", 10);
   for (size_t i = 0; same && i < count; i++) {
@@ -446,24 +512,46 @@ static napi_value same_as_parent(napi_env env, napi_callback_info info) {
       break;
     }
     if (is_file && racy_since != INT64_MAX) {
-      int64_t mtime = strtoll(text + e[0], NULL, 10), ctime = strtoll(text + e[1], NULL, 10);
+      int64_t mtime = parse_ns(text + e[0], e[1] - e[0]), ctime = parse_ns(text + e[1], e[2] - e[1]);
       if (mtime >= racy_since || ctime >= racy_since) {
         same = 0;
         break;
       }
     }
-    int k = snprintf(prefix, sizeof prefix, "{\"name\":\"%.*s\",\"type\":\"%s\",\"mode\":%u,\"uid\":%u,\"gid\":%u,\"mtimeNs\":\"%.*s\",\"ctimeNs\":\"%.*s\",\"inode\":\"%.*s\",\"size\":%" PRIu64 ",%s",
-                     (int)(e[0] - t0), text + t0, is_file ? "file" : "dir", (unsigned)((mode_t)n[0] & 07777), (unsigned)n[1], (unsigned)n[2], (int)(e[1] - e[0]), text + e[0],
-                     (int)(e[2] - e[1]), text + e[1], (int)(e[3] - e[2]), text + e[2], is_file ? (uint64_t)n[3] : 0, is_file ? "\"content\":[" : "\"subtree\":\"");
-    if (k <= 0 || (size_t)k >= sizeof prefix || (i > 0 && !expect(parent, parent_length, &at, ",", 1))) {
+    /* The node's text up to its content or subtree, compared piece by piece (no formatting of a
+     * prefix: this runs for every entry). */
+    if (i > 0 && !expect(parent, parent_length, &at, ",", 1)) {
       same = 0;
       break;
     }
     offsets[i * 2] = (uint32_t)at;
-    if (!expect(parent, parent_length, &at, prefix, (size_t)k)) {
-      same = 0;
-      break;
-    }
+    char d[24], *end = d + sizeof d, *p;
+#define PIECE(s, n) (same = same && expect(parent, parent_length, &at, (s), (n)))
+#define LITERAL(s) PIECE(s, sizeof(s) - 1)
+#define NUMBER(v) (p = decimal(end, (v)), PIECE(p, (size_t)(end - p)))
+    LITERAL("{\"name\":\"");
+    PIECE(text + t0, e[0] - t0);
+    if (is_file) LITERAL("\",\"type\":\"file\",\"mode\":");
+    else LITERAL("\",\"type\":\"dir\",\"mode\":");
+    NUMBER((uint64_t)((mode_t)n[0] & 07777));
+    LITERAL(",\"uid\":");
+    NUMBER((uint64_t)n[1]);
+    LITERAL(",\"gid\":");
+    NUMBER((uint64_t)n[2]);
+    LITERAL(",\"mtimeNs\":\"");
+    PIECE(text + e[0], e[1] - e[0]);
+    LITERAL("\",\"ctimeNs\":\"");
+    PIECE(text + e[1], e[2] - e[1]);
+    LITERAL("\",\"inode\":\"");
+    PIECE(text + e[2], e[3] - e[2]);
+    LITERAL("\",\"size\":");
+    NUMBER(is_file ? (uint64_t)n[3] : 0);
+    if (is_file) LITERAL(",\"content\":[");
+    else LITERAL(",\"subtree\":\"");
+#undef NUMBER
+#undef LITERAL
+#undef PIECE
+    if (!same) break;
     /* Chunk ids and a subtree id hold no ']' or '"'. */
     const char *close = memchr(parent + at, is_file ? ']' : '"', parent_length - at);
     if (!close) {
@@ -475,12 +563,11 @@ static napi_value same_as_parent(napi_env env, napi_callback_info info) {
     offsets[i * 2 + 1] = (uint32_t)at;
   }
   if (same) same = expect(parent, parent_length, &at, "]}", 2) && at == parent_length;
-  napi_value result = null_value;
-  if (same) {
-    if (typed_array(env, napi_uint32_array, offsets, count * 2, 4, &result) != napi_ok) result = null_value;
+  if (!same) {
+    free(offsets);
+    return NULL;
   }
-  free(offsets);
-  return result;
+  return offsets;
 }
 
 napi_status cvat_register_walk(napi_env env, napi_value exports) {

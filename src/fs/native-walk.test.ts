@@ -168,6 +168,46 @@ describe('native folder listing (native/walk.c)', { skip: off && 'CVAT_BACKUP_NA
     assert.deepEqual(readdirSync(outside), ['canary']);
   });
 
+  it('compares a listing with its parent tree (in the listing job too): the same unless an entry differs or is racy (mtime or ctime at or after racySince)', async () => {
+    const dir = join(work, 'parent');
+    mkdirSync(dir);
+    for (const n of ['a.jpg', 'b.jpg', 'c.jpg']) writeFileSync(join(dir, n), n);
+    mkdirSync(join(dir, 'sub'));
+    const fd = openSync(dir, 'r');
+    try {
+      const l = await walk.listFolder(fd);
+      assert.equal(l.same, null); // no parent given
+      const entries = Array.from({ length: l.count }, (_, i) => entryOf(l, i));
+      // The tree as the archiver writes it (baseNode's key order, then content or subtree).
+      const nodes = entries.map((e) => {
+        const file = (e.nums[0]! & 0o170000) === 0o100000;
+        const node = `{"name":"${e.base64}","type":"${file ? 'file' : 'dir'}","mode":${e.nums[0]! & 0o7777},"uid":${e.nums[1]},"gid":${e.nums[2]},"mtimeNs":"${e.mtimeNs}","ctimeNs":"${e.ctimeNs}","inode":"${e.ino}","size":${file ? e.nums[3] : 0},`;
+        return node + (file ? '"content":["c0ffee"]}' : '"subtree":"5ub"}');
+      });
+      const parent = Buffer.from(`{"nodes":[${nodes.join(',')}]}`);
+      const files = entries.filter((e) => (e.nums[0]! & 0o170000) === 0o100000);
+      const newest = files.reduce((m, e) => [BigInt(e.mtimeNs), BigInt(e.ctimeNs), m].reduce((a, b) => (a > b ? a : b)), 0n);
+      const offsets = [...walk.sameAsParent(l.text, l.textEnds, l.nums, parent, newest + 1n)!];
+      assert.deepEqual(
+        offsets.map((o, i) => (i % 2 === 0 ? parent.subarray(o, offsets[i + 1]).toString() : '')).filter((n) => n),
+        nodes,
+      );
+      for (const racySince of [null, newest + 1n]) {
+        const inJob = await walk.listFolder(fd, parent, racySince);
+        assert.deepEqual(inJob.same && [...inJob.same], offsets, `racySince ${racySince}`);
+      }
+      // A file as new as racySince is racy: not the same (a folder's times do not count).
+      assert.equal(walk.sameAsParent(l.text, l.textEnds, l.nums, parent, newest), null);
+      assert.equal((await walk.listFolder(fd, parent, newest)).same, null);
+      // Another size, a node too many, a node missing: not the same.
+      assert.equal((await walk.listFolder(fd, Buffer.from(parent.toString().replace('"size":5,', '"size":6,')), null)).same, null);
+      assert.equal((await walk.listFolder(fd, Buffer.from(`{"nodes":[${nodes.join(',')},${nodes[0]}]}`), null)).same, null);
+      assert.equal((await walk.listFolder(fd, Buffer.from(`{"nodes":[${nodes.slice(1).join(',')}]}`), null)).same, null);
+    } finally {
+      closeSync(fd);
+    }
+  });
+
   it('fails on a folder removed after it was opened (ENOENT: a changed folder), without hanging', async () => {
     const dir = join(work, 'removed');
     mkdirSync(dir);

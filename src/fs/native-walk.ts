@@ -25,11 +25,17 @@ export interface FolderListing {
   text: Buffer;
   textEnds: Uint32Array;
   nums: Float64Array;
+  /** With a parent tree given to listFolder: sameAsParent's answer for it, worked out on the pool. */
+  same: Uint32Array | null;
 }
 
 export interface NativeWalk {
-  /** Lists the open folder `fd` (it may be closed as soon as this returns: the listing reads its own description). */
-  listFolder(fd: number): Promise<FolderListing>;
+  /**
+   * Lists the open folder `fd` (it may be closed as soon as this returns: the listing reads its
+   * own description). With `parent`, the listing's `same` is sameAsParent(..., parent, racySince),
+   * done in the same job off this thread (else null).
+   */
+  listFolder(fd: number, parent?: Buffer, racySince?: bigint | null): Promise<FolderListing>;
   /**
    * Opens the entry `name` of the open folder `dirfd` for reading if it is still the regular file
    * (`folder` false) or folder (`folder` true) with that device and inode; else code ECHANGED,

@@ -240,6 +240,8 @@ interface FolderAhead {
   listing: Promise<FolderListing>;
   /** The parent tree's JSON. */
   parent: Promise<Buffer | undefined>;
+  /** Closed before its turn (a failure before it): its listing, if not started yet, never starts. */
+  abandoned?: boolean;
 }
 
 /**
@@ -460,8 +462,13 @@ export class Archiver {
     return json && (JSON.parse(json.toString('utf8')) as Tree);
   }
 
+  /**
+   * A parent tree's JSON: read, authenticated and unpacked on a worker when there are workers and
+   * the repository is local (the worker keeps recent pack files open; a walk asks for one tree per
+   * folder, and here each would cost this thread an open, a read, a close and the decryption).
+   */
   private async loadTreeJson(id: string | undefined): Promise<Buffer | undefined> {
-    return id ? this.inRepository(this.repo.loadBlob(id)) : undefined;
+    return id ? this.inRepository(this.repo.loadBlob(id, this.options.pool)) : undefined;
   }
 
   private async folder(dir: DirHandle, relative: Buffer, parentTree: string | undefined, ahead?: FolderAhead): Promise<string> {
@@ -535,11 +542,12 @@ export class Archiver {
    * their trees are the parent's too, so is this folder's (the same bytes, so the same id).
    */
   private async listedFolder(walk: NativeWalk, dir: DirHandle, relative: Buffer, parentTree: string | undefined, ahead: FolderAhead | undefined): Promise<string> {
-    const [listing, parentJson] = await Promise.all([ahead?.listing ?? walk.listFolder(dir.fd), ahead?.parent ?? this.loadTreeJson(parentTree)]);
     const atRoot = relative.length === 0;
+    const parentJson = await (ahead?.parent ?? this.loadTreeJson(parentTree));
+    const listing = await (ahead?.listing ?? this.listWithParent(walk, dir.fd, atRoot ? undefined : parentJson));
     // Offsets of the parent's node texts, when the listing is the parent tree (not at the root,
     // where the tool's own folders are left out).
-    const same = parentJson && !atRoot ? walk.sameAsParent(listing.text, listing.textEnds, listing.nums, parentJson, this.options.racySinceNs ?? null) : null;
+    const same = parentJson && !atRoot ? listing.same : null;
     const parentText = same ? parentJson!.toString('latin1') : '';
     const parent = same ? undefined : parentJson && (JSON.parse(parentJson.toString('utf8')) as Tree);
     const parentNodes = new Map(parent?.nodes.map((n) => [n.name, n]));
@@ -571,9 +579,14 @@ export class Archiver {
           const fd = walk.openListed(dir.fd, names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i]), text.slice(textEnds[t + 3], textEnds[t + 4]), text.slice(textEnds[t + 2], textEnds[t + 3]), true);
           const sub = DirHandle.fromFd(fd);
           const before = f.parentNodes.get(text.slice(t === 0 ? 0 : textEnds[t - 1], textEnds[t]));
-          // The tree first: its reads queue on the same threads as the listings.
+          // The tree first: the listing compares itself with it in the same job (sameAsParent).
           const parent = this.loadTreeJson(before?.type === 'dir' ? before.subtree : undefined);
-          const a: FolderAhead = { dir: sub, listing: walk.listFolder(fd), parent };
+          const a: FolderAhead = {
+            dir: sub,
+            // Not once the folder is closed: its number may be another folder's by then.
+            listing: parent.then((json) => (a.abandoned ? Promise.reject(new Error('closed before its turn')) : this.listWithParent(walk, fd, json))),
+            parent,
+          };
           // Awaited at its turn; a folder whose turn never comes (a failure before it) must not
           // leave an unhandled rejection.
           a.listing.catch(() => undefined);
@@ -626,7 +639,11 @@ export class Archiver {
         this.report();
       }
     } finally {
-      for (const a of started.values()) if ('dir' in a) a.dir.closeSync();
+      for (const a of started.values()) {
+        if (!('dir' in a)) continue;
+        a.abandoned = true;
+        a.dir.closeSync();
+      }
     }
     if (same) {
       if (allSame) return parentTree!;
@@ -634,6 +651,11 @@ export class Archiver {
       for (let i = 0; i < count; i++) if (slots[i] === undefined && (nums[i * NUMS]! & S_IFMT) !== 0o040000) slots[i] = JSON.parse(parentText.slice(same[2 * i], same[2 * i + 1])) as TreeNode;
     }
     return this.finishFolder(f, reads, slots, () => slotEntries.map((i) => names.subarray(i === 0 ? 0 : nameEnds[i - 1], nameEnds[i])));
+  }
+
+  /** Lists the open folder `fd` and, given its parent tree, compares the two in the same job. */
+  private listWithParent(walk: NativeWalk, fd: number, parentJson: Buffer | undefined): Promise<FolderListing> {
+    return parentJson ? walk.listFolder(fd, parentJson, this.options.racySinceNs ?? null) : walk.listFolder(fd);
   }
 
   /** Entry `i` of a native listing; throws its lstat's error (a changed error if it is gone). */
