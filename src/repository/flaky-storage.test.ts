@@ -13,7 +13,6 @@ import { join, relative } from 'node:path';
 import { FaultyBackend } from '../backend/faulty.js';
 import { MemoryBackend } from '../backend/memory.js';
 import { RetryBackend, type RetryEvent } from '../backend/retry.js';
-import type { Clock } from '../clock.js';
 import { Archiver } from './archiver.js';
 import { checkRepository } from './check.js';
 import { restoreVolumeToFolder } from './folder-restore.js';
@@ -21,21 +20,9 @@ import { pruneRepository } from './prune.js';
 import type { Repository } from './repository.js';
 import { applyRetention } from './retention.js';
 import { listSnapshots } from './snapshots.js';
-import { initTestRepository, openTestRepository, prngBytes } from './testing.js';
+import { initTestRepository, instantClock, openTestRepository, prngBytes } from './testing.js';
 import type { Snapshot } from './tree.js';
 
-/** Retries without waiting: each pause moves this clock on and returns. */
-const instantClock = (): Clock => {
-  let time = Date.now();
-  return {
-    now: () => time,
-    sleep: (ms) => {
-      time += ms;
-      return Promise.resolve();
-    },
-    schedule: () => () => undefined,
-  };
-};
 
 /** What a user would compare: every file's bytes and every symlink's target, by path. */
 function contents(root: string): Map<string, string> {

@@ -14,14 +14,13 @@ import { withCache, type CachedBackend } from '../backend/cache.js';
 import { FaultyBackend } from '../backend/faulty.js';
 import { MemoryBackend } from '../backend/memory.js';
 import { RetryBackend, type RetryEvent } from '../backend/retry.js';
-import type { Clock } from '../clock.js';
 import { CorruptArchiveError } from '../errors.js';
 import type { BlobLocation } from './blob-index.js';
 import { restoreVolumeToFolder } from './folder-restore.js';
 import { PackReader, planPackReads } from './pack-reads.js';
 import type { Repository } from './repository.js';
 import { verifySnapshotVolume } from './restorer.js';
-import { initTestRepository, openTestRepository, prngBytes, writeSnapshot } from './testing.js';
+import { initTestRepository, instantClock, openTestRepository, prngBytes, writeSnapshot } from './testing.js';
 import type { Snapshot, SnapshotVolume } from './tree.js';
 
 const LOCATION = 's3:http://127.0.0.1:9000/bucket/repo';
@@ -71,18 +70,6 @@ class Recorder implements Backend {
   }
 }
 
-/** Retries without waiting: each pause moves this clock on and returns. */
-const instantClock = (): Clock => {
-  let time = Date.now();
-  return {
-    now: () => time,
-    sleep: (ms) => {
-      time += ms;
-      return Promise.resolve();
-    },
-    schedule: () => () => undefined,
-  };
-};
 
 async function withWork(fn: (work: string) => Promise<void>): Promise<void> {
   const work = mkdtempSync(join(tmpdir(), 'pack-reads-'));

@@ -4,6 +4,7 @@
  * byte. Not used by the tool itself.
  */
 import type { Backend } from '../backend/backend.js';
+import type { Clock } from '../clock.js';
 import { loadTree } from './restorer.js';
 import { Repository, type RepositoryOptions } from './repository.js';
 import type { Snapshot, TreeNode } from './tree.js';
@@ -101,3 +102,16 @@ export async function readSnapshotFiles(repo: Repository, id: string): Promise<R
   }
   return out;
 }
+
+/** Retries without waiting: each pause moves this clock on and returns. */
+export const instantClock = (): Clock => {
+  let time = Date.now();
+  return {
+    now: () => time,
+    sleep: (ms) => {
+      time += ms;
+      return Promise.resolve();
+    },
+    schedule: () => () => undefined,
+  };
+};
