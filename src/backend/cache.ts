@@ -44,6 +44,7 @@ import { dirname, join } from 'node:path';
 import { DiskFullError } from '../errors.js';
 import type { Backend, FileHints, FileInfo, FileKind, TemporaryFile } from './backend.js';
 import { removeStaleSpools, UploadSpool, type SpooledFile } from './spool.js';
+import { adoptOptional, type OptionalMethod } from './forwarding.js';
 
 export type { SpooledFile } from './spool.js';
 
@@ -155,9 +156,6 @@ export interface DeferredUploads {
   discard(): Promise<void>;
 }
 
-/** The optional methods of the Backend contract. */
-type OptionalMethod = { [K in keyof Backend]-?: undefined extends Backend[K] ? K : never }[keyof Backend];
-
 /**
  * What the cache does with each optional method of the contract: `own` (implemented below),
  * `pass` (handed on to the remote, when it has it) or `withhold` (never offered). Keyed by every
@@ -204,11 +202,7 @@ export class CachedBackend implements Backend {
     readonly dir: string,
     private readonly onWarning: (message: string) => void = () => undefined,
   ) {
-    const self = this as unknown as Record<string, unknown>;
-    for (const [method, mode] of Object.entries(OPTIONAL)) {
-      const fn = (remote as unknown as Record<string, unknown>)[method];
-      if (mode === 'pass' && typeof fn === 'function') self[method] = (...args: unknown[]): unknown => (fn as (...a: unknown[]) => unknown).apply(remote, args);
-    }
+    adoptOptional(this, remote, Object.keys(OPTIONAL) as OptionalMethod[], (method, call) => (OPTIONAL[method] === 'pass' ? call : undefined));
   }
 
   get location(): string {

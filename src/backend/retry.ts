@@ -17,6 +17,7 @@
  */
 import { systemClock, type Clock } from '../clock.js';
 import type { Backend, FileInfo, FileKind, TemporaryFile } from './backend.js';
+import { adoptOptional, type OptionalMethod } from './forwarding.js';
 
 export interface RetryEvent {
   /** What is retried, e.g. "save of data/ab12cd34…". */
@@ -147,9 +148,6 @@ function firstLine(message: unknown): string {
   return text.split('\n', 1)[0]!.slice(0, 200);
 }
 
-/** The optional methods of the Backend contract. */
-type OptionalMethod = { [K in keyof Backend]-?: undefined extends Backend[K] ? K : never }[keyof Backend];
-
 /**
  * What the wrapper does with each optional method, when the wrapped backend has it: `retry` (an
  * idempotent call, repeated like the required ones) or `pass` (handed on as it is: local-only,
@@ -207,13 +205,9 @@ export class RetryBackend implements Backend {
     this.maxDelayMs = options.maxDelayMs ?? 60_000;
     this.clock = options.clock ?? systemClock;
     this.random = options.random ?? Math.random;
-    const self = this as unknown as Record<string, unknown>;
-    for (const [method, mode] of Object.entries(OPTIONAL)) {
-      const fn = (inner as unknown as Record<string, unknown>)[method];
-      if (typeof fn !== 'function') continue;
-      const call = (...args: unknown[]): unknown => (fn as (...a: unknown[]) => unknown).apply(inner, args);
-      self[method] = mode === 'pass' ? call : (...args: unknown[]) => this.retry(describeCall(method, args), () => call(...args) as Promise<unknown>);
-    }
+    adoptOptional(this, inner, Object.keys(OPTIONAL) as OptionalMethod[], (method, call) =>
+      OPTIONAL[method] === 'pass' ? call : (...args: unknown[]) => this.retry(describeCall(method, args), () => call(...args) as Promise<unknown>),
+    );
   }
 
   get location(): string {

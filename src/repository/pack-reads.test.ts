@@ -9,7 +9,8 @@ import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { Backend, FileInfo, FileKind } from '../backend/backend.js';
+import type { FileKind } from '../backend/backend.js';
+import { ForwardingBackend } from '../backend/forwarding.js';
 import { withCache, type CachedBackend } from '../backend/cache.js';
 import { FaultyBackend } from '../backend/faulty.js';
 import { MemoryBackend } from '../backend/memory.js';
@@ -27,28 +28,14 @@ const LOCATION = 's3:http://127.0.0.1:9000/bucket/repo';
 const CHUNK = 64 * 1024;
 
 /** What reaches the storage: every ranged load of a data pack (attempts of retries included), and how many ran at once. */
-class Recorder implements Backend {
+class Recorder extends ForwardingBackend {
   readonly ranged: { pack: string; offset: number; length: number }[] = [];
   /** Packs not recorded (tree packs: the tests count reads of file data). */
   readonly ignore = new Set<string>();
   private running = 0;
   maxRunning = 0;
 
-  constructor(readonly inner: MemoryBackend) {}
-
-  get location(): string {
-    return this.inner.location;
-  }
-  exists(): Promise<boolean> {
-    return this.inner.exists();
-  }
-  create(): Promise<void> {
-    return this.inner.create();
-  }
-  save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void> {
-    return this.inner.save(kind, name, data);
-  }
-  async load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer> {
+  override async load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer> {
     if (kind !== 'data' || !range || this.ignore.has(name)) return this.inner.load(kind, name, range);
     this.ranged.push({ pack: name, ...range });
     this.maxRunning = Math.max(this.maxRunning, ++this.running);
@@ -58,15 +45,6 @@ class Recorder implements Backend {
     } finally {
       this.running--;
     }
-  }
-  list(kind: FileKind): Promise<FileInfo[]> {
-    return this.inner.list(kind);
-  }
-  stat(kind: FileKind, name: string): Promise<number | undefined> {
-    return this.inner.stat(kind, name);
-  }
-  remove(kind: FileKind, name: string): Promise<void> {
-    return this.inner.remove(kind, name);
   }
 }
 

@@ -6,6 +6,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Backend, FileKind } from '../backend/backend.js';
+import { ForwardingBackend } from '../backend/forwarding.js';
 import { FaultyBackend, type BackendMethod } from '../backend/faulty.js';
 import { MemoryBackend } from '../backend/memory.js';
 import { ManualClock } from '../clock.js';
@@ -436,40 +437,27 @@ void describe('prune killed at every write and every delete', () => {
 });
 
 /** A backend that runs a hook before each call (to act at a precise point of another operation). */
-class HookedBackend implements Backend {
+class HookedBackend extends ForwardingBackend {
   constructor(
-    private readonly inner: Backend,
+    inner: Backend,
     private readonly hook: (method: string, kind: FileKind | undefined) => Promise<void>,
-  ) {}
-  get location(): string {
-    return this.inner.location;
+  ) {
+    super(inner);
   }
-  exists(): Promise<boolean> {
-    return this.inner.exists();
+  override async save(...args: Parameters<Backend['save']>): Promise<void> {
+    await this.hook('save', args[0]);
+    return this.inner.save(...args);
   }
-  create(): Promise<void> {
-    return this.inner.create();
+  override async load(...args: Parameters<Backend['load']>): Promise<Buffer> {
+    await this.hook('load', args[0]);
+    return this.inner.load(...args);
   }
-  async save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void> {
-    await this.hook('save', kind);
-    return this.inner.save(kind, name, data);
-  }
-  async load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer> {
-    await this.hook('load', kind);
-    return this.inner.load(kind, name, range);
-  }
-  async list(kind: FileKind): ReturnType<Backend['list']> {
+  override async list(kind: FileKind): ReturnType<Backend['list']> {
     await this.hook('list', kind);
     return this.inner.list(kind);
   }
-  stat(kind: FileKind, name: string): Promise<number | undefined> {
-    return this.inner.stat(kind, name);
-  }
-  async remove(kind: FileKind, name: string): Promise<void> {
+  override async remove(kind: FileKind, name: string): Promise<void> {
     await this.hook('remove', kind);
     return this.inner.remove(kind, name);
-  }
-  listTemporary(): ReturnType<NonNullable<Backend['listTemporary']>> {
-    return this.inner.listTemporary?.() ?? Promise.resolve([]);
   }
 }
