@@ -36,3 +36,13 @@ export function nativeUnavailableReason(): string {
   loaded ??= load();
   return loaded.helper ? '' : loaded.why;
 }
+
+/**
+ * At most `n` malloc arenas for the threads that allocate from now on (glibc; see native/addon.c):
+ * call before threads start. False where it does nothing (no native helper, another C library, or
+ * MALLOC_ARENA_MAX set by the user).
+ */
+export function limitMallocArenas(n: number): boolean {
+  const limit = nativeHelper()?.['limitMallocArenas'];
+  return typeof limit === 'function' ? (limit as (n: number) => boolean)(n) : false;
+}
