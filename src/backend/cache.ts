@@ -42,7 +42,7 @@ import { chmod, lstat, mkdir, open, readdir, readFile, rename, rm, statfs, write
 import { homedir, hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import { DiskFullError } from '../errors.js';
-import type { Backend, FileHints, FileInfo, FileKind, TemporaryFile } from './backend.js';
+import type { Backend, FileHints, FileInfo, FileKind, SignedRequest, TemporaryFile } from './backend.js';
 import { removeStaleSpools, UploadSpool, type SpooledFile } from './spool.js';
 
 export type { SpooledFile } from './spool.js';
@@ -181,6 +181,8 @@ const OPTIONAL: { [K in OptionalMethod]: 'own' | 'pass' | 'withhold' } = {
   extendRetention: 'pass',
   listHidden: 'pass',
   undelete: 'pass',
+  // A file spooled here is not on the remote yet: the cache decides (see CachedBackend.signedLoad).
+  signedLoad: 'own',
 };
 
 export class CachedBackend implements Backend {
@@ -280,6 +282,13 @@ export class CachedBackend implements Backend {
     if (cached) return cached;
     const whole = await this.download(kind, name, hints);
     return range ? Buffer.from(whole.subarray(range.offset, range.offset + range.length)) : whole;
+  }
+
+  /** The remote's signed request, unless the bytes are on this machine (spooled, kept) or the remote signs none. */
+  async signedLoad(kind: FileKind, name: string, range: { offset: number; length: number }): Promise<SignedRequest | undefined> {
+    if (this.spool?.has(kind, name)) return undefined;
+    if (kind === 'data' && this.kept?.locate(name, range) !== undefined) return undefined;
+    return this.remote.signedLoad?.(kind, name, range);
   }
 
   async list(kind: FileKind): Promise<FileInfo[]> {
@@ -396,6 +405,19 @@ export class CachedBackend implements Backend {
     const kept = this.kept;
     const position = kept?.locate(name, range);
     return kept === undefined || position === undefined ? undefined : { path: kept.path, position };
+  }
+
+  /**
+   * Room in the kept reads for `range` of data pack `name`, for a worker thread that downloads the
+   * range itself (a `signedLoad`) and writes it there at `position`: the range counts as kept
+   * (`keptAt`, `load`) once `arrived` is called, after the bytes are written. Undefined when reads
+   * are not kept or there is no room. Room for a download that failed is simply not used.
+   */
+  reserveKept(name: string, range: { offset: number; length: number }): { path: string; position: number; arrived(): void } | undefined {
+    const kept = this.kept;
+    const position = kept?.reserve(range.length);
+    if (kept === undefined || position === undefined) return undefined;
+    return { path: kept.path, position, arrived: () => kept.record(name, range, position) };
   }
 
   /**
@@ -642,22 +664,35 @@ class KeptReadsFile {
 
   /** Keeps what a ranged read of pack `name` returned (fewer bytes than asked where the pack ends). */
   async keep(name: string, range: { offset: number; length: number }, bytes: Buffer): Promise<void> {
-    if (this.broken || bytes.length === 0 || bytes.length > range.length) return;
+    if (bytes.length === 0 || bytes.length > range.length) return;
     if (this.locate(name, { offset: range.offset, length: bytes.length }) !== undefined) return;
-    if (this.size + bytes.length > this.budget || this.count >= KEPT_MAX_RANGES) return;
-    const at = this.size;
-    this.size += bytes.length;
+    const at = this.reserve(bytes.length);
+    if (at === undefined) return;
     try {
       let written = 0;
       while (written < bytes.length) written += (await this.handle.write(bytes, written, bytes.length - written, at + written)).bytesWritten;
-      const list = this.ranges.get(name);
-      const kept = { offset: range.offset, length: bytes.length, at };
-      if (list) list.splice(lastAtOrBefore(list, kept.offset) + 1, 0, kept);
-      else this.ranges.set(name, [kept]);
-      this.count++;
+      this.record(name, { offset: range.offset, length: bytes.length }, at);
     } catch {
       this.broken = true; // a full disk: the rest is read from the remote
     }
+  }
+
+  /** Room for `length` bytes at the end of the file (its position), or undefined: none left, or broken. */
+  reserve(length: number): number | undefined {
+    if (this.broken || length <= 0 || this.size + length > this.budget || this.count >= KEPT_MAX_RANGES) return undefined;
+    const at = this.size;
+    this.size += length;
+    return at;
+  }
+
+  /** Bytes [offset, offset + length) of pack `name` are now at `at` in the file. */
+  record(name: string, range: { offset: number; length: number }, at: number): void {
+    if (this.broken) return;
+    const list = this.ranges.get(name);
+    const kept = { offset: range.offset, length: range.length, at };
+    if (list) list.splice(lastAtOrBefore(list, kept.offset) + 1, 0, kept);
+    else this.ranges.set(name, [kept]);
+    this.count++;
   }
 
   /** Forgets every kept range of a pack; true if there was one. */

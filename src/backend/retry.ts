@@ -173,6 +173,8 @@ const OPTIONAL: { [K in OptionalMethod]: 'retry' | 'pass' } = {
   extendRetention: 'retry',
   listHidden: 'retry',
   undelete: 'retry',
+  // Signing needs no server, but credentials may come from one (SSO, a container's endpoint).
+  signedLoad: 'retry',
 };
 
 /** Wraps `inner` so that each call is retried on transient failures (see the module comment). */
@@ -190,6 +192,7 @@ export class RetryBackend implements Backend {
   declare readonly extendRetention?: NonNullable<Backend['extendRetention']>;
   declare readonly listHidden?: NonNullable<Backend['listHidden']>;
   declare readonly undelete?: NonNullable<Backend['undelete']>;
+  declare readonly signedLoad?: NonNullable<Backend['signedLoad']>;
   private readonly attempts: number;
   private readonly maxElapsedMs: number;
   private readonly initialDelayMs: number;
@@ -290,6 +293,7 @@ function describeCall(method: string, args: unknown[]): string {
   if (method === 'listTemporary') return 'list of temporary files';
   const file = args[0] as TemporaryFile | undefined;
   if (method === 'removeTemporary' && file) return `remove of temporary ${file.kind}/${file.name}`;
+  if (method === 'signedLoad') return `signing of a load of ${label(args[0] as FileKind, args[1] as string)}`;
   return method;
 }
 

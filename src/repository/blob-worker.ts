@@ -23,6 +23,8 @@ import { packPayload, payloadParts, unpackPayload } from './compression.js';
 import { blobAad } from './aad.js';
 import { GarbageHint } from './gc-hint.js';
 import { CorruptArchiveError } from '../errors.js';
+import type { SignedRequest } from '../backend/backend.js';
+import type { SignedGetter } from '../backend/signed-get.js';
 
 /**
  * Sealed bytes sent and not yet acknowledged, per worker (and at most MAX_UNACKED chunks): enough
@@ -43,7 +45,22 @@ export type WorkerRequest =
   | { type: 'ack'; task: number }
   /** Small blobs (whole small files) to hash and seal, back to back in one transferred buffer. */
   | { type: 'seal'; task: number; data: ArrayBuffer; lengths: number[] }
-  | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number; hash: boolean; to: BlobDestination };
+  | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number; hash: boolean; to: BlobDestination }
+  /**
+   * Downloads `length` bytes (a range of a pack) with a signed request, writes them into the kept
+   * reads' file at `keep.position` (when given), and authenticates the blobs in them (`start`:
+   * where a blob begins in the range). The request carries a signature: never logged.
+   */
+  | { type: 'fetch'; task: number; request: SignedRequest; length: number; keep: { path: string; position: number } | undefined; blobs: FetchedBlob[] };
+
+/** A blob in a fetched range: its id, type and lengths, and where it starts in the range. */
+export interface FetchedBlob {
+  id: string;
+  blobType: string;
+  start: number;
+  length: number;
+  rawLength: number;
+}
 
 /**
  * Where a loaded blob goes: back to the main thread, nowhere (verification: only authenticated),
@@ -57,6 +74,8 @@ export type WorkerReply =
   | { type: 'done'; task: number; bytesRead: number }
   | { type: 'error'; task: number; message: string; code: string | undefined; corrupt?: boolean }
   | { type: 'blob'; task: number; data: Uint8Array | undefined }
+  /** For a 'fetch' whose download succeeded: the blobs (by their index) that failed authentication. */
+  | { type: 'fetched'; task: number; damaged: { index: number; message: string }[] }
   /** For a 'seal': each blob's id, and the sealed blobs back to back. */
   | { type: 'sealed'; task: number; ids: string[]; sealed: ArrayBuffer; sealedLengths: number[] }
   /** Sent once, when this thread has set itself up (V8 flags included: see gc-hint.ts). */
@@ -234,6 +253,55 @@ if (parentPort) {
     }
   };
 
+  /** Made on the first 'fetch' (a backup never loads node:http here). */
+  let getter: Promise<SignedGetter> | undefined;
+  /** Download buffers, reused (a restore fetches thousands of ranges of about the same length). */
+  const spare: Buffer[] = [];
+  const keptFiles = new Map<string, number>();
+  const keptFd = (path: string): number => {
+    let fd = keptFiles.get(path);
+    if (fd === undefined) {
+      for (const old of keptFiles.values()) closeSync(old); // one kept file at a time: an older one is gone
+      keptFiles.clear();
+      fd = openSync(path, 'r+');
+      keptFiles.set(path, fd);
+    }
+    return fd;
+  };
+
+  /** Downloads a range, keeps it, authenticates its blobs (see the 'fetch' request). */
+  const fetchRange = async (m: Extract<WorkerRequest, { type: 'fetch' }>): Promise<void> => {
+    const index = spare.findIndex((b) => b.length >= m.length);
+    const buffer = index >= 0 ? spare.splice(index, 1)[0]! : Buffer.allocUnsafe(Math.max(m.length, 4 << 20));
+    try {
+      const bytes = buffer.subarray(0, m.length);
+      getter ??= import('../backend/signed-get.js').then(({ SignedGetter }) => new SignedGetter());
+      await (await getter).get(m.request, bytes);
+      if (m.keep) {
+        const fd = keptFd(m.keep.path);
+        let written = 0;
+        while (written < bytes.length) written += writeSync(fd, bytes, written, bytes.length - written, m.keep.position + written);
+      }
+      const damaged: { index: number; message: string }[] = [];
+      for (const [i, blob] of m.blobs.entries()) {
+        try {
+          if (blob.start < 0 || blob.start + blob.length > bytes.length) throw new CorruptArchiveError(`blob ${blob.id.slice(0, 12)} lies outside the range read`);
+          const what = `blob ${blob.id.slice(0, 12)}`;
+          const plain = await unpackPayload(openSealed(key, bytes.subarray(blob.start, blob.start + blob.length), blobAad(blob.blobType, blob.id), what), blob.rawLength);
+          if (plain.length !== blob.rawLength) throw new CorruptArchiveError(`${what}: wrong length`);
+        } catch (error) {
+          if (!(error instanceof CorruptArchiveError)) throw error;
+          damaged.push({ index: i, message: error.message });
+        }
+      }
+      port.postMessage({ type: 'fetched', task: m.task, damaged } satisfies WorkerReply);
+    } catch (error) {
+      port.postMessage({ type: 'error', task: m.task, message: (error as Error).message, code: (error as NodeJS.ErrnoException).code } satisfies WorkerReply);
+    } finally {
+      if (spare.length < 4) spare.push(buffer);
+    }
+  };
+
   /** Hashes, compresses and seals a batch of small blobs (a message per blob would cost more than the work). */
   const sealBatch = async (m: Extract<WorkerRequest, { type: 'seal' }>): Promise<void> => {
     try {
@@ -263,6 +331,10 @@ if (parentPort) {
     }
     if (message.type === 'seal') {
       void sealBatch(message);
+      return;
+    }
+    if (message.type === 'fetch') {
+      void fetchRange(message);
       return;
     }
     if (message.type === 'ack') {

@@ -10,7 +10,8 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { ChunkerParams } from './chunker.js';
-import type { BlobDestination, WorkerReply, WorkerRequest } from './blob-worker.js';
+import type { BlobDestination, FetchedBlob, WorkerReply, WorkerRequest } from './blob-worker.js';
+import type { SignedRequest } from '../backend/backend.js';
 import { CorruptArchiveError } from '../errors.js';
 import { restoreHeapHold } from './gc-hint.js';
 
@@ -171,6 +172,20 @@ export class ChunkPool {
       (task) => ({ type: 'load', task, packPath, id, blobType: where.type, offset: where.offset, length: where.length, rawLength: where.rawLength, hash, to }),
       [],
       (reply) => (reply.type === 'blob' ? reply.data && Buffer.from(reply.data.buffer, reply.data.byteOffset, reply.data.byteLength) : undefined),
+    );
+  }
+
+  /**
+   * Downloads a range of a pack on a worker with the signed request `request` (`length` bytes),
+   * writes it at `keep` (a kept reads file) when given, and authenticates `blobs` in it there.
+   * Resolves with the blobs (indexes into `blobs`) that failed authentication; rejects when the
+   * download failed (the caller loads the range through its backend instead).
+   */
+  fetchBlobs(request: SignedRequest, length: number, keep: { path: string; position: number } | undefined, blobs: FetchedBlob[]): Promise<{ index: number; message: string }[]> {
+    return this.oneReply(
+      (task) => ({ type: 'fetch', task, request, length, keep, blobs }),
+      [],
+      (reply) => (reply.type === 'fetched' ? reply.damaged : []),
     );
   }
 
