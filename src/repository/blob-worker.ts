@@ -216,11 +216,24 @@ if (parentPort) {
     return fd;
   };
 
+  /**
+   * Download buffers of a restore's 'fetch'es, reused by them and by the 'load's of its write pass
+   * (thousands of ranges and blobs of a few MiB). A backup never fetches, so its loads (parent
+   * trees) allocate as before and nothing is held between them.
+   */
+  const spare: Buffer[] = [];
+  const takeSpare = (length: number): Buffer | undefined => {
+    const index = spare.findIndex((b) => b.length >= length);
+    return index >= 0 ? spare.splice(index, 1)[0] : undefined;
+  };
+
   /** Reads, authenticates, decompresses and checks one blob (restore and verification). */
   const load = async (m: Extract<WorkerRequest, { type: 'load' }>): Promise<void> => {
+    const reused = takeSpare(m.length);
     try {
       const what = `pack ${m.packPath.slice(-64, -52)} blob ${m.id.slice(0, 12)}`;
-      const sealed = Buffer.allocUnsafe(m.length);
+      // The plaintext never shares memory with it (deciphering makes a buffer of its own).
+      const sealed = reused ? reused.subarray(0, m.length) : Buffer.allocUnsafe(m.length);
       const fd = packFd(m.packPath);
       let read = 0;
       while (read < m.length) {
@@ -250,13 +263,13 @@ if (parentPort) {
         code: (error as NodeJS.ErrnoException).code,
         corrupt: error instanceof CorruptArchiveError,
       } satisfies WorkerReply);
+    } finally {
+      if (reused) spare.push(reused);
     }
   };
 
   /** Made on the first 'fetch' (a backup never loads node:http here). */
   let getter: Promise<SignedGetter> | undefined;
-  /** Download buffers, reused (a restore fetches thousands of ranges of about the same length). */
-  const spare: Buffer[] = [];
   const keptFiles = new Map<string, number>();
   const keptFd = (path: string): number => {
     let fd = keptFiles.get(path);
@@ -271,8 +284,7 @@ if (parentPort) {
 
   /** Downloads a range, keeps it, authenticates its blobs (see the 'fetch' request). */
   const fetchRange = async (m: Extract<WorkerRequest, { type: 'fetch' }>): Promise<void> => {
-    const index = spare.findIndex((b) => b.length >= m.length);
-    const buffer = index >= 0 ? spare.splice(index, 1)[0]! : Buffer.allocUnsafe(Math.max(m.length, 4 << 20));
+    const buffer = takeSpare(m.length) ?? Buffer.allocUnsafe(Math.max(m.length, 4 << 20));
     try {
       const bytes = buffer.subarray(0, m.length);
       getter ??= import('../backend/signed-get.js').then(({ SignedGetter }) => new SignedGetter());
