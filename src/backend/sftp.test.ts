@@ -391,6 +391,21 @@ void describe('SFTP protocol client', () => {
     assert.equal(await session.read(Buffer.from('h'), 400_000, 10, Buffer.alloc(10)), undefined, 'end of file');
   });
 
+  void it('a session that ends in the middle of a DATA reply being received into a buffer fails that read with ECONNRESET', async () => {
+    const toServer = new PassThrough();
+    const toClient = new PassThrough();
+    toServer.once('data', () => {
+      toClient.write(Buffer.from([0, 0, 0, 5, 2, 0, 0, 0, 3]));
+      toServer.once('data', () => {
+        // DATA for id 1: 1000 bytes announced, 300 sent, then the end.
+        toClient.write(Buffer.concat([idOf(9 + 1000), Buffer.from([103]), idOf(1), idOf(1000), Buffer.alloc(300, 7)]));
+        setTimeout(() => toClient.end(), 5);
+      });
+    });
+    const session = await SftpSession.start(toClient, toServer);
+    await assert.rejects(session.read(Buffer.from('h'), 0, 1000, Buffer.alloc(1000)), (e: unknown) => (e as SftpError).code === 'ECONNRESET');
+  });
+
   void it('a reply longer than MAX_PACKET, or to no request, ends the session; every call then fails', { timeout: 10_000 }, async () => {
     // Only the length of a huge reply: a client that waited for its bytes would hang here.
     const huge = scriptedServer((_type, _id, _body, send) => send(Buffer.alloc(0), MAX_PACKET + 1));
