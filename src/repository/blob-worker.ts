@@ -51,7 +51,9 @@ export type WorkerRequest =
    * reads' file at `keep.position` (when given), and authenticates the blobs in them (`start`:
    * where a blob begins in the range). The request carries a signature: never logged.
    */
-  | { type: 'fetch'; task: number; request: SignedRequest; length: number; keep: { path: string; position: number } | undefined; blobs: FetchedBlob[] };
+  | { type: 'fetch'; task: number; request: SignedRequest; length: number; keep: { path: string; position: number } | undefined; blobs: FetchedBlob[] }
+  /** Closes the files kept open between reads (packs, kept reads); answered with 'closed'. */
+  | { type: 'close-files'; task: number };
 
 /** A blob in a fetched range: its id, type and lengths, and where it starts in the range. */
 export interface FetchedBlob {
@@ -74,6 +76,7 @@ export type WorkerReply =
   | { type: 'done'; task: number; bytesRead: number }
   | { type: 'error'; task: number; message: string; code: string | undefined; corrupt?: boolean }
   | { type: 'blob'; task: number; data: Uint8Array | undefined }
+  | { type: 'closed'; task: number }
   /** For a 'fetch' whose download succeeded: the blobs (by their index) that failed authentication. */
   | { type: 'fetched'; task: number; damaged: { index: number; message: string }[] }
   /** For a 'seal': each blob's id, and the sealed blobs back to back. */
@@ -347,6 +350,13 @@ if (parentPort) {
     }
     if (message.type === 'fetch') {
       void fetchRange(message);
+      return;
+    }
+    if (message.type === 'close-files') {
+      for (const fd of [...packs.values(), ...keptFiles.values()]) closeSync(fd);
+      packs.clear();
+      keptFiles.clear();
+      port.postMessage({ type: 'closed', task: message.task } satisfies WorkerReply);
       return;
     }
     if (message.type === 'ack') {

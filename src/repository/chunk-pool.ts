@@ -212,10 +212,19 @@ export class ChunkPool {
     );
   }
 
-  private oneReply<T>(request: (task: number) => WorkerRequest, transfer: ArrayBuffer[], result: (reply: WorkerReply) => T): Promise<T> {
+  /**
+   * Closes the files the workers keep open between reads (packs, kept reads), on every worker: a
+   * restore calls it once it has written everything, so that deleting its kept reads frees them
+   * (an open file's dirty pages would go to disk with the volumes' sync).
+   */
+  async closeFiles(): Promise<void> {
+    await Promise.all(this.workers.filter((w) => !w.ended).map((slot) => this.oneReply((task) => ({ type: 'close-files', task }), [], () => undefined, slot)));
+  }
+
+  private oneReply<T>(request: (task: number) => WorkerRequest, transfer: ArrayBuffer[], result: (reply: WorkerReply) => T, on?: WorkerSlot): Promise<T> {
     let slot: WorkerSlot;
     try {
-      slot = this.pick();
+      slot = on ?? this.pick();
     } catch (error) {
       return Promise.reject(asError(error));
     }

@@ -6,13 +6,13 @@
  */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeSync, closeSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, readlinkSync, rmSync, writeSync, closeSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Backend, FileInfo, FileKind, SignedRequest } from '../backend/backend.js';
-import { withCache, type CachedBackend } from '../backend/cache.js';
+import { localCopiesOf, withCache, type CachedBackend } from '../backend/cache.js';
 import { FaultyBackend } from '../backend/faulty.js';
 import { MemoryBackend } from '../backend/memory.js';
 import { RetryBackend, type RetryEvent } from '../backend/retry.js';
@@ -115,7 +115,7 @@ class SigningRecorder extends Recorder {
 async function withSigningRemote(
   work: string,
   input: Record<string, Buffer>,
-  fn: (t: { remote: SigningRecorder; repo: Repository; volume: SnapshotVolume; pool: ReturnType<Repository['createChunkPool']> }) => Promise<void>,
+  fn: (t: { remote: SigningRecorder; repo: Repository; volume: SnapshotVolume; pool: ReturnType<Repository['createChunkPool']>; kept: { end(): Promise<void> } }) => Promise<void>,
   flushEvery = 8,
 ): Promise<void> {
   const memory = new MemoryBackend({ location: LOCATION });
@@ -130,7 +130,7 @@ async function withSigningRemote(
   const pool = repo.createChunkPool(2);
   const kept = await cache.keepReads();
   try {
-    await fn({ remote, repo, volume, pool });
+    await fn({ remote, repo, volume, pool, kept });
   } finally {
     await kept.end();
     await pool.close();
@@ -418,6 +418,36 @@ void describe('a restore from a remote repository reads by pack', () => {
           return true;
         });
         assert.ok(remote.served.length > 0, 'the workers downloaded');
+      });
+    }));
+
+  void it('once written, the workers close the kept reads file (closeFiles) and ending them leaves no descriptor of this process on it: its dirty pages are dropped, not written by the volumes\' sync', () =>
+    withWork(async (work) => {
+      const input = files(71, 8);
+      await withSigningRemote(work, input, async ({ repo, volume, pool, kept }) => {
+        const cache = localCopiesOf(repo.backend)!;
+        await verifySnapshotVolume(repo, volume, { pool });
+        const tree = JSON.parse((await repo.loadBlob(volume.tree)).toString()) as { nodes: { content: string[] }[] };
+        const first = repo.location(tree.nodes[0]!.content[0]!)!;
+        const path = cache.keptAt(first.pack, first)!.path;
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        await restoreVolumeToFolder(repo, volume, target, { pool });
+        const holding = (): string[] =>
+          readdirSync('/proc/self/fd').flatMap((fd) => {
+            try {
+              const link = readlinkSync(join('/proc/self/fd', fd));
+              return link.startsWith(path) ? [link] : [];
+            } catch {
+              return [];
+            }
+          });
+        assert.ok(holding().length >= 2, `the workers and the cache read it: ${holding().join(', ')}`);
+        await pool.closeFiles();
+        // What snapshot-restore's written() does next: the kept reads end (closed, deleted).
+        await kept.end();
+        assert.deepEqual(holding(), [], 'no descriptor left on the kept reads');
+        assert.deepEqual(folderContents(target), expected(input));
       });
     }));
 });
