@@ -30,7 +30,8 @@
  * every ranged read of a data pack is appended (ciphertext as stored) to a file in a spool folder
  * of this cache, and a later read of any part of a kept range comes from there (the verification
  * reads a pack's blobs as one range, the writes each blob: repository/pack-reads.ts; `keptAt`
- * tells a worker thread where a kept range is). restic downloads once, but verifies nothing
+ * tells a worker thread where a kept range is, and `reserveKept` gives room to a worker thread that
+ * downloads a range itself, with the remote's `signedLoad`). restic downloads once, but verifies nothing
  * before it writes. Bounded by the free space the caller leaves (what it is about to write): past
  * it, or on any error of the file, reads simply go to the remote again. The repository
  * authenticates the copy as any other; `forget` drops a pack's kept ranges.
