@@ -313,11 +313,11 @@ export class S3Backend implements Backend {
    * The GET `load` would send for the range, built and signed by the SDK (endpoint, addressing,
    * region, credentials and SigV4 headers exactly as for its own requests) but not sent: a
    * restore's workers make it (backend.ts, `signedLoad`). The signature is valid for minutes.
-   * Undefined for Amazon S3 without a known region (the SDK finds the bucket's region by a
-   * redirect, which a signed request cannot follow).
+   * (A bucket in another region than the one configured answers it with a redirect, which the
+   * worker does not follow: the caller then loads through `load`, which follows it.)
    */
   async signedLoad(kind: FileKind, name: string, range: { offset: number; length: number }): Promise<SignedRequest | undefined> {
-    if (range.length <= 0 || (this.where.endpoint === undefined && this.clientConfig?.region === undefined)) return undefined;
+    if (range.length <= 0) return undefined;
     this.signer ??= new S3Client({ ...this.clientConfig, maxAttempts: 1, requestHandler: new CaptureHandler() });
     const command = new GetObjectCommand({ Bucket: this.where.bucket, Key: this.key(kind, name), Range: `bytes=${range.offset}-${range.offset + range.length - 1}` });
     try {

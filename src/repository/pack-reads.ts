@@ -182,7 +182,13 @@ export class PackReader {
     const cache = localCopiesOf(this.repo.backend);
     if (!pool || !cache || (this.workerFailures >= 3 && this.workerReads === 0)) return false;
     const range = { offset: read.offset, length: read.length };
-    const request = await cache.signedLoad('data', read.pack, range).catch(() => undefined);
+    let request;
+    try {
+      request = await cache.signedLoad('data', read.pack, range);
+    } catch {
+      this.workerFailures++; // no credentials for it, no region: `load` will say so
+      return false;
+    }
     if (!request) return false;
     const room = cache.reserveKept(read.pack, range);
     const blobs = read.blobs.map(({ id, where }) => ({ id, blobType: where.type, start: where.offset - read.offset, length: where.length, rawLength: where.rawLength }));
