@@ -173,8 +173,8 @@ const OPTIONAL: { [K in OptionalMethod]: 'retry' | 'pass' } = {
   extendRetention: 'retry',
   listHidden: 'retry',
   undelete: 'retry',
-  // Signing needs no server, but credentials may come from one (SSO, a container's endpoint).
-  signedLoad: 'retry',
+  // No request is made; a caller whose signing failed loads through `load` (retried there).
+  signedLoad: 'pass',
 };
 
 /** Wraps `inner` so that each call is retried on transient failures (see the module comment). */
@@ -293,7 +293,6 @@ function describeCall(method: string, args: unknown[]): string {
   if (method === 'listTemporary') return 'list of temporary files';
   const file = args[0] as TemporaryFile | undefined;
   if (method === 'removeTemporary' && file) return `remove of temporary ${file.kind}/${file.name}`;
-  if (method === 'signedLoad') return `signing of a load of ${label(args[0] as FileKind, args[1] as string)}`;
   return method;
 }
 
