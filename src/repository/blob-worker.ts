@@ -77,8 +77,8 @@ export type WorkerReply =
   | { type: 'error'; task: number; message: string; code: string | undefined; corrupt?: boolean }
   | { type: 'blob'; task: number; data: Uint8Array | undefined }
   | { type: 'closed'; task: number }
-  /** For a 'fetch' whose download succeeded: the blobs (by their index) that failed authentication. */
-  | { type: 'fetched'; task: number; damaged: { index: number; message: string }[] }
+  /** For a 'fetch' whose download succeeded: the blobs (by their index) that failed authentication, and whether the range was kept. */
+  | { type: 'fetched'; task: number; damaged: { index: number; message: string }[]; kept: boolean }
   /** For a 'seal': each blob's id, and the sealed blobs back to back. */
   | { type: 'sealed'; task: number; ids: string[]; sealed: ArrayBuffer; sealedLengths: number[] }
   /** Sent once, when this thread has set itself up (V8 flags included: see gc-hint.ts). */
@@ -292,10 +292,16 @@ if (parentPort) {
       const bytes = buffer.subarray(0, m.length);
       getter ??= import('../backend/signed-get.js').then(({ SignedGetter }) => new SignedGetter());
       await (await getter).get(m.request, bytes);
+      let kept = false;
       if (m.keep) {
-        const fd = keptFd(m.keep.path);
-        let written = 0;
-        while (written < bytes.length) written += writeSync(fd, bytes, written, bytes.length - written, m.keep.position + written);
+        try {
+          const fd = keptFd(m.keep.path);
+          let written = 0;
+          while (written < bytes.length) written += writeSync(fd, bytes, written, bytes.length - written, m.keep.position + written);
+          kept = true;
+        } catch {
+          // A full disk: the range is not kept (the write pass reads it from the remote again).
+        }
       }
       const damaged: { index: number; message: string }[] = [];
       for (const [i, blob] of m.blobs.entries()) {
@@ -309,7 +315,7 @@ if (parentPort) {
           damaged.push({ index: i, message: error.message });
         }
       }
-      port.postMessage({ type: 'fetched', task: m.task, damaged } satisfies WorkerReply);
+      port.postMessage({ type: 'fetched', task: m.task, damaged, kept } satisfies WorkerReply);
     } catch (error) {
       port.postMessage({ type: 'error', task: m.task, message: (error as Error).message, code: (error as NodeJS.ErrnoException).code } satisfies WorkerReply);
     } finally {

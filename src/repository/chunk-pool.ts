@@ -178,14 +178,20 @@ export class ChunkPool {
   /**
    * Downloads a range of a pack on a worker with the signed request `request` (`length` bytes),
    * writes it at `keep` (a kept reads file) when given, and authenticates `blobs` in it there.
-   * Resolves with the blobs (indexes into `blobs`) that failed authentication; rejects when the
-   * download failed (the caller loads the range through its backend instead).
+   * Resolves with the blobs (indexes into `blobs`) that failed authentication and whether the
+   * bytes were written at `keep`; rejects when the download failed (the caller loads the range
+   * through its backend instead).
    */
-  fetchBlobs(request: SignedRequest, length: number, keep: { path: string; position: number } | undefined, blobs: FetchedBlob[]): Promise<{ index: number; message: string }[]> {
+  fetchBlobs(
+    request: SignedRequest,
+    length: number,
+    keep: { path: string; position: number } | undefined,
+    blobs: FetchedBlob[],
+  ): Promise<{ damaged: { index: number; message: string }[]; kept: boolean }> {
     return this.oneReply(
       (task) => ({ type: 'fetch', task, request, length, keep, blobs }),
       [],
-      (reply) => (reply.type === 'fetched' ? reply.damaged : []),
+      (reply) => (reply.type === 'fetched' ? { damaged: reply.damaged, kept: reply.kept } : { damaged: [], kept: false }),
     );
   }
 

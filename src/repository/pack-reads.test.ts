@@ -450,4 +450,23 @@ void describe('a restore from a remote repository reads by pack', () => {
         assert.deepEqual(folderContents(target), expected(input));
       });
     }));
+
+  void it('a worker that cannot write its download into the kept reads still authenticates it; the range is not taken as kept, and the write pass reads it from the remote', () =>
+    withWork(async (work) => {
+      const input = files(81, 8);
+      await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
+        const cache = localCopiesOf(repo.backend)!;
+        // The kept reads' file is gone from its folder (a hand, a cleaner): the workers cannot open it.
+        const room = cache.reserveKept('0'.repeat(64), { offset: 0, length: 1 })!;
+        rmSync(room.path);
+        await verifySnapshotVolume(repo, volume, { pool });
+        assert.ok(remote.served.length > 0, 'downloaded on the workers');
+        assert.deepEqual(remote.ranged, [], 'authenticated there');
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        await restoreVolumeToFolder(repo, volume, target, { pool });
+        assert.ok(remote.ranged.length > 0, 'the write pass read from the remote');
+        assert.deepEqual(folderContents(target), expected(input));
+      });
+    }));
 });

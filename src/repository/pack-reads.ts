@@ -192,16 +192,17 @@ export class PackReader {
     if (!request) return false;
     const room = cache.reserveKept(read.pack, range);
     const blobs = read.blobs.map(({ id, where }) => ({ id, blobType: where.type, start: where.offset - read.offset, length: where.length, rawLength: where.rawLength }));
-    let damaged: { index: number }[];
+    let fetched: { damaged: { index: number }[]; kept: boolean };
     try {
-      damaged = await pool.fetchBlobs(request, read.length, room && { path: room.path, position: room.position }, blobs);
+      fetched = await pool.fetchBlobs(request, read.length, room && { path: room.path, position: room.position }, blobs);
     } catch (error) {
       if (error instanceof CorruptArchiveError) throw error;
       this.workerFailures++;
       return false;
     }
     this.workerReads++;
-    room?.arrived();
+    if (fetched.kept) room?.arrived();
+    const damaged = fetched.damaged;
     if (damaged.length > 0) {
       // Damaged on the way or on the remote: forget the copy, let the remote decide (read here).
       await cache.forget('data', read.pack);
