@@ -43,6 +43,17 @@ export interface FileHints {
   metadata?: boolean;
 }
 
+/**
+ * An HTTP(S) request that loads a range of a file by itself, made by another thread (a restore's
+ * blob workers download packs without the main thread: repository/pack-reads.ts). It carries a
+ * signature (S3: SigV4 headers valid for minutes; a session token where the credentials have one):
+ * treat it as a credential — never in argv, logs, error messages or messages that get logged.
+ */
+export interface SignedRequest {
+  url: string;
+  headers: Record<string, string>;
+}
+
 /** A file as a listing shows it. */
 export interface FileInfo {
   name: string;
@@ -163,6 +174,14 @@ export interface Backend {
   listHidden?(): Promise<{ key: string; size: number; deletedMs: number | undefined }[]>;
   /** Brings back what `listHidden` shows (with the bucket owner's rights); returns how many. */
   undelete?(): Promise<number>;
+  /**
+   * For HTTP backends: a request another thread can make to GET bytes [offset, offset + length)
+   * of the file (signed now, to be used within minutes), or undefined when this file cannot be
+   * read that way. Only an answer with exactly those bytes counts (206, or 200 of a file that is
+   * exactly the range); on anything else the caller loads the range with `load`, which reports
+   * errors and is retried as this contract says. No request is made here.
+   */
+  signedLoad?(kind: FileKind, name: string, range: { offset: number; length: number }): Promise<SignedRequest | undefined>;
   /** For backends on this machine's filesystem: the file's path, so worker threads can read it. */
   localPath?(kind: FileKind, name: string): string;
 }

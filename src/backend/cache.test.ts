@@ -7,10 +7,11 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, writeSync, chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { FileKind, SignedRequest } from './backend.js';
 import { CachedBackend, cacheFolderFor, cacheRoot, withCache } from './cache.js';
 import { conformance } from './conformance.js';
 import { FaultyBackend, type BackendMethod, type FaultScript } from './faulty.js';
@@ -124,6 +125,53 @@ void describe('cache of a remote repository', () => {
       assert.equal(remote.count('load'), loads + 8, 'no room left: nothing kept');
       await none.end();
     }));
+
+  void it('signedLoad is the remote\'s, except for bytes on this machine (spooled, kept); reserveKept: a range another thread writes counts as kept once it arrived', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'cache-test-'));
+    try {
+      const loads: string[] = [];
+      const inner = new (class extends MemoryBackend {
+        override load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer> {
+          if (kind === 'data') loads.push(name);
+          return super.load(kind, name, range);
+        }
+        signedLoad(kind: FileKind, name: string, range: { offset: number; length: number }): Promise<SignedRequest | undefined> {
+          return Promise.resolve({ url: `http://127.0.0.1:1/${kind}/${name}`, headers: { range: `bytes=${range.offset}-${range.offset + range.length - 1}` } });
+        }
+      })({ location: LOCATION });
+      const cache = (await withCache(inner, { dir: root })) as CachedBackend;
+      await cache.create();
+      await inner.save('data', id('p1'), Buffer.from('0123456789 data pack one'));
+      assert.equal((await cache.signedLoad('data', id('p1'), { offset: 2, length: 5 }))?.headers['range'], 'bytes=2-6', 'the remote\'s request');
+      assert.equal(cache.reserveKept(id('p1'), { offset: 0, length: 10 }), undefined, 'no room while reads are not kept');
+
+      const kept = await cache.keepReads();
+      await cache.load('data', id('p1'), { offset: 2, length: 5 });
+      assert.equal(await cache.signedLoad('data', id('p1'), { offset: 3, length: 3 }), undefined, 'a kept range is read here');
+      assert.ok(await cache.signedLoad('data', id('p1'), { offset: 10, length: 3 }), 'another range is the remote\'s');
+      // Another thread's download: written at the reserved position, kept once it arrived.
+      const room = cache.reserveKept(id('p1'), { offset: 12, length: 4 })!;
+      assert.ok(room, 'room');
+      const before = loads.length;
+      await cache.load('data', id('p1'), { offset: 12, length: 4 });
+      assert.equal(loads.length, before + 1, 'not kept before it arrived');
+      const fd = openSync(room.path, 'r+');
+      writeSync(fd, Buffer.from('data'), 0, 4, room.position);
+      closeSync(fd);
+      room.arrived();
+      assert.deepEqual(cache.keptAt(id('p1'), { offset: 13, length: 2 }), { path: room.path, position: room.position + 1 });
+      assert.equal((await cache.load('data', id('p1'), { offset: 12, length: 4 })).toString(), 'data');
+      assert.equal(loads.length, before + 1, 'read here once it arrived');
+      await kept.end();
+
+      const deferred = await cache.deferUploads();
+      await cache.save('data', id('p2'), Buffer.from('spooled pack'));
+      assert.equal(await cache.signedLoad('data', id('p2'), { offset: 0, length: 4 }), undefined, 'a spooled file is not on the remote yet');
+      await deferred.discard();
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
 
   void it('the remote listing is the truth: copies of files it no longer lists, or lists with another size, are dropped; remove and a missing stat drop them too', () =>
     withSubject(async ({ root, inner, remote, cache }) => {

@@ -30,7 +30,8 @@
  * every ranged read of a data pack is appended (ciphertext as stored) to a file in a spool folder
  * of this cache, and a later read of any part of a kept range comes from there (the verification
  * reads a pack's blobs as one range, the writes each blob: repository/pack-reads.ts; `keptAt`
- * tells a worker thread where a kept range is). restic downloads once, but verifies nothing
+ * tells a worker thread where a kept range is, and `reserveKept` gives room to a worker thread that
+ * downloads a range itself, with the remote's `signedLoad`). restic downloads once, but verifies nothing
  * before it writes. Bounded by the free space the caller leaves (what it is about to write): past
  * it, or on any error of the file, reads simply go to the remote again. The repository
  * authenticates the copy as any other; `forget` drops a pack's kept ranges.
@@ -42,7 +43,7 @@ import { chmod, lstat, mkdir, open, readdir, readFile, rename, rm, statfs, write
 import { homedir, hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import { DiskFullError } from '../errors.js';
-import type { Backend, FileHints, FileInfo, FileKind, TemporaryFile } from './backend.js';
+import type { Backend, FileHints, FileInfo, FileKind, SignedRequest, TemporaryFile } from './backend.js';
 import { removeStaleSpools, UploadSpool, type SpooledFile } from './spool.js';
 import { adoptOptional, type OptionalMethod } from './forwarding.js';
 
@@ -179,6 +180,8 @@ const OPTIONAL: { [K in OptionalMethod]: 'own' | 'pass' | 'withhold' } = {
   extendRetention: 'pass',
   listHidden: 'pass',
   undelete: 'pass',
+  // A file spooled here is not on the remote yet: the cache decides (see CachedBackend.signedLoad).
+  signedLoad: 'own',
 };
 
 export class CachedBackend implements Backend {
@@ -274,6 +277,13 @@ export class CachedBackend implements Backend {
     if (cached) return cached;
     const whole = await this.download(kind, name, hints);
     return range ? Buffer.from(whole.subarray(range.offset, range.offset + range.length)) : whole;
+  }
+
+  /** The remote's signed request, unless the bytes are on this machine (spooled, kept) or the remote signs none. */
+  async signedLoad(kind: FileKind, name: string, range: { offset: number; length: number }): Promise<SignedRequest | undefined> {
+    if (this.spool?.has(kind, name)) return undefined;
+    if (kind === 'data' && this.kept?.locate(name, range) !== undefined) return undefined;
+    return this.remote.signedLoad?.(kind, name, range);
   }
 
   async list(kind: FileKind): Promise<FileInfo[]> {
@@ -390,6 +400,19 @@ export class CachedBackend implements Backend {
     const kept = this.kept;
     const position = kept?.locate(name, range);
     return kept === undefined || position === undefined ? undefined : { path: kept.path, position };
+  }
+
+  /**
+   * Room in the kept reads for `range` of data pack `name`, for a worker thread that downloads the
+   * range itself (a `signedLoad`) and writes it there at `position`: the range counts as kept
+   * (`keptAt`, `load`) once `arrived` is called, after the bytes are written. Undefined when reads
+   * are not kept or there is no room. Room for a download that failed is simply not used.
+   */
+  reserveKept(name: string, range: { offset: number; length: number }): { path: string; position: number; arrived(): void } | undefined {
+    const kept = this.kept;
+    const position = kept?.reserve(range.length);
+    if (kept === undefined || position === undefined) return undefined;
+    return { path: kept.path, position, arrived: () => kept.record(name, range, position) };
   }
 
   /**
@@ -636,22 +659,35 @@ class KeptReadsFile {
 
   /** Keeps what a ranged read of pack `name` returned (fewer bytes than asked where the pack ends). */
   async keep(name: string, range: { offset: number; length: number }, bytes: Buffer): Promise<void> {
-    if (this.broken || bytes.length === 0 || bytes.length > range.length) return;
+    if (bytes.length === 0 || bytes.length > range.length) return;
     if (this.locate(name, { offset: range.offset, length: bytes.length }) !== undefined) return;
-    if (this.size + bytes.length > this.budget || this.count >= KEPT_MAX_RANGES) return;
-    const at = this.size;
-    this.size += bytes.length;
+    const at = this.reserve(bytes.length);
+    if (at === undefined) return;
     try {
       let written = 0;
       while (written < bytes.length) written += (await this.handle.write(bytes, written, bytes.length - written, at + written)).bytesWritten;
-      const list = this.ranges.get(name);
-      const kept = { offset: range.offset, length: bytes.length, at };
-      if (list) list.splice(lastAtOrBefore(list, kept.offset) + 1, 0, kept);
-      else this.ranges.set(name, [kept]);
-      this.count++;
+      this.record(name, { offset: range.offset, length: bytes.length }, at);
     } catch {
       this.broken = true; // a full disk: the rest is read from the remote
     }
+  }
+
+  /** Room for `length` bytes at the end of the file (its position), or undefined: none left, or broken. */
+  reserve(length: number): number | undefined {
+    if (this.broken || length <= 0 || this.size + length > this.budget || this.count >= KEPT_MAX_RANGES) return undefined;
+    const at = this.size;
+    this.size += length;
+    return at;
+  }
+
+  /** Bytes [offset, offset + length) of pack `name` are now at `at` in the file. */
+  record(name: string, range: { offset: number; length: number }, at: number): void {
+    if (this.broken) return;
+    const list = this.ranges.get(name);
+    const kept = { offset: range.offset, length: range.length, at };
+    if (list) list.splice(lastAtOrBefore(list, kept.offset) + 1, 0, kept);
+    else this.ranges.set(name, [kept]);
+    this.count++;
   }
 
   /** Forgets every kept range of a pack; true if there was one. */

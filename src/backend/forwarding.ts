@@ -41,6 +41,7 @@ const ALL_OPTIONAL: { [K in OptionalMethod]: true } = {
   extendRetention: true,
   listHidden: true,
   undelete: true,
+  signedLoad: true,
   localPath: true,
 };
 
@@ -61,6 +62,7 @@ export class ForwardingBackend implements Backend {
   declare readonly extendRetention?: NonNullable<Backend['extendRetention']>;
   declare readonly listHidden?: NonNullable<Backend['listHidden']>;
   declare readonly undelete?: NonNullable<Backend['undelete']>;
+  declare readonly signedLoad?: NonNullable<Backend['signedLoad']>;
   declare readonly localPath?: NonNullable<Backend['localPath']>;
 
   constructor(readonly inner: Backend) {

@@ -171,6 +171,8 @@ const OPTIONAL: { [K in OptionalMethod]: 'retry' | 'pass' } = {
   extendRetention: 'retry',
   listHidden: 'retry',
   undelete: 'retry',
+  // No request is made; a caller whose signing failed loads through `load` (retried there).
+  signedLoad: 'pass',
 };
 
 /** Wraps `inner` so that each call is retried on transient failures (see the module comment). */
@@ -188,6 +190,7 @@ export class RetryBackend implements Backend {
   declare readonly extendRetention?: NonNullable<Backend['extendRetention']>;
   declare readonly listHidden?: NonNullable<Backend['listHidden']>;
   declare readonly undelete?: NonNullable<Backend['undelete']>;
+  declare readonly signedLoad?: NonNullable<Backend['signedLoad']>;
   private readonly attempts: number;
   private readonly maxElapsedMs: number;
   private readonly initialDelayMs: number;

@@ -10,6 +10,7 @@ import { PutBucketPolicyCommand, CreateMultipartUploadCommand, GetObjectLockConf
 import { ObjectLockedError, TargetNotEmptyError, UsageError } from '../errors.js';
 import { conformance } from './conformance.js';
 import { S3Backend, type S3BackendOptions } from './s3.js';
+import { SignedGetter } from './signed-get.js';
 import { emptyPrefix, rawClient, testS3, uniqueBucket, type TestS3 } from './s3-testing.js';
 
 /** What the CVAT host's user needs (README, "S3 Object Lock"); no s3:BypassGovernanceRetention. */
@@ -76,6 +77,40 @@ void describe('S3Backend on Ceph RGW', { skip }, () => {
     const head = await client!.send(new ListObjectVersionsCommand({ Bucket: bucket, Prefix: 'multipart/data/' }));
     assert.match(head.Versions?.[0]?.ETag ?? '', /-3"?$/);
     await b.close();
+  });
+
+  void it('signedLoad: the SDK\'s signed GET of a range, made by another client (a worker), returns exactly those bytes; altered, the server refuses it; no secret key in it', async () => {
+    for (const env of [{}, { CVAT_BACKUP_S3_CHECKSUMS: 'when_required' }]) {
+      const b = backend(s3!, bucket, 'signed', { env });
+      await b.create().catch(() => undefined);
+      const data = randomBytes(3 * 1024 * 1024 + 77);
+      const name = '5a'.repeat(32);
+      await b.save('data', name, data);
+      const getter = new SignedGetter();
+      try {
+        for (const range of [
+          { offset: 0, length: data.length },
+          { offset: 1_000_001, length: 2_000_000 },
+          { offset: data.length - 1, length: 1 },
+        ]) {
+          const request = (await b.signedLoad('data', name, range))!;
+          assert.ok(request, 'a request');
+          assert.ok(!JSON.stringify(request).includes(s3!.owner.secretAccessKey), 'the secret key is not in it');
+          const into = Buffer.alloc(range.length);
+          await getter.get(request, into);
+          assert.ok(into.equals(data.subarray(range.offset, range.offset + range.length)), JSON.stringify(range));
+        }
+        // The signature covers the range: another range is refused.
+        const request = (await b.signedLoad('data', name, { offset: 0, length: 10 }))!;
+        const headers = Object.fromEntries(Object.entries(request.headers).map(([k, v]) => [k, k.toLowerCase() === 'range' ? 'bytes=0-19' : v]));
+        await assert.rejects(getter.get({ ...request, headers }, Buffer.alloc(20)), /HTTP 403/);
+        // A missing file: not 206, so the caller falls back to load (which says ENOENT).
+        await assert.rejects(getter.get((await b.signedLoad('data', 'ab'.repeat(32), { offset: 0, length: 10 }))!, Buffer.alloc(10)), /HTTP 404/);
+      } finally {
+        getter.close();
+        await b.close();
+      }
+    }
   });
 
   void it('create refuses a prefix that holds something else, and leaves it alone', async () => {

@@ -43,7 +43,7 @@ import {
   type ObjectLockMode,
 } from '@aws-sdk/client-s3';
 import { ObjectLockedError, RepositoryError, TargetNotEmptyError, UsageError } from '../errors.js';
-import type { Backend, FileInfo, FileKind, TemporaryFile } from './backend.js';
+import type { Backend, FileInfo, FileKind, SignedRequest, TemporaryFile } from './backend.js';
 
 const KINDS: FileKind[] = ['config', 'keys', 'data', 'index', 'snapshots', 'locks', 'state'];
 /** Kinds written without retention: locks come and go, `state/` is rewritten (prune's memory). */
@@ -116,6 +116,9 @@ function checksumSetting(env: NodeJS.ProcessEnv): 'WHEN_REQUIRED' | 'WHEN_SUPPOR
 export class S3Backend implements Backend {
   readonly location: string;
   private readonly client: S3Client;
+  private readonly clientConfig: ConstructorParameters<typeof S3Client>[0];
+  /** The client `signedLoad` builds requests with (made on first use: only restores need it). */
+  private signer: S3Client | undefined;
   private readonly base: string;
   private readonly partSize: number;
   private readonly now: () => number;
@@ -137,14 +140,15 @@ export class S3Backend implements Backend {
     process.env['AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED'] ??= 'true';
     const checksums = checksumSetting(env);
     const region = env['AWS_REGION'] || env['AWS_DEFAULT_REGION'] || (where.endpoint !== undefined ? 'us-east-1' : undefined);
-    this.client = new S3Client({
+    this.clientConfig = {
       ...(region !== undefined ? { region } : {}),
       ...(where.endpoint !== undefined ? { endpoint: where.endpoint, forcePathStyle: true } : { followRegionRedirects: true }),
       ...(options.credentials ? { credentials: options.credentials } : {}),
       ...(checksums ? { requestChecksumCalculation: checksums, responseChecksumValidation: checksums } : {}),
       maxAttempts: options.maxAttempts ?? 3,
       requestHandler: { connectionTimeout: 10_000, requestTimeout: 300_000 },
-    });
+    };
+    this.client = new S3Client(this.clientConfig);
   }
 
   private key(kind: FileKind, name: string): string {
@@ -303,6 +307,26 @@ export class S3Backend implements Backend {
       if (range && statusOf(error) === 416 && (await this.stat(kind, name)) !== undefined) return Buffer.alloc(0);
       throw this.explain(`GET ${kind}/${name}`, error);
     }
+  }
+
+  /**
+   * The GET `load` would send for the range, built and signed by the SDK (endpoint, addressing,
+   * region, credentials and SigV4 headers exactly as for its own requests) but not sent: a
+   * restore's workers make it (backend.ts, `signedLoad`). The signature is valid for minutes.
+   * (A bucket in another region than the one configured answers it with a redirect, which the
+   * worker does not follow: the caller then loads through `load`, which follows it.)
+   */
+  async signedLoad(kind: FileKind, name: string, range: { offset: number; length: number }): Promise<SignedRequest | undefined> {
+    if (range.length <= 0) return undefined;
+    this.signer ??= new S3Client({ ...this.clientConfig, maxAttempts: 1, requestHandler: new CaptureHandler() });
+    const command = new GetObjectCommand({ Bucket: this.where.bucket, Key: this.key(kind, name), Range: `bytes=${range.offset}-${range.offset + range.length - 1}` });
+    try {
+      await this.signer.send(command);
+    } catch (error) {
+      if (error instanceof Captured) return error.request;
+      throw this.explain(`sign GET ${kind}/${name}`, error);
+    }
+    return undefined;
   }
 
   async list(kind: FileKind): Promise<FileInfo[]> {
@@ -548,8 +572,64 @@ export class S3Backend implements Backend {
 
   close(): Promise<void> {
     this.client.destroy();
+    this.signer?.destroy();
     return Promise.resolve();
   }
+}
+
+/** What CaptureHandler throws: the request the SDK built and signed, as a URL and headers. */
+class Captured extends Error {
+  constructor(readonly request: SignedRequest) {
+    super('captured');
+  }
+}
+
+/** The SDK's request as it would go out (the fields of its HttpRequest we need). */
+interface SdkRequest {
+  method: string;
+  protocol: string;
+  hostname: string;
+  port?: number | undefined;
+  path: string;
+  query?: Record<string, string | string[] | null> | undefined;
+  headers: Record<string, string>;
+}
+
+/**
+ * A request handler that sends nothing: it hands the finished request (signing is the SDK's last
+ * step before its handler) back to `signedLoad` by throwing it.
+ */
+class CaptureHandler {
+  handle(request: SdkRequest): Promise<never> {
+    if (request.method !== 'GET') return Promise.reject(new Error(`a ${request.method} request cannot be captured`));
+    const port = request.port === undefined ? '' : `:${request.port}`;
+    const query = buildQuery(request.query ?? {});
+    const url = `${request.protocol}//${request.hostname}${port}${request.path}${query === '' ? '' : `?${query}`}`;
+    return Promise.reject(new Captured({ url, headers: { ...request.headers } }));
+  }
+
+  updateHttpClientConfig(): void {}
+
+  httpHandlerConfigs(): Record<string, never> {
+    return {};
+  }
+
+  destroy(): void {}
+}
+
+/** RFC 3986 escaping, as the SDK's query strings (its signature covers the query it escaped so). */
+function escapeUri(text: string): string {
+  return encodeURIComponent(text).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+}
+
+function buildQuery(query: Record<string, string | string[] | null>): string {
+  const parts: string[] = [];
+  for (const key of Object.keys(query).sort()) {
+    const value = query[key];
+    if (Array.isArray(value)) for (const v of value) parts.push(`${escapeUri(key)}=${escapeUri(v)}`);
+    else parts.push(value === null || value === undefined ? escapeUri(key) : `${escapeUri(key)}=${escapeUri(value)}`);
+  }
+  return parts.join('&');
 }
 
 function md5(body: Buffer): string {

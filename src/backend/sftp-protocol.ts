@@ -222,12 +222,19 @@ const attrsWithMode = (mode: number | undefined): Buffer[] => (mode === undefine
 interface Reply {
   type: number;
   reader: PacketReader;
+  /** For a read with a sink: the DATA reply's bytes went straight into it, this many. */
+  sunk?: number;
 }
 
 interface Pending {
   resolve: (reply: Reply) => void;
   reject: (error: Error) => void;
+  /** A read's destination: the data of its DATA reply is copied here as it arrives (see onData). */
+  sink?: Buffer;
 }
+
+/** A DATA reply's header: length, type, id, the data's length. */
+const DATA_HEADER = 13;
 
 /** What the server said it can do (`limits@openssh.com`), or our defaults. */
 export interface SftpLimits {
@@ -259,6 +266,8 @@ export class SftpSession {
   private drained: Promise<void> | undefined;
   private chunks: Buffer[] = [];
   private chunkBytes = 0;
+  /** The DATA reply whose bytes are being copied into its read's sink. */
+  private sinking: { id: number; sink: Buffer; at: number; remaining: number } | undefined;
   private version: { resolve: (v: number) => void; reject: (e: Error) => void } | undefined;
   private limitsCache: Promise<SftpLimits> | undefined;
   private readonly onBusy: (busy: boolean) => void;
@@ -301,18 +310,41 @@ export class SftpSession {
     for (const w of this.slotWaiters.splice(0)) w.reject(error);
     this.chunks = [];
     this.chunkBytes = 0;
+    this.sinking = undefined;
   }
 
   // ---- framing ----
 
+  /**
+   * Splits the stream into packets. The data of a DATA reply to a read that gave a sink is copied
+   * from the pipe's chunks straight into it, as it arrives: a large reply spans many chunks, and
+   * joining them first, then copying the data out, moved every byte twice.
+   */
   private onData(chunk: Buffer): void {
     if (this.failure) return;
-    this.chunks.push(chunk);
-    this.chunkBytes += chunk.length;
     try {
+      const rest = this.feedSink(chunk);
+      if (rest.length === 0) return;
+      this.chunks.push(rest);
+      this.chunkBytes += rest.length;
       while (this.chunkBytes >= 4) {
         const length = this.peek(4).readUInt32BE(0);
         if (length < 1 || length > MAX_PACKET) throw badMessage(`a packet of ${length} bytes`);
+        if (this.startSink(length)) {
+          // What is buffered after the header goes into the sink; bytes past the reply stay.
+          const buffered = this.chunks;
+          this.chunks = [];
+          this.chunkBytes = 0;
+          for (const piece of buffered) {
+            const left = this.feedSink(piece);
+            if (left.length > 0) {
+              this.chunks.push(left);
+              this.chunkBytes += left.length;
+            }
+          }
+          if (this.sinking || this.failure) return;
+          continue;
+        }
         if (this.chunkBytes < 4 + length) return;
         const packet = this.take(4 + length).subarray(4);
         this.dispatch(packet);
@@ -321,6 +353,48 @@ export class SftpSession {
     } catch (error) {
       this.terminate(error instanceof SftpError ? error : badMessage((error as Error).message));
     }
+  }
+
+  /**
+   * If the buffered packet (of `length` bytes) is a DATA reply to a read with a sink large enough,
+   * takes its header and starts copying its data into the sink; false otherwise (a STATUS, an
+   * unexpected length: parsed as any packet, and the read reports it).
+   */
+  private startSink(length: number): boolean {
+    if (this.chunkBytes < DATA_HEADER) return false;
+    const head = this.peek(DATA_HEADER);
+    if (head[4] !== FXP.DATA) return false;
+    const id = head.readUInt32BE(5);
+    const size = head.readUInt32BE(9);
+    const sink = this.pending.get(id)?.sink;
+    if (!sink || length !== DATA_HEADER - 4 + size || size > sink.length) return false;
+    this.take(DATA_HEADER);
+    this.sinking = { id, sink, at: 0, remaining: size };
+    if (size === 0) this.endSink();
+    return true;
+  }
+
+  /** Copies what `chunk` holds of the reply being sunk; returns the rest of it (all of it when none is). */
+  private feedSink(chunk: Buffer): Buffer {
+    const s = this.sinking;
+    if (!s) return chunk;
+    const n = Math.min(s.remaining, chunk.length);
+    chunk.copy(s.sink, s.at, 0, n);
+    s.at += n;
+    s.remaining -= n;
+    if (s.remaining === 0) this.endSink();
+    return chunk.subarray(n);
+  }
+
+  private endSink(): void {
+    const s = this.sinking!;
+    this.sinking = undefined;
+    const pending = this.pending.get(s.id);
+    if (!pending) return;
+    this.pending.delete(s.id);
+    if (this.pending.size === 0) this.onBusy(false);
+    this.releaseSlot();
+    pending.resolve({ type: FXP.DATA, reader: new PacketReader(Buffer.alloc(0)), sunk: s.at });
   }
 
   private peek(n: number): Buffer {
@@ -391,7 +465,7 @@ export class SftpSession {
     else this.inFlight--;
   }
 
-  private async request(type: number, parts: Buffer[]): Promise<Reply> {
+  private async request(type: number, parts: Buffer[], sink?: Buffer): Promise<Reply> {
     await this.acquireSlot();
     if (this.drained) await this.drained;
     if (this.failure) {
@@ -401,7 +475,7 @@ export class SftpSession {
     const id = this.nextId;
     this.nextId = (this.nextId + 1) >>> 0 || 1;
     const length = 5 + parts.reduce((n, p) => n + p.length, 0);
-    const reply = new Promise<Reply>((resolve, reject) => this.pending.set(id, { resolve, reject }));
+    const reply = new Promise<Reply>((resolve, reject) => this.pending.set(id, sink ? { resolve, reject, sink } : { resolve, reject }));
     if (this.pending.size === 1) this.onBusy(true);
     const header = Buffer.allocUnsafe(9);
     header.writeUInt32BE(length, 0);
@@ -463,9 +537,14 @@ export class SftpSession {
     SftpSession.status(await this.request(FXP.CLOSE, str(handle)), 'close');
   }
 
-  /** Up to `length` bytes at `offset` (a server may return fewer); undefined at the end of the file. */
-  async read(handle: Buffer, offset: number, length: number): Promise<Buffer | undefined> {
-    const reply = await this.request(FXP.READ, [...str(handle), u64(offset), u32(length)]);
+  /**
+   * Up to `length` bytes at `offset` (a server may return fewer); undefined at the end of the file.
+   * With `into` (at least `length` long), the bytes are received straight into it and the result is
+   * the part of it they filled.
+   */
+  async read(handle: Buffer, offset: number, length: number, into?: Buffer): Promise<Buffer | undefined> {
+    const reply = await this.request(FXP.READ, [...str(handle), u64(offset), u32(length)], into && into.length >= length ? into.subarray(0, length) : undefined);
+    if (reply.sunk !== undefined) return into!.subarray(0, reply.sunk);
     if (reply.type === FXP.STATUS) {
       const code = reply.reader.u32();
       if (code === STATUS.eof) return undefined;
@@ -579,12 +658,12 @@ export class SftpSession {
         next = stop;
         let at = start;
         while (at < stop && at < end) {
-          const data = await this.read(handle, offset + at, stop - at);
+          const data = await this.read(handle, offset + at, stop - at, out.subarray(at, stop));
           if (data === undefined || data.length === 0) {
             end = Math.min(end, at);
             break;
           }
-          data.copy(out, at);
+          if (data.buffer !== out.buffer || data.byteOffset !== out.byteOffset + at) data.copy(out, at);
           at += data.length;
         }
       }

@@ -263,7 +263,9 @@ void describe('ssh command line', () => {
  * A scripted SFTP server on in-memory streams: answers INIT with VERSION 3, then hands every
  * request to `reply`, which writes what it likes.
  */
-function scriptedServer(reply: (type: number, id: number, body: Buffer, send: (packet: Buffer, claimedLength?: number) => void) => void): { session: Promise<SftpSession>; requests: () => number } {
+function scriptedServer(
+  reply: (type: number, id: number, body: Buffer, send: (packet: Buffer, claimedLength?: number) => void, raw: (bytes: Buffer) => void) => void,
+): { session: Promise<SftpSession>; requests: () => number } {
   const toServer = new PassThrough();
   const toClient = new PassThrough();
   let held = Buffer.alloc(0);
@@ -281,7 +283,7 @@ function scriptedServer(reply: (type: number, id: number, body: Buffer, send: (p
       if (packet[0] === 1) send(Buffer.from([2, 0, 0, 0, 3]));
       else {
         requests++;
-        reply(packet[0]!, packet.readUInt32BE(1), packet.subarray(5), send);
+        reply(packet[0]!, packet.readUInt32BE(1), packet.subarray(5), send, (bytes) => toClient.write(bytes));
       }
     }
   });
@@ -336,6 +338,72 @@ void describe('SFTP protocol client', () => {
     assert.ok(got.equals(file.subarray(1000, 51_000)));
     const tail = await session.readRange(Buffer.from('h'), 90_000, 50_000, { chunk: 4096, window: 8 });
     assert.ok(tail.equals(file.subarray(90_000)));
+  });
+
+  void it('reads into the caller\'s buffer: DATA replies cut anywhere (inside their header too) or run together land in it byte for byte, next to STATUS replies and short answers', async () => {
+    const file = Buffer.from(Array.from({ length: 300_000 }, (_, i) => (i * 13 + (i >> 9)) % 256));
+    let seed = 7;
+    const random = (n: number): number => {
+      seed = (seed * 1103515245 + 12345) >>> 0;
+      return seed % n;
+    };
+    let pendingOut: Buffer[] = [];
+    let flushing: NodeJS.Timeout | undefined;
+    const server = scriptedServer((type, id, body, send, raw) => {
+      if (type !== 5) return send(statusOf(id, 8));
+      const handleLength = body.readUInt32BE(0);
+      const offset = Number(body.readBigUInt64BE(4 + handleLength));
+      const length = body.readUInt32BE(12 + handleLength);
+      let reply: Buffer;
+      if (offset >= file.length) reply = statusOf(id, 1);
+      else {
+        const data = file.subarray(offset, Math.min(offset + length, offset + (id % 3 === 0 ? 5_000 : length), file.length));
+        reply = Buffer.concat([Buffer.from([103]), idOf(id), stringOf(data)]);
+      }
+      const framed = Buffer.concat([idOf(reply.length), reply]);
+      // Replies run together, then go out cut at random points (1 byte up to 40 kB).
+      pendingOut.push(framed);
+      flushing ??= setTimeout(() => {
+        flushing = undefined;
+        let all = Buffer.concat(pendingOut);
+        pendingOut = [];
+        while (all.length > 0) {
+          const n = Math.min(all.length, 1 + (random(4) === 0 ? random(13) : random(40_000)));
+          raw(Buffer.from(all.subarray(0, n)));
+          all = all.subarray(n);
+        }
+      }, 1);
+    });
+    const session = await server.session;
+    for (const [offset, length] of [
+      [0, 300_000],
+      [12_345, 100_000],
+      [290_000, 50_000],
+      [299_999, 1],
+    ] as const) {
+      const got = await session.readRange(Buffer.from('h'), offset, length, { chunk: 16_384, window: 4 });
+      assert.ok(got.equals(file.subarray(offset, Math.min(offset + length, file.length))), `${offset}+${length}`);
+    }
+    const into = Buffer.alloc(20_000);
+    const got = (await session.read(Buffer.from('h'), 1000, 20_000, into))!;
+    assert.equal(got.buffer, into.buffer, 'the data is received into the caller\'s buffer');
+    assert.ok(got.equals(file.subarray(1000, 1000 + got.length)));
+    assert.equal(await session.read(Buffer.from('h'), 400_000, 10, Buffer.alloc(10)), undefined, 'end of file');
+  });
+
+  void it('a session that ends in the middle of a DATA reply being received into a buffer fails that read with ECONNRESET', async () => {
+    const toServer = new PassThrough();
+    const toClient = new PassThrough();
+    toServer.once('data', () => {
+      toClient.write(Buffer.from([0, 0, 0, 5, 2, 0, 0, 0, 3]));
+      toServer.once('data', () => {
+        // DATA for id 1: 1000 bytes announced, 300 sent, then the end.
+        toClient.write(Buffer.concat([idOf(9 + 1000), Buffer.from([103]), idOf(1), idOf(1000), Buffer.alloc(300, 7)]));
+        setTimeout(() => toClient.end(), 5);
+      });
+    });
+    const session = await SftpSession.start(toClient, toServer);
+    await assert.rejects(session.read(Buffer.from('h'), 0, 1000, Buffer.alloc(1000)), (e: unknown) => (e as SftpError).code === 'ECONNRESET');
   });
 
   void it('a reply longer than MAX_PACKET, or to no request, ends the session; every call then fails', { timeout: 10_000 }, async () => {

@@ -23,6 +23,8 @@ import { packPayload, payloadParts, unpackPayload } from './compression.js';
 import { blobAad } from './aad.js';
 import { GarbageHint } from './gc-hint.js';
 import { CorruptArchiveError } from '../errors.js';
+import type { SignedRequest } from '../backend/backend.js';
+import type { SignedGetter } from '../backend/signed-get.js';
 
 /**
  * Sealed bytes sent and not yet acknowledged, per worker (and at most MAX_UNACKED chunks): enough
@@ -43,7 +45,24 @@ export type WorkerRequest =
   | { type: 'ack'; task: number }
   /** Small blobs (whole small files) to hash and seal, back to back in one transferred buffer. */
   | { type: 'seal'; task: number; data: ArrayBuffer; lengths: number[] }
-  | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number; hash: boolean; to: BlobDestination };
+  | { type: 'load'; task: number; packPath: string; id: string; blobType: string; offset: number; length: number; rawLength: number; hash: boolean; to: BlobDestination }
+  /**
+   * Downloads `length` bytes (a range of a pack) with a signed request, writes them into the kept
+   * reads' file at `keep.position` (when given), and authenticates the blobs in them (`start`:
+   * where a blob begins in the range). The request carries a signature: never logged.
+   */
+  | { type: 'fetch'; task: number; request: SignedRequest; length: number; keep: { path: string; position: number } | undefined; blobs: FetchedBlob[] }
+  /** Closes the files kept open between reads (packs, kept reads); answered with 'closed'. */
+  | { type: 'close-files'; task: number };
+
+/** A blob in a fetched range: its id, type and lengths, and where it starts in the range. */
+export interface FetchedBlob {
+  id: string;
+  blobType: string;
+  start: number;
+  length: number;
+  rawLength: number;
+}
 
 /**
  * Where a loaded blob goes: back to the main thread, nowhere (verification: only authenticated),
@@ -57,6 +76,9 @@ export type WorkerReply =
   | { type: 'done'; task: number; bytesRead: number }
   | { type: 'error'; task: number; message: string; code: string | undefined; corrupt?: boolean }
   | { type: 'blob'; task: number; data: Uint8Array | undefined }
+  | { type: 'closed'; task: number }
+  /** For a 'fetch' whose download succeeded: the blobs (by their index) that failed authentication, and whether the range was kept. */
+  | { type: 'fetched'; task: number; damaged: { index: number; message: string }[]; kept: boolean }
   /** For a 'seal': each blob's id, and the sealed blobs back to back. */
   | { type: 'sealed'; task: number; ids: string[]; sealed: ArrayBuffer; sealedLengths: number[] }
   /** Sent once, when this thread has set itself up (V8 flags included: see gc-hint.ts). */
@@ -197,11 +219,24 @@ if (parentPort) {
     return fd;
   };
 
+  /**
+   * Download buffers of a restore's 'fetch'es, reused by them and by the 'load's of its write pass
+   * (thousands of ranges and blobs of a few MiB). A backup never fetches, so its loads (parent
+   * trees) allocate as before and nothing is held between them.
+   */
+  const spare: Buffer[] = [];
+  const takeSpare = (length: number): Buffer | undefined => {
+    const index = spare.findIndex((b) => b.length >= length);
+    return index >= 0 ? spare.splice(index, 1)[0] : undefined;
+  };
+
   /** Reads, authenticates, decompresses and checks one blob (restore and verification). */
   const load = async (m: Extract<WorkerRequest, { type: 'load' }>): Promise<void> => {
+    const reused = takeSpare(m.length);
     try {
       const what = `pack ${m.packPath.slice(-64, -52)} blob ${m.id.slice(0, 12)}`;
-      const sealed = Buffer.allocUnsafe(m.length);
+      // The plaintext never shares memory with it (deciphering makes a buffer of its own).
+      const sealed = reused ? reused.subarray(0, m.length) : Buffer.allocUnsafe(m.length);
       const fd = packFd(m.packPath);
       let read = 0;
       while (read < m.length) {
@@ -231,6 +266,60 @@ if (parentPort) {
         code: (error as NodeJS.ErrnoException).code,
         corrupt: error instanceof CorruptArchiveError,
       } satisfies WorkerReply);
+    } finally {
+      if (reused) spare.push(reused);
+    }
+  };
+
+  /** Made on the first 'fetch' (a backup never loads node:http here). */
+  let getter: Promise<SignedGetter> | undefined;
+  const keptFiles = new Map<string, number>();
+  const keptFd = (path: string): number => {
+    let fd = keptFiles.get(path);
+    if (fd === undefined) {
+      for (const old of keptFiles.values()) closeSync(old); // one kept file at a time: an older one is gone
+      keptFiles.clear();
+      fd = openSync(path, 'r+');
+      keptFiles.set(path, fd);
+    }
+    return fd;
+  };
+
+  /** Downloads a range, keeps it, authenticates its blobs (see the 'fetch' request). */
+  const fetchRange = async (m: Extract<WorkerRequest, { type: 'fetch' }>): Promise<void> => {
+    const buffer = takeSpare(m.length) ?? Buffer.allocUnsafe(Math.max(m.length, 4 << 20));
+    try {
+      const bytes = buffer.subarray(0, m.length);
+      getter ??= import('../backend/signed-get.js').then(({ SignedGetter }) => new SignedGetter());
+      await (await getter).get(m.request, bytes);
+      let kept = false;
+      if (m.keep) {
+        try {
+          const fd = keptFd(m.keep.path);
+          let written = 0;
+          while (written < bytes.length) written += writeSync(fd, bytes, written, bytes.length - written, m.keep.position + written);
+          kept = true;
+        } catch {
+          // A full disk: the range is not kept (the write pass reads it from the remote again).
+        }
+      }
+      const damaged: { index: number; message: string }[] = [];
+      for (const [i, blob] of m.blobs.entries()) {
+        try {
+          if (blob.start < 0 || blob.start + blob.length > bytes.length) throw new CorruptArchiveError(`blob ${blob.id.slice(0, 12)} lies outside the range read`);
+          const what = `blob ${blob.id.slice(0, 12)}`;
+          const plain = await unpackPayload(openSealed(key, bytes.subarray(blob.start, blob.start + blob.length), blobAad(blob.blobType, blob.id), what), blob.rawLength);
+          if (plain.length !== blob.rawLength) throw new CorruptArchiveError(`${what}: wrong length`);
+        } catch (error) {
+          if (!(error instanceof CorruptArchiveError)) throw error;
+          damaged.push({ index: i, message: error.message });
+        }
+      }
+      port.postMessage({ type: 'fetched', task: m.task, damaged, kept } satisfies WorkerReply);
+    } catch (error) {
+      port.postMessage({ type: 'error', task: m.task, message: (error as Error).message, code: (error as NodeJS.ErrnoException).code } satisfies WorkerReply);
+    } finally {
+      if (spare.length < 4) spare.push(buffer);
     }
   };
 
@@ -263,6 +352,17 @@ if (parentPort) {
     }
     if (message.type === 'seal') {
       void sealBatch(message);
+      return;
+    }
+    if (message.type === 'fetch') {
+      void fetchRange(message);
+      return;
+    }
+    if (message.type === 'close-files') {
+      for (const fd of [...packs.values(), ...keptFiles.values()]) closeSync(fd);
+      packs.clear();
+      keptFiles.clear();
+      port.postMessage({ type: 'closed', task: message.task } satisfies WorkerReply);
       return;
     }
     if (message.type === 'ack') {

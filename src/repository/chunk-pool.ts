@@ -10,7 +10,8 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { ChunkerParams } from './chunker.js';
-import type { BlobDestination, WorkerReply, WorkerRequest } from './blob-worker.js';
+import type { BlobDestination, FetchedBlob, WorkerReply, WorkerRequest } from './blob-worker.js';
+import type { SignedRequest } from '../backend/backend.js';
 import { CorruptArchiveError } from '../errors.js';
 import { restoreHeapHold } from './gc-hint.js';
 
@@ -175,6 +176,26 @@ export class ChunkPool {
   }
 
   /**
+   * Downloads a range of a pack on a worker with the signed request `request` (`length` bytes),
+   * writes it at `keep` (a kept reads file) when given, and authenticates `blobs` in it there.
+   * Resolves with the blobs (indexes into `blobs`) that failed authentication and whether the
+   * bytes were written at `keep`; rejects when the download failed (the caller loads the range
+   * through its backend instead).
+   */
+  fetchBlobs(
+    request: SignedRequest,
+    length: number,
+    keep: { path: string; position: number } | undefined,
+    blobs: FetchedBlob[],
+  ): Promise<{ damaged: { index: number; message: string }[]; kept: boolean }> {
+    return this.oneReply(
+      (task) => ({ type: 'fetch', task, request, length, keep, blobs }),
+      [],
+      (reply) => (reply.type === 'fetched' ? { damaged: reply.damaged, kept: reply.kept } : { damaged: [], kept: false }),
+    );
+  }
+
+  /**
    * Hashes, compresses and seals small blobs (whole small files) on a worker: `data` holds them
    * back to back, `lengths` says where each ends. `data` must own its whole ArrayBuffer: it is
    * transferred, not copied (unusable here afterwards).
@@ -197,10 +218,19 @@ export class ChunkPool {
     );
   }
 
-  private oneReply<T>(request: (task: number) => WorkerRequest, transfer: ArrayBuffer[], result: (reply: WorkerReply) => T): Promise<T> {
+  /**
+   * Closes the files the workers keep open between reads (packs, kept reads), on every worker: a
+   * restore calls it once it has written everything, so that deleting its kept reads frees them
+   * (an open file's dirty pages would go to disk with the volumes' sync).
+   */
+  async closeFiles(): Promise<void> {
+    await Promise.all(this.workers.filter((w) => !w.ended).map((slot) => this.oneReply((task) => ({ type: 'close-files', task }), [], () => undefined, slot)));
+  }
+
+  private oneReply<T>(request: (task: number) => WorkerRequest, transfer: ArrayBuffer[], result: (reply: WorkerReply) => T, on?: WorkerSlot): Promise<T> {
     let slot: WorkerSlot;
     try {
-      slot = this.pick();
+      slot = on ?? this.pick();
     } catch (error) {
       return Promise.reject(asError(error));
     }

@@ -6,12 +6,14 @@
  */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeSync, closeSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, readlinkSync, rmSync, writeSync, closeSync } from 'node:fs';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { FileKind } from '../backend/backend.js';
+import type { FileKind, SignedRequest } from '../backend/backend.js';
 import { ForwardingBackend } from '../backend/forwarding.js';
-import { withCache, type CachedBackend } from '../backend/cache.js';
+import { localCopiesOf, withCache, type CachedBackend } from '../backend/cache.js';
 import { FaultyBackend } from '../backend/faulty.js';
 import { MemoryBackend } from '../backend/memory.js';
 import { RetryBackend, type RetryEvent } from '../backend/retry.js';
@@ -29,6 +31,10 @@ const CHUNK = 64 * 1024;
 
 /** What reaches the storage: every ranged load of a data pack (attempts of retries included), and how many ran at once. */
 class Recorder extends ForwardingBackend {
+  constructor(readonly memory: MemoryBackend) {
+    super(memory);
+  }
+
   readonly ranged: { pack: string; offset: number; length: number }[] = [];
   /** Packs not recorded (tree packs: the tests count reads of file data). */
   readonly ignore = new Set<string>();
@@ -48,6 +54,70 @@ class Recorder extends ForwardingBackend {
   }
 }
 
+
+/**
+ * A remote that signs loads (as S3 does) for an HTTP server on loopback serving the memory
+ * backend's packs: what the workers download shows as `served`, what the main thread loads as
+ * `ranged`. `reply` may change a reply (a status, damaged bytes).
+ */
+class SigningRecorder extends Recorder {
+  readonly served: { pack: string; offset: number; length: number }[] = [];
+  reply: (pack: string, bytes: Buffer) => { status: number; bytes: Buffer } = (_pack, bytes) => ({ status: 206, bytes });
+  private server: Server | undefined;
+  private port = 0;
+
+  async start(): Promise<void> {
+    this.server = createServer((request, response) => {
+      const pack = /^\/data\/([0-9a-f]+)$/.exec(request.url ?? '')?.[1];
+      const range = /^bytes=(\d+)-(\d+)$/.exec(request.headers['range'] ?? '');
+      const whole = pack === undefined ? undefined : this.memory.raw('data', pack);
+      if (request.headers['authorization'] !== 'signature' || !range || !whole) {
+        response.writeHead(403).end();
+        return;
+      }
+      const [offset, last] = [Number(range[1]), Number(range[2])];
+      this.served.push({ pack: pack!, offset, length: last + 1 - offset });
+      const { status, bytes } = this.reply(pack!, whole.subarray(offset, last + 1));
+      response.writeHead(status, { 'content-length': bytes.length }).end(bytes);
+    });
+    await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
+    this.port = (this.server.address() as AddressInfo).port;
+  }
+
+  async stop(): Promise<void> {
+    await new Promise((resolve) => this.server?.close(resolve));
+  }
+
+  override readonly signedLoad = (kind: FileKind, name: string, range: { offset: number; length: number }): Promise<SignedRequest | undefined> =>
+    Promise.resolve({ url: `http://127.0.0.1:${this.port}/${kind}/${name}`, headers: { authorization: 'signature', range: `bytes=${range.offset}-${range.offset + range.length - 1}` } });
+}
+
+/** A repository behind a signing remote and its cache, with reads kept; `fn` runs with them. */
+async function withSigningRemote(
+  work: string,
+  input: Record<string, Buffer>,
+  fn: (t: { remote: SigningRecorder; repo: Repository; volume: SnapshotVolume; pool: ReturnType<Repository['createChunkPool']>; kept: { end(): Promise<void> } }) => Promise<void>,
+  flushEvery = 8,
+): Promise<void> {
+  const memory = new MemoryBackend({ location: LOCATION });
+  const id = await writeSnapshot(await initTestRepository(memory), input, { chunk: CHUNK, flushEvery });
+  const remote = new SigningRecorder(memory);
+  await remote.start();
+  const cache = (await withCache(remote, { dir: join(work, 'cache') })) as CachedBackend;
+  const repo = await openTestRepository(cache);
+  await repo.loadIndex();
+  const volume = await volumeOf(repo, id);
+  remote.ignore.add(repo.location(volume.tree)!.pack);
+  const pool = repo.createChunkPool(2);
+  const kept = await cache.keepReads();
+  try {
+    await fn({ remote, repo, volume, pool, kept });
+  } finally {
+    await kept.end();
+    await pool.close();
+    await remote.stop();
+  }
+}
 
 async function withWork(fn: (work: string) => Promise<void>): Promise<void> {
   const work = mkdtempSync(join(tmpdir(), 'pack-reads-'));
@@ -259,5 +329,125 @@ void describe('a restore from a remote repository reads by pack', () => {
         await kept.end();
         await pool.close();
       }
+    }));
+
+  void it('with a remote that signs loads, the workers download each pack read themselves: the main thread loads nothing, the write pass reads the kept copies, the restore is byte-exact', () =>
+    withWork(async (work) => {
+      const input = files(31);
+      await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
+        await verifySnapshotVolume(repo, volume, { pool });
+        assert.equal(remote.served.length, 3, `one download per data pack, on the workers: ${JSON.stringify(remote.served)}`);
+        assert.deepEqual(remote.ranged, [], 'no data read on the main thread');
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        await restoreVolumeToFolder(repo, volume, target, { pool });
+        assert.equal(remote.served.length + remote.ranged.length, 3, 'the write pass read what the workers kept');
+        assert.deepEqual(folderContents(target), expected(input));
+      });
+    }));
+
+  void it('downloads that fail on the workers (HTTP 503, a short body) are made again through the backend; after three failures without a success the workers are not asked again', () =>
+    withWork(async (work) => {
+      const input = files(41);
+      await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
+        remote.reply = (_pack, bytes) => (remote.served.length % 2 === 1 ? { status: 503, bytes: Buffer.alloc(0) } : { status: 206, bytes: bytes.subarray(0, bytes.length - 1) });
+        await verifySnapshotVolume(repo, volume, { pool });
+        const packs = new Set(remote.ranged.map((r) => r.pack)).size;
+        assert.equal(remote.ranged.length, packs, 'every pack read once through the backend');
+        assert.ok(packs >= 12, `${packs} packs`);
+        // Five reads run at once: a few more may start before the third failure is counted.
+        assert.ok(remote.served.length >= 3 && remote.served.length <= 8, `a few failed downloads on the workers, then none (${remote.served.length} of ${packs})`);
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        await restoreVolumeToFolder(repo, volume, target, { pool });
+        assert.deepEqual(folderContents(target), expected(input));
+      }, 2);
+    }));
+
+  void it('a blob damaged in a worker\'s download is read again through the backend (the remote decides), and the restore is byte-exact', () =>
+    withWork(async (work) => {
+      const input = files(51);
+      await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
+        let damaged = 0;
+        remote.reply = (_pack, bytes) => {
+          if (damaged++ > 0) return { status: 206, bytes };
+          const copy = Buffer.from(bytes);
+          copy[copy.length >> 1]! ^= 0xff;
+          return { status: 206, bytes: copy };
+        };
+        await verifySnapshotVolume(repo, volume, { pool });
+        assert.equal(remote.served.length, 3);
+        assert.equal(remote.ranged.length, 1, `the damaged blob was read again: ${JSON.stringify(remote.ranged)}`);
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        await restoreVolumeToFolder(repo, volume, target, { pool });
+        assert.deepEqual(folderContents(target), expected(input));
+      });
+    }));
+
+  void it('damage on the remote itself, in a blob the workers download, fails the verification', () =>
+    withWork(async (work) => {
+      const input = files(61, 6);
+      await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
+        const tree = JSON.parse((await repo.loadBlob(volume.tree)).toString()) as { nodes: { content: string[] }[] };
+        const victim = tree.nodes[2]!.content[1]!;
+        const where = repo.location(victim)!;
+        remote.memory.raw('data', where.pack)![where.offset + 30]! ^= 0xff;
+        await assert.rejects(verifySnapshotVolume(repo, volume, { pool }), (error: Error) => {
+          assert.ok(error instanceof CorruptArchiveError, String(error));
+          assert.match(error.message, new RegExp(victim.slice(0, 12)));
+          return true;
+        });
+        assert.ok(remote.served.length > 0, 'the workers downloaded');
+      });
+    }));
+
+  void it('once written, the workers close the kept reads file (closeFiles) and ending them leaves no descriptor of this process on it: its dirty pages are dropped, not written by the volumes\' sync', () =>
+    withWork(async (work) => {
+      const input = files(71, 8);
+      await withSigningRemote(work, input, async ({ repo, volume, pool, kept }) => {
+        const cache = localCopiesOf(repo.backend)!;
+        await verifySnapshotVolume(repo, volume, { pool });
+        const tree = JSON.parse((await repo.loadBlob(volume.tree)).toString()) as { nodes: { content: string[] }[] };
+        const first = repo.location(tree.nodes[0]!.content[0]!)!;
+        const path = cache.keptAt(first.pack, first)!.path;
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        await restoreVolumeToFolder(repo, volume, target, { pool });
+        const holding = (): string[] =>
+          readdirSync('/proc/self/fd').flatMap((fd) => {
+            try {
+              const link = readlinkSync(join('/proc/self/fd', fd));
+              return link.startsWith(path) ? [link] : [];
+            } catch {
+              return [];
+            }
+          });
+        assert.ok(holding().length >= 2, `the workers and the cache read it: ${holding().join(', ')}`);
+        await pool.closeFiles();
+        // What snapshot-restore's written() does next: the kept reads end (closed, deleted).
+        await kept.end();
+        assert.deepEqual(holding(), [], 'no descriptor left on the kept reads');
+        assert.deepEqual(folderContents(target), expected(input));
+      });
+    }));
+
+  void it('a worker that cannot write its download into the kept reads still authenticates it; the range is not taken as kept, and the write pass reads it from the remote', () =>
+    withWork(async (work) => {
+      const input = files(81, 8);
+      await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
+        const cache = localCopiesOf(repo.backend)!;
+        // The kept reads' file is gone from its folder (a hand, a cleaner): the workers cannot open it.
+        const room = cache.reserveKept('0'.repeat(64), { offset: 0, length: 1 })!;
+        rmSync(room.path);
+        await verifySnapshotVolume(repo, volume, { pool });
+        assert.ok(remote.served.length > 0, 'downloaded on the workers');
+        assert.deepEqual(remote.ranged, [], 'authenticated there');
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        await restoreVolumeToFolder(repo, volume, target, { pool });
+        assert.ok(remote.ranged.length > 0, 'the write pass read from the remote');
+        assert.deepEqual(folderContents(target), expected(input));
+      });
     }));
 });

@@ -14,6 +14,13 @@
  *   write pass then reads them from that file (`loadKeptBlob`), again on the workers. Without
  *   kept reads (no cache, or no room) the blobs are authenticated here, from memory.
  *
+ * Where the backend signs requests another thread can make (S3: `Backend.signedLoad`), a read
+ * goes to the worker pool whole: a worker downloads the range into a buffer it reuses, writes it
+ * into the kept reads and authenticates its blobs there, so the main thread never receives the
+ * bytes (it did, at about 170 MB/s, a quarter of its time spent collecting download buffers). A
+ * download that fails there is made again here, through the backend (whose retry layer reports
+ * and repeats it); after a few such failures and no success, reads stay here.
+ *
  * Memory is bounded by the reads in flight (`concurrency` × `maxLength`) and the window's list of
  * blob locations, whatever the size of the snapshot.
  */
@@ -102,6 +109,9 @@ export class PackReader {
   /** Blob checks on the workers (each holds about one blob on a worker while it runs). */
   private readonly checks = new Slots(32);
   private readonly plan: PackReadPlan;
+  /** Downloads on the workers: how many succeeded and failed (they stop after failures without a success). */
+  private workerReads = 0;
+  private workerFailures = 0;
 
   constructor(
     private readonly repo: Repository,
@@ -144,6 +154,7 @@ export class PackReader {
   }
 
   private async read(read: PackRead): Promise<void> {
+    if (await this.readOnWorker(read)) return;
     const bytes = await this.repo.backend.load('data', read.pack, { offset: read.offset, length: read.length });
     const cache = localCopiesOf(this.repo.backend);
     const pool = this.options.pool;
@@ -160,6 +171,45 @@ export class PackReader {
         this.options.onBlob?.(id, where.length);
       }
     }
+  }
+
+  /**
+   * Downloads and authenticates `read` on a worker (see the file header); false when that cannot
+   * be done (no pool, no cache, no signed request, or the download failed), for `read` to do it here.
+   */
+  private async readOnWorker(read: PackRead): Promise<boolean> {
+    const pool = this.options.pool;
+    const cache = localCopiesOf(this.repo.backend);
+    if (!pool || !cache || (this.workerFailures >= 3 && this.workerReads === 0)) return false;
+    const range = { offset: read.offset, length: read.length };
+    let request;
+    try {
+      request = await cache.signedLoad('data', read.pack, range);
+    } catch {
+      this.workerFailures++; // no credentials for it, no region: `load` will say so
+      return false;
+    }
+    if (!request) return false;
+    const room = cache.reserveKept(read.pack, range);
+    const blobs = read.blobs.map(({ id, where }) => ({ id, blobType: where.type, start: where.offset - read.offset, length: where.length, rawLength: where.rawLength }));
+    let fetched: { damaged: { index: number }[]; kept: boolean };
+    try {
+      fetched = await pool.fetchBlobs(request, read.length, room && { path: room.path, position: room.position }, blobs);
+    } catch (error) {
+      if (error instanceof CorruptArchiveError) throw error;
+      this.workerFailures++;
+      return false;
+    }
+    this.workerReads++;
+    if (fetched.kept) room?.arrived();
+    const damaged = fetched.damaged;
+    if (damaged.length > 0) {
+      // Damaged on the way or on the remote: forget the copy, let the remote decide (read here).
+      await cache.forget('data', read.pack);
+      for (const { index } of damaged) await this.repo.checkBlob(read.blobs[index]!.id, pool);
+    }
+    for (const { id, where } of read.blobs) this.options.onBlob?.(id, where.length);
+    return true;
   }
 
   private async checkKept(id: string, where: BlobLocation, pool: ChunkPool, kept: { path: string; position: number }): Promise<void> {

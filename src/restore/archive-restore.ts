@@ -64,6 +64,12 @@ export interface RestoreSource {
     signal: AbortSignal | undefined,
     onProgress: (stats: TarStats) => void,
   ): Promise<{ stats: TarStats; skipped: string[] }>;
+  /**
+   * Called once everything is written, before the volumes are synced and committed: the source
+   * lets go of what it held for the writes (a remote repository's kept reads, whose dirty pages
+   * the sync would otherwise write to disk while CVAT is down).
+   */
+  written?(): Promise<void>;
 }
 
 export interface RestoreOptions {
@@ -373,6 +379,8 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
           if ((cause as { name?: string }).name === 'InterruptedError') throw cause;
           throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; ${suffix}`, { cause });
         }
+        // Only an economy: a failure there must not fail a restore whose data is all written.
+        await source.written?.().catch(() => undefined);
         for (const { target } of planned) await commitVolume(engine, target, lock.id);
         // The old data goes while CVAT starts: it is no longer needed, and deleting it is slow.
         removal = Promise.all(

@@ -91,6 +91,14 @@ export async function restoreFromSnapshot(
       ...(database ? { database: { dbname: database.dbname, size: database.size, open: (signal: AbortSignal | undefined) => contentStream(repo, database.content, pool, signal) } } : {}),
       writeFolder: (composeName, folder, signal, onProgress) =>
         restoreVolumeToFolder(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, folder, { ...(signal ? { signal } : {}), pool, onProgress }),
+      // The kept reads go before the volumes' sync: deleted (and closed everywhere) first, their
+      // hundreds of MiB of dirty pages are dropped, not written to the disk the sync waits for.
+      written: async () => {
+        if (!kept) return;
+        await pool.closeFiles();
+        await kept.end();
+        kept = undefined;
+      },
     };
     const result = await restoreFromSource(engine, source, options);
     return { ...result, snapshot: snapshot.id };
