@@ -3,7 +3,7 @@
  * them (bars on a TTY, plain lines otherwise, nothing on stdout with --json).
  */
 /** What is being done to a volume's data. */
-export type VolumeAction = 'archiving' | 'dumping' | 'loading' | 'copying while CVAT runs' | 'copying what changed' | 'verifying' | 'restoring' | 'copying';
+export type VolumeAction = 'archiving' | 'dumping' | 'loading' | 'copying while CVAT runs' | 'copying what changed' | 'verifying' | 'restoring' | 'restoring while CVAT runs' | 'copying';
 
 export type ProgressEvent =
   | { type: 'phase'; message: string }

@@ -37,7 +37,7 @@ import {
   readdirSync,
   type BigIntStats,
 } from 'node:fs';
-import { access, lchown, link, lstat, lutimes, mkdir, readdir, readlink, rmdir, symlink, unlink } from 'node:fs/promises';
+import { access, lchown, link, lstat, lutimes, mkdir, readdir, readlink, rename, rmdir, symlink, unlink } from 'node:fs/promises';
 import { promisify } from 'node:util';
 
 const openFd = promisify(openCallback) as (path: Buffer | string, flags: number, mode?: number) => Promise<number>;
@@ -237,6 +237,15 @@ export class DirHandle {
 
   async rmdir(name: Buffer | string): Promise<void> {
     await rmdir(this.entry(name));
+  }
+
+  /**
+   * Moves the child `name` to `toName` in the open folder `to` (renameat: neither name is
+   * followed; a link moves as a link). An existing file or empty folder at `toName` is replaced,
+   * as rename(2) does: callers move into folders they made empty.
+   */
+  async rename(name: Buffer | string, to: DirHandle, toName: Buffer | string = name): Promise<void> {
+    await rename(this.entry(name), to.entry(toName));
   }
 
   async stat(): Promise<BigIntStats> {

@@ -38,12 +38,19 @@ export interface FolderRestoreOptions {
   chunksInFlight?: number;
   /** Files open at once, waiting for their chunks. */
   filesInFlight?: number;
+  /**
+   * Leaves the owner, mode and times of `root` itself as they are (a staged folder whose entries
+   * move into the volume's root later); the result says what they should be.
+   */
+  leaveRoot?: boolean;
 }
 
 export interface FolderRestoreResult {
   stats: TarStats;
   /** Entries that cannot be made from here (FIFOs, devices), as `path (type)`. */
   skipped: string[];
+  /** The volume root's owner, mode and modification time (seconds), as the snapshot has them. */
+  root: { uid: number; gid: number; mode: number | undefined; mtime: number };
 }
 
 function seconds(ns: string): number {
@@ -220,10 +227,11 @@ export async function restoreVolumeToFolder(
     await chunks.drain();
     await files.drain();
     const r = volume.root;
-    await rootDir.setMeta(r.uid, r.gid, r.mode, seconds(r.mtimeNs));
+    if (!options.leaveRoot) await rootDir.setMeta(r.uid, r.gid, r.mode, seconds(r.mtimeNs));
   } finally {
     await rootDir.close();
   }
   report(true);
-  return { stats, skipped };
+  const r = volume.root;
+  return { stats, skipped, root: { uid: r.uid, gid: r.gid, mode: r.mode, mtime: seconds(r.mtimeNs) } };
 }

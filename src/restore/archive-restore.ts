@@ -1,12 +1,16 @@
 /**
- * `restore DIR`: plan → verify → rollback point → write volumes → start.
+ * `restore DIR|latest|ID`: plan → lock → verify → stage → rollback point → write or move in → start.
  *
- * 1. Plan: map every archive of the set (ours, or hand-made with the guide's commands) to a volume
- *    of the deployment and its mount path; refuse when the containers are gone (`compose down`),
- *    a volume is missing, or the CVAT versions differ (the guide's rule).
- * 2. Verify every archive to its end before anything is touched.
- * 3. Stop the project; in every target volume move the old files aside (rollback point).
- * 4. Extract each archive into its emptied volume through the engine (owners and modes kept).
+ * 1. Plan: map every archive of the set (ours, or hand-made with the guide's commands) or volume
+ *    of the snapshot to a volume of the deployment and its mount path; refuse when the containers
+ *    are gone (`compose down`), a volume is missing, or the CVAT versions differ (the guide's rule).
+ * 2. Take the project lock (a killed restore is put right first), then verify every archive or
+ *    snapshot volume to its end before anything is touched.
+ * 3. A snapshot's volumes whose folders are on this host are written into staged folders inside
+ *    them while CVAT still runs, and synced to disk.
+ * 4. Stop the project; in every target volume move the old files aside (rollback point); move
+ *    the staged data in (renames), or extract the archive into the emptied volume (on this host,
+ *    or through the engine; owners and modes kept).
  * 5. Success: retire the rollback points (a rename). Failure: put the old files back. Then start
  *    CVAT, and only then delete the retired old data.
  */
@@ -35,8 +39,21 @@ import { memberPrefixOf } from '../archive/manifest.js';
 import { TarProcessor, type TarStats } from '../archive/tar.js';
 import { HostExtractor } from '../archive/host-extract.js';
 import { GuardedTarStream } from '../archive/guarded-tar.js';
-import { chooseTransport, type ChosenTransport, type TransportChoice } from '../archive/transport.js';
-import { RETIRED_DIR, commitVolume, prepareRollback, recoverKilledRestore, removeRetired, rollbackVolume, type VolumeTarget } from './volume-rollback.js';
+import { chooseTransport, type TransportChoice } from '../archive/transport.js';
+import { syncFilesystem } from '../host.js';
+import {
+  RETIRED_DIR,
+  commitVolume,
+  prepareRollback,
+  recoverKilledRestore,
+  removeRetired,
+  removeStaged,
+  rollbackVolume,
+  stageVolume,
+  swapInStaged,
+  type RootMeta,
+  type VolumeTarget,
+} from './volume-rollback.js';
 
 /**
  * Where a restore's data comes from: an archive set, or a repository snapshot. Everything else
@@ -63,7 +80,8 @@ export interface RestoreSource {
     folder: string,
     signal: AbortSignal | undefined,
     onProgress: (stats: TarStats) => void,
-  ): Promise<{ stats: TarStats; skipped: string[] }>;
+    options?: { leaveRoot?: boolean },
+  ): Promise<{ stats: TarStats; skipped: string[]; root: RootMeta }>;
   /**
    * Called once everything is written, before the volumes are synced and committed: the source
    * lets go of what it held for the writes (a remote repository's kept reads, whose dirty pages
@@ -289,6 +307,48 @@ async function writeOnHost(tar: Readable, processor: TarProcessor, hostPath: str
   return extractor.result.skipped;
 }
 
+/**
+ * Writes every volume the source can write on this host into its staged folder while CVAT still
+ * runs (volume-rollback.ts, `stageVolume`), and syncs it to disk: CVAT is then stopped only for
+ * renames. Returns each staged volume's root owner, mode and time. On failure the staged folders
+ * are deleted (nothing of the volumes was touched) and the error thrown.
+ */
+async function stageWhileRunning(
+  source: RestoreSource,
+  planned: PlannedVolume[],
+  verified: Map<string, TarStats>,
+  signal: AbortSignal | undefined,
+  onProgress: ProgressListener,
+): Promise<Map<string, RootMeta>> {
+  const staged = new Map<string, RootMeta>();
+  if (!source.writeFolder) return staged;
+  const stageable = planned.filter((p) => p.target.hostPath !== undefined);
+  const made: string[] = [];
+  try {
+    for (const { target } of stageable) {
+      signal?.throwIfAborted();
+      made.push(target.hostPath!);
+      const folder = await stageVolume(target.hostPath!);
+      onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring while CVAT runs', totalBytes: verified.get(target.composeName)?.bytes });
+      const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
+      const written = await source.writeFolder(target.composeName, folder, signal, report, { leaveRoot: true });
+      for (const skipped of written.skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${skipped}` });
+      onProgress({ type: 'volume-done', volume: target.composeName, bytes: written.stats.bytes, files: written.stats.files });
+      staged.set(target.composeName, written.root);
+    }
+    if (staged.size > 0) {
+      // Nothing else to write: the kept reads go before the sync (their pages need not reach the disk).
+      if (staged.size === planned.length && !source.database) await source.written?.().catch(() => undefined);
+      onProgress({ type: 'phase', message: 'syncing the restored data to disk' });
+      for (const path of new Set(stageable.map((p) => p.target.hostPath!))) await syncFilesystem(path);
+    }
+  } catch (error) {
+    for (const path of made) await removeStaged(path).catch(() => undefined);
+    throw error;
+  }
+  return staged;
+}
+
 export async function restoreFromArchiveSet(engine: DockerEngine, options: ArchiveRestoreOptions): Promise<ArchiveRestoreResult> {
   return restoreFromSource(engine, await archiveSetSource(options.from, options.cvatVersion, options.volumes), options);
 }
@@ -312,109 +372,119 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
     handMade: source.handMade,
   });
   if (warning) onProgress({ type: 'warning', message: warning });
-  const planned = plan(source, deployment);
-  const verified = await source.verify(
-    (name) => memberPrefixOf(deployment.volumes.find((v) => v.composeName === name)?.mountPath ?? ''),
-    options.signal,
-    onProgress,
-  );
-
-  const transports = new Map<string, ChosenTransport>();
-  for (const p of planned) transports.set(p.target.composeName, await chooseTransport(engine, p.volumeName, options.via ?? 'auto'));
   const locked = await lockDeployment(engine, deployment, 'restore', onProgress, () => discover(deployment.project), recoverKilledRestore);
   const lock = locked.lock;
   deployment = locked.deployment;
   try {
-    const wasRunning = deployment.containers.some((c) => c.state === 'running' || c.state === 'restarting');
-    let removal: Promise<void> = Promise.resolve();
-    let retiredDatabase: { db: DatabaseHandle; retired: string | undefined } | undefined;
-    const { window } = await withDeploymentStopped(
-      engine,
-      deployment.containers,
+    const planned = plan(source, deployment);
+    for (const p of planned) p.target.hostPath = (await chooseTransport(engine, p.volumeName, options.via ?? 'auto')).hostPath;
+    const verified = await source.verify(
+      (name) => memberPrefixOf(deployment.volumes.find((v) => v.composeName === name)?.mountPath ?? ''),
+      options.signal,
       onProgress,
-      async () => {
-        const prepared: VolumeTarget[] = [];
-        try {
-          onProgress({ type: 'phase', message: 'setting rollback points' });
-          for (const { target } of planned) {
-            prepared.push(target);
-            await prepareRollback(engine, target);
-          }
-          for (const { target } of planned) {
-            options.signal?.throwIfAborted();
-            const expected = verified.get(target.composeName);
-            onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring', totalBytes: expected?.bytes });
-            const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
-            const hostPath = transports.get(target.composeName)?.hostPath;
-            if (hostPath !== undefined && source.writeFolder) {
-              const written = await source.writeFolder(target.composeName, hostPath, options.signal, report);
-              for (const skipped of written.skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${skipped}` });
-              onProgress({ type: 'volume-done', volume: target.composeName, bytes: written.stats.bytes, files: written.stats.files });
-              continue;
-            }
-            const prefix = memberPrefixOf(target.mountPath);
-            const processor: TarProcessor = new TarProcessor({ onData: () => report(processor.stats), output: 'entries' });
-            // Both paths check every member again while writing (the set was checked before CVAT
-            // stopped; this is what is written): nothing outside the volume, no path through a link.
-            const skipped =
-              hostPath === undefined
-                ? await writeThroughEngine(engine, target.containerId, source.openTar(target.composeName, options.signal), processor, prefix, options.signal)
-                : await writeOnHost(source.openTar(target.composeName, options.signal), processor, hostPath, prefix, options.signal);
-            for (const s of skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${s}` });
-            onProgress({ type: 'volume-done', volume: target.composeName, bytes: processor.stats.bytes, files: processor.stats.files });
-          }
-          // A failed load leaves the old database as it was (the dump goes into a fresh one).
-          if (source.database) retiredDatabase = await loadDump(engine, deployment, source.database, options.signal, onProgress);
-        } catch (error) {
-          onProgress({ type: 'phase', message: 'restore failed: putting the previous data back' });
-          const rollbackErrors: unknown[] = [];
-          for (const target of prepared) {
-            await rollbackVolume(engine, target).catch((e: unknown) => rollbackErrors.push(e));
-          }
-          const cause = classifyError(error, "a volume's disk is full (the Docker data folder): free space there and restore again");
-          const suffix =
-            rollbackErrors.length === 0
-              ? 'the previous data was put back'
-              : `AND putting the previous data back failed (${rollbackErrors.map((e) => (e as Error).message).join('; ')}): the old files are in .cvat-backup-rollback/ inside the volumes`;
-          if ((cause as { name?: string }).name === 'InterruptedError') throw cause;
-          throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; ${suffix}`, { cause });
-        }
-        // Only an economy: a failure there must not fail a restore whose data is all written.
-        await source.written?.().catch(() => undefined);
-        for (const { target } of planned) await commitVolume(engine, target, lock.id);
-        // The old data goes while CVAT starts: it is no longer needed, and deleting it is slow.
-        removal = Promise.all(
-          planned.map(({ target }) =>
-            removeRetired(engine, target, transports.get(target.composeName)?.hostPath).catch((error: unknown) =>
-              onProgress({ type: 'warning', message: `${(error as Error).message}: delete ${RETIRED_DIR}/ inside volume ${target.composeName} by hand` }),
-            ),
-          ),
-        ).then(() => undefined);
-      },
-      now,
     );
-    if (!wasRunning) {
-      // Containers made with `docker compose up --no-start`: a restore brings CVAT up.
-      onProgress({ type: 'phase', message: 'starting CVAT' });
-      await startContainers(engine, deployment.containers, onProgress);
-    }
-    await removal;
-    if (retiredDatabase?.retired !== undefined) {
-      const { db, retired } = retiredDatabase;
-      await dropRetiredDatabase(db, retired).catch((error: unknown) =>
-        onProgress({ type: 'warning', message: `could not drop the previous database '${retired}' (${(error as Error).message}): drop it by hand` }),
+    const staged = await stageWhileRunning(source, planned, verified, options.signal, onProgress);
+    async function restoreStopped(staged: Map<string, RootMeta>): Promise<ArchiveRestoreResult> {
+      const wasRunning = deployment.containers.some((c) => c.state === 'running' || c.state === 'restarting');
+      let removal: Promise<void> = Promise.resolve();
+      let retiredDatabase: { db: DatabaseHandle; retired: string | undefined } | undefined;
+      const { window } = await withDeploymentStopped(
+        engine,
+        deployment.containers,
+        onProgress,
+        async () => {
+          const prepared: VolumeTarget[] = [];
+          try {
+            onProgress({ type: 'phase', message: 'setting rollback points' });
+            for (const { target } of planned) {
+              prepared.push(target);
+              await prepareRollback(engine, target);
+            }
+            if (staged.size > 0) onProgress({ type: 'phase', message: 'moving the restored data in' });
+            for (const { target } of planned) {
+              options.signal?.throwIfAborted();
+              const expected = verified.get(target.composeName);
+              const rootMeta = staged.get(target.composeName);
+              if (rootMeta !== undefined) {
+                // Written while CVAT ran: moved in (renames).
+                await swapInStaged(target.hostPath!, rootMeta);
+                continue;
+              }
+              onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring', totalBytes: expected?.bytes });
+              const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
+              const hostPath = target.hostPath;
+              const prefix = memberPrefixOf(target.mountPath);
+              const processor: TarProcessor = new TarProcessor({ onData: () => report(processor.stats), output: 'entries' });
+              // Both paths check every member again while writing (the set was checked before CVAT
+              // stopped; this is what is written): nothing outside the volume, no path through a link.
+              const skipped =
+                hostPath === undefined
+                  ? await writeThroughEngine(engine, target.containerId, source.openTar(target.composeName, options.signal), processor, prefix, options.signal)
+                  : await writeOnHost(source.openTar(target.composeName, options.signal), processor, hostPath, prefix, options.signal);
+              for (const s of skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${s}` });
+              onProgress({ type: 'volume-done', volume: target.composeName, bytes: processor.stats.bytes, files: processor.stats.files });
+            }
+            // A failed load leaves the old database as it was (the dump goes into a fresh one).
+            if (source.database) retiredDatabase = await loadDump(engine, deployment, source.database, options.signal, onProgress);
+          } catch (error) {
+            onProgress({ type: 'phase', message: 'restore failed: putting the previous data back' });
+            const rollbackErrors: unknown[] = [];
+            for (const target of prepared) {
+              await rollbackVolume(engine, target).catch((e: unknown) => rollbackErrors.push(e));
+            }
+            const cause = classifyError(error, "a volume's disk is full (the Docker data folder): free space there and restore again");
+            const suffix =
+              rollbackErrors.length === 0
+                ? 'the previous data was put back'
+                : `AND putting the previous data back failed (${rollbackErrors.map((e) => (e as Error).message).join('; ')}): the old files are in .cvat-backup-rollback/ inside the volumes`;
+            if ((cause as { name?: string }).name === 'InterruptedError') throw cause;
+            throw new RestoreFailedError(`restore failed: ${(cause as Error).message}; ${suffix}`, { cause });
+          }
+          // Only an economy: a failure there must not fail a restore whose data is all written.
+          await source.written?.().catch(() => undefined);
+          for (const { target } of planned) await commitVolume(engine, target, lock.id);
+          // The old data goes while CVAT starts: it is no longer needed, and deleting it is slow.
+          removal = Promise.all(
+            planned.map(({ target }) =>
+              removeRetired(engine, target).catch((error: unknown) =>
+                onProgress({ type: 'warning', message: `${(error as Error).message}: delete ${RETIRED_DIR}/ inside volume ${target.composeName} by hand` }),
+              ),
+            ),
+          ).then(() => undefined);
+        },
+        now,
       );
+      if (!wasRunning) {
+        // Containers made with `docker compose up --no-start`: a restore brings CVAT up.
+        onProgress({ type: 'phase', message: 'starting CVAT' });
+        await startContainers(engine, deployment.containers, onProgress);
+      }
+      await removal;
+      if (retiredDatabase?.retired !== undefined) {
+        const { db, retired } = retiredDatabase;
+        await dropRetiredDatabase(db, retired).catch((error: unknown) =>
+          onProgress({ type: 'warning', message: `could not drop the previous database '${retired}' (${(error as Error).message}): drop it by hand` }),
+        );
+      }
+      return {
+        project: deployment.project,
+        backupVersion,
+        deploymentVersion,
+        volumes: [...verified].map(([composeName, check]) => ({ composeName, files: check.files, bytes: check.bytes })),
+        ...(source.database ? { database: { dbname: source.database.dbname, bytes: source.database.size } } : {}),
+        downtimeMs: window.downtimeMs,
+        durationMs: now() - startedAt,
+      };
     }
-    return {
-      project: deployment.project,
-      backupVersion,
-      deploymentVersion,
-      volumes: [...verified].map(([composeName, check]) => ({ composeName, files: check.files, bytes: check.bytes })),
-      ...(source.database ? { database: { dbname: source.database.dbname, bytes: source.database.size } } : {}),
-      downtimeMs: window.downtimeMs,
-      durationMs: now() - startedAt,
-    };
+    try {
+      return await restoreStopped(staged);
+    } catch (error) {
+      // Staged data not moved in (a failure before or while CVAT was stopped) never was the volume's.
+      for (const { target } of planned) if (staged.has(target.composeName)) await removeStaged(target.hostPath!).catch(() => undefined);
+      throw error;
+    }
   } finally {
     await lock.release().catch(() => undefined);
   }
+
 }

@@ -89,8 +89,13 @@ export async function restoreFromSnapshot(
       },
       openTar: (composeName, signal) => snapshotVolumeTar(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, signal, pool),
       ...(database ? { database: { dbname: database.dbname, size: database.size, open: (signal: AbortSignal | undefined) => contentStream(repo, database.content, pool, signal) } } : {}),
-      writeFolder: (composeName, folder, signal, onProgress) =>
-        restoreVolumeToFolder(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, folder, { ...(signal ? { signal } : {}), pool, onProgress }),
+      writeFolder: (composeName, folder, signal, onProgress, writeOptions) =>
+        restoreVolumeToFolder(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, folder, {
+          ...(signal ? { signal } : {}),
+          pool,
+          onProgress,
+          leaveRoot: writeOptions?.leaveRoot ?? false,
+        }),
       // The kept reads go before the volumes' sync: deleted (and closed everywhere) first, their
       // hundreds of MiB of dirty pages are dropped, not written to the disk the sync waits for.
       written: async () => {

@@ -1,10 +1,11 @@
 /**
- * Rollback points and the recovery after a killed restore, without an engine: the helper scripts
- * run with this host's sh on temporary folders standing in for the volumes (an engine that runs
- * helpers as local processes), and the lock's marker container is a map. States a SIGKILL can
- * leave are built as the scripts leave them at that point.
+ * Rollback points and the recovery after a killed restore, without an engine: temporary folders
+ * stand in for the volumes, and the lock's marker container is a map. Every case runs twice: with
+ * the helper scripts (run with this host's sh: an engine that runs helpers as local processes)
+ * and with the same steps on this host through folder handles (the volume's folder on this host;
+ * no helper may run). States a SIGKILL can leave are built as the steps leave them at that point.
  */
-import { after, before, describe, it } from 'node:test';
+import { after, afterEach, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
@@ -16,7 +17,22 @@ import type { DockerEngine, HelperSpec } from '../docker/engine.js';
 import type { Deployment, DeploymentContainer } from '../deployment/discover.js';
 import type { ProgressEvent } from '../events.js';
 import { lockDeployment, type KilledRestore } from '../deployment/lock.js';
-import { ROLLBACK_DIR, RETIRED_DIR, commitVolume, prepareRollback, recoverKilledRestore, rollbackVolume, type VolumeTarget } from './volume-rollback.js';
+import { symlinkSync } from 'node:fs';
+import {
+  ROLLBACK_DIR,
+  RETIRED_DIR,
+  STAGED_DIR,
+  commitVolume,
+  prepareRollback,
+  recoverKilledRestore,
+  removeStaged,
+  rollbackVolume,
+  stageVolume,
+  swapInStaged,
+  type VolumeTarget,
+} from './volume-rollback.js';
+
+type Mode = 'helper' | 'host';
 
 const isRoot = process.getuid?.() === 0;
 
@@ -27,11 +43,16 @@ interface FakeEngine {
 }
 
 /** Helpers run as `sh -c script` here, the mount path mapped to a folder; markers live in a map. */
-function fakeEngine(folders: Map<string, string>): FakeEngine {
+function fakeEngine(folders: Map<string, string>, mode: Mode): FakeEngine {
   const calls: string[] = [];
   const markers = new Map<string, Record<string, string>>();
   const engine = {
-    local: false,
+    local: mode === 'host',
+    // Host mode: volume `p_NAME` is the folder of mount `/NAME`, local driver.
+    inspectVolume: (name: string) => {
+      const dir = folders.get(`/${name.replace(/^p_/, '')}`);
+      return Promise.resolve(dir === undefined ? undefined : { name, driver: 'local', mountpoint: dir, labels: {} });
+    },
     endpoint: 'fake',
     runHelper: (spec: HelperSpec) => {
       const [mount, ...rest] = spec.args;
@@ -98,7 +119,6 @@ function newData(dir: string): void {
   chmodSync(dir, 0o755);
 }
 
-const target = (mount: string): VolumeTarget => ({ composeName: mount.slice(1), containerId: `c-${mount}`, image: 'img', mountPath: mount });
 
 function deploymentOf(mounts: string[]): Deployment {
   const containers: DeploymentContainer[] = [{ id: 'c-db', name: 'db', service: 'cvat_db', state: 'exited', image: 'img', imageId: 'sha', dependsOn: undefined }];
@@ -120,7 +140,8 @@ function deploymentOf(mounts: string[]): Deployment {
   } as unknown as Deployment;
 }
 
-void describe('rollback points and the recovery after a killed restore', { skip: !isRoot && 'owners are part of what comes back: needs root' }, () => {
+for (const mode of ['helper', 'host'] as Mode[])
+void describe(`rollback points and the recovery after a killed restore (${mode})`, { skip: !isRoot && 'owners are part of what comes back: needs root' }, () => {
   let work: string;
   let folders: Map<string, string>;
   let fake: FakeEngine;
@@ -141,10 +162,20 @@ void describe('rollback points and the recovery after a killed restore', { skip:
       folders.set(m, dir);
       dirs.push(dir);
     }
-    fake = fakeEngine(folders);
+    fake = fakeEngine(folders, mode);
     events = [];
     return dirs;
   };
+  const target = (mount: string): VolumeTarget => ({
+    composeName: mount.slice(1),
+    containerId: `c-${mount}`,
+    image: 'img',
+    mountPath: mount,
+    hostPath: mode === 'host' ? folders.get(mount) : undefined,
+  });
+  afterEach(() => {
+    if (mode === 'host') assert.deepEqual(fake.calls.filter((c) => c.startsWith('helper')), [], 'no helper container on this host');
+  });
   const recover = (mounts: string[]): Promise<void> => recoverKilledRestore(fake.engine, deploymentOf(mounts), killed, (e) => events.push(e));
   const warnings = (): string[] => events.flatMap((e) => (e.type === 'warning' ? [e.message] : []));
 
@@ -258,5 +289,111 @@ void describe('rollback points and the recovery after a killed restore', { skip:
     assert.deepEqual(contents(dir!), before);
     assert.match(warnings().join('\n'), /previous data of v was put back/);
     await lock.release();
+  });
+});
+
+void describe('staged restores on this host: written while CVAT runs, moved in while it is stopped', { skip: !isRoot && 'owners are part of what comes back: needs root' }, () => {
+  let work: string;
+  let folders: Map<string, string>;
+  let fake: FakeEngine;
+  let events: ProgressEvent[];
+  const killed: KilledRestore = { id: `${hostname()}/4343/2026-01-01T00:00:00.000Z`, pid: '4343', started: '2026-01-01T00:00:00.000Z' };
+  before(() => {
+    work = mkdtempSync(join(tmpdir(), 'staged-'));
+  });
+  after(() => rmSync(work, { recursive: true, force: true }));
+  const volume = (mount = '/v'): { dir: string; target: VolumeTarget } => {
+    const dir = mkdtempSync(join(work, 'vol-'));
+    oldData(dir);
+    folders = new Map([[mount, dir]]);
+    fake = fakeEngine(folders, 'host');
+    events = [];
+    return { dir, target: { composeName: mount.slice(1), containerId: `c-${mount}`, image: 'img', mountPath: mount, hostPath: dir } };
+  };
+  /** What the staged writer leaves: new entries in the staged folder, whose own mode stays 0700. */
+  const stage = async (dir: string): Promise<string> => {
+    const staged = await stageVolume(dir);
+    assert.equal(staged, join(dir, STAGED_DIR));
+    const st = statSync(staged);
+    assert.equal(`${st.uid}:${st.gid} ${(st.mode & 0o7777).toString(8)}`, '0:0 700', 'CVAT users cannot reach the staged data');
+    writeFileSync(join(staged, 'a.txt'), 'NEW a');
+    mkdirSync(join(staged, 'sub2'));
+    writeFileSync(join(staged, 'sub2', 'c.txt'), 'NEW c');
+    chownSync(join(staged, 'sub2'), 1000, 1001);
+    return staged;
+  };
+  const expected = (meta: string): Record<string, string> => ({ '.': meta, 'a.txt': 'NEW a 0:0 644', sub2: 'dir 1000:1001 755', 'sub2/c.txt': 'NEW c 0:0 644' });
+  const withoutOurs = (c: Record<string, string>): Record<string, string> => Object.fromEntries(Object.entries(c).filter(([k]) => !k.startsWith('.cvat-backup-')));
+  const recover = (): Promise<void> => recoverKilledRestore(fake.engine, deploymentOf(['/v']), killed, (e) => events.push(e));
+
+  it('stage, make the rollback point, move in, commit: the new entries and the root owner and mode, the old data retired', async () => {
+    const { dir, target } = volume();
+    await stage(dir);
+    await prepareRollback(fake.engine, target);
+    assert.deepEqual(readdirSync(dir).sort(), [ROLLBACK_DIR, STAGED_DIR].sort(), 'the staged folder is not taken into the rollback point');
+    await swapInStaged(dir, { uid: 1000, gid: 1000, mode: 0o751, mtime: 1_700_000_000 });
+    await commitVolume(fake.engine, target, 'me/1/now');
+    assert.deepEqual(withoutOurs(contents(dir)), expected('1000:1000 751'));
+    assert.deepEqual(readdirSync(dir).filter((n) => n.startsWith('.cvat-backup-')), [RETIRED_DIR]);
+    assert.equal(readFileSync(join(dir, RETIRED_DIR, 'a.txt'), 'utf8'), 'old a', 'the old data waits in the retired folder');
+    assert.deepEqual(fake.calls, []);
+  });
+
+  it('killed while staging (CVAT never stopped): the next run deletes the staged data, the volume is as it was, nothing said', async () => {
+    const { dir } = volume();
+    const before = contents(dir);
+    await stage(dir);
+    await recover();
+    assert.deepEqual(contents(dir), before);
+    assert.deepEqual(
+      events.filter((e) => e.type === 'warning'),
+      [],
+    );
+  });
+
+  it('killed while moving the staged data in: the next run deletes it and puts the old data back', async () => {
+    const { dir, target } = volume();
+    const before = contents(dir);
+    const staged = await stage(dir);
+    await prepareRollback(fake.engine, target);
+    renameSync(join(staged, 'a.txt'), join(dir, 'a.txt')); // the first rename of swapInStaged
+    chmodSync(dir, 0o755);
+    await recover();
+    assert.deepEqual(contents(dir), before);
+    assert.match(events.map((e) => (e.type === 'warning' ? e.message : '')).join('\n'), /previous data of v was put back/);
+  });
+
+  it('a failure after staging deletes the staged data only (removeStaged), and a failure in the downtime rolls back staged and old alike', async () => {
+    const { dir, target } = volume();
+    const before = contents(dir);
+    await stage(dir);
+    await removeStaged(dir);
+    assert.deepEqual(contents(dir), before);
+    await stage(dir);
+    await prepareRollback(fake.engine, target);
+    await rollbackVolume(fake.engine, target);
+    assert.deepEqual(contents(dir), before);
+  });
+
+  it('hostile volume content: a link planted as the staged folder is replaced, never followed; a staged folder swapped for a link fails the move and nothing outside changes', async () => {
+    const { dir, target } = volume();
+    const outside = mkdtempSync(join(work, 'outside-'));
+    writeFileSync(join(outside, 'keep.txt'), 'outside');
+    symlinkSync(outside, join(dir, STAGED_DIR));
+    await stage(dir);
+    assert.deepEqual(readdirSync(outside), ['keep.txt'], 'nothing written through the planted link');
+    await prepareRollback(fake.engine, target);
+    rmSync(join(dir, STAGED_DIR), { recursive: true });
+    symlinkSync(outside, join(dir, STAGED_DIR));
+    await assert.rejects(swapInStaged(dir, { uid: 0, gid: 0, mode: 0o755, mtime: undefined }), (error: NodeJS.ErrnoException) => ['ELOOP', 'ENOTDIR'].includes(error.code ?? ''));
+    assert.deepEqual(readdirSync(outside), ['keep.txt']);
+    assert.equal(readFileSync(join(outside, 'keep.txt'), 'utf8'), 'outside');
+    // A name of ours inside the staged data is never moved over the rollback point.
+    rmSync(join(dir, STAGED_DIR));
+    await stage(dir);
+    mkdirSync(join(dir, STAGED_DIR, ROLLBACK_DIR));
+    await swapInStaged(dir, { uid: 0, gid: 0, mode: 0o755, mtime: undefined });
+    assert.equal(readFileSync(join(dir, ROLLBACK_DIR, 'a.txt'), 'utf8'), 'old a', 'the rollback point is intact');
+    assert.ok(!existsSync(join(dir, STAGED_DIR)));
   });
 });
