@@ -16,6 +16,7 @@ import { z } from 'zod';
 import type { Backend } from '../backend/backend.js';
 import { CorruptArchiveError, RepositoryError, WrongPasswordError } from '../errors.js';
 import { deriveKey, unwrapMasterKey, wrapMasterKey, type KdfParams, type WrappedKey } from './crypto.js';
+import { inOrder, STOP } from './in-order.js';
 
 /** Larger key files are refused before parsing. */
 const MAX_KEY_FILE = 64 * 1024;
@@ -78,32 +79,44 @@ export async function createKeyFile(master: Buffer, password: string, kdf: Omit<
   return Buffer.from(JSON.stringify({ ...wrapped, hostname: hostname() }, null, 2));
 }
 
+/** Key files loaded at once while they are tried (most repositories have one or two). */
+const KEY_LOADS = 4;
+
 /**
- * Tries every key file with `password`. Damaged key files are skipped (each reported to
- * `onDamaged`); wrong password if none opens and at least one was sound.
+ * Tries every key file with `password`, in the listing's order (loaded a few at once, so a
+ * remote store is asked in one round, not one per key). Damaged key files are skipped (each
+ * reported to `onDamaged`); wrong password if none opens and at least one was sound.
  */
 export async function openMasterKey(backend: Backend, password: string, onDamaged: (name: string, error: Error) => void = () => undefined): Promise<Buffer> {
   const names = (await backend.list('keys')).map((f) => f.name);
   const damaged: string[] = [];
   let wrongPassword: Error | undefined;
-  for (const name of names) {
-    let file: KeyFile;
-    try {
-      file = parseKeyFile(await backend.load('keys', name), name);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue;
-      if (!(error instanceof CorruptArchiveError)) throw error;
-      damaged.push(error.message);
-      onDamaged(name, error);
-      continue;
-    }
-    try {
-      return await unwrapMasterKey(file, password);
-    } catch (error) {
-      if (!(error instanceof WrongPasswordError)) throw error;
-      wrongPassword = error;
-    }
-  }
+  let master: Buffer | undefined;
+  await inOrder(
+    names,
+    KEY_LOADS,
+    (name) => backend.load('keys', name),
+    async (loaded, name) => {
+      let file: KeyFile;
+      try {
+        file = parseKeyFile(await loaded, name);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
+        if (!(error instanceof CorruptArchiveError)) throw error;
+        damaged.push(error.message);
+        onDamaged(name, error);
+        return;
+      }
+      try {
+        master = await unwrapMasterKey(file, password);
+        return STOP;
+      } catch (error) {
+        if (!(error instanceof WrongPasswordError)) throw error;
+        wrongPassword = error;
+      }
+    },
+  );
+  if (master !== undefined) return master;
   if (wrongPassword !== undefined) throw wrongPassword;
   if (damaged.length > 0) throw new CorruptArchiveError(`no usable key in repository ${backend.location}: ${damaged.join('; ')}`);
   throw new RepositoryError(`no key in repository ${backend.location}: it is incomplete (an interrupted 'init'?)`);

@@ -29,6 +29,7 @@ import type { Backend, FileInfo } from '../backend/backend.js';
 import { systemClock, type Clock } from '../clock.js';
 import { LockLostError, LockedError } from '../errors.js';
 import { processAlive as systemProcessAlive } from '../host.js';
+import { inOrder } from './in-order.js';
 
 export type LockOperation = 'backup' | 'import' | 'check' | 'restore' | 'export' | 'copy' | 'forget' | 'prune' | 'repair-index';
 
@@ -58,6 +59,8 @@ export const DEFAULT_STALE_AFTER_MS = 30 * 60_000;
 /** First pause of a lock wait; it doubles up to the maximum, with ±25 % jitter. */
 const RETRY_FIRST_MS = 500;
 const RETRY_MAX_MS = 30_000;
+/** Lock files loaded at once (listLocks). */
+const LOCK_LOADS = 8;
 
 export interface LockOptions {
   clock?: Clock;
@@ -122,37 +125,45 @@ function settings(options: LockOptions, backend: Backend): Settings {
 }
 
 /**
- * Every lock file of the repository, read and judged (stale or not) by the rules above. Files
- * that vanish while listed are left out. Any number of calls; removes nothing.
+ * Every lock file of the repository, read and judged (stale or not) by the rules above, loaded
+ * LOCK_LOADS at a time (a remote store answers them in one round trip together). Files that
+ * vanish while listed are left out, and so is `except` (the caller's own lock file, whose content
+ * it knows). Any number of calls; removes nothing.
  *
  * Ages are measured on the storage's clock when it has one: a lock file's modification time
  * against `storageNow` (the modification time of a file the caller just wrote). A client whose
  * clock is far off then cannot take a live lock for stale. Without storage times, the lock's own
  * time is compared with this host's clock.
  */
-export async function listLocks(backend: Backend, options: LockOptions = {}, listing?: FileInfo[], storageNow?: number): Promise<LockHolder[]> {
+export async function listLocks(backend: Backend, options: LockOptions = {}, listing?: FileInfo[], storageNow?: number, except?: string): Promise<LockHolder[]> {
   const s = settings(options, backend);
   const out: LockHolder[] = [];
-  for (const file of listing ?? (await backend.list('locks'))) {
-    let bytes: Buffer;
-    try {
-      bytes = await backend.load('locks', file.name);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue; // released meanwhile
-      throw error;
-    }
-    const byStorage = storageNow !== undefined && file.modifiedMs !== undefined ? storageNow - file.modifiedMs : undefined;
-    const content = parseLock(bytes);
-    if (!content) {
-      // Half-written by a store without atomic uploads, or damaged: it may be a real holder's, so
-      // it counts as an exclusive lock until it is as old as a stale one.
-      const age = byStorage ?? (file.modifiedMs === undefined ? 0 : s.clock.now() - file.modifiedMs);
-      out.push({ name: file.name, exclusive: true, unreadable: true, ...(age > s.staleAfterMs ? { stale: 'unreadable and old' } : {}) });
-      continue;
-    }
-    const stale = staleness(content, byStorage ?? s.clock.now() - Date.parse(content.time), s);
-    out.push({ ...content, name: file.name, ...(stale ? { stale } : {}) });
-  }
+  const files = (listing ?? (await backend.list('locks'))).filter((f) => f.name !== except);
+  await inOrder(
+    files,
+    LOCK_LOADS,
+    (file) => backend.load('locks', file.name),
+    async (loaded, file) => {
+      let bytes: Buffer;
+      try {
+        bytes = await loaded;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code === 'ENOENT') return; // released meanwhile
+        throw error;
+      }
+      const byStorage = storageNow !== undefined && file.modifiedMs !== undefined ? storageNow - file.modifiedMs : undefined;
+      const content = parseLock(bytes);
+      if (!content) {
+        // Half-written by a store without atomic uploads, or damaged: it may be a real holder's, so
+        // it counts as an exclusive lock until it is as old as a stale one.
+        const age = byStorage ?? (file.modifiedMs === undefined ? 0 : s.clock.now() - file.modifiedMs);
+        out.push({ name: file.name, exclusive: true, unreadable: true, ...(age > s.staleAfterMs ? { stale: 'unreadable and old' } : {}) });
+        return;
+      }
+      const stale = staleness(content, byStorage ?? s.clock.now() - Date.parse(content.time), s);
+      out.push({ ...content, name: file.name, ...(stale ? { stale } : {}) });
+    },
+  );
   return out;
 }
 
@@ -190,8 +201,7 @@ export function describeHolder(holder: LockHolder): string {
  * lock we cannot remove is not ours to ignore).
  */
 async function findConflict(backend: Backend, exclusive: boolean, ours: string, listing: FileInfo[], storageNow: number | undefined, options: LockOptions): Promise<LockHolder | undefined> {
-  for (const holder of await listLocks(backend, options, listing, storageNow)) {
-    if (holder.name === ours) continue;
+  for (const holder of await listLocks(backend, options, listing, storageNow, ours)) {
     if (holder.stale) {
       const removed = await backend.remove('locks', holder.name).then(
         () => true,
