@@ -169,25 +169,28 @@ export class Repository {
 
   /**
    * Opens the repository with `password`. The config is loaded while the keys are listed and
-   * loaded (a remote store answers both in one round trip), and a missing config is the answer to
-   * "is there a repository" (no separate request asks it first).
+   * loaded (a remote store answers both in one round trip; with the cache's key hint the key file
+   * too), and a missing config is the answer to "is there a repository" (no request asks it first).
    */
   static async open(backend: Backend, password: string, options: RepositoryOptions = {}): Promise<Repository> {
     const sealedConfig = backend.load('config', 'config').then(
       (bytes) => ({ bytes }),
       (error: unknown) => ({ error }),
     );
-    const master = openMasterKey(backend, password, (name, error) => options.onWarning?.(`${error.message}: skipped (remove ${name} from keys/ if it stays so)`));
-    master.catch(() => undefined); // the config's failure is the one reported
+    const cache = localCopiesOf(backend);
+    const hint = await cache?.keyHint();
+    const opening = openMasterKey(backend, password, (name, error) => options.onWarning?.(`${error.message}: skipped (remove ${name} from keys/ if it stays so)`), hint);
+    opening.catch(() => undefined); // the config's failure is the one reported
     const loaded = await sealedConfig;
     if ('error' in loaded) {
       const code = (loaded.error as NodeJS.ErrnoException).code;
       if (code === 'ENOENT' || code === 'ENOTDIR') throw new RepositoryError(`no repository at ${backend.location}: create one with 'cvat-backup init'`, { cause: loaded.error });
       throw loaded.error;
     }
-    const key = await master;
-    const config = JSON.parse(openSealed(key, loaded.bytes, 'config', 'config').toString('utf8')) as RepositoryConfig;
-    return new Repository(backend, config, key, options);
+    const { master, name } = await opening;
+    const config = JSON.parse(openSealed(master, loaded.bytes, 'config', 'config').toString('utf8')) as RepositoryConfig;
+    if (name !== hint) await cache?.rememberKey(name);
+    return new Repository(backend, config, master, options);
   }
 
   // ---- locks ----
