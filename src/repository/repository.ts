@@ -240,19 +240,17 @@ export class Repository {
   }
 
   async loadObject<T>(kind: ObjectKind, id: string): Promise<T> {
-    const text = await this.fromStorage(kind, id, async () => {
-      const sealed = await this.backend.load(kind, id);
-      if (sha256(sealed) !== id) throw new CorruptArchiveError(`${kind}/${id}: content does not match its name`);
-      try {
-        return openSealed(this.key, sealed, kind, `${kind}/${id}`).toString('utf8');
-      } catch (error) {
-        throw error instanceof CorruptArchiveError ? error : new CorruptArchiveError(`${kind}/${id}: ${(error as Error).message}`, { cause: error });
-      }
-    });
+    const text = await this.fromStorage(kind, id, async () => this.openObject(kind, id, await this.backend.load(kind, id)));
+    return parseObject<T>(kind, id, text);
+  }
+
+  /** An object's plaintext from its sealed bytes; CorruptArchiveError when they are not that object. */
+  private openObject(kind: ObjectKind, id: string, sealed: Buffer): string {
+    if (sha256(sealed) !== id) throw new CorruptArchiveError(`${kind}/${id}: content does not match its name`);
     try {
-      return JSON.parse(text) as T;
+      return openSealed(this.key, sealed, kind, `${kind}/${id}`).toString('utf8');
     } catch (error) {
-      throw new CorruptArchiveError(`${kind}/${id}: not valid JSON`, { cause: error });
+      throw error instanceof CorruptArchiveError ? error : new CorruptArchiveError(`${kind}/${id}: ${(error as Error).message}`, { cause: error });
     }
   }
 
@@ -282,11 +280,21 @@ export class Repository {
     await inOrder(
       await this.backend.list('index'),
       INDEX_LOADS,
-      ({ name }) => this.readIndexFile(name),
+      // The sealed bytes (outside the JS heap) are what is held ahead; each file is opened and
+      // parsed in its turn, so no more than one parsed index file is held at a time, as before.
+      ({ name }) => this.backend.load('index', name),
       async (loaded, { name }) => {
         let file: IndexFile;
         try {
-          file = await loaded;
+          file = await loaded.then((sealed) => {
+            try {
+              return indexFileOf(name, parseObject('index', name, this.openObject('index', name, sealed)));
+            } catch (error) {
+              // A damaged cached copy: read again as loadObject does (the copy dropped, the remote read).
+              if (error instanceof CorruptArchiveError && localCopiesOf(this.backend)) return this.readIndexFile(name);
+              throw error;
+            }
+          });
         } catch (error) {
           // check goes on past a damaged index file (and says so); everyone else stops.
           if (!(error instanceof CorruptArchiveError) || !options.onDamaged) throw error;
@@ -308,9 +316,7 @@ export class Repository {
 
   /** Reads one index file and checks its shape (CorruptArchiveError if it is not an index). */
   async readIndexFile(name: string): Promise<IndexFile> {
-    const file = await this.loadObject<IndexFile>('index', name);
-    if (!isIndexFile(file)) throw new CorruptArchiveError(`index/${name.slice(0, 12)}: not an index file`);
-    return file;
+    return indexFileOf(name, await this.loadObject<unknown>('index', name));
   }
 
   /** The index files the last `loadIndex` read. */
@@ -675,6 +681,21 @@ function isHeaderEntry(value: unknown, dataLength: number): value is PackHeaderE
     e.rawLength! >= 0 &&
     e.offset! + e.length! <= dataLength
   );
+}
+
+/** An object's JSON; CorruptArchiveError when it is none. */
+function parseObject<T>(kind: ObjectKind, id: string, text: string): T {
+  try {
+    return JSON.parse(text) as T;
+  } catch (error) {
+    throw new CorruptArchiveError(`${kind}/${id}: not valid JSON`, { cause: error });
+  }
+}
+
+/** The value as an index file (CorruptArchiveError if it is not one). */
+function indexFileOf(name: string, value: unknown): IndexFile {
+  if (!isIndexFile(value)) throw new CorruptArchiveError(`index/${name.slice(0, 12)}: not an index file`);
+  return value;
 }
 
 function isIndexFile(value: unknown): value is IndexFile {
