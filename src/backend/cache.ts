@@ -9,9 +9,11 @@
  * folders 0700 and files 0600. Only what the repository stores is kept, so only ciphertext: no
  * password, no key (key files and the config are never served from here). Every name cached is
  * the SHA-256 of the file's content or 256 random bits, and the repository never rewrites a file,
- * so a cached copy is used without asking the remote. The remote stays the truth: a listing always
- * asks it, and a cached file it no longer lists, or lists with another size, is dropped then;
- * removing or finding a file missing (stat) drops its copy too. A copy of the sealed config marks
+ * so a cached copy is used without asking the remote. The remote stays the truth: a listing
+ * always asks it, and a cached file it no longer lists, or lists with another size, is dropped
+ * then; removing or finding a file missing (stat) drops its copy too. Besides, the cache keeps the
+ * name (never the content) of the key file that opened the repository last (`keyHint`), so the
+ * next open loads it without waiting for the keys listing. A copy of the sealed config marks
  * which repository the cache belongs to: a repository created anew at the same location empties it.
  *
  * The cache is local input we do not fully trust (another process, a full disk, a careless hand):
@@ -67,6 +69,8 @@ const CACHED_KINDS: ReadonlySet<FileKind> = new Set(['data', 'index', 'snapshots
 /** Only names like ours are cached (a hostile listing's names never become paths). */
 const NAME = /^[0-9a-f]{32,128}$/;
 const TEMPORARY = '.tmp-';
+/** A key file's name (the key hint). */
+const KEY_NAME = /^[0-9a-f]{64}$/;
 /** Temporary files of a killed writer older than this are removed at a listing. */
 const TEMPORARY_AGE_MS = 3600_000;
 
@@ -552,11 +556,38 @@ export class CachedBackend implements Backend {
     try {
       const known = await readFile(marker).catch(() => undefined);
       if (known?.equals(config)) return;
-      if (known !== undefined) for (const kind of CACHED_KINDS) await rm(join(this.dir, kind), { recursive: true, force: true });
+      if (known !== undefined) {
+        for (const kind of CACHED_KINDS) await rm(join(this.dir, kind), { recursive: true, force: true });
+        await rm(join(this.dir, 'key'), { force: true });
+      }
       await writeFile(`${marker}.tmp`, config, { mode: 0o600 });
       await rename(`${marker}.tmp`, marker);
     } catch (error) {
       this.warnOnce('cannot mark the cache', error);
+    }
+  }
+
+  /**
+   * The name of the key file that opened this repository last time, if known: Repository.open
+   * loads it while it lists the keys, and needs no second round trip when it opens. A name only
+   * (the SHA-256 of a key file), never a key; a stale or foreign one only costs a load.
+   */
+  async keyHint(): Promise<string | undefined> {
+    const text = await readFile(join(this.dir, 'key'), 'utf8').catch(() => undefined);
+    const name = text?.trim();
+    return name !== undefined && KEY_NAME.test(name) ? name : undefined;
+  }
+
+  /** Remembers the key file that opened the repository (see `keyHint`). */
+  async rememberKey(name: string): Promise<void> {
+    if (!KEY_NAME.test(name) || (await this.keyHint()) === name) return;
+    const temp = join(this.dir, `key${TEMPORARY}${randomBytes(6).toString('hex')}`);
+    try {
+      await writeFile(temp, `${name}\n`, { mode: 0o600, flag: 'wx' });
+      await rename(temp, join(this.dir, 'key'));
+    } catch (error) {
+      await rm(temp, { force: true }).catch(() => undefined);
+      this.warnOnce('cannot remember the key file', error);
     }
   }
 

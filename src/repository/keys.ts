@@ -16,6 +16,7 @@ import { z } from 'zod';
 import type { Backend } from '../backend/backend.js';
 import { CorruptArchiveError, RepositoryError, WrongPasswordError } from '../errors.js';
 import { deriveKey, unwrapMasterKey, wrapMasterKey, type KdfParams, type WrappedKey } from './crypto.js';
+import { inOrder, STOP } from './in-order.js';
 
 /** Larger key files are refused before parsing. */
 const MAX_KEY_FILE = 64 * 1024;
@@ -78,32 +79,53 @@ export async function createKeyFile(master: Buffer, password: string, kdf: Omit<
   return Buffer.from(JSON.stringify({ ...wrapped, hostname: hostname() }, null, 2));
 }
 
+/** Key files loaded at once while they are tried (most repositories have one or two). */
+const KEY_LOADS = 4;
+
 /**
- * Tries every key file with `password`. Damaged key files are skipped (each reported to
- * `onDamaged`); wrong password if none opens and at least one was sound.
+ * Tries every key file with `password`, in the listing's order (loaded a few at once, so a
+ * remote store is asked in one round, not one per key). Damaged key files are skipped (each
+ * reported to `onDamaged`); wrong password if none opens and at least one was sound.
+ *
+ * `hint`: the key file that opened the repository last time (the cache remembers its name). It is
+ * loaded while the keys are listed and tried first; when it opens, the listing is not waited for.
+ * A hint that is gone, damaged or another password's costs nothing but that one load.
+ * Returns the master key and the name of the key file that opened it.
  */
-export async function openMasterKey(backend: Backend, password: string, onDamaged: (name: string, error: Error) => void = () => undefined): Promise<Buffer> {
-  const names = (await backend.list('keys')).map((f) => f.name);
+export async function openMasterKey(
+  backend: Backend,
+  password: string,
+  onDamaged: (name: string, error: Error) => void = () => undefined,
+  hint?: string,
+): Promise<{ master: Buffer; name: string }> {
+  const listing = backend.list('keys');
+  listing.catch(() => undefined); // not needed when the hint opens
   const damaged: string[] = [];
   let wrongPassword: Error | undefined;
-  for (const name of names) {
+  let opened: { master: Buffer; name: string } | undefined;
+  const tryKey = async (loaded: Promise<Buffer>, name: string): Promise<typeof STOP | void> => {
     let file: KeyFile;
     try {
-      file = parseKeyFile(await backend.load('keys', name), name);
+      file = parseKeyFile(await loaded, name);
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue;
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
       if (!(error instanceof CorruptArchiveError)) throw error;
       damaged.push(error.message);
       onDamaged(name, error);
-      continue;
+      return;
     }
     try {
-      return await unwrapMasterKey(file, password);
+      opened = { master: await unwrapMasterKey(file, password), name };
+      return STOP;
     } catch (error) {
       if (!(error instanceof WrongPasswordError)) throw error;
       wrongPassword = error;
     }
-  }
+  };
+  if (hint !== undefined && (await tryKey(backend.load('keys', hint), hint)) === STOP && opened) return opened;
+  const names = (await listing).map((f) => f.name).filter((name) => name !== hint);
+  await inOrder(names, KEY_LOADS, (name) => backend.load('keys', name), tryKey);
+  if (opened) return opened;
   if (wrongPassword !== undefined) throw wrongPassword;
   if (damaged.length > 0) throw new CorruptArchiveError(`no usable key in repository ${backend.location}: ${damaged.join('; ')}`);
   throw new RepositoryError(`no key in repository ${backend.location}: it is incomplete (an interrupted 'init'?)`);

@@ -29,6 +29,7 @@ import type { Backend, FileInfo } from '../backend/backend.js';
 import { systemClock, type Clock } from '../clock.js';
 import { LockLostError, LockedError } from '../errors.js';
 import { processAlive as systemProcessAlive } from '../host.js';
+import { inOrder } from './in-order.js';
 
 export type LockOperation = 'backup' | 'import' | 'check' | 'restore' | 'export' | 'copy' | 'forget' | 'prune' | 'repair-index';
 
@@ -58,6 +59,8 @@ export const DEFAULT_STALE_AFTER_MS = 30 * 60_000;
 /** First pause of a lock wait; it doubles up to the maximum, with ±25 % jitter. */
 const RETRY_FIRST_MS = 500;
 const RETRY_MAX_MS = 30_000;
+/** Lock files loaded at once (listLocks). */
+const LOCK_LOADS = 8;
 
 export interface LockOptions {
   clock?: Clock;
@@ -121,38 +124,66 @@ function settings(options: LockOptions, backend: Backend): Settings {
   };
 }
 
+/** What a caller of `listLocks` already has. */
+export interface KnownLocks {
+  /** The listing to judge (default: a new one). */
+  listing?: FileInfo[];
+  /** The storage's time now (see below). */
+  storageNow?: number | undefined;
+  /** The caller's own lock file, whose content it knows: left out. */
+  except?: string;
+  /**
+   * Lock files loaded already (by name). A lock file is never rewritten (a refresh writes a new
+   * one), so its bytes stay valid as long as the listing shows it; a load that failed or gave no
+   * lock is made again.
+   */
+  loaded?: ReadonlyMap<string, Promise<Buffer>>;
+}
+
 /**
- * Every lock file of the repository, read and judged (stale or not) by the rules above. Files
- * that vanish while listed are left out. Any number of calls; removes nothing.
+ * Every lock file of the repository, read and judged (stale or not) by the rules above, loaded
+ * LOCK_LOADS at a time (a remote store answers them in one round trip together). Files that
+ * vanish while listed are left out, and so is `known.except`. Any number of calls; removes nothing.
  *
  * Ages are measured on the storage's clock when it has one: a lock file's modification time
- * against `storageNow` (the modification time of a file the caller just wrote). A client whose
- * clock is far off then cannot take a live lock for stale. Without storage times, the lock's own
- * time is compared with this host's clock.
+ * against `known.storageNow` (the modification time of a file the caller just wrote). A client
+ * whose clock is far off then cannot take a live lock for stale. Without storage times, the
+ * lock's own time is compared with this host's clock.
  */
-export async function listLocks(backend: Backend, options: LockOptions = {}, listing?: FileInfo[], storageNow?: number): Promise<LockHolder[]> {
+export async function listLocks(backend: Backend, options: LockOptions = {}, known: KnownLocks = {}): Promise<LockHolder[]> {
   const s = settings(options, backend);
+  const { storageNow } = known;
   const out: LockHolder[] = [];
-  for (const file of listing ?? (await backend.list('locks'))) {
-    let bytes: Buffer;
-    try {
-      bytes = await backend.load('locks', file.name);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue; // released meanwhile
-      throw error;
-    }
-    const byStorage = storageNow !== undefined && file.modifiedMs !== undefined ? storageNow - file.modifiedMs : undefined;
-    const content = parseLock(bytes);
-    if (!content) {
-      // Half-written by a store without atomic uploads, or damaged: it may be a real holder's, so
-      // it counts as an exclusive lock until it is as old as a stale one.
-      const age = byStorage ?? (file.modifiedMs === undefined ? 0 : s.clock.now() - file.modifiedMs);
-      out.push({ name: file.name, exclusive: true, unreadable: true, ...(age > s.staleAfterMs ? { stale: 'unreadable and old' } : {}) });
-      continue;
-    }
-    const stale = staleness(content, byStorage ?? s.clock.now() - Date.parse(content.time), s);
-    out.push({ ...content, name: file.name, ...(stale ? { stale } : {}) });
-  }
+  const files = (known.listing ?? (await backend.list('locks'))).filter((f) => f.name !== known.except);
+  const load = async (name: string): Promise<Buffer> => {
+    const early = await known.loaded?.get(name)?.catch(() => undefined);
+    return early !== undefined && parseLock(early) !== undefined ? early : backend.load('locks', name);
+  };
+  await inOrder(
+    files,
+    LOCK_LOADS,
+    (file) => load(file.name),
+    async (loaded, file) => {
+      let bytes: Buffer;
+      try {
+        bytes = await loaded;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code === 'ENOENT') return; // released meanwhile
+        throw error;
+      }
+      const byStorage = storageNow !== undefined && file.modifiedMs !== undefined ? storageNow - file.modifiedMs : undefined;
+      const content = parseLock(bytes);
+      if (!content) {
+        // Half-written by a store without atomic uploads, or damaged: it may be a real holder's, so
+        // it counts as an exclusive lock until it is as old as a stale one.
+        const age = byStorage ?? (file.modifiedMs === undefined ? 0 : s.clock.now() - file.modifiedMs);
+        out.push({ name: file.name, exclusive: true, unreadable: true, ...(age > s.staleAfterMs ? { stale: 'unreadable and old' } : {}) });
+        return;
+      }
+      const stale = staleness(content, byStorage ?? s.clock.now() - Date.parse(content.time), s);
+      out.push({ ...content, name: file.name, ...(stale ? { stale } : {}) });
+    },
+  );
   return out;
 }
 
@@ -189,9 +220,8 @@ export function describeHolder(holder: LockHolder): string {
  * Stale locks met on the way are removed; one that cannot be removed counts as a conflict (a
  * lock we cannot remove is not ours to ignore).
  */
-async function findConflict(backend: Backend, exclusive: boolean, ours: string, listing: FileInfo[], storageNow: number | undefined, options: LockOptions): Promise<LockHolder | undefined> {
-  for (const holder of await listLocks(backend, options, listing, storageNow)) {
-    if (holder.name === ours) continue;
+async function findConflict(backend: Backend, exclusive: boolean, options: LockOptions, known: KnownLocks): Promise<LockHolder | undefined> {
+  for (const holder of await listLocks(backend, options, known)) {
     if (holder.stale) {
       const removed = await backend.remove('locks', holder.name).then(
         () => true,
@@ -232,13 +262,17 @@ export async function acquireLock(backend: Backend, operation: LockOperation, op
       time: new Date(now).toISOString(),
     };
     const name = randomBytes(32).toString('hex');
+    // The locks already there are read while ours is written: what decides is the listing made
+    // after that write, but the files it shows were mostly there before, and a lock file never
+    // changes, so only the ones new to it are loaded after it (one round trip less).
+    const early = loadEarly(backend);
     await backend.save('locks', name, Buffer.from(JSON.stringify(content)));
     let holder: LockHolder | undefined;
     let storageNow: number | undefined;
     try {
       const listing = await backend.list('locks');
       storageNow = listing.find((f) => f.name === name)?.modifiedMs;
-      holder = await findConflict(backend, exclusive, name, listing, storageNow, options);
+      holder = await findConflict(backend, exclusive, options, { listing, storageNow, except: name, loaded: await early });
     } catch (error) {
       await backend.remove('locks', name).catch(() => undefined);
       throw error;
@@ -262,6 +296,21 @@ export async function acquireLock(backend: Backend, operation: LockOperation, op
     await s.clock.sleep(Math.min(left, pause * jitter), options.signal);
     pause = Math.min(pause * 2, RETRY_MAX_MS);
   }
+}
+
+/**
+ * Lists the locks and starts loading them (at most LOCK_LOADS); never fails (a failure only means
+ * `listLocks` loads them itself).
+ */
+async function loadEarly(backend: Backend): Promise<Map<string, Promise<Buffer>>> {
+  const loads = new Map<string, Promise<Buffer>>();
+  const files = await backend.list('locks').catch(() => []);
+  for (const { name } of files.slice(0, LOCK_LOADS)) {
+    const load = backend.load('locks', name);
+    load.catch(() => undefined); // listLocks loads it again
+    loads.set(name, load);
+  }
+  return loads;
 }
 
 function username(): { username?: string } {

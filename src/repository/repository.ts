@@ -28,6 +28,7 @@ import { ChunkPool } from './chunk-pool.js';
 import type { BlobDestination } from './blob-worker.js';
 import { blobAad } from './aad.js';
 import { BlobIndex, type BlobLocation, type BlobType } from './blob-index.js';
+import { inOrder } from './in-order.js';
 import { acquireLock, type LockOperation, type LockOptions, type RepositoryLock } from './locks.js';
 import { PackWriter, type PackHeaderEntry, type WrittenPack } from './packer.js';
 
@@ -66,6 +67,12 @@ export interface IndexFile {
  * packs' entries are held as objects: 16 384 keep that to a few MiB in a backup of a million files.
  */
 export const INDEX_EVERY = 16_384;
+
+/**
+ * Index files loaded at once (loadIndex): a remote store answers them in a round trip together,
+ * and at most this many parsed files (a few MiB each at INDEX_EVERY blobs) are held at a time.
+ */
+const INDEX_LOADS = 8;
 
 /** Sealed objects stored whole, each under the SHA-256 of its sealed bytes. */
 export type ObjectKind = 'index' | 'snapshots' | 'state';
@@ -108,6 +115,8 @@ export interface BlobForCopy {
 export class Repository {
   private index = new BlobIndex();
   private indexLoaded = false;
+  /** The load under way (loadIndex): a second caller waits for it instead of loading again. */
+  private indexLoading: Promise<void> | undefined;
   /** The index files `loadIndex` read (prune and repair replace exactly these). */
   private indexFiles = new Set<string>();
   /** Blobs sealed but not yet in a durable pack. */
@@ -158,12 +167,29 @@ export class Repository {
     return new Repository(backend, config, master, options);
   }
 
+  /**
+   * Opens the repository with `password`. The config is loaded while the keys are listed and
+   * loaded (a remote store answers both in one round trip; with the cache's key hint the key file
+   * too), and a missing config is the answer to "is there a repository" (no request asks it first).
+   */
   static async open(backend: Backend, password: string, options: RepositoryOptions = {}): Promise<Repository> {
-    if (!(await backend.exists())) {
-      throw new RepositoryError(`no repository at ${backend.location}: create one with 'cvat-backup init'`);
+    const sealedConfig = backend.load('config', 'config').then(
+      (bytes) => ({ bytes }),
+      (error: unknown) => ({ error }),
+    );
+    const cache = localCopiesOf(backend);
+    const hint = await cache?.keyHint();
+    const opening = openMasterKey(backend, password, (name, error) => options.onWarning?.(`${error.message}: skipped (remove ${name} from keys/ if it stays so)`), hint);
+    opening.catch(() => undefined); // the config's failure is the one reported
+    const loaded = await sealedConfig;
+    if ('error' in loaded) {
+      const code = (loaded.error as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') throw new RepositoryError(`no repository at ${backend.location}: create one with 'cvat-backup init'`, { cause: loaded.error });
+      throw loaded.error;
     }
-    const master = await openMasterKey(backend, password, (name, error) => options.onWarning?.(`${error.message}: skipped (remove ${name} from keys/ if it stays so)`));
-    const config = JSON.parse(openSealed(master, await backend.load('config', 'config'), 'config', 'config').toString('utf8')) as RepositoryConfig;
+    const { master, name } = await opening;
+    const config = JSON.parse(openSealed(master, loaded.bytes, 'config', 'config').toString('utf8')) as RepositoryConfig;
+    if (name !== hint) await cache?.rememberKey(name);
     return new Repository(backend, config, master, options);
   }
 
@@ -214,50 +240,75 @@ export class Repository {
   }
 
   async loadObject<T>(kind: ObjectKind, id: string): Promise<T> {
-    const text = await this.fromStorage(kind, id, async () => {
-      const sealed = await this.backend.load(kind, id);
-      if (sha256(sealed) !== id) throw new CorruptArchiveError(`${kind}/${id}: content does not match its name`);
-      try {
-        return openSealed(this.key, sealed, kind, `${kind}/${id}`).toString('utf8');
-      } catch (error) {
-        throw error instanceof CorruptArchiveError ? error : new CorruptArchiveError(`${kind}/${id}: ${(error as Error).message}`, { cause: error });
-      }
-    });
+    const text = await this.fromStorage(kind, id, async () => this.openObject(kind, id, await this.backend.load(kind, id)));
+    return parseObject<T>(kind, id, text);
+  }
+
+  /** An object's plaintext from its sealed bytes; CorruptArchiveError when they are not that object. */
+  private openObject(kind: ObjectKind, id: string, sealed: Buffer): string {
+    if (sha256(sealed) !== id) throw new CorruptArchiveError(`${kind}/${id}: content does not match its name`);
     try {
-      return JSON.parse(text) as T;
+      return openSealed(this.key, sealed, kind, `${kind}/${id}`).toString('utf8');
     } catch (error) {
-      throw new CorruptArchiveError(`${kind}/${id}: not valid JSON`, { cause: error });
+      throw error instanceof CorruptArchiveError ? error : new CorruptArchiveError(`${kind}/${id}: ${(error as Error).message}`, { cause: error });
     }
   }
 
   // ---- index ----
 
   /**
-   * Loads every index file once (later calls return at once). A damaged index file throws
-   * CorruptArchiveError (`repair index` rebuilds the index from the packs), unless `onDamaged`
-   * is given: then it is reported there and skipped.
+   * Loads every index file once (later calls return at once), INDEX_LOADS at a time (merged in
+   * the listing's order). A damaged index file throws CorruptArchiveError (`repair index`
+   * rebuilds the index from the packs), unless `onDamaged` is given: then it is reported there
+   * and skipped. Calls at the same time share one load.
    */
   async loadIndex(options: { onDamaged?: (name: string, error: CorruptArchiveError) => void } = {}): Promise<void> {
+    while (this.indexLoading) await this.indexLoading.catch(() => undefined);
     if (this.indexLoaded) return;
+    const loading = this.readIndex(options);
+    this.indexLoading = loading;
+    try {
+      await loading;
+    } finally {
+      this.indexLoading = undefined;
+    }
+  }
+
+  private async readIndex(options: { onDamaged?: (name: string, error: CorruptArchiveError) => void }): Promise<void> {
     const packs = new Set<string>();
     let damaged = false;
-    for (const { name } of await this.backend.list('index')) {
-      let file: IndexFile;
-      try {
-        file = await this.readIndexFile(name);
-      } catch (error) {
-        // check goes on past a damaged index file (and says so); everyone else stops.
-        if (!(error instanceof CorruptArchiveError) || !options.onDamaged) throw error;
-        options.onDamaged(name, error);
-        damaged = true;
-        continue;
-      }
-      for (const pack of file.packs) {
-        packs.add(pack.id);
-        for (const b of pack.blobs) this.index.set(b.id, { pack: pack.id, type: b.type, offset: b.offset, length: b.length, rawLength: b.rawLength });
-      }
-      this.indexFiles.add(name);
-    }
+    await inOrder(
+      await this.backend.list('index'),
+      INDEX_LOADS,
+      // The sealed bytes (outside the JS heap) are what is held ahead; each file is opened and
+      // parsed in its turn, so no more than one parsed index file is held at a time, as before.
+      ({ name }) => this.backend.load('index', name),
+      async (loaded, { name }) => {
+        let file: IndexFile;
+        try {
+          file = await loaded.then((sealed) => {
+            try {
+              return indexFileOf(name, parseObject('index', name, this.openObject('index', name, sealed)));
+            } catch (error) {
+              // A damaged cached copy: read again as loadObject does (the copy dropped, the remote read).
+              if (error instanceof CorruptArchiveError && localCopiesOf(this.backend)) return this.readIndexFile(name);
+              throw error;
+            }
+          });
+        } catch (error) {
+          // check goes on past a damaged index file (and says so); everyone else stops.
+          if (!(error instanceof CorruptArchiveError) || !options.onDamaged) throw error;
+          options.onDamaged(name, error);
+          damaged = true;
+          return;
+        }
+        for (const pack of file.packs) {
+          packs.add(pack.id);
+          for (const b of pack.blobs) this.index.set(b.id, { pack: pack.id, type: b.type, offset: b.offset, length: b.length, rawLength: b.rawLength });
+        }
+        this.indexFiles.add(name);
+      },
+    );
     this.indexLoaded = true;
     // Cached tree packs that no index names any more (a prune on another machine removed them).
     if (!damaged) await localCopiesOf(this.backend)?.dropPacksExcept((name) => packs.has(name));
@@ -265,9 +316,7 @@ export class Repository {
 
   /** Reads one index file and checks its shape (CorruptArchiveError if it is not an index). */
   async readIndexFile(name: string): Promise<IndexFile> {
-    const file = await this.loadObject<IndexFile>('index', name);
-    if (!isIndexFile(file)) throw new CorruptArchiveError(`index/${name.slice(0, 12)}: not an index file`);
-    return file;
+    return indexFileOf(name, await this.loadObject<unknown>('index', name));
   }
 
   /** The index files the last `loadIndex` read. */
@@ -632,6 +681,21 @@ function isHeaderEntry(value: unknown, dataLength: number): value is PackHeaderE
     e.rawLength! >= 0 &&
     e.offset! + e.length! <= dataLength
   );
+}
+
+/** An object's JSON; CorruptArchiveError when it is none. */
+function parseObject<T>(kind: ObjectKind, id: string, text: string): T {
+  try {
+    return JSON.parse(text) as T;
+  } catch (error) {
+    throw new CorruptArchiveError(`${kind}/${id}: not valid JSON`, { cause: error });
+  }
+}
+
+/** The value as an index file (CorruptArchiveError if it is not one). */
+function indexFileOf(name: string, value: unknown): IndexFile {
+  if (!isIndexFile(value)) throw new CorruptArchiveError(`index/${name.slice(0, 12)}: not an index file`);
+  return value;
 }
 
 function isIndexFile(value: unknown): value is IndexFile {

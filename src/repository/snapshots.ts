@@ -6,6 +6,7 @@
  * name them and go on; prune refuses (it cannot know which data a damaged snapshot still needs).
  */
 import { CorruptArchiveError, UsageError } from '../errors.js';
+import { inOrder } from './in-order.js';
 import type { Repository } from './repository.js';
 import type { Snapshot } from './tree.js';
 
@@ -23,25 +24,61 @@ export interface SnapshotListing {
   damaged: DamagedSnapshot[];
 }
 
+/** Snapshot files loaded at once: a remote store answers them in one round trip together. */
+const SNAPSHOT_LOADS = 16;
+
+export interface ReadSnapshotsOptions {
+  /**
+   * Also loads the repository's index (`Repository.loadIndex`), while the snapshots are loaded:
+   * for callers that read the blobs of a snapshot next. Its listing starts once the snapshot
+   * listing is complete: a backup writes its index files before its snapshot, so the index then
+   * holds every blob of every snapshot listed. Its failure is thrown after the snapshots' own.
+   */
+  loadIndex?: boolean;
+}
+
 /** Every snapshot that can be read, and the ones that cannot; never throws for a damaged file. */
-export async function readSnapshots(repo: Repository): Promise<SnapshotListing> {
+export async function readSnapshots(repo: Repository, options: ReadSnapshotsOptions = {}): Promise<SnapshotListing> {
+  const { listing, index } = await readWithIndex(repo, options.loadIndex ?? false);
+  await index;
+  return listing;
+}
+
+/**
+ * `readSnapshots`, and the index load (when asked) as a promise to await: settled already if the
+ * snapshots' loads failed (that failure is thrown), under way otherwise.
+ */
+async function readWithIndex(repo: Repository, loadIndex: boolean): Promise<{ listing: SnapshotListing; index: Promise<void> }> {
   const snapshots: StoredSnapshot[] = [];
   const damaged: DamagedSnapshot[] = [];
-  for (const { name: id } of await repo.backend.list('snapshots')) {
-    try {
-      const snapshot = await repo.loadObject<Snapshot>('snapshots', id);
-      if (!isSnapshotShape(snapshot)) throw new CorruptArchiveError('not a snapshot');
-      snapshots.push({ ...snapshot, id });
-    } catch (error) {
-      // Removed meanwhile (forget on another host) is not damage.
-      if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue;
-      if (!(error instanceof CorruptArchiveError) && !(error instanceof SyntaxError)) throw error;
-      damaged.push({ id, error: error.message });
-    }
+  const files = await repo.backend.list('snapshots');
+  const index = loadIndex ? repo.loadIndex() : Promise.resolve();
+  index.catch(() => undefined); // the caller's to throw, after its own
+  try {
+    await inOrder(
+      files,
+      SNAPSHOT_LOADS,
+      ({ name: id }) => repo.loadObject<Snapshot>('snapshots', id),
+      async (loaded, { name: id }) => {
+        try {
+          const snapshot = await loaded;
+          if (!isSnapshotShape(snapshot)) throw new CorruptArchiveError('not a snapshot');
+          snapshots.push({ ...snapshot, id });
+        } catch (error) {
+          // Removed meanwhile (forget on another host) is not damage.
+          if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
+          if (!(error instanceof CorruptArchiveError) && !(error instanceof SyntaxError)) throw error;
+          damaged.push({ id, error: error.message });
+        }
+      },
+    );
+  } catch (error) {
+    await index.catch(() => undefined);
+    throw error;
   }
   snapshots.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
   damaged.sort((a, b) => a.id.localeCompare(b.id));
-  return { snapshots, damaged };
+  return { listing: { snapshots, damaged }, index };
 }
 
 /** The snapshots, oldest first; throws if any snapshot file is damaged (for prune and forget). */
@@ -63,7 +100,10 @@ function isSnapshotShape(value: unknown): value is Snapshot {
 
 /**
  * `latest` (of `project`, if given) or an id prefix. Damaged snapshots are passed over: `onDamaged`
- * hears of each one (a restore says which it skipped).
+ * hears of each one (a restore says which it skipped). Loads the repository's index too, while
+ * the snapshots are loaded (every caller reads the snapshot's blobs next; see
+ * `ReadSnapshotsOptions.loadIndex` for why the index then has them); a failure to resolve is
+ * thrown before the index's.
  */
 export async function resolveSnapshot(
   repo: Repository,
@@ -71,8 +111,19 @@ export async function resolveSnapshot(
   project?: string,
   onDamaged?: (damaged: DamagedSnapshot) => void,
 ): Promise<StoredSnapshot> {
-  const found = findSnapshot(await readSnapshots(repo), ref, repo.backend.location, project, onDamaged);
-  if ('error' in found) throw new CorruptArchiveError(`snapshot ${shortId(found.id)} is damaged (${found.error}): pick another one ('cvat-backup snapshots')`);
+  const { listing, index } = await readWithIndex(repo, true);
+  let found: StoredSnapshot | DamagedSnapshot;
+  try {
+    found = findSnapshot(listing, ref, repo.backend.location, project, onDamaged);
+  } catch (error) {
+    await index.catch(() => undefined);
+    throw error;
+  }
+  if ('error' in found) {
+    await index.catch(() => undefined);
+    throw new CorruptArchiveError(`snapshot ${shortId(found.id)} is damaged (${found.error}): pick another one ('cvat-backup snapshots')`);
+  }
+  await index;
   return found;
 }
 
