@@ -65,7 +65,7 @@ void describe('the repository on a flaky store, through the retry wrapper', () =
     try {
       const memory = new MemoryBackend();
       const faulty = new FaultyBackend(memory, {
-        random: { seed: 20261126, latencyMs: 2, probability: { save: 0.2, load: 0.2, list: 0.2, stat: 0.2, remove: 0.2, exists: 0.2, create: 0.2 } },
+        random: { seed: 20261126, latencyMs: 2, probability: { save: 0.4, load: 0.2, list: 0.2, stat: 0.2, remove: 0.2, exists: 0.2, create: 0.2 } },
       });
       const retries: RetryEvent[] = [];
       const store = new RetryBackend(faulty, { clock: instantClock(), onRetry: (e) => retries.push(e) });
