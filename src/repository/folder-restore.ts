@@ -22,9 +22,9 @@ import { CorruptArchiveError } from '../errors.js';
 import { DirHandle, closeFd, setFileMeta } from '../fs/beneath.js';
 import type { ChunkPool } from './chunk-pool.js';
 import type { Repository } from './repository.js';
-import { chunkLength } from './restorer.js';
+import { chunkLength, verifySnapshotVolume } from './restorer.js';
 import { loadKeptBlob } from './pack-reads.js';
-import { TreeWalkBounds, comparePreOrder, hardLinkTarget, isReservedEntry, loadCheckedTree } from './tree-guard.js';
+import { TreeWalkBounds, checkRootNode, comparePreOrder, hardLinkTarget, isReservedEntry, loadCheckedTree } from './tree-guard.js';
 import { isZeroChunk, type SnapshotVolume, type TreeNode } from './tree.js';
 import { Slots } from './slots.js';
 
@@ -43,6 +43,10 @@ export interface FolderRestoreOptions {
    * move into the volume's root later); the result says what they should be.
    */
   leaveRoot?: boolean;
+  /** Waits before blob `id` is written (`restoreVolumeVerifying`: until the download alongside has it). */
+  blobReady?: (id: string) => Promise<void>;
+  /** Told of what is not restored (cvat-backup's own folder, caught by a backup). */
+  onWarning?: (message: string) => void;
 }
 
 export interface FolderRestoreResult {
@@ -108,9 +112,10 @@ export async function restoreVolumeToFolder(
         }
         options.signal?.throwIfAborted();
         await chunks.admit();
+        const ready = options.blobReady;
         writes.push(
           chunks.track(
-            writeBlob(repo, options.pool, ref, fd, at).then(() => {
+            (ready ? ready(ref).then(() => writeBlob(repo, options.pool, ref, fd, at)) : writeBlob(repo, options.pool, ref, fd, at)).then(() => {
               stats.bytes += length;
               report();
             }),
@@ -179,8 +184,11 @@ export async function restoreVolumeToFolder(
       if (chunks.failure !== undefined) throw chunks.failure;
       if (files.failure !== undefined) throw files.failure;
       const name = names[i]!;
-      // cvat-backup's own folder, caught by a backup: never restored (verification said so).
-      if (isReservedEntry(depth, name)) continue;
+      // cvat-backup's own folder, caught by a backup: never restored.
+      if (isReservedEntry(depth, name)) {
+        options.onWarning?.(`not restored: ${name.toString('utf8')} (a cvat-backup working folder the backup caught)`);
+        continue;
+      }
       bounds.count();
       const entryPath = [...path, name];
       const display = entryPath.map((p) => p.toString('utf8')).join('/');
@@ -216,6 +224,7 @@ export async function restoreVolumeToFolder(
     bounds.leave();
   };
 
+  checkRootNode(volume.root);
   const rootDir = await DirHandle.openRoot(root);
   try {
     try {
@@ -234,4 +243,95 @@ export async function restoreVolumeToFolder(
   report(true);
   const r = volume.root;
   return { stats, skipped, root: { uid: r.uid, gid: r.gid, mode: r.mode, mtime: seconds(r.mtimeNs) } };
+}
+
+/**
+ * Arrival of blobs that a download alongside the writes authenticates: `wait(id)` settles once
+ * `id` arrived, or the download ended (a blob it did not keep is then read as usual), and fails
+ * with the download's failure.
+ */
+class Arrivals {
+  private readonly arrived = new Set<string>();
+  private readonly waiting = new Map<string, { promise: Promise<void>; resolve: () => void; reject: (error: Error) => void }>();
+  private ended: { failure: Error | undefined } | undefined;
+
+  arrive(id: string): void {
+    this.arrived.add(id);
+    const w = this.waiting.get(id);
+    if (w) {
+      this.waiting.delete(id);
+      w.resolve();
+    }
+  }
+
+  end(failure?: Error): void {
+    this.ended = { failure };
+    for (const w of this.waiting.values()) {
+      if (failure === undefined) w.resolve();
+      else w.reject(failure);
+    }
+    this.waiting.clear();
+  }
+
+  wait(id: string): Promise<void> {
+    if (this.arrived.has(id)) return Promise.resolve();
+    if (this.ended) return this.ended.failure === undefined ? Promise.resolve() : Promise.reject(this.ended.failure);
+    let w = this.waiting.get(id);
+    if (!w) {
+      let resolve!: () => void;
+      let reject!: (error: Error) => void;
+      const promise = new Promise<void>((res, rej) => {
+        resolve = res;
+        reject = rej;
+      });
+      // A wait nobody awaits any more (the walk failed) must not be an unhandled rejection.
+      promise.catch(() => undefined);
+      w = { promise, resolve, reject };
+      this.waiting.set(id, w);
+    }
+    return w.promise;
+  }
+}
+
+/**
+ * One pass for a remote repository's volume written into a staged folder: the verification's
+ * download by pack (pack-reads.ts; kept on this machine) runs alongside the writes, and each
+ * write waits until its blob has arrived and been authenticated, then reads it from the kept copy.
+ * The first failure of either stops both. Without kept reads there is nothing to share: use
+ * `restoreVolumeToFolder` alone (every blob it writes is authenticated as it is read).
+ */
+export async function restoreVolumeVerifying(repo: Repository, volume: SnapshotVolume, root: string, options: FolderRestoreOptions = {}): Promise<FolderRestoreResult> {
+  const arrivals = new Arrivals();
+  const stop = new AbortController();
+  const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
+  const download = verifySnapshotVolume(repo, volume, {
+    signal,
+    ...(options.pool ? { pool: options.pool } : {}),
+    onBlob: (id) => arrivals.arrive(id),
+  }).then(
+    () => arrivals.end(),
+    (error: unknown) => {
+      arrivals.end(error instanceof Error ? error : new Error(String(error)));
+      throw error;
+    },
+  );
+  // Awaited below; its failure may come while the writes still run.
+  download.catch(() => undefined);
+  try {
+    const result = await restoreVolumeToFolder(repo, volume, root, { ...options, signal, blobReady: (id) => arrivals.wait(id) });
+    await download;
+    return result;
+  } catch (error) {
+    stop.abort(error);
+    // The download's own failure (damage found first) is the cause the writes stopped for.
+    const downloaded = await download.then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    throw downloaded !== undefined && !isAbort(downloaded) ? downloaded : error;
+  }
+}
+
+function isAbort(error: unknown): boolean {
+  return (error as { name?: string }).name === 'AbortError';
 }

@@ -19,7 +19,7 @@ import { MemoryBackend } from '../backend/memory.js';
 import { RetryBackend, type RetryEvent } from '../backend/retry.js';
 import { CorruptArchiveError } from '../errors.js';
 import type { BlobLocation } from './blob-index.js';
-import { restoreVolumeToFolder } from './folder-restore.js';
+import { restoreVolumeToFolder, restoreVolumeVerifying } from './folder-restore.js';
 import { PackReader, planPackReads } from './pack-reads.js';
 import type { Repository } from './repository.js';
 import { verifySnapshotVolume } from './restorer.js';
@@ -448,6 +448,38 @@ void describe('a restore from a remote repository reads by pack', () => {
         await restoreVolumeToFolder(repo, volume, target, { pool });
         assert.ok(remote.ranged.length > 0, 'the write pass read from the remote');
         assert.deepEqual(folderContents(target), expected(input));
+      });
+    }));
+
+  void it('one pass (restoreVolumeVerifying): the writes wait for the download by pack alongside and read the kept copies; nothing is loaded twice, the restore is byte-exact', () =>
+    withWork(async (work) => {
+      const input = files(71);
+      await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        const result = await restoreVolumeVerifying(repo, volume, target, { pool });
+        assert.equal(remote.served.length, 3, `one download per data pack, on the workers: ${JSON.stringify(remote.served)}`);
+        assert.deepEqual(remote.ranged, [], 'no blob read on its own: every write waited for the download');
+        assert.deepEqual(folderContents(target), expected(input));
+        assert.equal(result.stats.files, 24);
+      });
+    }));
+
+  void it('one pass: damage on the remote fails the restore with the damage (not a stuck or aborted write), and no write waits on', () =>
+    withWork(async (work) => {
+      const input = files(81, 6);
+      await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
+        const tree = JSON.parse((await repo.loadBlob(volume.tree)).toString()) as { nodes: { content: string[] }[] };
+        const victim = tree.nodes[4]!.content[0]!;
+        const where = repo.location(victim)!;
+        remote.memory.raw('data', where.pack)![where.offset + 30]! ^= 0xff;
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        await assert.rejects(restoreVolumeVerifying(repo, volume, target, { pool }), (error: Error) => {
+          assert.ok(error instanceof CorruptArchiveError, String(error));
+          assert.match(error.message, new RegExp(victim.slice(0, 12)));
+          return true;
+        });
       });
     }));
 });

@@ -182,13 +182,20 @@ export function snapshotVolumeTar(repo: Repository, volume: SnapshotVolume, sign
 export async function verifySnapshotVolume(
   repo: Repository,
   volume: SnapshotVolume,
-  options: { signal?: AbortSignal; onProgress?: (stats: TarStats) => void; pool?: ChunkPool; onWarning?: (message: string) => void } = {},
+  options: {
+    signal?: AbortSignal;
+    onProgress?: (stats: TarStats) => void;
+    pool?: ChunkPool;
+    onWarning?: (message: string) => void;
+    /** Told of each data blob authenticated (a remote's: kept on this machine when it can be). */
+    onBlob?: (id: string) => void;
+  } = {},
 ): Promise<TarStats> {
   const stats: TarStats = { entries: 1, files: 0, bytes: 0 };
   const verified = new Set<string>();
   const bounds = new TreeWalkBounds(volume);
   const links: { path: Buffer[]; target: Buffer[] }[] = [];
-  const blobs = blobChecker(repo, options.pool, options.signal);
+  const blobs = blobChecker(repo, options.pool, options.signal, options.onBlob);
   const walk = async (treeId: string, path: Buffer[]): Promise<void> => {
     const depth = bounds.depth;
     bounds.enter(treeId);
@@ -240,8 +247,13 @@ export async function verifySnapshotVolume(
  * the workers straight from its packs, up to 8 at once; a remote one's by pack (pack-reads.ts),
  * several reads at once, kept on this machine for the writes that follow.
  */
-function blobChecker(repo: Repository, pool: ChunkPool | undefined, signal: AbortSignal | undefined): { add(id: string): Promise<void>; finish(): Promise<void> } {
-  if (repo.backend.localPath === undefined) return new PackReader(repo, { pool, signal });
+function blobChecker(
+  repo: Repository,
+  pool: ChunkPool | undefined,
+  signal: AbortSignal | undefined,
+  onBlob?: (id: string) => void,
+): { add(id: string): Promise<void>; finish(): Promise<void> } {
+  if (repo.backend.localPath === undefined) return new PackReader(repo, { pool, signal, ...(onBlob ? { onBlob: (id: string) => onBlob(id) } : {}) });
   const inFlight = new Set<Promise<void>>();
   let failure: Error | undefined;
   return {
@@ -251,7 +263,7 @@ function blobChecker(repo: Repository, pool: ChunkPool | undefined, signal: Abor
       const tracked: Promise<void> = repo
         .checkBlob(id, pool)
         .then(
-          () => undefined,
+          () => onBlob?.(id),
           (error: unknown) => {
             failure ??= error as Error;
           },

@@ -64,9 +64,17 @@ export interface RestoreSource {
   cvatVersion: string | undefined;
   /** No recorded version by design (an archive set made by hand): --cvat-version applies. */
   handMade: boolean;
-  volumes: { composeName: string; mountPath: string | undefined }[];
-  /** Reads everything once, end to end, before anything is touched; counts per volume. */
-  verify(memberPrefixFor: (composeName: string) => string, signal: AbortSignal | undefined, onProgress: ProgressListener): Promise<Map<string, TarStats>>;
+  volumes: { composeName: string; mountPath: string | undefined; bytes?: number | undefined }[];
+  /**
+   * Reads everything once, end to end, before anything is touched; counts per volume. The volumes
+   * in `written` were written into staged folders already (`writeFolder` verified them as it wrote).
+   */
+  verify(
+    memberPrefixFor: (composeName: string) => string,
+    signal: AbortSignal | undefined,
+    onProgress: ProgressListener,
+    written: ReadonlySet<string>,
+  ): Promise<Map<string, TarStats>>;
   /** The volume's data as an uncompressed tar stream, members under its mount path. */
   openTar(composeName: string, signal: AbortSignal | undefined): Readable;
   /**
@@ -80,7 +88,13 @@ export interface RestoreSource {
     folder: string,
     signal: AbortSignal | undefined,
     onProgress: (stats: TarStats) => void,
-    options?: { leaveRoot?: boolean },
+    options?: {
+      /** The folder is a staged one: its own owner, mode and times are left as they are (see `root`). */
+      leaveRoot?: boolean;
+      /** Not verified before: every blob is authenticated as it is written, the first failure thrown. */
+      verifying?: boolean;
+      onWarning?: (message: string) => void;
+    },
   ): Promise<{ stats: TarStats; skipped: string[]; root: RootMeta }>;
   /**
    * Called once everything is written, before the volumes are synced and committed: the source
@@ -307,20 +321,25 @@ async function writeOnHost(tar: Readable, processor: TarProcessor, hostPath: str
   return extractor.result.skipped;
 }
 
+interface StagedVolume {
+  root: RootMeta;
+  stats: TarStats;
+}
+
 /**
  * Writes every volume the source can write on this host into its staged folder while CVAT still
- * runs (volume-rollback.ts, `stageVolume`), and syncs it to disk: CVAT is then stopped only for
- * renames. Returns each staged volume's root owner, mode and time. On failure the staged folders
- * are deleted (nothing of the volumes was touched) and the error thrown.
+ * runs (volume-rollback.ts, `stageVolume`), verifying it as it writes, and syncs it to disk: CVAT
+ * is then stopped only for renames. Returns each staged volume's root owner, mode and time and
+ * what was written. On failure the staged folders are deleted (nothing of the volumes was
+ * touched) and the error thrown.
  */
 async function stageWhileRunning(
   source: RestoreSource,
   planned: PlannedVolume[],
-  verified: Map<string, TarStats>,
   signal: AbortSignal | undefined,
   onProgress: ProgressListener,
-): Promise<Map<string, RootMeta>> {
-  const staged = new Map<string, RootMeta>();
+): Promise<Map<string, StagedVolume>> {
+  const staged = new Map<string, StagedVolume>();
   if (!source.writeFolder) return staged;
   const stageable = planned.filter((p) => p.target.hostPath !== undefined);
   const made: string[] = [];
@@ -329,12 +348,17 @@ async function stageWhileRunning(
       signal?.throwIfAborted();
       made.push(target.hostPath!);
       const folder = await stageVolume(target.hostPath!);
-      onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring while CVAT runs', totalBytes: verified.get(target.composeName)?.bytes });
+      const bytes = source.volumes.find((v) => v.composeName === target.composeName)?.bytes;
+      onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring while CVAT runs', totalBytes: bytes });
       const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
-      const written = await source.writeFolder(target.composeName, folder, signal, report, { leaveRoot: true });
+      const written = await source.writeFolder(target.composeName, folder, signal, report, {
+        leaveRoot: true,
+        verifying: true,
+        onWarning: (message) => onProgress({ type: 'warning', message: `${target.composeName}: ${message}` }),
+      });
       for (const skipped of written.skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${skipped}` });
       onProgress({ type: 'volume-done', volume: target.composeName, bytes: written.stats.bytes, files: written.stats.files });
-      staged.set(target.composeName, written.root);
+      staged.set(target.composeName, { root: written.root, stats: written.stats });
     }
     if (staged.size > 0) {
       // Nothing else to write: the kept reads go before the sync (their pages need not reach the disk).
@@ -344,7 +368,8 @@ async function stageWhileRunning(
     }
   } catch (error) {
     for (const path of made) await removeStaged(path).catch(() => undefined);
-    throw error;
+    // Nothing was touched: the staged data is deleted, CVAT ran all along.
+    throw classifyError(error, "a volume's disk is full (the Docker data folder; a restore needs room for the old and the new data until it is done): free space there and restore again");
   }
   return staged;
 }
@@ -378,13 +403,23 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
   try {
     const planned = plan(source, deployment);
     for (const p of planned) p.target.hostPath = (await chooseTransport(engine, p.volumeName, options.via ?? 'auto')).hostPath;
-    const verified = await source.verify(
-      (name) => memberPrefixOf(deployment.volumes.find((v) => v.composeName === name)?.mountPath ?? ''),
-      options.signal,
-      onProgress,
-    );
-    const staged = await stageWhileRunning(source, planned, verified, options.signal, onProgress);
-    async function restoreStopped(staged: Map<string, RootMeta>): Promise<ArchiveRestoreResult> {
+    // A snapshot's volumes whose folders are on this host are written first, while CVAT runs
+    // (the writes verify them); then everything else is verified before anything is touched.
+    const staged = await stageWhileRunning(source, planned, options.signal, onProgress);
+    let verified: Map<string, TarStats>;
+    try {
+      verified = await source.verify(
+        (name) => memberPrefixOf(deployment.volumes.find((v) => v.composeName === name)?.mountPath ?? ''),
+        options.signal,
+        onProgress,
+        new Set(staged.keys()),
+      );
+    } catch (error) {
+      for (const { target } of planned) if (staged.has(target.composeName)) await removeStaged(target.hostPath!).catch(() => undefined);
+      throw error;
+    }
+    for (const [name, { stats }] of staged) verified.set(name, stats);
+    async function restoreStopped(staged: Map<string, StagedVolume>): Promise<ArchiveRestoreResult> {
       const wasRunning = deployment.containers.some((c) => c.state === 'running' || c.state === 'restarting');
       let removal: Promise<void> = Promise.resolve();
       let retiredDatabase: { db: DatabaseHandle; retired: string | undefined } | undefined;
@@ -404,10 +439,10 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
             for (const { target } of planned) {
               options.signal?.throwIfAborted();
               const expected = verified.get(target.composeName);
-              const rootMeta = staged.get(target.composeName);
-              if (rootMeta !== undefined) {
+              const stagedVolume = staged.get(target.composeName);
+              if (stagedVolume !== undefined) {
                 // Written while CVAT ran: moved in (renames).
-                await swapInStaged(target.hostPath!, rootMeta);
+                await swapInStaged(target.hostPath!, stagedVolume.root);
                 continue;
               }
               onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring', totalBytes: expected?.bytes });

@@ -7,7 +7,7 @@ import type { DockerEngine } from '../docker/engine.js';
 import type { Repository } from '../repository/repository.js';
 import { snapshotVolumeTar, verifyBlobs, verifySnapshotVolume } from '../repository/restorer.js';
 import { resolveSnapshot, shortId } from '../repository/snapshots.js';
-import { restoreVolumeToFolder } from '../repository/folder-restore.js';
+import { restoreVolumeToFolder, restoreVolumeVerifying } from '../repository/folder-restore.js';
 import { contentStream } from '../repository/stream-content.js';
 import type { TarStats } from '../archive/tar.js';
 import { CorruptArchiveError } from '../errors.js';
@@ -51,11 +51,13 @@ export async function restoreFromSnapshot(
     const source: RestoreSource = {
       cvatVersion: snapshot.cvat.version ?? undefined,
       handMade: false,
-      volumes: snapshot.volumes.map((v) => ({ composeName: v.composeName, mountPath: v.mountPath })),
-      verify: async (_prefixFor, signal, onProgress) => {
-        onProgress({ type: 'phase', message: `verifying snapshot ${shortId(snapshot.id)}` });
+      volumes: snapshot.volumes.map((v) => ({ composeName: v.composeName, mountPath: v.mountPath, bytes: v.bytes })),
+      verify: async (_prefixFor, signal, onProgress, written) => {
         const out = new Map<string, TarStats>();
-        for (const volume of snapshot.volumes) {
+        const left = snapshot.volumes.filter((v) => !written.has(v.composeName));
+        if (left.length === 0 && !database) return out;
+        onProgress({ type: 'phase', message: `verifying snapshot ${shortId(snapshot.id)}` });
+        for (const volume of left) {
           onProgress({ type: 'volume-start', volume: volume.composeName, action: 'verifying', totalBytes: volume.bytes });
           try {
             const stats = await verifySnapshotVolume(repo, volume, {
@@ -89,13 +91,26 @@ export async function restoreFromSnapshot(
       },
       openTar: (composeName, signal) => snapshotVolumeTar(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, signal, pool),
       ...(database ? { database: { dbname: database.dbname, size: database.size, open: (signal: AbortSignal | undefined) => contentStream(repo, database.content, pool, signal) } } : {}),
-      writeFolder: (composeName, folder, signal, onProgress, writeOptions) =>
-        restoreVolumeToFolder(repo, snapshot.volumes.find((v) => v.composeName === composeName)!, folder, {
+      writeFolder: async (composeName, folder, signal, onProgress, writeOptions) => {
+        const volume = snapshot.volumes.find((v) => v.composeName === composeName)!;
+        const folderOptions = {
           ...(signal ? { signal } : {}),
           pool,
           onProgress,
           leaveRoot: writeOptions?.leaveRoot ?? false,
-        }),
+          ...(writeOptions?.onWarning ? { onWarning: writeOptions.onWarning } : {}),
+        };
+        try {
+          // Unverified, from a remote with kept reads: the download by pack runs alongside the writes.
+          if (writeOptions?.verifying && kept) return await restoreVolumeVerifying(repo, volume, folder, folderOptions);
+          return await restoreVolumeToFolder(repo, volume, folder, folderOptions);
+        } catch (error) {
+          if (writeOptions?.verifying && error instanceof CorruptArchiveError) {
+            throw new CorruptArchiveError(`snapshot ${shortId(snapshot.id)} is damaged (volume ${composeName}): ${error.message}`, { cause: error });
+          }
+          throw error;
+        }
+      },
       // The kept reads go before the volumes' sync: deleted (and closed everywhere) first, their
       // hundreds of MiB of dirty pages are dropped, not written to the disk the sync waits for.
       written: async () => {
