@@ -213,14 +213,21 @@ describe('errors and failures', () => {
       const rows = await databaseFingerprint(f);
       const media = await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true });
       const cli = startCli(['--project', f.project, 'restore', good, '--via', via]);
-      await cli.waitForStderr('restoring cvat_data', 120000);
+      // On this host the volumes are written into staged folders while CVAT runs; through the
+      // engine, in place while it is stopped.
+      await cli.waitForStderr(via === 'host' ? 'restoring while CVAT runs cvat_data' : 'restoring cvat_data', 120000);
       cli.kill('SIGINT');
       const r = await cli.result;
       assert.equal(r.code, 130, r.stderr);
+      if (via === 'host') assert.doesNotMatch(r.stderr, /stopping CVAT/, 'CVAT was never stopped');
       await allRunning(f);
       await f.waitForDatabase();
       assert.equal(await databaseFingerprint(f), rows, 'the rows of before the restore are back');
       assert.deepEqual(await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true }), media);
+      for (const v of ['cvat_data', 'cvat_db']) {
+        const left = (await readdir(await f.volumePath(v))).filter((n) => n.startsWith('.cvat-backup-'));
+        assert.deepEqual(left, [], `${v} holds nothing of ours`);
+      }
     });
   }
 

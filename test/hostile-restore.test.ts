@@ -182,7 +182,40 @@ describe('restores of hostile archive sets and snapshots', { skip: !isRoot && 't
     await untouched();
   });
 
-  for (const via of ['host', 'engine'] as const) {
+  it('--via host: a set swapped for a hostile one after verification is refused while it is written into the staged folder, before CVAT stops (exit 8): nothing touched', { timeout: 600_000 }, async () => {
+    // A good set whose verification takes a while (600 MB of zeros to decompress).
+    const src = join(work, 'swap-src');
+    await mkdir(join(src, PREFIX), { recursive: true });
+    await writeFile(join(src, PREFIX, 'kept.txt'), 'kept\n');
+    execFileSync('truncate', ['-s', '600M', join(src, PREFIX, 'zeros.bin')]);
+    const dir = join(work, 'sets', 'swapped-staged');
+    await mkdir(dir, { recursive: true });
+    execFileSync('tar', ['-C', src, '-czf', join(dir, 'cvat_data.tar.gz'), PREFIX]);
+    await f.exec('cvat_server', 'echo "written before" > /home/django/data/later.txt');
+    const previous = await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true });
+    const before = await startTimes();
+    const hostile: RawMember[] = [
+      { name: `${PREFIX}/`, type: '5', mode: 0o755 },
+      { name: `${PREFIX}/a`, type: '2', linkName: outside },
+      { name: `${PREFIX}/a/pwned`, type: '0', data: Buffer.from('pwned\n') },
+      { name: `${PREFIX}/h`, type: '1', linkName: 'etc/passwd' },
+      { name: 'tmp/pwned', type: '0', data: Buffer.from('pwned\n') },
+    ];
+    await writeFile(join(dir, 'swap.tmp'), gzipTar(hostile));
+    const child = startCli(['--project', f.project, 'restore', dir, '--cvat-version', '2.73.0', '--via', 'host']);
+    // Swapped while the good set is verified (its file is open): the staged write opens the hostile one.
+    await child.waitForStderr('verifying cvat_data', 120_000);
+    await rename(join(dir, 'swap.tmp'), join(dir, 'cvat_data.tar.gz'));
+    const r = await Promise.race([child.result, new Promise<never>((_, reject) => setTimeout(() => reject(new Error('restore did not finish')), 240_000))]);
+    assert.equal(r.code, 8, r.stderr);
+    oneLine(r.stderr);
+    assert.doesNotMatch(r.stderr, /stopping CVAT/);
+    assert.equal(await startTimes(), before, 'no container was stopped or restarted');
+    assert.deepEqual(await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true }), previous, 'the volume as it was, no staged folder left');
+    await untouched();
+  });
+
+  for (const via of ['engine'] as const) {
     it(`--via ${via}: a set swapped for a hostile one after verification is refused while writing (exit 12), the previous data back byte-exact`, { timeout: 600_000 }, async () => {
       const good: RawMember[] = [{ name: `${PREFIX}/`, type: '5', mode: 0o755 }, { name: `${PREFIX}/kept.txt`, type: '0', data: Buffer.from('kept\n') }];
       const dir = await set(`swapped-${via}`, good);
@@ -212,7 +245,30 @@ describe('restores of hostile archive sets and snapshots', { skip: !isRoot && 't
     });
   }
 
-  it('a restore killed with SIGKILL: the next run (a backup) puts the previous data back before CVAT starts, and says so', { timeout: 600_000 }, async () => {
+  it('a restore killed with SIGKILL while it writes the staged folder (--via host): CVAT runs on, the next run deletes the staged data silently', { timeout: 600_000 }, async () => {
+    const src = join(work, 'big-src-staged');
+    await mkdir(join(src, PREFIX), { recursive: true });
+    await writeFile(join(src, PREFIX, 'small.txt'), 'small\n');
+    execFileSync('truncate', ['-s', '600M', join(src, PREFIX, 'zeros.bin')]);
+    const dir = join(work, 'sets', 'big-staged');
+    await mkdir(dir, { recursive: true });
+    execFileSync('tar', ['-C', src, '-czf', join(dir, 'cvat_data.tar.gz'), PREFIX]);
+    await f.exec('cvat_server', 'echo "before the killed restore" > /home/django/data/previous.txt');
+    const previous = await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true });
+    const before = await startTimes();
+    const child = startCli(['--project', f.project, 'restore', dir, '--cvat-version', '2.73.0', '--via', 'host']);
+    await child.waitForStderr('restoring while CVAT runs cvat_data', 120_000);
+    child.kill('SIGKILL');
+    await child.result;
+    assert.equal(await startTimes(), before, 'CVAT ran all along');
+    const next = await cli(['--project', f.project, 'backup', '--to', join(work, 'after-kill-staged'), '--via', 'host']);
+    assert.equal(next.code, 0, next.stderr);
+    assert.doesNotMatch(next.stderr, /warning/);
+    assert.deepEqual(await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true }), previous, 'the volume as it was, the staged folder gone');
+    await allRunning();
+  });
+
+  it('a restore killed with SIGKILL while CVAT is stopped (--via engine writes in place): the next run (a backup) puts the previous data back before CVAT starts, and says so', { timeout: 600_000 }, async () => {
     const src = join(work, 'big-src');
     await mkdir(join(src, PREFIX), { recursive: true });
     await writeFile(join(src, PREFIX, 'small.txt'), 'small\n');
@@ -222,7 +278,7 @@ describe('restores of hostile archive sets and snapshots', { skip: !isRoot && 't
     execFileSync('tar', ['-C', src, '-czf', join(dir, 'cvat_data.tar.gz'), PREFIX]);
     await f.exec('cvat_server', 'echo "before the killed restore" > /home/django/data/previous.txt');
     const previous = await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true });
-    const child = startCli(['--project', f.project, 'restore', dir, '--cvat-version', '2.73.0', '--via', 'host']);
+    const child = startCli(['--project', f.project, 'restore', dir, '--cvat-version', '2.73.0', '--via', 'engine']);
     await child.waitForStderr('restoring cvat_data', 120_000);
     child.kill('SIGKILL');
     await child.result;

@@ -46,6 +46,8 @@ interface OpenFile {
 
 export interface HostExtractResult {
   skipped: string[];
+  /** The archive's volume root (`./`): owner, mode, modification time; undefined when it has none. */
+  root?: { uid: number; gid: number; mode: number | undefined; mtime: number | undefined } | undefined;
 }
 
 function keyOf(path: Buffer[]): string {
@@ -69,9 +71,14 @@ export class HostExtractor extends Writable {
   private rootEntry: TarEntry | undefined;
   private file: OpenFile | undefined;
 
+  /**
+   * `leaveRoot`: the folder is a staged one whose entries move into the volume later: its own
+   * owner, mode and times are left as they are, and `result.root` says what they should be.
+   */
   constructor(
     private readonly rootPath: string,
     memberPrefix: string,
+    private readonly leaveRoot = false,
   ) {
     super({ objectMode: true, highWaterMark: 64 });
     this.guard = new MemberGuard(memberPrefix);
@@ -267,7 +274,8 @@ export class HostExtractor extends Writable {
     }
     if (this.rootEntry) {
       const { uid, gid, mode, mtime } = this.rootEntry;
-      await this.rootHandle.setMeta(uid, gid, mode, mtime);
+      this.result.root = { uid, gid, mode, mtime };
+      if (!this.leaveRoot) await this.rootHandle.setMeta(uid, gid, mode, mtime);
     }
     for (const handle of this.folders.values()) await handle.close();
     this.folders.clear();

@@ -4,10 +4,12 @@
  * 1. Plan: map every archive of the set (ours, or hand-made with the guide's commands) or volume
  *    of the snapshot to a volume of the deployment and its mount path; refuse when the containers
  *    are gone (`compose down`), a volume is missing, or the CVAT versions differ (the guide's rule).
- * 2. Take the project lock (a killed restore is put right first), then verify every archive or
- *    snapshot volume to its end before anything is touched.
- * 3. A snapshot's volumes whose folders are on this host are written into staged folders inside
- *    them while CVAT still runs, and synced to disk.
+ * 2. Take the project lock (a killed restore is put right first). Every archive or snapshot volume
+ *    is read and authenticated to its end before anything of the volumes is touched.
+ * 3. Volumes whose folders are on this host are written into staged folders inside them while
+ *    CVAT still runs, and synced to disk: an archive after its verification; a snapshot's volume
+ *    in one pass that authenticates every blob as it writes it (from a remote, the download by
+ *    pack runs alongside). A failure deletes the staged data: nothing was touched.
  * 4. Stop the project; in every target volume move the old files aside (rollback point); move
  *    the staged data in (renames), or extract the archive into the emptied volume (on this host,
  *    or through the engine; owners and modes kept).
@@ -37,7 +39,7 @@ import { dropRetiredDatabase, loadDatabase, openDatabase, waitUntilReady, type D
 import { readArchiveSet, throttled, verifyArchiveSet } from '../archive/archive-set.js';
 import { memberPrefixOf } from '../archive/manifest.js';
 import { TarProcessor, type TarStats } from '../archive/tar.js';
-import { HostExtractor } from '../archive/host-extract.js';
+import { HostExtractor, type HostExtractResult } from '../archive/host-extract.js';
 import { GuardedTarStream } from '../archive/guarded-tar.js';
 import { chooseTransport, type TransportChoice } from '../archive/transport.js';
 import { syncFilesystem } from '../host.js';
@@ -315,14 +317,22 @@ async function writeThroughEngine(
 }
 
 /** Extracts a volume's tar stream into its folder on this host (HostExtractor). */
-async function writeOnHost(tar: Readable, processor: TarProcessor, hostPath: string, memberPrefix: string, signal: AbortSignal | undefined): Promise<string[]> {
-  const extractor = new HostExtractor(hostPath, memberPrefix);
+async function writeOnHost(
+  tar: Readable,
+  processor: TarProcessor,
+  hostPath: string,
+  memberPrefix: string,
+  signal: AbortSignal | undefined,
+  leaveRoot = false,
+): Promise<HostExtractResult> {
+  const extractor = new HostExtractor(hostPath, memberPrefix, leaveRoot);
   await pipeline(tar, processor, extractor, signal ? { signal } : {});
-  return extractor.result.skipped;
+  return extractor.result;
 }
 
 interface StagedVolume {
-  root: RootMeta;
+  /** What the volume's root gets when the staged data moves in (nothing: left as it is). */
+  root: RootMeta | undefined;
   stats: TarStats;
 }
 
@@ -340,7 +350,6 @@ async function stageWhileRunning(
   onProgress: ProgressListener,
 ): Promise<Map<string, StagedVolume>> {
   const staged = new Map<string, StagedVolume>();
-  if (!source.writeFolder) return staged;
   const stageable = planned.filter((p) => p.target.hostPath !== undefined);
   const made: string[] = [];
   try {
@@ -351,11 +360,19 @@ async function stageWhileRunning(
       const bytes = source.volumes.find((v) => v.composeName === target.composeName)?.bytes;
       onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring while CVAT runs', totalBytes: bytes });
       const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
-      const written = await source.writeFolder(target.composeName, folder, signal, report, {
-        leaveRoot: true,
-        verifying: true,
-        onWarning: (message) => onProgress({ type: 'warning', message: `${target.composeName}: ${message}` }),
-      });
+      let written: { stats: TarStats; skipped: string[]; root: RootMeta | undefined };
+      if (source.writeFolder) {
+        written = await source.writeFolder(target.composeName, folder, signal, report, {
+          leaveRoot: true,
+          verifying: true,
+          onWarning: (message) => onProgress({ type: 'warning', message: `${target.composeName}: ${message}` }),
+        });
+      } else {
+        // An archive (verified before): extracted with every member checked again.
+        const processor: TarProcessor = new TarProcessor({ onData: () => report(processor.stats), output: 'entries' });
+        const result = await writeOnHost(source.openTar(target.composeName, signal), processor, folder, memberPrefixOf(target.mountPath), signal, true);
+        written = { stats: processor.stats, skipped: result.skipped, root: result.root };
+      }
       for (const skipped of written.skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${skipped}` });
       onProgress({ type: 'volume-done', volume: target.composeName, bytes: written.stats.bytes, files: written.stats.files });
       staged.set(target.composeName, { root: written.root, stats: written.stats });
@@ -403,22 +420,26 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
   try {
     const planned = plan(source, deployment);
     for (const p of planned) p.target.hostPath = (await chooseTransport(engine, p.volumeName, options.via ?? 'auto')).hostPath;
-    // A snapshot's volumes whose folders are on this host are written first, while CVAT runs
-    // (the writes verify them); then everything else is verified before anything is touched.
-    const staged = await stageWhileRunning(source, planned, options.signal, onProgress);
+    // Volumes whose folders are on this host are written into staged folders while CVAT runs. A
+    // snapshot's first (its writes verify them), then everything else is verified before anything
+    // is touched; an archive set's after its verification.
+    const verify = (written: ReadonlySet<string>): Promise<Map<string, TarStats>> =>
+      source.verify((name) => memberPrefixOf(deployment.volumes.find((v) => v.composeName === name)?.mountPath ?? ''), options.signal, onProgress, written);
+    let staged: Map<string, StagedVolume>;
     let verified: Map<string, TarStats>;
-    try {
-      verified = await source.verify(
-        (name) => memberPrefixOf(deployment.volumes.find((v) => v.composeName === name)?.mountPath ?? ''),
-        options.signal,
-        onProgress,
-        new Set(staged.keys()),
-      );
-    } catch (error) {
-      for (const { target } of planned) if (staged.has(target.composeName)) await removeStaged(target.hostPath!).catch(() => undefined);
-      throw error;
+    if (source.writeFolder) {
+      staged = await stageWhileRunning(source, planned, options.signal, onProgress);
+      try {
+        verified = await verify(new Set(staged.keys()));
+      } catch (error) {
+        for (const { target } of planned) if (staged.has(target.composeName)) await removeStaged(target.hostPath!).catch(() => undefined);
+        throw error;
+      }
+    } else {
+      verified = await verify(new Set());
+      staged = await stageWhileRunning(source, planned, options.signal, onProgress);
     }
-    for (const [name, { stats }] of staged) verified.set(name, stats);
+    for (const [name, { stats }] of staged) if (!verified.has(name)) verified.set(name, stats);
     async function restoreStopped(staged: Map<string, StagedVolume>): Promise<ArchiveRestoreResult> {
       const wasRunning = deployment.containers.some((c) => c.state === 'running' || c.state === 'restarting');
       let removal: Promise<void> = Promise.resolve();
@@ -455,7 +476,7 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
               const skipped =
                 hostPath === undefined
                   ? await writeThroughEngine(engine, target.containerId, source.openTar(target.composeName, options.signal), processor, prefix, options.signal)
-                  : await writeOnHost(source.openTar(target.composeName, options.signal), processor, hostPath, prefix, options.signal);
+                  : (await writeOnHost(source.openTar(target.composeName, options.signal), processor, hostPath, prefix, options.signal)).skipped;
               for (const s of skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${s}` });
               onProgress({ type: 'volume-done', volume: target.composeName, bytes: processor.stats.bytes, files: processor.stats.files });
             }

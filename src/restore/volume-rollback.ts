@@ -214,7 +214,7 @@ export async function removeStaged(hostPath: string): Promise<void> {
  * With CVAT stopped and the rollback point made (`prepareRollback`): the staged entries move into
  * the volume's root, which gets the snapshot's owner, mode and time. Renames only.
  */
-export async function swapInStaged(hostPath: string, meta: RootMeta): Promise<void> {
+export async function swapInStaged(hostPath: string, meta: RootMeta | undefined): Promise<void> {
   await onHost(hostPath, async (root) => {
     const staged = await root.openDir(STAGED_DIR);
     try {
@@ -227,7 +227,7 @@ export async function swapInStaged(hostPath: string, meta: RootMeta): Promise<vo
       await staged.close();
     }
     await root.removeTree(STAGED_DIR);
-    await root.setMeta(meta.uid, meta.gid, meta.mode, meta.mtime);
+    if (meta) await root.setMeta(meta.uid, meta.gid, meta.mode, meta.mtime);
   });
 }
 
