@@ -24,6 +24,7 @@ import type { DockerEngine } from '../docker/engine.js';
 import type { ProgressListener } from '../events.js';
 import {
   ContainersMissingError,
+  CvatBackupError,
   CorruptArchiveError,
   RestoreFailedError,
   UsageError,
@@ -386,7 +387,9 @@ async function stageWhileRunning(
   } catch (error) {
     for (const path of made) await removeStaged(path).catch(() => undefined);
     // Nothing was touched: the staged data is deleted, CVAT ran all along.
-    throw classifyError(error, "a volume's disk is full (the Docker data folder; a restore needs room for the old and the new data until it is done): free space there and restore again");
+    const cause = classifyError(error, "a volume's disk is full (the Docker data folder; a restore needs room for the old and the new data until it is done): free space there and restore again");
+    if (cause instanceof CvatBackupError) throw cause;
+    throw new RestoreFailedError(`restore failed while writing the new data beside the old (CVAT running): ${(cause as Error).message}; nothing was touched`, { cause });
   }
   return staged;
 }
