@@ -331,6 +331,30 @@ async function writeOnHost(
   return extractor.result;
 }
 
+/**
+ * Flushes the staged data to disk while it is being written (a `syncfs` in the background after
+ * every 64 MiB, one at a time): with much memory the kernel would hold it all in its cache, and
+ * the sync before CVAT stops would write it all then, while the writes could have overlapped it.
+ */
+class BackgroundFlush {
+  private running: Promise<void> | undefined;
+  private readonly flushedAt = new Map<string, number>();
+
+  written(hostPath: string, bytes: number): void {
+    const at = this.flushedAt.get(hostPath) ?? 0;
+    if (bytes < at) this.flushedAt.set(hostPath, 0); // the next volume's count
+    if (this.running || bytes - (this.flushedAt.get(hostPath) ?? 0) < 64 << 20) return;
+    this.flushedAt.set(hostPath, bytes);
+    this.running = syncFilesystem(hostPath)
+      .catch(() => undefined) // only an economy: the sync after the writes is the one that counts
+      .finally(() => (this.running = undefined));
+  }
+
+  async settle(): Promise<void> {
+    await this.running;
+  }
+}
+
 interface StagedVolume {
   /** What the volume's root gets when the staged data moves in (nothing: left as it is). */
   root: RootMeta | undefined;
@@ -353,6 +377,7 @@ async function stageWhileRunning(
   const staged = new Map<string, StagedVolume>();
   const stageable = planned.filter((p) => p.target.hostPath !== undefined);
   const made: string[] = [];
+  const flusher = new BackgroundFlush();
   try {
     for (const { target } of stageable) {
       signal?.throwIfAborted();
@@ -360,7 +385,11 @@ async function stageWhileRunning(
       const folder = await stageVolume(target.hostPath!);
       const bytes = source.volumes.find((v) => v.composeName === target.composeName)?.bytes;
       onProgress({ type: 'volume-start', volume: target.composeName, action: 'restoring while CVAT runs', totalBytes: bytes });
-      const report = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
+      const progress = throttled((stats: TarStats) => onProgress({ type: 'volume-progress', volume: target.composeName, ...stats }));
+      const report = (stats: TarStats): void => {
+        progress(stats);
+        flusher.written(target.hostPath!, stats.bytes);
+      };
       let written: { stats: TarStats; skipped: string[]; root: RootMeta | undefined };
       if (source.writeFolder) {
         written = await source.writeFolder(target.composeName, folder, signal, report, {
@@ -382,9 +411,11 @@ async function stageWhileRunning(
       // Nothing else to write: the kept reads go before the sync (their pages need not reach the disk).
       if (staged.size === planned.length && !source.database) await source.written?.().catch(() => undefined);
       onProgress({ type: 'phase', message: 'syncing the restored data to disk' });
+      await flusher.settle();
       for (const path of new Set(stageable.map((p) => p.target.hostPath!))) await syncFilesystem(path);
     }
   } catch (error) {
+    await flusher.settle();
     for (const path of made) await removeStaged(path).catch(() => undefined);
     // Nothing was touched: the staged data is deleted, CVAT ran all along.
     const cause = classifyError(error, "a volume's disk is full (the Docker data folder; a restore needs room for the old and the new data until it is done): free space there and restore again");
