@@ -51,7 +51,16 @@ export type WorkerRequest =
    * reads' file at `keep.position` (when given), and authenticates the blobs in them (`start`:
    * where a blob begins in the range). The request carries a signature: never logged.
    */
-  | { type: 'fetch'; task: number; request: SignedRequest; length: number; keep: { path: string; position: number } | undefined; blobs: FetchedBlob[] }
+  | {
+      type: 'fetch';
+      task: number;
+      request: SignedRequest;
+      length: number;
+      keep: { path: string; position: number } | undefined;
+      blobs: FetchedBlob[];
+      /** false: only download and keep (the write that reads the kept copy authenticates each blob). */
+      check: boolean;
+    }
   /** Closes the files kept open between reads (packs, kept reads); answered with 'closed'. */
   | { type: 'close-files'; task: number };
 
@@ -304,7 +313,8 @@ if (parentPort) {
         }
       }
       const damaged: { index: number; message: string }[] = [];
-      for (const [i, blob] of m.blobs.entries()) {
+      // Unchecked only when kept: what is not kept is read again, and checked, by the write.
+      for (const [i, blob] of (m.check || !kept ? m.blobs : []).entries()) {
         try {
           if (blob.start < 0 || blob.start + blob.length > bytes.length) throw new CorruptArchiveError(`blob ${blob.id.slice(0, 12)} lies outside the range read`);
           const what = `blob ${blob.id.slice(0, 12)}`;

@@ -187,9 +187,10 @@ export class ChunkPool {
     length: number,
     keep: { path: string; position: number } | undefined,
     blobs: FetchedBlob[],
+    check = true,
   ): Promise<{ damaged: { index: number; message: string }[]; kept: boolean }> {
     return this.oneReply(
-      (task) => ({ type: 'fetch', task, request, length, keep, blobs }),
+      (task) => ({ type: 'fetch', task, request, length, keep, blobs, check }),
       [],
       (reply) => (reply.type === 'fetched' ? { damaged: reply.damaged, kept: reply.kept } : { damaged: [], kept: false }),
     );

@@ -294,9 +294,10 @@ class Arrivals {
 }
 
 /**
- * One pass for a remote repository's volume written into a staged folder: the verification's
- * download by pack (pack-reads.ts; kept on this machine) runs alongside the writes, and each
- * write waits until its blob has arrived and been authenticated, then reads it from the kept copy.
+ * One pass for a remote repository's volume written into a staged folder: the download by pack
+ * (pack-reads.ts; kept on this machine) runs alongside the writes, and each write waits until its
+ * blob has arrived, then reads it from the kept copy and authenticates it (a damaged copy is
+ * dropped and the blob read from the remote: its damage is the restore's failure).
  * The first failure of either stops both. Without kept reads there is nothing to share: use
  * `restoreVolumeToFolder` alone (every blob it writes is authenticated as it is read).
  */
@@ -308,6 +309,9 @@ export async function restoreVolumeVerifying(repo: Repository, volume: SnapshotV
     signal,
     ...(options.pool ? { pool: options.pool } : {}),
     onBlob: (id) => arrivals.arrive(id),
+    // The writes authenticate what they read from the kept copies: checking here too would
+    // decrypt and decompress everything twice.
+    authenticate: false,
   }).then(
     () => arrivals.end(),
     (error: unknown) => {

@@ -482,4 +482,24 @@ void describe('a restore from a remote repository reads by pack', () => {
         });
       });
     }));
+
+  void it('one pass: a download damaged on the way is not checked by the download but by the write, which reads that blob again from the remote; byte-exact', () =>
+    withWork(async (work) => {
+      const input = files(91);
+      await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
+        let damaged = 0;
+        remote.reply = (_pack, bytes) => {
+          if (damaged++ > 0) return { status: 206, bytes };
+          const copy = Buffer.from(bytes);
+          copy[copy.length >> 1]! ^= 0xff;
+          return { status: 206, bytes: copy };
+        };
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        await restoreVolumeVerifying(repo, volume, target, { pool });
+        assert.equal(remote.served.length, 3);
+        assert.ok(remote.ranged.length >= 1, `the damaged blob was read again from the remote: ${JSON.stringify(remote.ranged)}`);
+        assert.deepEqual(folderContents(target), expected(input));
+      });
+    }));
 });

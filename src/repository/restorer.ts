@@ -189,13 +189,15 @@ export async function verifySnapshotVolume(
     onWarning?: (message: string) => void;
     /** Told of each data blob authenticated (a remote's: kept on this machine when it can be). */
     onBlob?: (id: string) => void;
+    /** false: a remote's blobs that are kept are only downloaded (see PackReaderOptions.authenticate). */
+    authenticate?: boolean;
   } = {},
 ): Promise<TarStats> {
   const stats: TarStats = { entries: 1, files: 0, bytes: 0 };
   const verified = new Set<string>();
   const bounds = new TreeWalkBounds(volume);
   const links: { path: Buffer[]; target: Buffer[] }[] = [];
-  const blobs = blobChecker(repo, options.pool, options.signal, options.onBlob);
+  const blobs = blobChecker(repo, options.pool, options.signal, options.onBlob, options.authenticate ?? true);
   const walk = async (treeId: string, path: Buffer[]): Promise<void> => {
     const depth = bounds.depth;
     bounds.enter(treeId);
@@ -252,8 +254,9 @@ function blobChecker(
   pool: ChunkPool | undefined,
   signal: AbortSignal | undefined,
   onBlob?: (id: string) => void,
+  authenticate = true,
 ): { add(id: string): Promise<void>; finish(): Promise<void> } {
-  if (repo.backend.localPath === undefined) return new PackReader(repo, { pool, signal, ...(onBlob ? { onBlob: (id: string) => onBlob(id) } : {}) });
+  if (repo.backend.localPath === undefined) return new PackReader(repo, { pool, signal, authenticate, ...(onBlob ? { onBlob: (id: string) => onBlob(id) } : {}) });
   const inFlight = new Set<Promise<void>>();
   let failure: Error | undefined;
   return {

@@ -408,11 +408,13 @@ async function stageWhileRunning(
       staged.set(target.composeName, { root: written.root, stats: written.stats });
     }
     if (staged.size > 0) {
-      // Nothing else to write: the kept reads go before the sync (their pages need not reach the disk).
-      if (staged.size === planned.length && !source.database) await source.written?.().catch(() => undefined);
+      // Nothing else to write: the kept reads go (at the same time as the sync: the background
+      // flushes have already written most of their pages, if they share the volumes' disk).
+      const released = staged.size === planned.length && !source.database ? source.written?.().catch(() => undefined) : undefined;
       onProgress({ type: 'phase', message: 'syncing the restored data to disk' });
       await flusher.settle();
       for (const path of new Set(stageable.map((p) => p.target.hostPath!))) await syncFilesystem(path);
+      await released;
     }
   } catch (error) {
     await flusher.settle();
