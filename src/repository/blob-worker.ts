@@ -54,12 +54,12 @@ export type WorkerRequest =
   | {
       type: 'fetch';
       task: number;
-      request: SignedRequest;
+      /** The signed request, or the range's bytes (transferred) when the main thread read them. */
+      request: SignedRequest | undefined;
+      data?: ArrayBuffer;
       length: number;
       keep: { path: string; position: number } | undefined;
       blobs: FetchedBlob[];
-      /** false: only download and keep (the write that reads the kept copy authenticates each blob). */
-      check: boolean;
     }
   /** Closes the files kept open between reads (packs, kept reads); answered with 'closed'. */
   | { type: 'close-files'; task: number };
@@ -71,6 +71,8 @@ export interface FetchedBlob {
   start: number;
   length: number;
   rawLength: number;
+  /** Where its plaintext goes (a restore's files, at these offsets): written here, once authenticated. */
+  dests?: { fd: number; position: number }[];
 }
 
 /**
@@ -296,11 +298,15 @@ if (parentPort) {
 
   /** Downloads a range, keeps it, authenticates its blobs (see the 'fetch' request). */
   const fetchRange = async (m: Extract<WorkerRequest, { type: 'fetch' }>): Promise<void> => {
-    const buffer = takeSpare(m.length) ?? Buffer.allocUnsafe(Math.max(m.length, 4 << 20));
+    const given = m.data ? Buffer.from(m.data) : undefined;
+    const buffer = given ?? takeSpare(m.length) ?? Buffer.allocUnsafe(Math.max(m.length, 4 << 20));
     try {
       const bytes = buffer.subarray(0, m.length);
-      getter ??= import('../backend/signed-get.js').then(({ SignedGetter }) => new SignedGetter());
-      await (await getter).get(m.request, bytes);
+      if (!given) {
+        if (!m.request) throw new Error('fetch without a request or bytes');
+        getter ??= import('../backend/signed-get.js').then(({ SignedGetter }) => new SignedGetter());
+        await (await getter).get(m.request, bytes);
+      }
       let kept = false;
       if (m.keep) {
         try {
@@ -313,13 +319,16 @@ if (parentPort) {
         }
       }
       const damaged: { index: number; message: string }[] = [];
-      // Unchecked only when kept: what is not kept is read again, and checked, by the write.
-      for (const [i, blob] of (m.check || !kept ? m.blobs : []).entries()) {
+      for (const [i, blob] of m.blobs.entries()) {
         try {
           if (blob.start < 0 || blob.start + blob.length > bytes.length) throw new CorruptArchiveError(`blob ${blob.id.slice(0, 12)} lies outside the range read`);
           const what = `blob ${blob.id.slice(0, 12)}`;
           const plain = await unpackPayload(openSealed(key, bytes.subarray(blob.start, blob.start + blob.length), blobAad(blob.blobType, blob.id), what), blob.rawLength);
           if (plain.length !== blob.rawLength) throw new CorruptArchiveError(`${what}: wrong length`);
+          for (const dest of blob.dests ?? []) {
+            let written = 0;
+            while (written < plain.length) written += writeSync(dest.fd, plain, written, plain.length - written, dest.position + written);
+          }
         } catch (error) {
           if (!(error instanceof CorruptArchiveError)) throw error;
           damaged.push({ index: i, message: error.message });
@@ -329,7 +338,7 @@ if (parentPort) {
     } catch (error) {
       port.postMessage({ type: 'error', task: m.task, message: (error as Error).message, code: (error as NodeJS.ErrnoException).code } satisfies WorkerReply);
     } finally {
-      if (spare.length < 4) spare.push(buffer);
+      if (!given && spare.length < 4) spare.push(buffer);
     }
   };
 

@@ -176,22 +176,25 @@ export class ChunkPool {
   }
 
   /**
-   * Downloads a range of a pack on a worker with the signed request `request` (`length` bytes),
-   * writes it at `keep` (a kept reads file) when given, and authenticates `blobs` in it there.
+   * Downloads a range of a pack on a worker with the signed request `source` (`length` bytes), or
+   * takes its bytes read here (`source` a Buffer: unusable here afterwards), writes it at `keep` (a
+   * kept reads file) when given, and authenticates `blobs` in it there, writing the plaintext of
+   * those with `dests` into their files.
    * Resolves with the blobs (indexes into `blobs`) that failed authentication and whether the
    * bytes were written at `keep`; rejects when the download failed (the caller loads the range
    * through its backend instead).
    */
   fetchBlobs(
-    request: SignedRequest,
+    source: SignedRequest | Buffer,
     length: number,
     keep: { path: string; position: number } | undefined,
     blobs: FetchedBlob[],
-    check = true,
   ): Promise<{ damaged: { index: number; message: string }[]; kept: boolean }> {
+    // Bytes read here go to the worker without a copy when they own their memory.
+    const data = Buffer.isBuffer(source) ? ownedArrayBuffer(source) : undefined;
     return this.oneReply(
-      (task) => ({ type: 'fetch', task, request, length, keep, blobs, check }),
-      [],
+      (task) => ({ type: 'fetch', task, request: Buffer.isBuffer(source) ? undefined : source, ...(data ? { data } : {}), length, keep, blobs }),
+      data ? [data] : [],
       (reply) => (reply.type === 'fetched' ? { damaged: reply.damaged, kept: reply.kept } : { damaged: [], kept: false }),
     );
   }
@@ -312,4 +315,13 @@ export class ChunkPool {
   async close(): Promise<void> {
     await Promise.all(this.workers.map((w) => w.worker.terminate()));
   }
+}
+
+/** `bytes` as an ArrayBuffer of its own (to transfer): its own memory when it owns it whole, else a copy. */
+function ownedArrayBuffer(bytes: Buffer): ArrayBuffer {
+  const buffer = bytes.buffer;
+  if (bytes.byteOffset === 0 && bytes.length === buffer.byteLength && buffer instanceof ArrayBuffer) return buffer;
+  const copy = new ArrayBuffer(bytes.length);
+  new Uint8Array(copy).set(bytes);
+  return copy;
 }

@@ -22,7 +22,8 @@ import { CorruptArchiveError } from '../errors.js';
 import { DirHandle, closeFd, setFileMeta } from '../fs/beneath.js';
 import type { ChunkPool } from './chunk-pool.js';
 import type { Repository } from './repository.js';
-import { chunkLength, verifySnapshotVolume } from './restorer.js';
+import { chunkLength } from './restorer.js';
+import { DirectWriter } from './direct-writes.js';
 import { loadKeptBlob } from './pack-reads.js';
 import { TreeWalkBounds, checkRootNode, comparePreOrder, hardLinkTarget, isReservedEntry, loadCheckedTree } from './tree-guard.js';
 import { isZeroChunk, type SnapshotVolume, type TreeNode } from './tree.js';
@@ -43,8 +44,8 @@ export interface FolderRestoreOptions {
    * move into the volume's root later); the result says what they should be.
    */
   leaveRoot?: boolean;
-  /** Waits before blob `id` is written (`restoreVolumeVerifying`: until the download alongside has it). */
-  blobReady?: (id: string) => Promise<void>;
+  /** Writes the chunks through pack reads on the workers (`restoreVolumeVerifying`). */
+  direct?: DirectWriter;
   /** Told of what is not restored (cvat-backup's own folder, caught by a backup). */
   onWarning?: (message: string) => void;
 }
@@ -111,11 +112,21 @@ export async function restoreVolumeToFolder(
           continue;
         }
         options.signal?.throwIfAborted();
+        const direct = options.direct;
+        if (direct) {
+          writes.push(
+            direct.add(ref, fd, at).then(() => {
+              stats.bytes += length;
+              report();
+            }),
+          );
+          await direct.flushIfFull();
+          continue;
+        }
         await chunks.admit();
-        const ready = options.blobReady;
         writes.push(
           chunks.track(
-            (ready ? ready(ref).then(() => writeBlob(repo, options.pool, ref, fd, at)) : writeBlob(repo, options.pool, ref, fd, at)).then(() => {
+            writeBlob(repo, options.pool, ref, fd, at).then(() => {
               stats.bytes += length;
               report();
             }),
@@ -229,6 +240,11 @@ export async function restoreVolumeToFolder(
   try {
     try {
       await walk(rootDir, volume.tree, rootDir, []);
+      await options.direct?.finish();
+    } catch (error) {
+      // What waits for writes never sent fails too (the files waiting for them close).
+      await options.direct?.abandon(error);
+      throw error;
     } finally {
       // Whatever happened, no write may still be running when this returns.
       await Promise.allSettled([chunks.drain(), files.drain()]);
@@ -246,96 +262,13 @@ export async function restoreVolumeToFolder(
 }
 
 /**
- * Arrival of blobs that a download alongside the writes authenticates: `wait(id)` settles once
- * `id` arrived, or the download ended (a blob it did not keep is then read as usual), and fails
- * with the download's failure.
- */
-class Arrivals {
-  private readonly arrived = new Set<string>();
-  private readonly waiting = new Map<string, { promise: Promise<void>; resolve: () => void; reject: (error: Error) => void }>();
-  private ended: { failure: Error | undefined } | undefined;
-
-  arrive(id: string): void {
-    this.arrived.add(id);
-    const w = this.waiting.get(id);
-    if (w) {
-      this.waiting.delete(id);
-      w.resolve();
-    }
-  }
-
-  end(failure?: Error): void {
-    this.ended = { failure };
-    for (const w of this.waiting.values()) {
-      if (failure === undefined) w.resolve();
-      else w.reject(failure);
-    }
-    this.waiting.clear();
-  }
-
-  wait(id: string): Promise<void> {
-    if (this.arrived.has(id)) return Promise.resolve();
-    if (this.ended) return this.ended.failure === undefined ? Promise.resolve() : Promise.reject(this.ended.failure);
-    let w = this.waiting.get(id);
-    if (!w) {
-      let resolve!: () => void;
-      let reject!: (error: Error) => void;
-      const promise = new Promise<void>((res, rej) => {
-        resolve = res;
-        reject = rej;
-      });
-      // A wait nobody awaits any more (the walk failed) must not be an unhandled rejection.
-      promise.catch(() => undefined);
-      w = { promise, resolve, reject };
-      this.waiting.set(id, w);
-    }
-    return w.promise;
-  }
-}
-
-/**
- * One pass for a remote repository's volume written into a staged folder: the download by pack
- * (pack-reads.ts; kept on this machine) runs alongside the writes, and each write waits until its
- * blob has arrived, then reads it from the kept copy and authenticates it (a damaged copy is
- * dropped and the blob read from the remote: its damage is the restore's failure).
- * The first failure of either stops both. Without kept reads there is nothing to share: use
- * `restoreVolumeToFolder` alone (every blob it writes is authenticated as it is read).
+ * One pass for a remote repository's volume (a staged folder, written while CVAT runs): the
+ * chunks are read by pack and written into the files by the blob workers as they arrive
+ * (direct-writes.ts), each authenticated as it is decrypted; no verification pass before, nothing
+ * kept on this machine. A local repository's volume is written as `restoreVolumeToFolder` does
+ * (the workers read each blob from its pack file, authenticating it).
  */
 export async function restoreVolumeVerifying(repo: Repository, volume: SnapshotVolume, root: string, options: FolderRestoreOptions = {}): Promise<FolderRestoreResult> {
-  const arrivals = new Arrivals();
-  const stop = new AbortController();
-  const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
-  const download = verifySnapshotVolume(repo, volume, {
-    signal,
-    ...(options.pool ? { pool: options.pool } : {}),
-    onBlob: (id) => arrivals.arrive(id),
-    // The writes authenticate what they read from the kept copies: checking here too would
-    // decrypt and decompress everything twice.
-    authenticate: false,
-  }).then(
-    () => arrivals.end(),
-    (error: unknown) => {
-      arrivals.end(error instanceof Error ? error : new Error(String(error)));
-      throw error;
-    },
-  );
-  // Awaited below; its failure may come while the writes still run.
-  download.catch(() => undefined);
-  try {
-    const result = await restoreVolumeToFolder(repo, volume, root, { ...options, signal, blobReady: (id) => arrivals.wait(id) });
-    await download;
-    return result;
-  } catch (error) {
-    stop.abort(error);
-    // The download's own failure (damage found first) is the cause the writes stopped for.
-    const downloaded = await download.then(
-      () => undefined,
-      (e: unknown) => e,
-    );
-    throw downloaded !== undefined && !isAbort(downloaded) ? downloaded : error;
-  }
-}
-
-function isAbort(error: unknown): boolean {
-  return (error as { name?: string }).name === 'AbortError';
+  if (repo.backend.localPath !== undefined || !options.pool) return restoreVolumeToFolder(repo, volume, root, options);
+  return restoreVolumeToFolder(repo, volume, root, { ...options, direct: new DirectWriter(repo, options.pool, options.signal ? { signal: options.signal } : {}) });
 }

@@ -20,6 +20,7 @@ import { RetryBackend, type RetryEvent } from '../backend/retry.js';
 import { CorruptArchiveError } from '../errors.js';
 import type { BlobLocation } from './blob-index.js';
 import { restoreVolumeToFolder, restoreVolumeVerifying } from './folder-restore.js';
+import { DirectWriter } from './direct-writes.js';
 import { PackReader, planPackReads } from './pack-reads.js';
 import type { Repository } from './repository.js';
 import { verifySnapshotVolume } from './restorer.js';
@@ -501,5 +502,30 @@ void describe('a restore from a remote repository reads by pack', () => {
         assert.ok(remote.ranged.length >= 1, `the damaged blob was read again from the remote: ${JSON.stringify(remote.ranged)}`);
         assert.deepEqual(folderContents(target), expected(input));
       });
+    }));
+
+  void it('one pass without signed requests (SFTP, rest): each pack read is made here once and handed to a worker that writes the files; several windows, reads bounded; byte-exact', () =>
+    withWork(async (work) => {
+      const memory = new MemoryBackend({ location: LOCATION });
+      const input = files(101, 40);
+      const id = await writeSnapshot(await initTestRepository(memory), input, { chunk: CHUNK, flushEvery: 8 });
+      const recorder = new Recorder(memory);
+      const repo = await openTestRepository(recorder);
+      await repo.loadIndex();
+      const volume = await volumeOf(repo, id);
+      recorder.ignore.add(repo.location(volume.tree)!.pack);
+      const pool = repo.createChunkPool(2);
+      try {
+        const target = join(work, 'restored');
+        mkdirSync(target);
+        // Windows of 8 files: 40 files make 5 of them.
+        await restoreVolumeToFolder(repo, volume, target, { pool, direct: new DirectWriter(repo, pool, { maxFiles: 8, concurrency: 3 }) });
+        assert.deepEqual(folderContents(target), expected(input));
+        assert.ok(recorder.ranged.length >= 5 && recorder.ranged.length < 40, `a few reads per window, not one per blob (${recorder.ranged.length} reads for 120 chunks)`);
+        assert.ok(recorder.maxRunning <= 3, `at most 3 reads at once (${recorder.maxRunning})`);
+        assert.ok(recorder.ranged.every((r) => r.length <= 4 << 20));
+      } finally {
+        await pool.close();
+      }
     }));
 });

@@ -93,14 +93,8 @@ export interface PackReaderOptions {
   windowBytes?: number;
   plan?: PackReadPlan;
   signal?: AbortSignal | undefined;
-  /** Told of each blob authenticated (or, not authenticating, kept), with its sealed length. */
+  /** Told of each blob authenticated, with its sealed length. */
   onBlob?: (id: string, sealedLength: number) => void;
-  /**
-   * false: a blob that is kept on this machine is only downloaded, not authenticated (the write
-   * that reads the kept copy authenticates it, and reads it from the remote if it is damaged; one
-   * pass, `restoreVolumeVerifying`). Default true.
-   */
-  authenticate?: boolean;
 }
 
 /**
@@ -168,9 +162,7 @@ export class PackReader {
       const start = where.offset - read.offset;
       if (start + where.length > bytes.length) throw new CorruptArchiveError(`pack ${read.pack.slice(0, 12)} is truncated (blob ${id.slice(0, 12)})`);
       const kept = pool ? cache?.keptAt(read.pack, where) : undefined;
-      if (kept && this.options.authenticate === false) {
-        this.options.onBlob?.(id, where.length);
-      } else if (pool && kept) {
+      if (pool && kept) {
         await this.checks.admit();
         void this.checks.track(this.checkKept(id, where, pool, kept));
       } else {
@@ -202,7 +194,7 @@ export class PackReader {
     const blobs = read.blobs.map(({ id, where }) => ({ id, blobType: where.type, start: where.offset - read.offset, length: where.length, rawLength: where.rawLength }));
     let fetched: { damaged: { index: number }[]; kept: boolean };
     try {
-      fetched = await pool.fetchBlobs(request, read.length, room && { path: room.path, position: room.position }, blobs, this.options.authenticate !== false);
+      fetched = await pool.fetchBlobs(request, read.length, room && { path: room.path, position: room.position }, blobs);
     } catch (error) {
       if (error instanceof CorruptArchiveError) throw error;
       this.workerFailures++;

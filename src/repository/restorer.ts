@@ -187,17 +187,13 @@ export async function verifySnapshotVolume(
     onProgress?: (stats: TarStats) => void;
     pool?: ChunkPool;
     onWarning?: (message: string) => void;
-    /** Told of each data blob authenticated (a remote's: kept on this machine when it can be). */
-    onBlob?: (id: string) => void;
-    /** false: a remote's blobs that are kept are only downloaded (see PackReaderOptions.authenticate). */
-    authenticate?: boolean;
   } = {},
 ): Promise<TarStats> {
   const stats: TarStats = { entries: 1, files: 0, bytes: 0 };
   const verified = new Set<string>();
   const bounds = new TreeWalkBounds(volume);
   const links: { path: Buffer[]; target: Buffer[] }[] = [];
-  const blobs = blobChecker(repo, options.pool, options.signal, options.onBlob, options.authenticate ?? true);
+  const blobs = blobChecker(repo, options.pool, options.signal);
   const walk = async (treeId: string, path: Buffer[]): Promise<void> => {
     const depth = bounds.depth;
     bounds.enter(treeId);
@@ -249,14 +245,8 @@ export async function verifySnapshotVolume(
  * the workers straight from its packs, up to 8 at once; a remote one's by pack (pack-reads.ts),
  * several reads at once, kept on this machine for the writes that follow.
  */
-function blobChecker(
-  repo: Repository,
-  pool: ChunkPool | undefined,
-  signal: AbortSignal | undefined,
-  onBlob?: (id: string) => void,
-  authenticate = true,
-): { add(id: string): Promise<void>; finish(): Promise<void> } {
-  if (repo.backend.localPath === undefined) return new PackReader(repo, { pool, signal, authenticate, ...(onBlob ? { onBlob: (id: string) => onBlob(id) } : {}) });
+function blobChecker(repo: Repository, pool: ChunkPool | undefined, signal: AbortSignal | undefined): { add(id: string): Promise<void>; finish(): Promise<void> } {
+  if (repo.backend.localPath === undefined) return new PackReader(repo, { pool, signal });
   const inFlight = new Set<Promise<void>>();
   let failure: Error | undefined;
   return {
@@ -266,7 +256,7 @@ function blobChecker(
       const tracked: Promise<void> = repo
         .checkBlob(id, pool)
         .then(
-          () => onBlob?.(id),
+          () => undefined,
           (error: unknown) => {
             failure ??= error as Error;
           },

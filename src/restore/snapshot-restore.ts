@@ -101,8 +101,8 @@ export async function restoreFromSnapshot(
           ...(writeOptions?.onWarning ? { onWarning: writeOptions.onWarning } : {}),
         };
         try {
-          // Unverified, from a remote with kept reads: the download by pack runs alongside the writes.
-          if (writeOptions?.verifying && kept) return await restoreVolumeVerifying(repo, volume, folder, folderOptions);
+          // Not verified before: one pass (from a remote, by pack, the workers writing the files).
+          if (writeOptions?.verifying) return await restoreVolumeVerifying(repo, volume, folder, folderOptions);
           return await restoreVolumeToFolder(repo, volume, folder, folderOptions);
         } catch (error) {
           if (writeOptions?.verifying && error instanceof CorruptArchiveError) {
