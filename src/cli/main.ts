@@ -109,6 +109,13 @@ function unusedShare(value: string): number {
  */
 const retriesInterrupted = new AbortController();
 
+/**
+ * Set once the command has failed: requests still in flight beside the one that failed (a store
+ * that refused our credentials resets the other connections) retry silently; the error is the
+ * command's last word.
+ */
+let commandFailed = false;
+
 /** Ctrl-C aborts the operation; the operation itself restarts CVAT before it returns. */
 function interruptible(): { signal: AbortSignal; dispose: () => void } {
   const controller = new AbortController();
@@ -207,7 +214,7 @@ export class OpenedBackends {
 
   async open(location: string, settings: BackendSettings = {}): Promise<Backend> {
     // A remote backend retries what fails for a moment; the user hears of each retry.
-    const backend = await openBackend(location, { ...this.settings, ...settings, retry: { onRetry: (event) => warn(event.message), signal: retriesInterrupted.signal } });
+    const backend = await openBackend(location, { ...this.settings, ...settings, retry: { onRetry: (event) => commandFailed || warn(event.message), signal: retriesInterrupted.signal } });
     this.backends.push(backend);
     return backend;
   }
@@ -1004,6 +1011,7 @@ export async function main(argv: string[], engineFactory?: () => DockerEngine): 
       process.exitCode = error.exitCode === 0 ? ExitCode.ok : ExitCode.usage;
       return;
     }
+    commandFailed = true;
     process.exitCode = report(error, command);
   } finally {
     await backends.closeAll();
