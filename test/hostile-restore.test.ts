@@ -182,15 +182,21 @@ describe('restores of hostile archive sets and snapshots', { skip: !isRoot && 't
     await untouched();
   });
 
-  it('--via host: a set swapped for a hostile one after verification is refused while it is written into the staged folder, before CVAT stops (exit 8): nothing touched', { timeout: 600_000 }, async () => {
-    // A good set whose verification takes a while (600 MB of zeros to decompress).
-    const src = join(work, 'swap-src');
+  /** A guide-made set of cvat_data that takes a while to verify and write: a small file and 600 MB of zeros. */
+  const bigSet = async (name: string): Promise<string> => {
+    const src = join(work, `${name}-src`);
     await mkdir(join(src, PREFIX), { recursive: true });
-    await writeFile(join(src, PREFIX, 'kept.txt'), 'kept\n');
+    await writeFile(join(src, PREFIX, 'small.txt'), 'small\n');
     execFileSync('truncate', ['-s', '600M', join(src, PREFIX, 'zeros.bin')]);
-    const dir = join(work, 'sets', 'swapped-staged');
+    const dir = join(work, 'sets', name);
     await mkdir(dir, { recursive: true });
     execFileSync('tar', ['-C', src, '-czf', join(dir, 'cvat_data.tar.gz'), PREFIX]);
+    return dir;
+  };
+
+  it('--via host: a set swapped for a hostile one after verification is refused while it is written into the staged folder, before CVAT stops (exit 8): nothing touched', { timeout: 600_000 }, async () => {
+    // A good set whose verification takes a while (600 MB of zeros to decompress).
+    const dir = await bigSet('swapped-staged');
     await f.exec('cvat_server', 'echo "written before" > /home/django/data/later.txt');
     const previous = await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true });
     const before = await startTimes();
@@ -246,13 +252,7 @@ describe('restores of hostile archive sets and snapshots', { skip: !isRoot && 't
   }
 
   it('a restore killed with SIGKILL while it writes the staged folder (--via host): CVAT runs on, the next run deletes the staged data silently', { timeout: 600_000 }, async () => {
-    const src = join(work, 'big-src-staged');
-    await mkdir(join(src, PREFIX), { recursive: true });
-    await writeFile(join(src, PREFIX, 'small.txt'), 'small\n');
-    execFileSync('truncate', ['-s', '600M', join(src, PREFIX, 'zeros.bin')]);
-    const dir = join(work, 'sets', 'big-staged');
-    await mkdir(dir, { recursive: true });
-    execFileSync('tar', ['-C', src, '-czf', join(dir, 'cvat_data.tar.gz'), PREFIX]);
+    const dir = await bigSet('big-staged');
     await f.exec('cvat_server', 'echo "before the killed restore" > /home/django/data/previous.txt');
     const previous = await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true });
     const before = await startTimes();
@@ -269,13 +269,7 @@ describe('restores of hostile archive sets and snapshots', { skip: !isRoot && 't
   });
 
   it('a restore killed with SIGKILL while CVAT is stopped (--via engine writes in place): the next run (a backup) puts the previous data back before CVAT starts, and says so', { timeout: 600_000 }, async () => {
-    const src = join(work, 'big-src');
-    await mkdir(join(src, PREFIX), { recursive: true });
-    await writeFile(join(src, PREFIX, 'small.txt'), 'small\n');
-    execFileSync('truncate', ['-s', '600M', join(src, PREFIX, 'zeros.bin')]);
-    const dir = join(work, 'sets', 'big');
-    await mkdir(dir, { recursive: true });
-    execFileSync('tar', ['-C', src, '-czf', join(dir, 'cvat_data.tar.gz'), PREFIX]);
+    const dir = await bigSet('big');
     await f.exec('cvat_server', 'echo "before the killed restore" > /home/django/data/previous.txt');
     const previous = await snapshotTree(await f.volumePath('cvat_data'), { directoryTimes: true });
     const child = startCli(['--project', f.project, 'restore', dir, '--cvat-version', '2.73.0', '--via', 'engine']);

@@ -136,6 +136,17 @@ function files(seed = 1, count = 24): Record<string, Buffer> {
   return out;
 }
 
+/** A reply function that flips a byte in the middle of the first reply only (damage on the way). */
+function damageFirstReply(): (pack: string, bytes: Buffer) => { status: number; bytes: Buffer } {
+  let damaged = 0;
+  return (_pack, bytes) => {
+    if (damaged++ > 0) return { status: 206, bytes };
+    const copy = Buffer.from(bytes);
+    copy[copy.length >> 1]! ^= 0xff;
+    return { status: 206, bytes: copy };
+  };
+}
+
 async function volumeOf(repo: Repository, id: string): Promise<SnapshotVolume> {
   return (await repo.loadObject<Snapshot>('snapshots', id)).volumes[0]!;
 }
@@ -369,13 +380,7 @@ void describe('a restore from a remote repository reads by pack', () => {
     withWork(async (work) => {
       const input = files(51);
       await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
-        let damaged = 0;
-        remote.reply = (_pack, bytes) => {
-          if (damaged++ > 0) return { status: 206, bytes };
-          const copy = Buffer.from(bytes);
-          copy[copy.length >> 1]! ^= 0xff;
-          return { status: 206, bytes: copy };
-        };
+        remote.reply = damageFirstReply();
         await verifySnapshotVolume(repo, volume, { pool });
         assert.equal(remote.served.length, 3);
         assert.equal(remote.ranged.length, 1, `the damaged blob was read again: ${JSON.stringify(remote.ranged)}`);
@@ -488,13 +493,7 @@ void describe('a restore from a remote repository reads by pack', () => {
     withWork(async (work) => {
       const input = files(91);
       await withSigningRemote(work, input, async ({ remote, repo, volume, pool }) => {
-        let damaged = 0;
-        remote.reply = (_pack, bytes) => {
-          if (damaged++ > 0) return { status: 206, bytes };
-          const copy = Buffer.from(bytes);
-          copy[copy.length >> 1]! ^= 0xff;
-          return { status: 206, bytes: copy };
-        };
+        remote.reply = damageFirstReply();
         const target = join(work, 'restored');
         mkdirSync(target);
         await restoreVolumeVerifying(repo, volume, target, { pool });
