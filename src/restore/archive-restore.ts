@@ -355,6 +355,11 @@ class BackgroundFlush {
   }
 }
 
+/** Deletes the staged data not moved in (a failure before or while CVAT was stopped): it never was the volumes'. */
+async function discardStaged(planned: PlannedVolume[], staged: Map<string, StagedVolume>): Promise<void> {
+  for (const { target } of planned) if (staged.has(target.composeName)) await removeStaged(target.hostPath!).catch(() => undefined);
+}
+
 interface StagedVolume {
   /** What the volume's root gets when the staged data moves in (nothing: left as it is). */
   root: RootMeta | undefined;
@@ -468,7 +473,7 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
       try {
         verified = await verify(new Set(staged.keys()));
       } catch (error) {
-        for (const { target } of planned) if (staged.has(target.composeName)) await removeStaged(target.hostPath!).catch(() => undefined);
+        await discardStaged(planned, staged);
         throw error;
       }
     } else {
@@ -572,7 +577,7 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
       return await restoreStopped(staged);
     } catch (error) {
       // Staged data not moved in (a failure before or while CVAT was stopped) never was the volume's.
-      for (const { target } of planned) if (staged.has(target.composeName)) await removeStaged(target.hostPath!).catch(() => undefined);
+      await discardStaged(planned, staged);
       throw error;
     }
   } finally {
