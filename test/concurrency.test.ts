@@ -134,7 +134,18 @@ function launch(
   role: Role,
   args: string[],
   env: NodeJS.ProcessEnv,
-  options: { host?: string; skew?: string; killAfterMs?: number; delayMs?: number; killOnceLockedIn?: string } = {},
+  options: {
+    host?: string;
+    skew?: string;
+    killAfterMs?: number;
+    delayMs?: number;
+    /** SIGKILL once it holds a lock in this folder. */
+    killOnceLockedIn?: string;
+    /** SIGSTOP once it holds a lock in `dir`, SIGCONT when `until` settles: a run slow at the worst moment. */
+    pauseOnceLockedIn?: { dir: string; until: Promise<unknown>; paused: () => void };
+    /** Called with each piece of stderr as it comes. */
+    onStderr?: (text: string) => void;
+  } = {},
 ): Promise<Run> {
   return new Promise((resolve, reject) => {
     setTimeout(() => {
@@ -165,6 +176,7 @@ function launch(
       child.stderr.on('data', (c: Buffer) => {
         run.stderr += c.toString();
         run.events.push({ t: Date.now(), text: c.toString() });
+        options.onStderr?.(c.toString());
       });
       let killer: NodeJS.Timeout | undefined;
       if (options.killAfterMs !== undefined) {
@@ -178,18 +190,27 @@ function launch(
         }, options.killAfterMs);
       }
       let watcher: NodeJS.Timeout | undefined;
-      if (options.killOnceLockedIn !== undefined) {
-        // Killed at the worst moment for the others: while it holds its repository lock.
-        const dir = options.killOnceLockedIn;
+      const watched = options.killOnceLockedIn ?? options.pauseOnceLockedIn?.dir;
+      if (watched !== undefined) {
+        // Killed or paused at the worst moment for the others: while it holds its repository lock.
+        let seen = false;
         watcher = setInterval(() => {
           void (async () => {
-            for (const name of await readdir(dir).catch(() => [])) {
+            for (const name of await readdir(watched).catch(() => [])) {
               if (name.startsWith('.')) continue; // a lock file being written is not a lock yet
-              const text = await readFile(join(dir, name), 'utf8').catch(() => '');
-              if (!text.includes(`"pid":${child.pid},`) || run.killed) continue;
-              run.killed = true;
+              const text = await readFile(join(watched, name), 'utf8').catch(() => '');
+              if (!text.includes(`"pid":${child.pid},`) || seen) continue;
+              seen = true;
               clearInterval(watcher);
-              process.kill(-child.pid!, 'SIGKILL');
+              if (options.killOnceLockedIn !== undefined) {
+                run.killed = true;
+                process.kill(-child.pid!, 'SIGKILL');
+              } else {
+                const pause = options.pauseOnceLockedIn!;
+                process.kill(-child.pid!, 'SIGSTOP');
+                pause.paused();
+                void pause.until.finally(() => process.kill(-child.pid!, 'SIGCONT'));
+              }
             }
           })();
         }, 5);
@@ -524,10 +545,18 @@ describe('concurrent backups, restores and prunes of the fixture deployment', { 
     };
     const snapshots = await list();
     assert.ok(snapshots.length >= 1, 'some backup survived');
-    const [restore, prune] = await Promise.all([
-      launch('reader', ['--project', f.project, 'restore', 'latest'], env),
-      launch('exclusive', ['--retry-lock', '5m', 'prune'], env, { delayMs: 1500 }),
-    ]);
+    // The restore is paused while it holds its lock until the prune says it waits: however fast
+    // the restore, the prune meets its lock.
+    let waiting!: () => void;
+    let paused!: () => void;
+    const pruneWaits = new Promise<void>((resolve) => (waiting = resolve));
+    const restorePaused = new Promise<void>((resolve) => (paused = resolve));
+    const locks = join(String(env.CVAT_BACKUP_REPO), 'locks');
+    const restoring = launch('reader', ['--project', f.project, 'restore', 'latest'], env, { pauseOnceLockedIn: { dir: locks, until: pruneWaits, paused } });
+    await Promise.race([restorePaused, restoring]);
+    const pruning = launch('exclusive', ['--retry-lock', '5m', 'prune'], env, { onStderr: (text) => /waiting up to/.test(text) && waiting() });
+    void pruning.finally(() => waiting()); // a prune that never waits must not leave the restore paused
+    const [restore, prune] = await Promise.all([restoring, pruning]);
     assert.equal(restore.code, 0, restore.stderr);
     assert.equal(prune.code, 0, prune.stderr);
     assert.match(prune.stderr, /waiting up to/, 'the prune waited for the restore');
