@@ -7,13 +7,15 @@
  * before any file data. They are kept when saved and when first loaded (a tree pack is fetched
  * whole for its first blob), in `<cache root>/<hash of the location>/{index,snapshots,data/xx}/`,
  * folders 0700 and files 0600. Only what the repository stores is kept, so only ciphertext: no
- * password, no key (key files and the config are never served from here). Every name cached is
+ * password, no key in the clear (key files and the config are never served from here). Every name cached is
  * the SHA-256 of the file's content or 256 random bits, and the repository never rewrites a file,
  * so a cached copy is used without asking the remote. The remote stays the truth: a listing
  * always asks it, and a cached file it no longer lists, or lists with another size, is dropped
  * then; removing or finding a file missing (stat) drops its copy too. Besides, the cache keeps the
- * name (never the content) of the key file that opened the repository last (`keyHint`), so the
- * next open loads it without waiting for the keys listing. A copy of the sealed config marks
+ * key file that opened the repository last (`keyHint`: its name and a copy, ciphertext as stored),
+ * so the next open loads it without waiting for the keys listing and starts the password's scrypt
+ * on the copy while the remote is asked; the result is used only when the remote's key file is
+ * byte for byte the copy (keys.ts). A copy of the sealed config marks
  * which repository the cache belongs to: a repository created anew at the same location empties it.
  *
  * The cache is local input we do not fully trust (another process, a full disk, a careless hand):
@@ -71,6 +73,8 @@ const NAME = /^[0-9a-f]{32,128}$/;
 const TEMPORARY = '.tmp-';
 /** A key file's name (the key hint). */
 const KEY_NAME = /^[0-9a-f]{64}$/;
+/** The key hint's file is read only up to this size (a key file is well under 1 KiB). */
+const MAX_KEY_HINT = 16384;
 /** Temporary files of a killed writer older than this are removed at a listing. */
 const TEMPORARY_AGE_MS = 3600_000;
 
@@ -568,22 +572,31 @@ export class CachedBackend implements Backend {
   }
 
   /**
-   * The name of the key file that opened this repository last time, if known: Repository.open
-   * loads it while it lists the keys, and needs no second round trip when it opens. A name only
-   * (the SHA-256 of a key file), never a key; a stale or foreign one only costs a load.
+   * The key file that opened this repository last time, if known: its name (the SHA-256 of a key
+   * file) and, when kept, a copy of its bytes. Repository.open loads it while it lists the keys
+   * and needs no second round trip when it opens; the copy lets the password's scrypt start before
+   * the remote answers. Hostile input like the cache's other files: a name that is not a key
+   * name is never used as a path, and the copy is only ever compared with the remote's file.
    */
-  async keyHint(): Promise<string | undefined> {
+  async keyHint(): Promise<{ name: string; file?: Buffer } | undefined> {
     const text = await readFile(join(this.dir, 'key'), 'utf8').catch(() => undefined);
-    const name = text?.trim();
-    return name !== undefined && KEY_NAME.test(name) ? name : undefined;
+    if (text === undefined || text.length > MAX_KEY_HINT) return undefined;
+    const [line, copy] = text.split('\n');
+    const name = line?.trim();
+    if (name === undefined || !KEY_NAME.test(name)) return undefined;
+    const file = copy !== undefined && /^[A-Za-z0-9+/]+={0,2}$/.test(copy.trim()) ? Buffer.from(copy.trim(), 'base64') : undefined;
+    return file ? { name, file } : { name };
   }
 
   /** Remembers the key file that opened the repository (see `keyHint`). */
-  async rememberKey(name: string): Promise<void> {
-    if (!KEY_NAME.test(name) || (await this.keyHint()) === name) return;
+  async rememberKey(name: string, file?: Buffer): Promise<void> {
+    if (!KEY_NAME.test(name)) return;
+    const known = await this.keyHint();
+    if (known?.name === name && (file === undefined || known.file?.equals(file))) return;
+    const text = `${name}\n${file !== undefined && file.length * 2 < MAX_KEY_HINT ? `${file.toString('base64')}\n` : ''}`;
     const temp = join(this.dir, `key${TEMPORARY}${randomBytes(6).toString('hex')}`);
     try {
-      await writeFile(temp, `${name}\n`, { mode: 0o600, flag: 'wx' });
+      await writeFile(temp, text, { mode: 0o600, flag: 'wx' });
       await rename(temp, join(this.dir, 'key'));
     } catch (error) {
       await rm(temp, { force: true }).catch(() => undefined);

@@ -87,26 +87,31 @@ const KEY_LOADS = 4;
  * remote store is asked in one round, not one per key). Damaged key files are skipped (each
  * reported to `onDamaged`); wrong password if none opens and at least one was sound.
  *
- * `hint`: the key file that opened the repository last time (the cache remembers its name). It is
- * loaded while the keys are listed and tried first; when it opens, the listing is not waited for.
- * A hint that is gone, damaged or another password's costs nothing but that one load.
- * Returns the master key and the name of the key file that opened it.
+ * `hint`: the key file that opened the repository last time (the cache remembers its name and a
+ * copy). It is loaded while the keys are listed and tried first; when it opens, the listing is not
+ * waited for. With a copy, the password's scrypt starts on it at once, while the remote is asked;
+ * its result is used only when the remote's key file is byte for byte the copy (a key removed or
+ * replaced on the remote is never opened from the cache). A hint that is gone, damaged or another
+ * password's costs nothing but that one load (and, with a copy, one scrypt).
+ * Returns the master key, the name of the key file that opened it and that file's bytes.
  */
 export async function openMasterKey(
   backend: Backend,
   password: string,
   onDamaged: (name: string, error: Error) => void = () => undefined,
-  hint?: string,
-): Promise<{ master: Buffer; name: string }> {
+  hint?: { name: string; file?: Buffer | undefined },
+): Promise<{ master: Buffer; name: string; file: Buffer }> {
   const listing = backend.list('keys');
   listing.catch(() => undefined); // not needed when the hint opens
   const damaged: string[] = [];
   let wrongPassword: Error | undefined;
-  let opened: { master: Buffer; name: string } | undefined;
-  const tryKey = async (loaded: Promise<Buffer>, name: string): Promise<typeof STOP | void> => {
+  let opened: { master: Buffer; name: string; file: Buffer } | undefined;
+  const tryKey = async (loaded: Promise<Buffer>, name: string, early?: { copy: Buffer; unwrapping: Promise<Buffer> }): Promise<typeof STOP | void> => {
+    let bytes: Buffer;
     let file: KeyFile;
     try {
-      file = parseKeyFile(await loaded, name);
+      bytes = await loaded;
+      file = parseKeyFile(bytes, name);
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
       if (!(error instanceof CorruptArchiveError)) throw error;
@@ -115,20 +120,42 @@ export async function openMasterKey(
       return;
     }
     try {
-      opened = { master: await unwrapMasterKey(file, password), name };
+      const master = await (early !== undefined && early.copy.equals(bytes) ? early.unwrapping : unwrapMasterKey(file, password));
+      opened = { master, name, file: bytes };
       return STOP;
     } catch (error) {
       if (!(error instanceof WrongPasswordError)) throw error;
       wrongPassword = error;
     }
   };
-  if (hint !== undefined && (await tryKey(backend.load('keys', hint), hint)) === STOP && opened) return opened;
-  const names = (await listing).map((f) => f.name).filter((name) => name !== hint);
-  await inOrder(names, KEY_LOADS, (name) => backend.load('keys', name), tryKey);
+  if (hint !== undefined) {
+    const loaded = backend.load('keys', hint.name);
+    loaded.catch(() => undefined); // tryKey reports it
+    const early = hint.file !== undefined ? unwrapEarly(hint.file, hint.name, password) : undefined;
+    if ((await tryKey(loaded, hint.name, early)) === STOP && opened) return opened;
+  }
+  const names = (await listing).map((f) => f.name).filter((name) => name !== hint?.name);
+  await inOrder(names, KEY_LOADS, (name) => backend.load('keys', name), (loaded, name) => tryKey(loaded, name));
   if (opened) return opened;
   if (wrongPassword !== undefined) throw wrongPassword;
   if (damaged.length > 0) throw new CorruptArchiveError(`no usable key in repository ${backend.location}: ${damaged.join('; ')}`);
   throw new RepositoryError(`no key in repository ${backend.location}: it is incomplete (an interrupted 'init'?)`);
+}
+
+/**
+ * The password's scrypt on the cache's copy of a key file, started before the remote's file is
+ * here; undefined when the copy is not a sound key file (bounded like any other: parseKeyFile).
+ */
+function unwrapEarly(copy: Buffer, name: string, password: string): { copy: Buffer; unwrapping: Promise<Buffer> } | undefined {
+  let file: KeyFile;
+  try {
+    file = parseKeyFile(copy, name);
+  } catch {
+    return undefined;
+  }
+  const unwrapping = unwrapMasterKey(file, password);
+  unwrapping.catch(() => undefined); // used only when the remote's file is the copy
+  return { copy, unwrapping };
 }
 
 /**

@@ -170,7 +170,8 @@ export class Repository {
   /**
    * Opens the repository with `password`. The config is loaded while the keys are listed and
    * loaded (a remote store answers both in one round trip; with the cache's key hint the key file
-   * too), and a missing config is the answer to "is there a repository" (no request asks it first).
+   * too, and the password's scrypt runs on the cache's copy of it meanwhile), and a missing config
+   * is the answer to "is there a repository" (no request asks it first).
    */
   static async open(backend: Backend, password: string, options: RepositoryOptions = {}): Promise<Repository> {
     const sealedConfig = backend.load('config', 'config').then(
@@ -187,9 +188,9 @@ export class Repository {
       if (code === 'ENOENT' || code === 'ENOTDIR') throw new RepositoryError(`no repository at ${backend.location}: create one with 'cvat-backup init'`, { cause: loaded.error });
       throw loaded.error;
     }
-    const { master, name } = await opening;
+    const { master, name, file } = await opening;
     const config = JSON.parse(openSealed(master, loaded.bytes, 'config', 'config').toString('utf8')) as RepositoryConfig;
-    if (name !== hint) await cache?.rememberKey(name);
+    if (name !== hint?.name || !hint.file?.equals(file)) await cache?.rememberKey(name, file);
     return new Repository(backend, config, master, options);
   }
 

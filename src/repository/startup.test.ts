@@ -16,9 +16,9 @@ import { withCache, type CachedBackend } from '../backend/cache.js';
 import { ForwardingBackend } from '../backend/forwarding.js';
 import { MemoryBackend } from '../backend/memory.js';
 import { RoundTripBackend, type RecordedCall } from '../backend/round-trips.js';
-import { CorruptArchiveError, LockedError, RepositoryError, UsageError } from '../errors.js';
+import { CorruptArchiveError, LockedError, RepositoryError, UsageError, WrongPasswordError } from '../errors.js';
 import { inOrder, STOP } from './in-order.js';
-import { createKeyFile } from './keys.js';
+import { createKeyFile, openMasterKey } from './keys.js';
 import { acquireLock } from './locks.js';
 import { Repository, sha256 } from './repository.js';
 import { resolveSnapshot } from './snapshots.js';
@@ -155,6 +155,43 @@ void describe('start-up against a remote store', () => {
     await lock.release();
   });
 
+  void it('the cached copy of the key file is used only when the remote holds the same bytes', async () => {
+    const memory = new MemoryBackend({ location: LOCATION });
+    await initTestRepository(memory);
+    const { master } = await openMasterKey(memory, 'pw');
+    const second = await createKeyFile(master, 'pw2', TEST_KDF, new Date());
+    await memory.save('keys', sha256(second), second);
+    const dir = mkdtempSync(join(tmpdir(), 'startup-'));
+    try {
+      const backend = (await withCache(memory, { dir })) as CachedBackend;
+      await Repository.open(backend, 'pw2');
+      const hint = await backend.keyHint();
+      assert.equal(hint?.name, sha256(second));
+      assert.ok(hint.file?.equals(second), 'a copy of the key file that opened is kept');
+      // The copy opens the next time (same bytes on the remote).
+      await Repository.open(backend, 'pw2');
+      // The key is removed on the remote (its password revoked): the copy in the cache opens nothing.
+      await memory.remove('keys', sha256(second));
+      await assert.rejects(Repository.open(backend, 'pw2'), WrongPasswordError);
+      // A copy that is another key file under the remote file's name (a hostile or stale cache):
+      // the remote's file decides, and the repository opens with its master key.
+      await memory.save('keys', sha256(second), second);
+      const other = await createKeyFile(prngBytes(7, 32), 'pw2', TEST_KDF, new Date());
+      writeFileSync(join(backend.dir, 'key'), `${sha256(second)}\n${other.toString('base64')}\n`);
+      const repo = await Repository.open(backend, 'pw2');
+      assert.ok((await backend.keyHint())?.file?.equals(second), 'the copy is replaced by the remote bytes');
+      await repo.lock('restore').then((l) => l.release());
+      // A copy that is not a key file, or not base64, is ignored.
+      writeFileSync(join(backend.dir, 'key'), `${sha256(second)}\n${Buffer.from('{"kdf":{"N":1073741824}}').toString('base64')}\n`);
+      await Repository.open(backend, 'pw2');
+      writeFileSync(join(backend.dir, 'key'), `${sha256(second)}\n../../etc\n`);
+      assert.deepEqual(await backend.keyHint(), { name: sha256(second) });
+      await Repository.open(backend, 'pw2');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   void it('a key hint that is stale, foreign or not a name still opens the repository with the right key', async () => {
     const memory = new MemoryBackend({ location: LOCATION });
     await initTestRepository(memory);
@@ -163,13 +200,13 @@ void describe('start-up against a remote store', () => {
       const backend = (await withCache(memory, { dir })) as CachedBackend;
       await Repository.open(backend, 'pw');
       const [first] = await memory.list('keys');
-      assert.equal(await backend.keyHint(), first!.name, 'the key that opened is remembered');
+      assert.equal((await backend.keyHint())?.name, first!.name, 'the key that opened is remembered');
       // Another password's key, remembered by another user of this cache: tried, then the listing.
       const foreign = await createKeyFile(prngBytes(99, 32), 'other password', TEST_KDF, new Date());
       await memory.save('keys', sha256(foreign), foreign);
       await backend.rememberKey(sha256(foreign));
       await Repository.open(backend, 'pw');
-      assert.equal(await backend.keyHint(), first!.name, 'the key that opened this time is remembered');
+      assert.equal((await backend.keyHint())?.name, first!.name, 'the key that opened this time is remembered');
       // A hint naming a key that is gone.
       await backend.rememberKey('ab'.repeat(32));
       await Repository.open(backend, 'pw');
@@ -177,7 +214,7 @@ void describe('start-up against a remote store', () => {
       writeFileSync(join(backend.dir, 'key'), '../config\n');
       assert.equal(await backend.keyHint(), undefined);
       await Repository.open(backend, 'pw');
-      assert.equal(await backend.keyHint(), first!.name);
+      assert.equal((await backend.keyHint())?.name, first!.name);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
