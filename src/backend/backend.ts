@@ -41,6 +41,13 @@ export type FileKind = 'config' | 'keys' | 'data' | 'index' | 'snapshots' | 'loc
  */
 export interface FileHints {
   metadata?: boolean;
+  /**
+   * The SHA-256 (hex) of the whole content, where the writer computed it anyway (a pack is named
+   * by it): a store may hand it to the server to check the upload against (S3's signed
+   * x-amz-content-sha256) instead of hashing the bytes again. A server refuses a body that does
+   * not match it, so it must be exact.
+   */
+  sha256?: string;
 }
 
 /**

@@ -12,7 +12,7 @@
  * load that returns fewer bytes than it should — and every call may wait a random latency.
  * Every such fault is transient: the retry wrapper (retry.ts) must get through them.
  */
-import type { Backend, FileInfo, FileKind, TemporaryFile } from './backend.js';
+import type { Backend, FileHints, FileInfo, FileKind, TemporaryFile } from './backend.js';
 
 export type BackendMethod = 'exists' | 'create' | 'save' | 'load' | 'list' | 'stat' | 'remove' | 'listTemporary' | 'removeTemporary';
 
@@ -185,10 +185,10 @@ export class FaultyBackend implements Backend {
     return this.change('create', 'create', () => this.inner.create());
   }
 
-  async save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void> {
+  async save(kind: FileKind, name: string, data: Buffer | Buffer[], hints?: FileHints): Promise<void> {
     const what = `save of ${kind}/${name.slice(0, 12)}`;
     this.gate('save', kind, what);
-    await this.change('save', what, () => this.inner.save(kind, name, data));
+    await this.change('save', what, () => this.inner.save(kind, name, data, hints));
   }
 
   async load(kind: FileKind, name: string, range?: { offset: number; length: number }): Promise<Buffer> {

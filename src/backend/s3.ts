@@ -10,7 +10,10 @@
  * Servers that reject the SDK's newer checksum headers (Ceph 16, older MinIO) work with the SDK's
  * own settings AWS_REQUEST_CHECKSUM_CALCULATION=when_required and
  * AWS_RESPONSE_CHECKSUM_VALIDATION=when_required (or CVAT_BACKUP_S3_CHECKSUMS=when_required).
- * Every upload carries Content-MD5, which S3 verifies (and which Object Lock requires).
+ * Uploads are checked by the server end to end: SigV4 signs the body's SHA-256 (for a pack, the
+ * hash its name is, computed as it was built, so the body is not hashed a second time here), and
+ * in a repository with Object Lock every upload also carries the Content-MD5 that Object Lock
+ * requires.
  *
  * Object Lock (ransomware-proof storage): a repository made with `objectLock` lives in a bucket
  * with Object Lock enabled (versioned). Every object but lock files and `state/` is written with a
@@ -43,7 +46,7 @@ import {
   type ObjectLockMode,
 } from '@aws-sdk/client-s3';
 import { ObjectLockedError, RepositoryError, TargetNotEmptyError, UsageError } from '../errors.js';
-import type { Backend, FileInfo, FileKind, SignedRequest, TemporaryFile } from './backend.js';
+import type { Backend, FileHints, FileInfo, FileKind, SignedRequest, TemporaryFile } from './backend.js';
 
 const KINDS: FileKind[] = ['config', 'keys', 'data', 'index', 'snapshots', 'locks', 'state'];
 /** Kinds written without retention: locks come and go, `state/` is rewritten (prune's memory). */
@@ -255,16 +258,20 @@ export class S3Backend implements Backend {
     };
   }
 
-  async save(kind: FileKind, name: string, data: Buffer | Buffer[]): Promise<void> {
+  async save(kind: FileKind, name: string, data: Buffer | Buffer[], hints?: FileHints): Promise<void> {
     const parts = Array.isArray(data) ? data : [data];
     const size = parts.reduce((n, p) => n + p.length, 0);
     const key = this.key(kind, name);
     const headers = await this.retentionHeaders(kind);
+    // Object Lock requires Content-MD5 on every upload; elsewhere the signed SHA-256 suffices.
+    const locked = (await this.objectLock()) !== undefined;
     if (size <= this.partSize) {
       const body = parts.length === 1 ? parts[0]! : Buffer.concat(parts, size);
-      await this.call(`PUT ${kind}/${name}`, () =>
-        this.client.send(new PutObjectCommand({ Bucket: this.where.bucket, Key: key, Body: body, ContentLength: size, ContentMD5: md5(body), ...headers })),
-      );
+      await this.call(`PUT ${kind}/${name}`, () => {
+        const command = new PutObjectCommand({ Bucket: this.where.bucket, Key: key, Body: body, ContentLength: size, ...(locked ? { ContentMD5: md5(body) } : {}), ...headers });
+        if (hints?.sha256 !== undefined && SHA256_HEX.test(hints.sha256)) withPayloadHash(command, hints.sha256);
+        return this.client.send(command);
+      });
       return;
     }
     const started = await this.call(`start multipart upload of ${kind}/${name}`, () =>
@@ -278,7 +285,15 @@ export class S3Backend implements Backend {
         const partNumber = ++number;
         const uploaded = await this.call(`upload part ${partNumber} of ${kind}/${name}`, () =>
           this.client.send(
-            new UploadPartCommand({ Bucket: this.where.bucket, Key: key, UploadId: uploadId, PartNumber: partNumber, Body: body, ContentLength: body.length, ContentMD5: md5(body) }),
+            new UploadPartCommand({
+              Bucket: this.where.bucket,
+              Key: key,
+              UploadId: uploadId,
+              PartNumber: partNumber,
+              Body: body,
+              ContentLength: body.length,
+              ...(locked ? { ContentMD5: md5(body) } : {}),
+            }),
           ),
         );
         done.push({ ETag: uploaded.ETag!, PartNumber: partNumber });
@@ -630,6 +645,23 @@ function buildQuery(query: Record<string, string | string[] | null>): string {
     else parts.push(value === null || value === undefined ? escapeUri(key) : `${escapeUri(key)}=${escapeUri(value)}`);
   }
   return parts.join('&');
+}
+
+const SHA256_HEX = /^[0-9a-f]{64}$/;
+
+/**
+ * Makes `command` send `sha256` as its signed payload hash (x-amz-content-sha256): the signer then
+ * uses it instead of hashing the body, and the server refuses a body that does not match it.
+ */
+function withPayloadHash(command: PutObjectCommand, sha256: string): void {
+  command.middlewareStack.add(
+    (next) => async (args) => {
+      const request = args.request as { headers?: Record<string, string> };
+      if (request.headers) request.headers['x-amz-content-sha256'] = sha256;
+      return next(args);
+    },
+    { step: 'build', name: 'cvatBackupPayloadHash' },
+  );
 }
 
 function md5(body: Buffer): string {

@@ -187,8 +187,9 @@ export class PackWriter {
     const id = pack.hash.update(header).update(length).digest('hex');
     const size = pack.size + header.length + 4;
     const store = async (): Promise<void> => {
-      // Tree packs are metadata: a remote repository's cache keeps them (backend/cache.ts).
-      if (!pack.staged) return this.backend.save('data', id, [...pack.parts, header, length], type === 'tree' ? { metadata: true } : undefined);
+      // Tree packs are metadata: a remote repository's cache keeps them (backend/cache.ts). The
+      // name is the content's SHA-256: a store may have the server check the upload against it.
+      if (!pack.staged) return this.backend.save('data', id, [...pack.parts, header, length], type === 'tree' ? { metadata: true, sha256: id } : { sha256: id });
       const staged = await pack.staged;
       try {
         pack.parts.push(header, length);
