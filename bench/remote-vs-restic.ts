@@ -25,8 +25,8 @@
  *
  * BENCH_TARGETS=sftp,s3 picks the stores; BENCH_DOWNTIME=0 leaves the downtime part out;
  * BENCH_RESTORES=k restores each repository k times per round (each counts for the median: the
- * restore is the noisiest row on a shared machine); BENCH_CPU_PROF=DIR runs our restores with
- * node's --cpu-prof into DIR.
+ * restore is the noisiest row on a shared machine); BENCH_CPU_PROF=DIR runs our first backups and
+ * restores with node's --cpu-prof into DIR.
  * Usage: npm run bench:remote   (a quick run: BENCH_MEDIA_MB=256 BENCH_DB_SCALE=2 BENCH_RUNS=1)
  */
 import { spawn } from 'node:child_process';
@@ -212,7 +212,7 @@ async function main(): Promise<void> {
           const repo = store.ours(String(round));
           try {
             await run(process.execPath, [BIN, 'init'], { env: { ...process.env, CVAT_BACKUP_PASSWORD: PASSWORD, ...repo.env } });
-            for (const row of ['first', 'again'] as Row[]) note(`${store.name} ${row} ours`, await ours(repo, ['backup', '--mode', 'offline']));
+            for (const row of ['first', 'again'] as Row[]) note(`${store.name} ${row} ours`, await ours(repo, ['backup', '--mode', 'offline'], row === 'first' ? profile : []));
             await run('sync', []);
             for (let k = 0; k < RESTORES; k++) {
               // --json: the downtime inside it (CVAT stopped: the writes) shows apart from the verification before.

@@ -60,7 +60,7 @@ void describe('S3Backend on Ceph RGW', { skip }, () => {
   });
 
   void it('uploads a large pack in parts and reads ranges across part boundaries', async () => {
-    const b = backend(s3!, bucket, 'multipart', { partSize: 5 * 1024 * 1024 });
+    const b = backend(s3!, bucket, 'multipart', { partSize: 5 * 1024 * 1024, multipartAbove: 5 * 1024 * 1024 });
     await b.create();
     const data = randomBytes(11 * 1024 * 1024 + 123);
     const parts = [data.subarray(0, 3_000_000), data.subarray(3_000_000, 9_000_000), data.subarray(9_000_000)];

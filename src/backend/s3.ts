@@ -73,8 +73,13 @@ export interface S3BackendOptions {
   env?: NodeJS.ProcessEnv;
   /** Explicit credentials (tests); default: the SDK's standard chain. */
   credentials?: { accessKeyId: string; secretAccessKey: string };
-  /** Files larger than this go up as a multipart upload of parts this size (at least 5 MiB). */
+  /** Parts of a multipart upload are this size (at least 5 MiB; default 16 MiB). */
   partSize?: number;
+  /**
+   * Files larger than this go up as a multipart upload (default 64 MiB, at least `partSize`):
+   * packs (16 MiB and a chunk) go up in one PUT, one request and not four.
+   */
+  multipartAbove?: number;
   /** Object Lock for a repository `create` makes (init --object-lock). */
   objectLock?: ObjectLockSettings;
   /** The SDK's attempts per request (its own retries with backoff): few, our retry layer is above. */
@@ -124,6 +129,7 @@ export class S3Backend implements Backend {
   private signer: S3Client | undefined;
   private readonly base: string;
   private readonly partSize: number;
+  private readonly multipartAbove: number;
   private readonly now: () => number;
   private lockSettings: Promise<ObjectLockSettings | undefined> | undefined;
 
@@ -136,6 +142,7 @@ export class S3Backend implements Backend {
     this.location = location;
     this.base = where.prefix === '' ? '' : `${where.prefix}/`;
     this.partSize = Math.max(MIN_PART, options.partSize ?? 16 * 1024 * 1024);
+    this.multipartAbove = Math.max(this.partSize, options.multipartAbove ?? 64 * 1024 * 1024);
     this.now = options.now ?? Date.now;
     if (options.objectLock) this.lockSettings = Promise.resolve(options.objectLock);
     // The SDK warns on every run under Node 20 that its 2027 releases will need Node 22: a user
@@ -265,7 +272,7 @@ export class S3Backend implements Backend {
     const headers = await this.retentionHeaders(kind);
     // Object Lock requires Content-MD5 on every upload; elsewhere the signed SHA-256 suffices.
     const locked = (await this.objectLock()) !== undefined;
-    if (size <= this.partSize) {
+    if (size <= this.multipartAbove) {
       const body = parts.length === 1 ? parts[0]! : Buffer.concat(parts, size);
       await this.call(`PUT ${kind}/${name}`, () => {
         const command = new PutObjectCommand({ Bucket: this.where.bucket, Key: key, Body: body, ContentLength: size, ...(locked ? { ContentMD5: md5(body) } : {}), ...headers });
