@@ -7,15 +7,15 @@
  * before any file data. They are kept when saved and when first loaded (a tree pack is fetched
  * whole for its first blob), in `<cache root>/<hash of the location>/{index,snapshots,data/xx}/`,
  * folders 0700 and files 0600. Only what the repository stores is kept, so only ciphertext: no
- * password, no key in the clear (key files and the config are never served from here). Every name cached is
- * the SHA-256 of the file's content or 256 random bits, and the repository never rewrites a file,
- * so a cached copy is used without asking the remote. The remote stays the truth: a listing
- * always asks it, and a cached file it no longer lists, or lists with another size, is dropped
- * then; removing or finding a file missing (stat) drops its copy too. Besides, the cache keeps the
- * key file that opened the repository last (`keyHint`: its name and a copy, ciphertext as stored),
- * so the next open loads it without waiting for the keys listing and starts the password's scrypt
- * on the copy while the remote is asked; the result is used only when the remote's key file is
- * byte for byte the copy (keys.ts). A copy of the sealed config marks
+ * password, no key in the clear (key files and the config are never served from here). Every name
+ * cached is the SHA-256 of the file's content or 256 random bits, and the repository never
+ * rewrites a file, so a cached copy is used without asking the remote. The remote stays the truth:
+ * a listing always asks it, and a cached file it no longer lists, or lists with another size, is
+ * dropped then; removing or finding a file missing (stat) drops its copy too. Besides, the cache
+ * keeps the key file that opened the repository last (`keyHint`: its name and a copy, ciphertext
+ * as stored), so the next open loads it without waiting for the keys listing and starts the
+ * password's scrypt on the copy while the remote is asked; the result is used only when the
+ * remote's key file is byte for byte the copy (keys.ts). A copy of the sealed config marks
  * which repository the cache belongs to: a repository created anew at the same location empties it.
  *
  * The cache is local input we do not fully trust (another process, a full disk, a careless hand):
