@@ -96,8 +96,11 @@ describe('snapshot repository', { skip: !isRoot && 'repository backups read volu
   });
 
   it('restore of the first snapshot (by id prefix) brings back its rows and files; restore latest the second', async () => {
-    const r = await runCli(['--project', f.project, 'restore', first.snapshot.slice(0, 8)], env);
+    const r = await runCli(['--project', f.project, '--json', 'restore', first.snapshot.slice(0, 8)], env);
     assert.equal(r.code, 0, r.stderr);
+    // The media unchanged since the first snapshot is kept (linked), the replaced frame written.
+    const media = (JSON.parse(r.stdout) as { volumes: { composeName: string; files: number; keptFiles?: number }[] }).volumes.find((v) => v.composeName === 'cvat_data')!;
+    assert.ok(media.keptFiles !== undefined && media.keptFiles >= 2 && media.keptFiles < media.files, JSON.stringify(media));
     await allRunning();
     await f.waitForDatabase();
     const now = await capture();

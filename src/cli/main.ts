@@ -257,6 +257,8 @@ export function buildProgram(engineFactory: () => DockerEngine = () => createDoc
     }
     const db = result.database ? ` and the database '${result.database.dbname}' (pg_restore of a ${formatBytes(result.database.bytes)} dump)` : '';
     out(`Restored ${what}${result.volumes.length} volumes${db} of CVAT ${result.backupVersion ?? '(unknown)'} into project ${result.project}; CVAT is running.`);
+    const kept = result.volumes.reduce((n, v) => n + (v.keptFiles ?? 0), 0);
+    if (kept > 0) out(`Kept ${kept} unchanged files (${formatBytes(result.volumes.reduce((n, v) => n + (v.keptBytes ?? 0), 0))}) of the volumes as they were: not written again`);
     out(`Downtime ${formatDuration(result.downtimeMs)}, total ${formatDuration(result.durationMs)}`);
   };
 

@@ -62,7 +62,13 @@ export type WorkerRequest =
       blobs: FetchedBlob[];
     }
   /** Closes the files kept open between reads (packs, kept reads); answered with 'closed'. */
-  | { type: 'close-files'; task: number };
+  | { type: 'close-files'; task: number }
+  /**
+   * Reads the open file `fd` range by range and compares each with the chunk it should hold (its
+   * SHA-256, or zeros for a `zero:` chunk); answered with 'compared'. The caller keeps `fd` open
+   * until the answer.
+   */
+  | { type: 'compare'; task: number; fd: number; ranges: { offset: number; length: number; id: string }[] };
 
 /** A blob in a fetched range: its id, type and lengths, and where it starts in the range. */
 export interface FetchedBlob {
@@ -92,6 +98,8 @@ export type WorkerReply =
   | { type: 'fetched'; task: number; damaged: { index: number; message: string }[]; kept: boolean }
   /** For a 'seal': each blob's id, and the sealed blobs back to back. */
   | { type: 'sealed'; task: number; ids: string[]; sealed: ArrayBuffer; sealedLengths: number[] }
+  /** For a 'compare': whether every range held its chunk (false at the first that did not, or at a short read). */
+  | { type: 'compared'; task: number; same: boolean }
   /** Sent once, when this thread has set itself up (V8 flags included: see gc-hint.ts). */
   | { type: 'ready'; task: 0 };
 
@@ -364,7 +372,39 @@ if (parentPort) {
     }
   };
 
+  /** Whether an existing file holds the chunks a restore would write (restore reusing unchanged files). */
+  const compare = (m: Extract<WorkerRequest, { type: 'compare' }>): void => {
+    let buffer: Buffer | undefined;
+    try {
+      const longest = m.ranges.reduce((n, r) => Math.max(n, r.length), 0);
+      buffer = takeSpare(longest) ?? Buffer.allocUnsafe(longest);
+      let same = true;
+      for (const range of m.ranges) {
+        const part = buffer.subarray(0, range.length);
+        let got = 0;
+        while (got < range.length) {
+          const n = readSync(m.fd, part, got, range.length - got, range.offset + got);
+          if (n === 0) break;
+          got += n;
+        }
+        if (got !== range.length) same = false;
+        else if (range.id.startsWith('zero:')) same = isAllZero(part);
+        else same = createHash('sha256').update(part).digest('hex') === range.id;
+        if (!same) break;
+      }
+      port.postMessage({ type: 'compared', task: m.task, same } satisfies WorkerReply);
+    } catch (error) {
+      port.postMessage({ type: 'error', task: m.task, message: (error as Error).message, code: (error as NodeJS.ErrnoException).code } satisfies WorkerReply);
+    } finally {
+      if (buffer && spare.length < 4) spare.push(buffer);
+    }
+  };
+
   port.on('message', (message: WorkerRequest) => {
+    if (message.type === 'compare') {
+      compare(message);
+      return;
+    }
     if (message.type === 'load') {
       void load(message);
       return;

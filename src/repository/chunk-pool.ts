@@ -223,6 +223,18 @@ export class ChunkPool {
   }
 
   /**
+   * Whether the open file `fd` holds, at each range, the chunk `id` names (its SHA-256, or zeros
+   * for `zero:`), read and hashed on a worker. `fd` must stay open until this settles.
+   */
+  compareRanges(fd: number, ranges: { offset: number; length: number; id: string }[]): Promise<boolean> {
+    return this.oneReply(
+      (task) => ({ type: 'compare', task, fd, ranges }),
+      [],
+      (reply) => reply.type === 'compared' && reply.same,
+    );
+  }
+
+  /**
    * Closes the files the workers keep open between reads (packs, kept reads), on every worker: a
    * restore calls it once it has written everything, so that deleting its kept reads frees them
    * (an open file's dirty pages would go to disk with the volumes' sync).

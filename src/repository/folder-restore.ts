@@ -28,6 +28,7 @@ import { loadKeptBlob } from './pack-reads.js';
 import { TreeWalkBounds, checkRootNode, comparePreOrder, hardLinkTarget, isReservedEntry, loadCheckedTree } from './tree-guard.js';
 import { isZeroChunk, type SnapshotVolume, type TreeNode } from './tree.js';
 import { Slots } from './slots.js';
+import { FileReuse, type ReuseStats } from './reuse-files.js';
 
 const ftruncateFd = promisify(ftruncateCallback);
 
@@ -48,6 +49,12 @@ export interface FolderRestoreOptions {
   direct?: DirectWriter;
   /** Told of what is not restored (cvat-backup's own folder, caught by a backup). */
   onWarning?: (message: string) => void;
+  /**
+   * The folder holding the volume's current data (a staged restore: `root` is inside it): files
+   * of the snapshot that it holds unchanged are hard-linked, not written (reuse-files.ts). Needs
+   * `pool`.
+   */
+  reuseFrom?: string;
 }
 
 export interface FolderRestoreResult {
@@ -56,6 +63,14 @@ export interface FolderRestoreResult {
   skipped: string[];
   /** The volume root's owner, mode and modification time (seconds), as the snapshot has them. */
   root: { uid: number; gid: number; mode: number | undefined; mtime: number };
+  /** Files (and their bytes) linked from `reuseFrom` instead of written. */
+  reused: ReuseStats;
+  /**
+   * With `reuseFrom`: to be called once nothing writes into the current data any more (CVAT
+   * stopped), before anything of it is renamed: writes again each linked file that changed since
+   * it was compared; resolves with how many.
+   */
+  recheck?: () => Promise<number>;
 }
 
 function seconds(ns: string): number {
@@ -88,11 +103,18 @@ export async function restoreVolumeToFolder(
     options.onProgress?.({ ...stats });
   };
 
-  const writeFile = async (dir: DirHandle, name: Buffer, node: TreeNode, display: string): Promise<void> => {
-    const content = node.content ?? [];
-    const lengths = content.map((ref) => chunkLength(repo, ref));
+  const reuse = options.reuseFrom !== undefined && options.pool ? new FileReuse(options.pool) : undefined;
+  /** Each chunk's plaintext length, checked against the file's size. */
+  const lengthsOf = (node: TreeNode, display: string): number[] => {
+    const lengths = (node.content ?? []).map((ref) => chunkLength(repo, ref));
     const total = lengths.reduce((a, b) => a + b, 0);
     if (total !== node.size) throw new CorruptArchiveError(`${display}: its chunks hold ${total} bytes, the file ${node.size}`);
+    return lengths;
+  };
+
+  const writeFile = async (dir: DirHandle, name: Buffer, node: TreeNode, display: string, direct = options.direct): Promise<void> => {
+    const content = node.content ?? [];
+    const lengths = lengthsOf(node, display);
     const fd = await dir.createFile(name, 0o600);
     const writes: Promise<void>[] = [];
     let closed = false;
@@ -112,7 +134,6 @@ export async function restoreVolumeToFolder(
           continue;
         }
         options.signal?.throwIfAborted();
-        const direct = options.direct;
         if (direct) {
           writes.push(
             direct.add(ref, fd, at).then(() => {
@@ -186,11 +207,35 @@ export async function restoreVolumeToFolder(
     }
   };
 
-  const walk = async (rootDir: DirHandle, treeId: string, dir: DirHandle, path: Buffer[]): Promise<void> => {
+  /** Reuse checks run ahead of the walk (each waits a tick before hashing: see reuse-files.ts). */
+  const REUSE_AHEAD = 64;
+  const walk = async (rootDir: DirHandle, treeId: string, dir: DirHandle, path: Buffer[], oldDir: DirHandle | undefined): Promise<void> => {
     const depth = bounds.depth;
     bounds.enter(treeId);
     const { tree, names } = await loadCheckedTree(repo, treeId);
+    const checks = new Map<number, Promise<boolean>>();
+    let started = 0;
+    const startChecks = (upTo: number): void => {
+      if (!reuse || !oldDir) return;
+      for (; started < Math.min(upTo, tree.nodes.length); started++) {
+        const node = tree.nodes[started]!;
+        const name = names[started]!;
+        if (!FileReuse.wants(node) || isReservedEntry(depth, name)) continue;
+        const lengths = lengthsOf(node, [...path, name].map((p) => p.toString('utf8')).join('/'));
+        checks.set(started, reuse.tryReuse(oldDir, dir, path, name, node, lengths));
+      }
+    };
+    try {
+      await walkNodes();
+    } finally {
+      // No check may still hold a descriptor or make a link once this folder is left.
+      await Promise.allSettled(checks.values());
+    }
+    bounds.leave();
+
+    async function walkNodes(): Promise<void> {
     for (const [i, node] of tree.nodes.entries()) {
+      startChecks(i + REUSE_AHEAD);
       options.signal?.throwIfAborted();
       if (chunks.failure !== undefined) throw chunks.failure;
       if (files.failure !== undefined) throw files.failure;
@@ -208,10 +253,12 @@ export async function restoreVolumeToFolder(
         case 'dir': {
           await dir.mkdir(name, 0o700);
           const child = await dir.openDir(name);
+          const oldChild = reuse && oldDir && node.subtree ? await oldDir.openDir(name).catch(() => undefined) : undefined;
           try {
-            if (node.subtree) await walk(rootDir, node.subtree, child, entryPath);
+            if (node.subtree) await walk(rootDir, node.subtree, child, entryPath, oldChild);
             await child.setMeta(node.uid, node.gid, node.mode, seconds(node.mtimeNs));
           } finally {
+            await oldChild?.close();
             await child.close();
           }
           break;
@@ -226,20 +273,24 @@ export async function restoreVolumeToFolder(
         case 'file':
           stats.files++;
           if (node.hardlink !== undefined) await hardLink(rootDir, dir, name, entryPath, node);
-          else await writeFile(dir, name, node, display);
+          else if (await checks.get(i)) {
+            stats.bytes += node.size;
+            report();
+          } else await writeFile(dir, name, node, display);
           break;
         default:
           skipped.push(`${display} (${node.type})`);
       }
     }
-    bounds.leave();
+    }
   };
 
   checkRootNode(volume.root);
   const rootDir = await DirHandle.openRoot(root);
+  const oldRoot = reuse ? await DirHandle.openRoot(options.reuseFrom!) : undefined;
   try {
     try {
-      await walk(rootDir, volume.tree, rootDir, []);
+      await walk(rootDir, volume.tree, rootDir, [], oldRoot);
       await options.direct?.finish();
     } catch (error) {
       // What waits for writes never sent fails too (the files waiting for them close).
@@ -254,11 +305,23 @@ export async function restoreVolumeToFolder(
     const r = volume.root;
     if (!options.leaveRoot) await rootDir.setMeta(r.uid, r.gid, r.mode, seconds(r.mtimeNs));
   } finally {
+    await oldRoot?.close();
     await rootDir.close();
   }
   report(true);
   const r = volume.root;
-  return { stats, skipped, root: { uid: r.uid, gid: r.gid, mode: r.mode, mtime: seconds(r.mtimeNs) } };
+  const recheck = reuse
+    ? async (): Promise<number> => {
+        try {
+          return await reuse.recheck(root, (dir, name, node, display) => writeFile(dir, name, node, display, undefined));
+        } finally {
+          await Promise.allSettled([chunks.drain(), files.drain()]);
+          await chunks.drain();
+          await files.drain();
+        }
+      }
+    : undefined;
+  return { stats, skipped, root: { uid: r.uid, gid: r.gid, mode: r.mode, mtime: seconds(r.mtimeNs) }, reused: reuse?.stats ?? { files: 0, bytes: 0 }, ...(recheck ? { recheck } : {}) };
 }
 
 /**

@@ -97,8 +97,13 @@ export interface RestoreSource {
       /** Not verified before: every blob is authenticated as it is written, the first failure thrown. */
       verifying?: boolean;
       onWarning?: (message: string) => void;
+      /**
+       * The volume's current data (`folder` is staged inside it): files it holds unchanged are
+       * linked, not written; the result's `recheck` then runs once CVAT is stopped.
+       */
+      reuseFrom?: string;
     },
-  ): Promise<{ stats: TarStats; skipped: string[]; root: RootMeta }>;
+  ): Promise<{ stats: TarStats; skipped: string[]; root: RootMeta; reused?: { files: number; bytes: number }; recheck?: () => Promise<number> }>;
   /**
    * Called once everything is written, before the volumes are synced and committed: the source
    * lets go of what it held for the writes (a remote repository's kept reads, whose dirty pages
@@ -135,6 +140,9 @@ export interface RestoredVolume {
   composeName: string;
   files: number;
   bytes: number;
+  /** Of those, files (and bytes) the volume held unchanged: kept (linked), not written again. */
+  keptFiles?: number;
+  keptBytes?: number;
 }
 
 export interface ArchiveRestoreOptions extends RestoreOptions {
@@ -364,6 +372,9 @@ interface StagedVolume {
   /** What the volume's root gets when the staged data moves in (nothing: left as it is). */
   root: RootMeta | undefined;
   stats: TarStats;
+  /** Files linked from the current data (see `writeFolder`'s reuseFrom): checked again once CVAT is stopped. */
+  recheck?: () => Promise<number>;
+  reused?: { files: number; bytes: number };
 }
 
 /**
@@ -395,11 +406,12 @@ async function stageWhileRunning(
         progress(stats);
         flusher.written(target.hostPath!, stats.bytes);
       };
-      let written: { stats: TarStats; skipped: string[]; root: RootMeta | undefined };
+      let written: { stats: TarStats; skipped: string[]; root: RootMeta | undefined; reused?: { files: number; bytes: number }; recheck?: () => Promise<number> };
       if (source.writeFolder) {
         written = await source.writeFolder(target.composeName, folder, signal, report, {
           leaveRoot: true,
           verifying: true,
+          reuseFrom: target.hostPath!,
           onWarning: (message) => onProgress({ type: 'warning', message: `${target.composeName}: ${message}` }),
         });
       } else {
@@ -410,7 +422,15 @@ async function stageWhileRunning(
       }
       for (const skipped of written.skipped) onProgress({ type: 'warning', message: `not restored (unsupported type): ${skipped}` });
       onProgress({ type: 'volume-done', volume: target.composeName, bytes: written.stats.bytes, files: written.stats.files });
-      staged.set(target.composeName, { root: written.root, stats: written.stats });
+      if (written.reused && written.reused.files > 0) {
+        onProgress({ type: 'phase', message: `${target.composeName}: ${written.reused.files} unchanged files (${(written.reused.bytes / 1048576).toFixed(0)} MiB) kept from the current data, not written again` });
+      }
+      staged.set(target.composeName, {
+        root: written.root,
+        stats: written.stats,
+        ...(written.recheck ? { recheck: written.recheck } : {}),
+        ...(written.reused ? { reused: written.reused } : {}),
+      });
     }
     if (staged.size > 0) {
       // Nothing else to write: the kept reads go (at the same time as the sync: the background
@@ -492,6 +512,12 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
         async () => {
           const prepared: VolumeTarget[] = [];
           try {
+            // Files kept from the current data: any CVAT wrote to before it stopped are written
+            // again (before the rollback points: their renames would change the ctimes compared).
+            for (const [name, stagedVolume] of staged) {
+              const rewritten = await stagedVolume.recheck?.();
+              if (rewritten) onProgress({ type: 'warning', message: `${name}: ${rewritten} kept files changed while the restore ran: written again from the snapshot` });
+            }
             onProgress({ type: 'phase', message: 'setting rollback points' });
             for (const { target } of planned) {
               prepared.push(target);
@@ -567,7 +593,10 @@ export async function restoreFromSource(engine: DockerEngine, source: RestoreSou
         project: deployment.project,
         backupVersion,
         deploymentVersion,
-        volumes: [...verified].map(([composeName, check]) => ({ composeName, files: check.files, bytes: check.bytes })),
+        volumes: [...verified].map(([composeName, check]) => {
+          const kept = staged.get(composeName)?.reused;
+          return { composeName, files: check.files, bytes: check.bytes, ...(kept ? { keptFiles: kept.files, keptBytes: kept.bytes } : {}) };
+        }),
         ...(source.database ? { database: { dbname: source.database.dbname, bytes: source.database.size } } : {}),
         downtimeMs: window.downtimeMs,
         durationMs: now() - startedAt,

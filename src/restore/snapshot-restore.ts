@@ -99,6 +99,7 @@ export async function restoreFromSnapshot(
           onProgress,
           leaveRoot: writeOptions?.leaveRoot ?? false,
           ...(writeOptions?.onWarning ? { onWarning: writeOptions.onWarning } : {}),
+          ...(writeOptions?.reuseFrom !== undefined ? { reuseFrom: writeOptions.reuseFrom } : {}),
         };
         try {
           // Not verified before: one pass (from a remote, by pack, the workers writing the files).

@@ -1,0 +1,104 @@
+/**
+ * A staged restore that links the volume's unchanged files instead of writing them
+ * (reuse-files.ts), in a real repository and real files: only a file whose bytes and metadata are
+ * the snapshot's is linked; anything else (other bytes of the same size, another mode, a second
+ * link, a symbolic link to the same bytes outside) is written from the repository; and a linked
+ * file written to before CVAT stops is written again by the recheck.
+ */
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { appendFileSync, chmodSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, truncateSync, utimesSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Repository } from './repository.js';
+import { LocalBackend } from '../backend/local.js';
+import { Archiver } from './archiver.js';
+import { restoreVolumeToFolder } from './folder-restore.js';
+import type { SnapshotVolume, TreeNode } from './tree.js';
+import { prngBytes } from './testing.js';
+
+const fastKdf = { algorithm: 'scrypt' as const, N: 1024, r: 8, p: 1 };
+
+const snapshotVolume = (tree: string, root: TreeNode): SnapshotVolume => ({
+  composeName: 'cvat_data',
+  name: 'p_cvat_data',
+  role: 'media',
+  mountPath: '/home/django/data',
+  tree,
+  root,
+  entries: 1000,
+  files: 0,
+  bytes: 0,
+});
+
+void describe('restore keeping unchanged files (reuse-files.ts)', () => {
+  void it('links only files holding the snapshot bytes and metadata, and writes again what changed before CVAT stopped', { timeout: 60_000 }, async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'reuse-files-'));
+    try {
+      const vol = join(dir, 'vol');
+      const outside = join(dir, 'outside');
+      mkdirSync(join(vol, 'sub'), { recursive: true });
+      mkdirSync(outside);
+      const content = new Map<string, Buffer>([
+        ['same.bin', prngBytes(1, 3_000_000)],
+        ['sub/same2.bin', prngBytes(2, 100_000)],
+        ['other-bytes.bin', prngBytes(3, 200_000)],
+        ['other-mode.bin', prngBytes(4, 200_000)],
+        ['two-links.bin', prngBytes(5, 200_000)],
+        ['small.txt', prngBytes(6, 1000)],
+        ['now-a-link.bin', prngBytes(7, 200_000)],
+      ]);
+      for (const [name, bytes] of content) writeFileSync(join(vol, name), bytes);
+      // A file with a hole: its `zero:` chunk is compared with zeros.
+      writeFileSync(join(vol, 'sparse.bin'), '');
+      truncateSync(join(vol, 'sparse.bin'), 4 << 20);
+      appendFileSync(join(vol, 'sparse.bin'), prngBytes(8, 50_000));
+      content.set('sparse.bin', readFileSync(join(vol, 'sparse.bin')));
+
+      const repo = await Repository.init(new LocalBackend(join(dir, 'repo')), 'pw', { kdf: fastKdf });
+      const pool = repo.createChunkPool(2);
+      try {
+        const archived = await new Archiver(repo, { pool }).archive(vol, undefined);
+        await repo.flush();
+
+        // After the backup: the same size and time but other bytes; another mode; a second link;
+        // a symbolic link to a copy of the bytes outside the volume.
+        const t = lstatSync(join(vol, 'other-bytes.bin'), { bigint: true });
+        writeFileSync(join(vol, 'other-bytes.bin'), prngBytes(33, 200_000));
+        utimesSync(join(vol, 'other-bytes.bin'), Number(t.atimeNs) / 1e9, Number(t.mtimeNs) / 1e9);
+        chmodSync(join(vol, 'other-mode.bin'), 0o600);
+        linkSync(join(vol, 'two-links.bin'), join(vol, 'second-name'));
+        writeFileSync(join(outside, 'copy'), content.get('now-a-link.bin')!);
+        rmSync(join(vol, 'now-a-link.bin'));
+        symlinkSync(join(outside, 'copy'), join(vol, 'now-a-link.bin'));
+        const before = new Map([...content.keys()].map((name) => [name, lstatSync(join(vol, name)).ino]));
+
+        const staged = join(vol, '.cvat-backup-staged');
+        mkdirSync(staged);
+        const result = await restoreVolumeToFolder(repo, snapshotVolume(archived.tree, archived.root), staged, { pool, leaveRoot: true, reuseFrom: vol });
+        for (const [name, bytes] of content) assert.ok(readFileSync(join(staged, name)).equals(bytes), `${name}: the snapshot's bytes`);
+        const linked = [...content.keys()].filter((name) => lstatSync(join(staged, name)).ino === before.get(name)).sort();
+        assert.deepEqual(linked, ['same.bin', 'sparse.bin', 'sub/same2.bin']);
+        assert.deepEqual(result.reused, { files: 3, bytes: content.get('same.bin')!.length + content.get('sub/same2.bin')!.length + content.get('sparse.bin')!.length });
+        assert.equal(lstatSync(join(staged, 'now-a-link.bin')).isFile(), true, 'a file, not the link');
+        assert.equal(lstatSync(join(staged, 'other-mode.bin')).mode & 0o777, 0o644, 'the snapshot mode');
+        assert.equal(lstatSync(join(outside, 'copy')).nlink, 1, 'nothing linked to the file outside');
+        assert.equal(lstatSync(join(vol, 'same.bin')).nlink, 2, 'the current name and the staged one');
+
+        // CVAT writes into a linked file before it stops: the recheck writes it again.
+        appendFileSync(join(vol, 'same.bin'), 'written by CVAT');
+        assert.ok(result.recheck, 'a recheck is returned');
+        assert.equal(await result.recheck(), 1);
+        assert.ok(readFileSync(join(staged, 'same.bin')).equals(content.get('same.bin')!), 'the snapshot bytes again');
+        assert.notEqual(lstatSync(join(staged, 'same.bin')).ino, before.get('same.bin'), 'a new file');
+        assert.equal(readFileSync(join(vol, 'same.bin')).subarray(-15).toString(), 'written by CVAT', 'the current data as CVAT left it');
+        assert.equal(await result.recheck(), 0, 'nothing else changed');
+        assert.equal(lstatSync(join(staged, 'sub/same2.bin')).ino, before.get('sub/same2.bin'));
+      } finally {
+        await pool.close();
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
