@@ -282,8 +282,8 @@ async function main(): Promise<void> {
         rows.push([`${store.name}: ${label}`, `${os.toFixed(1)} s`, `${rs.toFixed(1)} s`, (os / rs).toFixed(2), `${Math.max(...o.rss).toFixed(0)} / ${Math.max(...r.rss).toFixed(0)} MiB`]);
       }
       const synced = results.get(`${store.name} restore+sync restic`);
-      const o = results.get(`${store.name} restore ours`);
-      if (synced && o) rows.push([`${store.name}: restore, restic then sync (ours syncs)`, `${median(o.seconds).toFixed(1)} s`, `${median(synced.seconds).toFixed(1)} s`, (median(o.seconds) / median(synced.seconds)).toFixed(2), '']);
+      const o = results.get(`${store.name} restore-empty ours`);
+      if (synced && o) rows.push([`${store.name}: into the emptied volume, restic then sync (ours syncs)`, `${median(o.seconds).toFixed(1)} s`, `${median(synced.seconds).toFixed(1)} s`, (median(o.seconds) / median(synced.seconds)).toFixed(2), '']);
     }
     process.stdout.write(`\nmedian of ${RUNS}${RESTORES > 1 ? ` (restores: of ${RUNS * RESTORES})` : ''}, CVAT stopped around both (stop+start included); ${await machineState()}\n${table(rows)}\n\n`);
 

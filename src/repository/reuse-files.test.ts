@@ -7,7 +7,7 @@
  */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { appendFileSync, chmodSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, truncateSync, utimesSync, writeFileSync } from 'node:fs';
+import { appendFileSync, chmodSync, closeSync, linkSync, lstatSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, symlinkSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Repository } from './repository.js';
@@ -94,6 +94,56 @@ void describe('restore keeping unchanged files (reuse-files.ts)', () => {
         assert.equal(readFileSync(join(vol, 'same.bin')).subarray(-15).toString(), 'written by CVAT', 'the current data as CVAT left it');
         assert.equal(await result.recheck(), 0, 'nothing else changed');
         assert.equal(lstatSync(join(staged, 'sub/same2.bin')).ino, before.get('sub/same2.bin'));
+      } finally {
+        await pool.close();
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  void it('a file CVAT overwrites in place while it is being compared is written, not linked', { timeout: 60_000 }, async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'reuse-files-'));
+    try {
+      const vol = join(dir, 'vol');
+      mkdirSync(vol);
+      const bytes = prngBytes(9, 500_000);
+      writeFileSync(join(vol, 'frame.jpg'), bytes);
+      writeFileSync(join(vol, 'other.jpg'), prngBytes(10, 500_000));
+      const repo = await Repository.init(new LocalBackend(join(dir, 'repo')), 'pw', { kdf: fastKdf });
+      const pool = repo.createChunkPool(2);
+      try {
+        const archived = await new Archiver(repo, { pool }).archive(vol, undefined);
+        await repo.flush();
+        const ino = lstatSync(join(vol, 'frame.jpg')).ino;
+        // The comparison finds the snapshot's bytes; right after it, before the ctime is looked at
+        // again, "CVAT" overwrites the start of the file in place (same size).
+        const racing = new Proxy(pool, {
+          get(target, property, receiver): unknown {
+            if (property === 'compareRanges') {
+              return async (fd: number, ranges: { offset: number; length: number; id: string }[]): Promise<boolean> => {
+                const same = await target.compareRanges(fd, ranges);
+                const out = openSync(join(vol, 'frame.jpg'), 'r+');
+                try {
+                  writeSync(out, Buffer.from('written by CVAT'), 0, 15, 0);
+                } finally {
+                  closeSync(out);
+                }
+                return same;
+              };
+            }
+            const value = Reflect.get(target, property, receiver) as unknown;
+            return typeof value === 'function' ? (value as (...args: unknown[]) => unknown).bind(target) : value;
+          },
+        });
+        const staged = join(vol, '.cvat-backup-staged');
+        mkdirSync(staged);
+        const result = await restoreVolumeToFolder(repo, snapshotVolume(archived.tree, archived.root), staged, { pool: racing, leaveRoot: true, reuseFrom: vol });
+        assert.equal(result.reused.files, 1, 'the file nobody wrote to is kept');
+        assert.notEqual(lstatSync(join(staged, 'frame.jpg')).ino, ino, 'written, not linked');
+        assert.ok(readFileSync(join(staged, 'frame.jpg')).equals(bytes), "the snapshot's bytes");
+        assert.equal(readFileSync(join(vol, 'frame.jpg')).subarray(0, 15).toString(), 'written by CVAT');
+        assert.equal(lstatSync(join(vol, 'frame.jpg')).nlink, 1, 'the link made for the comparison is gone');
       } finally {
         await pool.close();
       }
