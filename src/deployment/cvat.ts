@@ -54,6 +54,18 @@ export function journalSafe(role: VolumeRole): boolean {
   return role !== 'database' && role !== 'events' && role !== 'inmem' && role !== 'cache';
 }
 
+/**
+ * Whether a staged restore may keep (hard-link) the files a volume of this role holds unchanged
+ * (repository/reuse-files.ts). The check that nothing wrote to a kept file before CVAT stopped is
+ * its ctime, which stores through a shared memory map need not move, and the database, events and
+ * Redis/kvrocks services rewrite their files in place all the time (a kept file they touch, also
+ * at shutdown, is written again during the downtime): their volumes are written in full, as
+ * before. The media volume, where the bytes are, is kept.
+ */
+export function keptOnRestore(role: VolumeRole): boolean {
+  return journalSafe(role);
+}
+
 /** The service that identifies a CVAT deployment and tells its version. */
 export const SERVER_SERVICE = 'cvat_server';
 

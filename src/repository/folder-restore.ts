@@ -112,7 +112,8 @@ export async function restoreVolumeToFolder(
     return lengths;
   };
 
-  const writeFile = async (dir: DirHandle, name: Buffer, node: TreeNode, display: string, direct = options.direct): Promise<void> => {
+  // `direct`: the pack reads to write through (none: each blob read on its own, as the downtime's rewrites do).
+  const writeFile = async (dir: DirHandle, name: Buffer, node: TreeNode, display: string, direct: DirectWriter | undefined): Promise<void> => {
     const content = node.content ?? [];
     const lengths = lengthsOf(node, display);
     const fd = await dir.createFile(name, 0o600);
@@ -276,7 +277,7 @@ export async function restoreVolumeToFolder(
           else if (await checks.get(i)) {
             stats.bytes += node.size;
             report();
-          } else await writeFile(dir, name, node, display);
+          } else await writeFile(dir, name, node, display, options.direct);
           break;
         default:
           skipped.push(`${display} (${node.type})`);

@@ -13,7 +13,8 @@ import { join } from 'node:path';
 import { Repository } from './repository.js';
 import { LocalBackend } from '../backend/local.js';
 import { Archiver } from './archiver.js';
-import { restoreVolumeToFolder } from './folder-restore.js';
+import { restoreVolumeToFolder, restoreVolumeVerifying } from './folder-restore.js';
+import { MemoryBackend } from '../backend/memory.js';
 import type { SnapshotVolume, TreeNode } from './tree.js';
 import { prngBytes } from './testing.js';
 
@@ -32,7 +33,10 @@ const snapshotVolume = (tree: string, root: TreeNode): SnapshotVolume => ({
 });
 
 void describe('restore keeping unchanged files (reuse-files.ts)', () => {
-  void it('links only files holding the snapshot bytes and metadata, and writes again what changed before CVAT stopped', { timeout: 60_000 }, async () => {
+  // A local repository (each blob read from its pack) and a remote one (the one-pass pack reads of
+  // direct-writes.ts while staging; the downtime's rewrites read blob by blob).
+  for (const where of ['local', 'remote'] as const) {
+  void it(`${where} repository: links only files holding the snapshot bytes and metadata, and writes again what changed before CVAT stopped`, { timeout: 60_000 }, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'reuse-files-'));
     try {
       const vol = join(dir, 'vol');
@@ -55,7 +59,7 @@ void describe('restore keeping unchanged files (reuse-files.ts)', () => {
       appendFileSync(join(vol, 'sparse.bin'), prngBytes(8, 50_000));
       content.set('sparse.bin', readFileSync(join(vol, 'sparse.bin')));
 
-      const repo = await Repository.init(new LocalBackend(join(dir, 'repo')), 'pw', { kdf: fastKdf });
+      const repo = await Repository.init(where === 'local' ? new LocalBackend(join(dir, 'repo')) : new MemoryBackend(), 'pw', { kdf: fastKdf });
       const pool = repo.createChunkPool(2);
       try {
         const archived = await new Archiver(repo, { pool }).archive(vol, undefined);
@@ -75,7 +79,7 @@ void describe('restore keeping unchanged files (reuse-files.ts)', () => {
 
         const staged = join(vol, '.cvat-backup-staged');
         mkdirSync(staged);
-        const result = await restoreVolumeToFolder(repo, snapshotVolume(archived.tree, archived.root), staged, { pool, leaveRoot: true, reuseFrom: vol });
+        const result = await restoreVolumeVerifying(repo, snapshotVolume(archived.tree, archived.root), staged, { pool, leaveRoot: true, reuseFrom: vol });
         for (const [name, bytes] of content) assert.ok(readFileSync(join(staged, name)).equals(bytes), `${name}: the snapshot's bytes`);
         const linked = [...content.keys()].filter((name) => lstatSync(join(staged, name)).ino === before.get(name)).sort();
         assert.deepEqual(linked, ['same.bin', 'sparse.bin', 'sub/same2.bin']);
@@ -89,6 +93,7 @@ void describe('restore keeping unchanged files (reuse-files.ts)', () => {
         appendFileSync(join(vol, 'same.bin'), 'written by CVAT');
         assert.ok(result.recheck, 'a recheck is returned');
         assert.equal(await result.recheck(), 1);
+        assert.deepEqual(result.reused, { files: 2, bytes: content.get('sub/same2.bin')!.length + content.get('sparse.bin')!.length }, 'the file written again is no longer counted as kept');
         assert.ok(readFileSync(join(staged, 'same.bin')).equals(content.get('same.bin')!), 'the snapshot bytes again');
         assert.notEqual(lstatSync(join(staged, 'same.bin')).ino, before.get('same.bin'), 'a new file');
         assert.equal(readFileSync(join(vol, 'same.bin')).subarray(-15).toString(), 'written by CVAT', 'the current data as CVAT left it');
@@ -101,6 +106,7 @@ void describe('restore keeping unchanged files (reuse-files.ts)', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+  }
 
   void it('a file CVAT overwrites in place while it is being compared is written, not linked', { timeout: 60_000 }, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'reuse-files-'));

@@ -153,6 +153,8 @@ export class FileReuse {
             await dir.unlink(r.name).catch(() => undefined);
             await rewrite(dir, r.name, r.node, [...r.folder, r.name].map((p) => p.toString('utf8')).join('/'));
             gone.add(r);
+            this.stats.files--;
+            this.stats.bytes -= r.node.size;
             rewritten++;
           }
         } finally {

@@ -33,7 +33,7 @@ import {
   classifyError,
 } from '../errors.js';
 import { discoverDeployment, type Deployment } from '../deployment/discover.js';
-import { recreateContainersHint } from '../deployment/cvat.js';
+import { keptOnRestore, recreateContainersHint, volumeRole } from '../deployment/cvat.js';
 import { startContainers, withDeploymentStopped } from '../deployment/lifecycle.js';
 import { lockDeployment } from '../deployment/lock.js';
 import { dropRetiredDatabase, loadDatabase, openDatabase, waitUntilReady, type DatabaseHandle } from '../deployment/database.js';
@@ -411,7 +411,7 @@ async function stageWhileRunning(
         written = await source.writeFolder(target.composeName, folder, signal, report, {
           leaveRoot: true,
           verifying: true,
-          reuseFrom: target.hostPath!,
+          ...(keptOnRestore(volumeRole(target.composeName)) ? { reuseFrom: target.hostPath! } : {}),
           onWarning: (message) => onProgress({ type: 'warning', message: `${target.composeName}: ${message}` }),
         });
       } else {
