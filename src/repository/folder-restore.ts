@@ -227,68 +227,65 @@ export async function restoreVolumeToFolder(
       }
     };
     try {
-      await walkNodes();
+      for (const [i, node] of tree.nodes.entries()) {
+        startChecks(i + REUSE_AHEAD);
+        options.signal?.throwIfAborted();
+        if (chunks.failure !== undefined) throw chunks.failure;
+        if (files.failure !== undefined) throw files.failure;
+        const name = names[i]!;
+        // cvat-backup's own folder, caught by a backup: never restored.
+        if (isReservedEntry(depth, name)) {
+          options.onWarning?.(`not restored: ${name.toString('utf8')} (a cvat-backup working folder the backup caught)`);
+          continue;
+        }
+        bounds.count();
+        const entryPath = [...path, name];
+        const display = entryPath.map((p) => p.toString('utf8')).join('/');
+        stats.entries++;
+        switch (node.type) {
+          case 'dir': {
+            await dir.mkdir(name, 0o700);
+            const child = await dir.openDir(name);
+            const oldChild = reuse && oldDir && node.subtree ? await oldDir.openDir(name).catch(() => undefined) : undefined;
+            try {
+              if (node.subtree) await walk(rootDir, node.subtree, child, entryPath, oldChild);
+              await child.setMeta(node.uid, node.gid, node.mode, seconds(node.mtimeNs));
+            } finally {
+              await oldChild?.close();
+              await child.close();
+            }
+            break;
+          }
+          case 'symlink': {
+            await dir.symlink(Buffer.from(node.target ?? '', 'base64'), name);
+            await dir.lchown(name, node.uid, node.gid);
+            const t = seconds(node.mtimeNs);
+            await dir.lutimes(name, t, t);
+            break;
+          }
+          case 'file':
+            stats.files++;
+            if (node.hardlink !== undefined) await hardLink(rootDir, dir, name, entryPath, node);
+            else if (await checks.get(i)) {
+              stats.bytes += node.size;
+              report();
+            } else await writeFile(dir, name, node, display, options.direct);
+            break;
+          default:
+            skipped.push(`${display} (${node.type})`);
+        }
+      }
     } finally {
       // No check may still hold a descriptor or make a link once this folder is left.
       await Promise.allSettled(checks.values());
     }
     bounds.leave();
-
-    async function walkNodes(): Promise<void> {
-    for (const [i, node] of tree.nodes.entries()) {
-      startChecks(i + REUSE_AHEAD);
-      options.signal?.throwIfAborted();
-      if (chunks.failure !== undefined) throw chunks.failure;
-      if (files.failure !== undefined) throw files.failure;
-      const name = names[i]!;
-      // cvat-backup's own folder, caught by a backup: never restored.
-      if (isReservedEntry(depth, name)) {
-        options.onWarning?.(`not restored: ${name.toString('utf8')} (a cvat-backup working folder the backup caught)`);
-        continue;
-      }
-      bounds.count();
-      const entryPath = [...path, name];
-      const display = entryPath.map((p) => p.toString('utf8')).join('/');
-      stats.entries++;
-      switch (node.type) {
-        case 'dir': {
-          await dir.mkdir(name, 0o700);
-          const child = await dir.openDir(name);
-          const oldChild = reuse && oldDir && node.subtree ? await oldDir.openDir(name).catch(() => undefined) : undefined;
-          try {
-            if (node.subtree) await walk(rootDir, node.subtree, child, entryPath, oldChild);
-            await child.setMeta(node.uid, node.gid, node.mode, seconds(node.mtimeNs));
-          } finally {
-            await oldChild?.close();
-            await child.close();
-          }
-          break;
-        }
-        case 'symlink': {
-          await dir.symlink(Buffer.from(node.target ?? '', 'base64'), name);
-          await dir.lchown(name, node.uid, node.gid);
-          const t = seconds(node.mtimeNs);
-          await dir.lutimes(name, t, t);
-          break;
-        }
-        case 'file':
-          stats.files++;
-          if (node.hardlink !== undefined) await hardLink(rootDir, dir, name, entryPath, node);
-          else if (await checks.get(i)) {
-            stats.bytes += node.size;
-            report();
-          } else await writeFile(dir, name, node, display, options.direct);
-          break;
-        default:
-          skipped.push(`${display} (${node.type})`);
-      }
-    }
-    }
   };
 
   checkRootNode(volume.root);
   const rootDir = await DirHandle.openRoot(root);
-  const oldRoot = reuse ? await DirHandle.openRoot(options.reuseFrom!) : undefined;
+  // The current data unreadable: nothing is kept, everything written.
+  const oldRoot = reuse ? await DirHandle.openRoot(options.reuseFrom!).catch(() => undefined) : undefined;
   try {
     try {
       await walk(rootDir, volume.tree, rootDir, [], oldRoot);

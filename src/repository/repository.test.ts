@@ -13,8 +13,8 @@ import { checkRepository } from './check.js';
 import { CorruptArchiveError, WrongPasswordError } from '../errors.js';
 import { Archiver } from './archiver.js';
 import { restoreVolumeToFolder } from './folder-restore.js';
-import type { SnapshotVolume, TreeNode } from './tree.js';
-import { prngBytes } from './testing.js';
+import type { TreeNode } from './tree.js';
+import { prngBytes, testMediaVolume } from './testing.js';
 
 
 const SMALL = { minSize: 2048, avgSize: 8192, maxSize: 32768, seed: '00'.repeat(32) };
@@ -191,17 +191,7 @@ void describe('Repository on a local backend', () => {
 });
 
 void describe('folder restore (trees written straight into a folder)', () => {
-  const snapshotVolume = (tree: string, root: TreeNode): SnapshotVolume => ({
-    composeName: 'cvat_data',
-    name: 'p_cvat_data',
-    role: 'media',
-    mountPath: '/home/django/data',
-    tree,
-    root,
-    entries: 1000, // at least what the trees hold: a restore walks no more entries than recorded
-    files: 0,
-    bytes: 0,
-  });
+  const snapshotVolume = testMediaVolume;
 
   void it('gives back every byte, mode, time, link and hole, with and without workers', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'folder-restore-'));

@@ -10,27 +10,11 @@ import assert from 'node:assert/strict';
 import { appendFileSync, chmodSync, closeSync, linkSync, lstatSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, symlinkSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Repository } from './repository.js';
 import { LocalBackend } from '../backend/local.js';
 import { Archiver } from './archiver.js';
 import { restoreVolumeToFolder, restoreVolumeVerifying } from './folder-restore.js';
 import { MemoryBackend } from '../backend/memory.js';
-import type { SnapshotVolume, TreeNode } from './tree.js';
-import { prngBytes } from './testing.js';
-
-const fastKdf = { algorithm: 'scrypt' as const, N: 1024, r: 8, p: 1 };
-
-const snapshotVolume = (tree: string, root: TreeNode): SnapshotVolume => ({
-  composeName: 'cvat_data',
-  name: 'p_cvat_data',
-  role: 'media',
-  mountPath: '/home/django/data',
-  tree,
-  root,
-  entries: 1000,
-  files: 0,
-  bytes: 0,
-});
+import { initTestRepository, prngBytes, testMediaVolume } from './testing.js';
 
 void describe('restore keeping unchanged files (reuse-files.ts)', () => {
   // A local repository (each blob read from its pack) and a remote one (the one-pass pack reads of
@@ -59,7 +43,7 @@ void describe('restore keeping unchanged files (reuse-files.ts)', () => {
       appendFileSync(join(vol, 'sparse.bin'), prngBytes(8, 50_000));
       content.set('sparse.bin', readFileSync(join(vol, 'sparse.bin')));
 
-      const repo = await Repository.init(where === 'local' ? new LocalBackend(join(dir, 'repo')) : new MemoryBackend(), 'pw', { kdf: fastKdf });
+      const repo = await initTestRepository(where === 'local' ? new LocalBackend(join(dir, 'repo')) : new MemoryBackend());
       const pool = repo.createChunkPool(2);
       try {
         const archived = await new Archiver(repo, { pool }).archive(vol, undefined);
@@ -79,7 +63,7 @@ void describe('restore keeping unchanged files (reuse-files.ts)', () => {
 
         const staged = join(vol, '.cvat-backup-staged');
         mkdirSync(staged);
-        const result = await restoreVolumeVerifying(repo, snapshotVolume(archived.tree, archived.root), staged, { pool, leaveRoot: true, reuseFrom: vol });
+        const result = await restoreVolumeVerifying(repo, testMediaVolume(archived.tree, archived.root), staged, { pool, leaveRoot: true, reuseFrom: vol });
         for (const [name, bytes] of content) assert.ok(readFileSync(join(staged, name)).equals(bytes), `${name}: the snapshot's bytes`);
         const linked = [...content.keys()].filter((name) => lstatSync(join(staged, name)).ino === before.get(name)).sort();
         assert.deepEqual(linked, ['same.bin', 'sparse.bin', 'sub/same2.bin']);
@@ -116,7 +100,7 @@ void describe('restore keeping unchanged files (reuse-files.ts)', () => {
       const bytes = prngBytes(9, 500_000);
       writeFileSync(join(vol, 'frame.jpg'), bytes);
       writeFileSync(join(vol, 'other.jpg'), prngBytes(10, 500_000));
-      const repo = await Repository.init(new LocalBackend(join(dir, 'repo')), 'pw', { kdf: fastKdf });
+      const repo = await initTestRepository(new LocalBackend(join(dir, 'repo')));
       const pool = repo.createChunkPool(2);
       try {
         const archived = await new Archiver(repo, { pool }).archive(vol, undefined);
@@ -144,7 +128,7 @@ void describe('restore keeping unchanged files (reuse-files.ts)', () => {
         });
         const staged = join(vol, '.cvat-backup-staged');
         mkdirSync(staged);
-        const result = await restoreVolumeToFolder(repo, snapshotVolume(archived.tree, archived.root), staged, { pool: racing, leaveRoot: true, reuseFrom: vol });
+        const result = await restoreVolumeToFolder(repo, testMediaVolume(archived.tree, archived.root), staged, { pool: racing, leaveRoot: true, reuseFrom: vol });
         assert.equal(result.reused.files, 1, 'the file nobody wrote to is kept');
         assert.notEqual(lstatSync(join(staged, 'frame.jpg')).ino, ino, 'written, not linked');
         assert.ok(readFileSync(join(staged, 'frame.jpg')).equals(bytes), "the snapshot's bytes");

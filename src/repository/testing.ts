@@ -7,7 +7,7 @@ import type { Backend } from '../backend/backend.js';
 import type { Clock } from '../clock.js';
 import { loadTree } from './restorer.js';
 import { Repository, type RepositoryOptions } from './repository.js';
-import type { Snapshot, TreeNode } from './tree.js';
+import type { Snapshot, SnapshotVolume, TreeNode } from './tree.js';
 
 /** Cheap scrypt parameters: a test repository needs no protection. */
 export const TEST_KDF = { algorithm: 'scrypt' as const, N: 1024, r: 8, p: 1 };
@@ -25,6 +25,21 @@ export function prngBytes(seed: number, length: number): Buffer {
     out[i] = s & 0xff;
   }
   return out;
+}
+
+/** A media volume of a snapshot whose tree is `tree` (as an archiver made it), for restores in tests. */
+export function testMediaVolume(tree: string, root: TreeNode): SnapshotVolume {
+  return {
+    composeName: 'cvat_data',
+    name: 'p_cvat_data',
+    role: 'media',
+    mountPath: '/home/django/data',
+    tree,
+    root,
+    entries: 1000, // at least what the trees hold: a restore walks no more entries than recorded
+    files: 0,
+    bytes: 0,
+  };
 }
 
 export function initTestRepository(backend: Backend, options: RepositoryOptions = {}): Promise<Repository> {
