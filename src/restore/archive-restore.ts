@@ -103,13 +103,24 @@ export interface RestoreSource {
        */
       reuseFrom?: string;
     },
-  ): Promise<{ stats: TarStats; skipped: string[]; root: RootMeta; reused?: { files: number; bytes: number }; recheck?: () => Promise<number> }>;
+  ): Promise<WrittenFolder & { root: RootMeta }>;
   /**
    * Called once everything is written, before the volumes are synced and committed: the source
    * lets go of what it held for the writes (a remote repository's kept reads, whose dirty pages
    * the sync would otherwise write to disk while CVAT is down).
    */
   written?(): Promise<void>;
+}
+
+/** What a volume's staged write gave: counts, entries it could not make, the root's metadata, kept files. */
+interface WrittenFolder {
+  stats: TarStats;
+  skipped: string[];
+  root: RootMeta | undefined;
+  /** Files (and bytes) kept from the current data (`writeFolder`'s reuseFrom), not written. */
+  reused?: { files: number; bytes: number };
+  /** Checks the kept files again once CVAT is stopped; resolves with how many were written again. */
+  recheck?: () => Promise<number>;
 }
 
 export interface RestoreOptions {
@@ -374,7 +385,7 @@ interface StagedVolume {
   stats: TarStats;
   /** Files linked from the current data (see `writeFolder`'s reuseFrom): checked again once CVAT is stopped. */
   recheck?: () => Promise<number>;
-  reused?: { files: number; bytes: number };
+  reused?: WrittenFolder['reused'];
 }
 
 /**
@@ -406,7 +417,7 @@ async function stageWhileRunning(
         progress(stats);
         flusher.written(target.hostPath!, stats.bytes);
       };
-      let written: { stats: TarStats; skipped: string[]; root: RootMeta | undefined; reused?: { files: number; bytes: number }; recheck?: () => Promise<number> };
+      let written: WrittenFolder;
       if (source.writeFolder) {
         written = await source.writeFolder(target.composeName, folder, signal, report, {
           leaveRoot: true,
