@@ -199,12 +199,13 @@ async function main(): Promise<void> {
     };
     type Row = 'first' | 'again' | 'restore' | 'restore-empty';
     const results = new Map<string, { seconds: number[]; rss: number[] }>();
-    const note = (key: string, m: { seconds: number; maxRssMiB: number }): void => {
+    const note = (key: string, m: { seconds: number; maxRssMiB: number; cpuSeconds?: number | undefined }): void => {
       const r = results.get(key) ?? { seconds: [], rss: [] };
       r.seconds.push(m.seconds);
       r.rss.push(m.maxRssMiB);
       results.set(key, r);
-      process.stdout.write(`  ${key}: ${m.seconds.toFixed(1)} s, ${m.maxRssMiB.toFixed(0)} MiB\n`);
+      const cpu = m.cpuSeconds === undefined ? '' : `, CPU ${m.cpuSeconds.toFixed(1)} s`;
+      process.stdout.write(`  ${key}: ${m.seconds.toFixed(1)} s${cpu}, ${m.maxRssMiB.toFixed(0)} MiB\n`);
     };
 
     for (let round = 1; round <= RUNS; round++) {
@@ -230,7 +231,7 @@ async function main(): Promise<void> {
             // The disaster case: nothing of the media is left to keep (emptied while CVAT runs).
             for (let k = 0; k < RESTORES; k++) {
               await run('sh', ['-c', `find ${mediaVolume} -mindepth 1 -delete`]);
-              note(`${store.name} restore-empty ours`, await ours(repo, ['--json', 'restore', 'latest', '--volume', 'cvat_data']));
+              note(`${store.name} restore-empty ours`, await ours(repo, ['--json', 'restore', 'latest', '--volume', 'cvat_data'], profile));
             }
           } finally {
             await repo.remove();
@@ -248,11 +249,12 @@ async function main(): Promise<void> {
             await run('sync', []);
             for (let k = 0; k < RESTORES; k++) {
               let rss = NaN;
+              let cpu: number | undefined;
               const seconds = await stopped(async () => {
                 await run('sh', ['-c', `find ${mediaVolume} -mindepth 1 -delete`]);
-                rss = (await restic(repo, ['restore', 'latest', '--target', '/', '--include', mediaVolume])).maxRssMiB;
+                ({ maxRssMiB: rss, cpuSeconds: cpu } = await restic(repo, ['restore', 'latest', '--target', '/', '--include', mediaVolume]));
               });
-              note(`${store.name} restore restic`, { seconds, maxRssMiB: rss });
+              note(`${store.name} restore restic`, { seconds, maxRssMiB: rss, cpuSeconds: cpu });
               note(`${store.name} restore-empty restic`, { seconds, maxRssMiB: rss });
               // restic leaves its writes in the page cache; ours syncs them before CVAT stops. What
               // restic left unwritten, timed apart (an extra row: the target row is restic's own).

@@ -42,6 +42,11 @@ export type FileKind = 'config' | 'keys' | 'data' | 'index' | 'snapshots' | 'loc
 export interface FileHints {
   metadata?: boolean;
   /**
+   * The reader needs these bytes once (a restore that writes its files as it verifies them):
+   * a cache keeps no copy of them for a second read (backend/cache.ts, `keepReads`).
+   */
+  once?: boolean;
+  /**
    * The SHA-256 (hex) of the whole content, where the writer computed it anyway (a pack is named
    * by it): a store may hand it to the server to check the upload against (S3's signed
    * x-amz-content-sha256) instead of hashing the bytes again. A server refuses a body that does

@@ -111,18 +111,27 @@ void describe('cache of a remote repository', () => {
       assert.equal((await cache.load('data', id('p1'), { offset: 3, length: 5 })).toString(), '34567', 'another range is another read');
       assert.equal((await cache.load('data', id('p1'))).toString(), '0123456789 data pack one', 'a whole-pack read (check, prune) is not kept');
       assert.equal(remote.count('load'), loads + 4);
+      // A reader that needs the bytes once (a restore writing as it verifies) gets a kept range from
+      // this machine, and leaves no copy of one that is not.
+      assert.equal((await cache.load('data', id('p2'), { offset: 0, length: 3 }, { once: true })).toString(), 'abc');
+      assert.equal(remote.count('load'), loads + 4, 'a kept range serves a read-once reader too');
+      assert.equal((await cache.load('data', id('p2'), { offset: 4, length: 5 }, { once: true })).toString(), 'efghi');
+      assert.equal((await cache.load('data', id('p2'), { offset: 4, length: 5 })).toString(), 'efghi');
+      assert.equal(remote.count('load'), loads + 6, 'what a read-once reader got was not kept');
+      assert.equal((await cache.load('data', id('p2'), { offset: 4, length: 5 })).toString(), 'efghi');
+      assert.equal(remote.count('load'), loads + 6);
       assert.equal(await cache.forget('data', id('p1')), true, 'a damaged range: forget says there was a copy');
       assert.equal((await cache.load('data', id('p1'), { offset: 2, length: 5 })).toString(), '23456');
-      assert.equal(remote.count('load'), loads + 5, 'read from the remote again');
+      assert.equal(remote.count('load'), loads + 7, 'read from the remote again');
       await kept.end();
       assert.deepEqual(readdirSync(spool), [], 'the file is gone at the end');
       await cache.load('data', id('p2'), { offset: 0, length: 3 });
-      assert.equal(remote.count('load'), loads + 6, 'after the end, reads go to the remote');
+      assert.equal(remote.count('load'), loads + 8, 'after the end, reads go to the remote');
 
       const none = await cache.keepReads({ reserveBytes: Number.MAX_SAFE_INTEGER });
       await cache.load('data', id('p2'), { offset: 0, length: 3 });
       await cache.load('data', id('p2'), { offset: 0, length: 3 });
-      assert.equal(remote.count('load'), loads + 8, 'no room left: nothing kept');
+      assert.equal(remote.count('load'), loads + 10, 'no room left: nothing kept');
       await none.end();
     }));
 

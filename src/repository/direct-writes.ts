@@ -140,7 +140,8 @@ export class DirectWriter {
       const range = { offset: read.offset, length: read.length };
       let result = await this.onWorker(read, blobs);
       if (!result) {
-        const bytes = await this.repo.backend.load('data', read.pack, range);
+        // Read once: each blob goes straight into its files, so no copy is kept for a second read.
+        const bytes = await this.repo.backend.load('data', read.pack, range, { once: true });
         if (bytes.length !== read.length) throw new CorruptArchiveError(`pack ${read.pack.slice(0, 12)} is truncated (a read of ${read.length} bytes gave ${bytes.length})`);
         result = await this.pool.fetchBlobs(bytes, read.length, undefined, blobs);
       }

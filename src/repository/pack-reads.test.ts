@@ -503,17 +503,20 @@ void describe('a restore from a remote repository reads by pack', () => {
       });
     }));
 
-  void it('one pass without signed requests (SFTP, rest): each pack read is made here once and handed to a worker that writes the files; several windows, reads bounded; byte-exact', () =>
+  void it('one pass without signed requests (SFTP, rest): each pack read is made here once and handed to a worker that writes the files; several windows, reads bounded; nothing kept on this machine; byte-exact', () =>
     withWork(async (work) => {
       const memory = new MemoryBackend({ location: LOCATION });
       const input = files(101, 40);
       const id = await writeSnapshot(await initTestRepository(memory), input, { chunk: CHUNK, flushEvery: 8 });
       const recorder = new Recorder(memory);
-      const repo = await openTestRepository(recorder);
+      const cache = (await withCache(recorder, { dir: join(work, 'cache') })) as CachedBackend;
+      const repo = await openTestRepository(cache);
       await repo.loadIndex();
       const volume = await volumeOf(repo, id);
       recorder.ignore.add(repo.location(volume.tree)!.pack);
       const pool = repo.createChunkPool(2);
+      // Reads are kept (as in every restore from a remote), but a one-pass write reads each range once.
+      const kept = await cache.keepReads();
       try {
         const target = join(work, 'restored');
         mkdirSync(target);
@@ -523,7 +526,10 @@ void describe('a restore from a remote repository reads by pack', () => {
         assert.ok(recorder.ranged.length >= 5 && recorder.ranged.length < 40, `a few reads per window, not one per blob (${recorder.ranged.length} reads for 120 chunks)`);
         assert.ok(recorder.maxRunning <= 3, `at most 3 reads at once (${recorder.maxRunning})`);
         assert.ok(recorder.ranged.every((r) => r.length <= 4 << 20));
+        const copies = recorder.ranged.filter((r) => cache.keptAt(r.pack, r) !== undefined);
+        assert.deepEqual(copies, [], 'no copy of what the one pass read was written on this machine');
       } finally {
+        await kept.end();
         await pool.close();
       }
     }));
