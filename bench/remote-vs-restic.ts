@@ -28,7 +28,8 @@
  * the CLI): the first backup and BENCH_RUNS nightly ones (1 % new media). Target (issue 9): remote
  * downtime ≤ local + 1 s.
  *
- * BENCH_TARGETS=sftp,s3 picks the stores; BENCH_DOWNTIME=0 leaves the downtime part out;
+ * BENCH_TARGETS=sftp,s3 picks the stores; BENCH_DOWNTIME=0 leaves the downtime part out, and
+ * BENCH_COMPARE=0 the comparison with restic;
  * BENCH_RESTORES=k restores each repository k times per round (each counts for the median: the
  * restore is the noisiest row on a shared machine); BENCH_CPU_PROF=DIR runs our first backups and
  * restores with node's --cpu-prof into DIR.
@@ -51,6 +52,7 @@ const DB_SCALE = Number(process.env['BENCH_DB_SCALE'] ?? 20);
 const RUNS = Math.max(1, Number(process.env['BENCH_RUNS'] ?? 3));
 const TARGETS = (process.env['BENCH_TARGETS'] ?? 'sftp,s3').split(',').filter((t) => t === 'sftp' || t === 's3');
 const DOWNTIME = process.env['BENCH_DOWNTIME'] !== '0';
+const COMPARE = process.env['BENCH_COMPARE'] !== '0';
 const RESTORES = Math.max(1, Number(process.env['BENCH_RESTORES'] ?? 1));
 const CPU_PROF = process.env['BENCH_CPU_PROF'];
 const VOLUMES = ['cvat_db', 'cvat_data', 'cvat_keys', 'cvat_logs', 'cvat_events_db', 'cvat_inmem_db'];
@@ -208,7 +210,7 @@ async function main(): Promise<void> {
       process.stdout.write(`  ${key}: ${m.seconds.toFixed(1)} s${cpu}, ${m.maxRssMiB.toFixed(0)} MiB\n`);
     };
 
-    for (let round = 1; round <= RUNS; round++) {
+    for (let round = 1; round <= (COMPARE ? RUNS : 0); round++) {
       for (const store of stores) {
         // Each tool into a new repository that is deleted after its round. Who goes first alternates
         // by round: what the machine and the store still do from before (Ceph reclaiming the last
@@ -271,7 +273,7 @@ async function main(): Promise<void> {
     }
 
     const rows: string[][] = [['', 'cvat-backup', 'restic 0.14', 'ratio', 'peak RSS ours / restic']];
-    for (const store of stores) {
+    for (const store of COMPARE ? stores : []) {
       for (const [row, label] of [
         ['first', 'first backup'],
         ['again', 'backup, nothing changed'],
@@ -287,7 +289,7 @@ async function main(): Promise<void> {
       const o = results.get(`${store.name} restore-empty ours`);
       if (synced && o) rows.push([`${store.name}: into the emptied volume, restic then sync (ours syncs)`, `${median(o.seconds).toFixed(1)} s`, `${median(synced.seconds).toFixed(1)} s`, (median(o.seconds) / median(synced.seconds)).toFixed(2), '']);
     }
-    process.stdout.write(`\nmedian of ${RUNS}${RESTORES > 1 ? ` (restores: of ${RUNS * RESTORES})` : ''}, CVAT stopped around both (stop+start included); ${await machineState()}\n${table(rows)}\n\n`);
+    if (COMPARE) process.stdout.write(`\nmedian of ${RUNS}${RESTORES > 1 ? ` (restores: of ${RUNS * RESTORES})` : ''}, CVAT stopped around both (stop+start included); ${await machineState()}\n${table(rows)}\n\n`);
 
     if (DOWNTIME) {
       const local = join(work, 'downtime-local');
