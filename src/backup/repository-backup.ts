@@ -329,6 +329,8 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         }
       } catch (error) {
         // Nothing a snapshot needs is left only in the spool: the backup failed before its snapshot.
+        // The packs it was filling go too (their files closed and deleted, in the spool or not).
+        await repo.abandonWrites();
         await deferral?.abandon().catch(() => undefined);
         throw error;
       } finally {

@@ -15,7 +15,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Repository } from './repository.js';
 import { LocalBackend } from '../backend/local.js';
@@ -220,6 +220,14 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
   void describe('Archiver closes every descriptor it opens', () => {
     /** Descriptors open on files of the test's volume. */
     const volumeFds = (): string[] => readdirSync('/proc/self/fd').filter((fd) => readlinkOrEmpty(`/proc/self/fd/${fd}`).startsWith(volume));
+    /** Files open in `repo` (the packs being filled stream into temporary files there). */
+    const repoFiles = (repo: string): string[] =>
+      readdirSync('/proc/self/fd')
+        .map((fd) => readlinkOrEmpty(`/proc/self/fd/${fd}`))
+        .filter((target) => target.startsWith(repo));
+    /** Temporary files left in `repo`'s data folders. */
+    const temporaries = (repo: string): string[] =>
+      readdirSync(join(repo, 'data'), { recursive: true, encoding: 'utf8' }).filter((name) => basename(name).startsWith('.tmp-'));
     /** Runs `hook` when the first sealed chunk reaches the repository: workers are reading then. */
     const onFirstChunk = (repo: Repository, hook: () => void): void => {
       const save = repo.saveSealedBlob.bind(repo);
@@ -248,8 +256,26 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
       try {
         const controller = new AbortController();
         onFirstChunk(repo, () => controller.abort());
+        const offered: string[] = [];
+        const save = repo.saveSealedBlob.bind(repo);
+        repo.saveSealedBlob = (id, ...rest) => {
+          offered.push(id);
+          return save(id, ...rest);
+        };
         await assert.rejects(new Archiver(repo, { pool, signal: controller.signal }).archive(volume, undefined), { name: 'AbortError' });
         assert.deepEqual(volumeFds(), []);
+        // The backup that gave up drops the packs it was filling: their files closed and deleted.
+        assert.ok(repoFiles(join(work, 'repo-abort')).length > 0, 'a pack was being filled');
+        await repo.abandonWrites();
+        assert.deepEqual(repoFiles(join(work, 'repo-abort')), []);
+        assert.deepEqual(temporaries(join(work, 'repo-abort')), []);
+        // ... and forgets their blobs: the repository claims only what is stored, so a later save stores them.
+        assert.ok(offered.length > 0);
+        assert.deepEqual(
+          offered.filter((id) => repo.has(id) && repo.location(id) === undefined),
+          [],
+          'no blob of a dropped pack is taken as stored',
+        );
       } finally {
         await pool.close();
       }
@@ -262,6 +288,9 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
       try {
         await assert.rejects(new Archiver(repo, { pool }).archive(volume, undefined), /injected fault/);
         assert.deepEqual(volumeFds(), []);
+        await repo.abandonWrites();
+        assert.deepEqual(repoFiles(join(work, 'repo-fault')), []);
+        assert.deepEqual(temporaries(join(work, 'repo-fault')), []);
       } finally {
         await pool.close();
       }

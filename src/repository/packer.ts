@@ -109,6 +109,16 @@ class OpenPack {
   get full(): boolean {
     return this.size >= PACK_TARGET || this.entries.length >= PACK_MAX_BLOBS;
   }
+
+  /** Drops the pack: once its batch writes are over, closes and deletes the file it streams into. Never throws. */
+  async discard(): Promise<void> {
+    this.parts = [];
+    this.partsSize = 0;
+    if (!this.staged) return;
+    await this.writing.catch(() => undefined);
+    const staged = await this.staged.catch(() => undefined);
+    await staged?.abort().catch(() => undefined);
+  }
 }
 
 /**
@@ -146,6 +156,18 @@ export class PackWriter {
     }
     await pack.add(id, type, sealed, rawLength);
     if (pack.full && this.open.get(type) === pack) await this.write(type);
+  }
+
+  /**
+   * After a failure (a backup that stops before its snapshot): waits for the pack writes under
+   * way, drops the open packs and closes and deletes the files they stream into. Their blobs are
+   * never stored; the writer may be used again. Never throws.
+   */
+  async abandon(): Promise<void> {
+    const open = [...this.open.values()];
+    this.open.clear();
+    await Promise.allSettled(this.inFlight.splice(0));
+    for (const pack of open) await pack.discard();
   }
 
   /** Packs and bytes written by this writer so far. */

@@ -411,6 +411,17 @@ export class Repository {
     await this.addToPack(id, type, [sealed], rawLength);
   }
 
+  /**
+   * After a failed write (a backup or copy that stops before its snapshot): the open packs are
+   * dropped, the files they stream into closed and deleted, and the blobs that were not stored are
+   * forgotten, so that a later save stores them. Never throws.
+   */
+  async abandonWrites(): Promise<void> {
+    await this.packs.abandon();
+    // Every pack write is over: what was stored is in the index now, the rest never will be.
+    this.pendingIds.clear();
+  }
+
   private async addToPack(id: string, type: BlobType, sealed: Buffer[], rawLength: number): Promise<void> {
     this.pendingIds.add(id);
     await this.packs.add(id, type, sealed, rawLength);
