@@ -18,10 +18,13 @@ void describe('repository locations (restic syntax)', () => {
     assert.deepEqual(parseLocation('s3:minio.example.org/cvat'), { kind: 's3', endpoint: 'https://minio.example.org', bucket: 'cvat', prefix: '' });
     assert.deepEqual(parseLocation('rest:http://127.0.0.1:8000/cvat/'), { kind: 'rest', url: 'http://127.0.0.1:8000/cvat' });
     assert.deepEqual(parseLocation('rclone:b2prod:bucket/cvat'), { kind: 'rclone', remote: 'b2prod:bucket/cvat' });
+    assert.deepEqual(parseLocation('rclone::local:/srv/cvat'), { kind: 'rclone', remote: ':local:/srv/cvat' });
+    assert.deepEqual(parseLocation('rclone::sftp,host=nas:cvat'), { kind: 'rclone', remote: ':sftp,host=nas:cvat' });
+    assert.deepEqual(parseLocation('rclone:/srv/cvat'), { kind: 'rclone', remote: '/srv/cvat' });
   });
 
   void it('refuses, with one line, what it would otherwise take for a folder or what would leak a secret', () => {
-    for (const bad of ['', 'ftp://host/x', 'http://host/x', 'sftp2://host//x', 'b2:bucket', 'azure:c:/p', 'sftp:hostonly', 'sftp://host', 's3:bucket-only', 's3:https://h/', 's3:https://h/Bad_Bucket', 'rest:ftp://x', 'rest:http://user:secret@host:8000/', 's3:https://key:secret@host/b', 'sftp://u:pw@host//x', 'rclone:nocolon']) {
+    for (const bad of ['', 'ftp://host/x', 'http://host/x', 'sftp2://host//x', 'b2:bucket', 'azure:c:/p', 'sftp:hostonly', 'sftp://host', 's3:bucket-only', 's3:https://h/', 's3:https://h/Bad_Bucket', 'rest:ftp://x', 'rest:http://user:secret@host:8000/', 's3:https://key:secret@host/b', 'sftp://u:pw@host//x', 'rclone:nocolon', 'rclone:', 'rclone::', 'rclone:/', 'rclone:-x:y', 'rclone:--config=/tmp/c:x', 'rclone::-x:y']) {
       assert.throws(() => parseLocation(bad), (e: unknown) => e instanceof UsageError && !e.message.includes('\n') && !e.message.includes('secret'), bad);
     }
   });

@@ -9,6 +9,7 @@
  *   s3:https://host:9000/bucket/prefix            any S3 server (path-style addressing)
  *   rest:http://host:8000/path                    restic's REST protocol (rest-server, rclone serve restic)
  *   rclone:remote:path                            rclone, started as `rclone serve restic --stdio`
+ *   rclone::local:/path, rclone:/path             rclone's on-the-fly remotes; a folder where rclone runs
  *
  * Anything else that looks like a URL (`scheme://…`), and restic's backends we do not speak
  * (`b2:`, `azure:`, `gs:`, `swift:`), is refused with one line — never taken for a folder name.
@@ -57,7 +58,13 @@ export function parseLocation(text: string): Location {
       return rest(text);
     case 'rclone': {
       const remote = text.slice('rclone:'.length);
-      if (!/^[^:]+:/.test(remote)) refuse(text, "expected rclone:REMOTE:PATH (a remote from 'rclone config', a colon, a path)");
+      // It goes last on rclone's command line: a leading '-' would be an option (`--config=…`).
+      if (remote.startsWith('-')) refuse(text, "an rclone remote may not start with '-'");
+      // A configured remote (`b2prod:bucket`), an on-the-fly one (`:local:/srv/x`, `:sftp,host=nas:x`),
+      // or an absolute path on the machine rclone runs on (rclone's local backend).
+      if (!/^(?:[^:/]+:|:[A-Za-z][^:]*:|\/.)/.test(remote)) {
+        refuse(text, "expected rclone:REMOTE:PATH (a remote from 'rclone config', a colon, a path), rclone::BACKEND:PATH or rclone:/PATH");
+      }
       return { kind: 'rclone', remote };
     }
     default:
