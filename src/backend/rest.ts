@@ -31,16 +31,13 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
-import net from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import http, { type IncomingHttpHeaders } from 'node:http';
 import http2 from 'node:http2';
 import https from 'node:https';
 import { randomBytes } from 'node:crypto';
 import { StorageAccessError, TargetNotEmptyError, UsageError } from '../errors.js';
 import type { Backend, FileInfo, FileKind } from './backend.js';
+import { socketPair } from './socket-pair.js';
 
 const LIST_V2 = 'application/vnd.x.restic.rest.v2';
 /** A request whose reply stalls this long (no bytes either way) fails with ETIMEDOUT. */
@@ -144,34 +141,6 @@ export function rcloneCommand(env: NodeJS.ProcessEnv): RcloneCommand {
   const program = splitWords(env['CVAT_BACKUP_RCLONE_PROGRAM'] ?? 'rclone');
   if (program.length === 0) throw new UsageError('CVAT_BACKUP_RCLONE_PROGRAM is empty');
   return { program, args: splitWords(env['CVAT_BACKUP_RCLONE_ARGS'] ?? 'serve restic --stdio') };
-}
-
-/**
- * Two connected unix sockets: one end becomes rclone's stdin and stdout, the other carries our
- * HTTP/2 session (a real socket, so Node's HTTP/2 needs no stream adapter). The rendezvous path
- * lives a moment in a private folder and is gone before rclone starts.
- */
-async function socketPair(): Promise<[net.Socket, net.Socket]> {
-  const dir = await mkdtemp(join(tmpdir(), 'cvat-backup-rclone-'));
-  try {
-    const path = join(dir, 'socket');
-    const server = net.createServer();
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(path, resolve);
-    });
-    const accepted = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
-    const ours = net.connect(path);
-    await new Promise<void>((resolve, reject) => {
-      ours.once('connect', resolve);
-      ours.once('error', reject);
-    });
-    const theirs = await accepted;
-    server.close();
-    return [ours, theirs];
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
 }
 
 interface RcloneProcess {

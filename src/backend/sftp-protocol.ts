@@ -236,6 +236,9 @@ interface Pending {
 /** A DATA reply's header: length, type, id, the data's length. */
 const DATA_HEADER = 13;
 
+/** Reading in place: the least of a reply's data left for a read straight into its sink (less goes through the scratch buffer, with what follows it). */
+const IN_PLACE_MIN = 16 << 10;
+
 /** What the server said it can do (`limits@openssh.com`), or our defaults. */
 export interface SftpLimits {
   readLength: number;
@@ -245,6 +248,11 @@ export interface SftpLimits {
 export interface SftpSessionOptions {
   /** Requests awaiting replies at once, across all callers (default 64). */
   maxInFlight?: number;
+  /**
+   * The input is read in place (a socket made with `onread`, whose callbacks call `readBuffer`
+   * and `received`): the session does not listen for its 'data'.
+   */
+  readsInPlace?: boolean;
   /**
    * Hears when the session starts waiting for replies (true) and when it no longer waits for any
    * (false; also when it ends): the owner keeps the process alive only while replies are due.
@@ -271,6 +279,8 @@ export class SftpSession {
   private version: { resolve: (v: number) => void; reject: (e: Error) => void } | undefined;
   private limitsCache: Promise<SftpLimits> | undefined;
   private readonly onBusy: (busy: boolean) => void;
+  /** Where a read in place goes when no reply's data is due (its bytes are parsed, then copied if kept). */
+  private readonly scratch = Buffer.allocUnsafe(64 << 10);
 
   private constructor(
     private readonly input: Readable,
@@ -279,24 +289,29 @@ export class SftpSession {
   ) {
     this.maxInFlight = options.maxInFlight ?? 64;
     this.onBusy = options.onBusy ?? (() => undefined);
-    input.on('data', (chunk: Buffer) => this.onData(chunk));
+    if (!options.readsInPlace) input.on('data', (chunk: Buffer) => this.onData(chunk, false));
     input.on('end', () => this.terminate(new SftpError('the SFTP session ended', 'ECONNRESET', undefined)));
     input.on('error', (error) => this.terminate(new SftpError(`the SFTP session failed: ${error.message}`, 'ECONNRESET', undefined, { cause: error })));
     output.on('error', (error) => this.terminate(new SftpError(`the SFTP session failed: ${error.message}`, 'ECONNRESET', undefined, { cause: error })));
   }
 
   /** Sends INIT and resolves once the server's VERSION (3) arrived with its extensions. */
-  static async start(input: Readable, output: Writable, options: SftpSessionOptions = {}): Promise<SftpSession> {
+  static start(input: Readable, output: Writable, options: SftpSessionOptions = {}): Promise<SftpSession> {
+    return SftpSession.begin(input, output, options).ready;
+  }
+
+  /** `start`, with the session at once (for `readsInPlace`: its reads need it before it is ready). */
+  static begin(input: Readable, output: Writable, options: SftpSessionOptions = {}): { session: SftpSession; ready: Promise<SftpSession> } {
     const session = new SftpSession(input, output, options);
     const version = new Promise<number>((resolve, reject) => (session.version = { resolve, reject }));
     session.output.write(Buffer.concat([u32(5), Buffer.from([FXP.INIT]), u32(3)]));
-    const spoken = await version;
-    if (spoken !== 3) {
+    const ready = version.then((spoken) => {
+      if (spoken === 3) return session;
       const error = new SftpError(`the SFTP server speaks protocol version ${spoken}, not 3`, 'ENOTSUP', undefined);
       session.terminate(error);
       throw error;
-    }
-    return session;
+    });
+    return { session, ready };
   }
 
   /** Ends the session: pending and later calls reject with `error`. Idempotent (the first error stays). */
@@ -316,11 +331,42 @@ export class SftpSession {
   // ---- framing ----
 
   /**
+   * Reading in place (`readsInPlace`): the memory the next read of the input goes into. While the
+   * data of a DATA reply to a read with a sink is due, that is the rest of the sink, so the
+   * kernel copies the data straight to where the read wants it: no buffer per chunk, no copy here.
+   * Otherwise a scratch buffer, whose bytes `received` parses.
+   */
+  readBuffer(): Buffer {
+    const s = this.sinking;
+    if (s && s.remaining >= IN_PLACE_MIN) return s.sink.subarray(s.at, s.at + s.remaining);
+    return this.scratch;
+  }
+
+  /** Reading in place: `n` bytes were read into `buffer`, the memory `readBuffer` returned last. */
+  received(n: number, buffer: Uint8Array): void {
+    if (this.failure || n <= 0) return;
+    const s = this.sinking;
+    if (s && buffer.buffer === s.sink.buffer && buffer.byteOffset === s.sink.byteOffset + s.at) {
+      if (n > s.remaining) {
+        this.terminate(badMessage(`${n} bytes read into the ${s.remaining} left of a reply`));
+        return;
+      }
+      s.at += n;
+      s.remaining -= n;
+      if (s.remaining === 0) this.endSink();
+      return;
+    }
+    this.onData(Buffer.from(buffer.buffer, buffer.byteOffset, n), true);
+  }
+
+  /**
    * Splits the stream into packets. The data of a DATA reply to a read that gave a sink is copied
    * from the pipe's chunks straight into it, as it arrives: a large reply spans many chunks, and
-   * joining them first, then copying the data out, moved every byte twice.
+   * joining them first, then copying the data out, moved every byte twice. `transient`: the
+   * chunk's memory is read into again later (the scratch of `received`), so what is kept of it is
+   * copied.
    */
-  private onData(chunk: Buffer): void {
+  private onData(chunk: Buffer, transient: boolean): void {
     if (this.failure) return;
     try {
       const rest = this.feedSink(chunk);
@@ -347,11 +393,15 @@ export class SftpSession {
         }
         if (this.chunkBytes < 4 + length) return;
         const packet = this.take(4 + length).subarray(4);
-        this.dispatch(packet);
+        // A reply's parts may be kept (a handle): never memory that is read into again.
+        this.dispatch(transient && packet.buffer === chunk.buffer ? Buffer.from(packet) : packet);
         if (this.failure) return;
       }
     } catch (error) {
       this.terminate(error instanceof SftpError ? error : badMessage((error as Error).message));
+    } finally {
+      // What stays buffered of a transient chunk is copied out of it before it is read into again.
+      if (transient) this.chunks = this.chunks.map((c) => (c.buffer === chunk.buffer ? Buffer.from(c) : c));
     }
   }
 

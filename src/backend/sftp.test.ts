@@ -10,13 +10,14 @@ import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { PassThrough } from 'node:stream';
+import { PassThrough, type Readable, type Writable } from 'node:stream';
 import { classifyError, StorageAccessError, TargetNotEmptyError, UsageError } from '../errors.js';
 import { conformance } from './conformance.js';
 import { openBackend } from './open.js';
 import { loginFailure, SftpBackend, sshCommand, splitCommand, type SftpOptions } from './sftp.js';
 import { MAX_PACKET, OPEN_FLAGS, SftpError, SftpSession } from './sftp-protocol.js';
 import { transientReason } from './retry.js';
+import { socketPair } from './socket-pair.js';
 
 const SFTP_SERVER = '/usr/lib/openssh/sftp-server';
 const noServer = !existsSync(SFTP_SERVER) && `needs OpenSSH's ${SFTP_SERVER} (apt-get install openssh-server)`;
@@ -265,29 +266,64 @@ void describe('ssh command line', () => {
  */
 function scriptedServer(
   reply: (type: number, id: number, body: Buffer, send: (packet: Buffer, claimedLength?: number) => void, raw: (bytes: Buffer) => void) => void,
-): { session: Promise<SftpSession>; requests: () => number } {
-  const toServer = new PassThrough();
-  const toClient = new PassThrough();
-  let held = Buffer.alloc(0);
+  options: { inPlace?: boolean } = {},
+): { session: Promise<SftpSession>; requests: () => number; readsInPlace: () => number; close: () => void } {
   let requests = 0;
-  const send = (packet: Buffer, claimedLength = packet.length): void => {
-    const length = Buffer.alloc(4);
-    length.writeUInt32BE(claimedLength);
-    toClient.write(Buffer.concat([length, packet]));
-  };
-  toServer.on('data', (chunk: Buffer) => {
-    held = Buffer.concat([held, chunk]);
-    while (held.length >= 4 && held.length >= 4 + held.readUInt32BE(0)) {
-      const packet = held.subarray(4, 4 + held.readUInt32BE(0));
-      held = held.subarray(4 + packet.length);
-      if (packet[0] === 1) send(Buffer.from([2, 0, 0, 0, 3]));
-      else {
-        requests++;
-        reply(packet[0]!, packet.readUInt32BE(1), packet.subarray(5), send, (bytes) => toClient.write(bytes));
+  let inPlace = 0;
+  let close = (): void => undefined;
+  const serve = (toServer: Readable, toClient: Writable): void => {
+    let held = Buffer.alloc(0);
+    const send = (packet: Buffer, claimedLength = packet.length): void => {
+      const length = Buffer.alloc(4);
+      length.writeUInt32BE(claimedLength);
+      toClient.write(Buffer.concat([length, packet]));
+    };
+    toServer.on('data', (chunk: Buffer) => {
+      held = Buffer.concat([held, chunk]);
+      while (held.length >= 4 && held.length >= 4 + held.readUInt32BE(0)) {
+        const packet = held.subarray(4, 4 + held.readUInt32BE(0));
+        held = held.subarray(4 + packet.length);
+        if (packet[0] === 1) send(Buffer.from([2, 0, 0, 0, 3]));
+        else {
+          requests++;
+          reply(packet[0]!, packet.readUInt32BE(1), packet.subarray(5), send, (bytes) => toClient.write(bytes));
+        }
       }
-    }
-  });
-  return { session: SftpSession.start(toClient, toServer, { maxInFlight: 4 }), requests: () => requests };
+    });
+  };
+  let session: Promise<SftpSession>;
+  if (options.inPlace) {
+    // As sftp.ts connects: a socket pair whose end we read in place (SftpSession.readBuffer).
+    session = (async () => {
+      const holder: { session?: SftpSession; scratch?: ArrayBufferLike | undefined } = {};
+      const [ours, theirs] = await socketPair({
+        buffer: () => {
+          const next = holder.session?.readBuffer() ?? Buffer.alloc(64 << 10);
+          holder.scratch ??= holder.session && next.length === 64 << 10 ? next.buffer : undefined;
+          if (holder.scratch && next.buffer !== holder.scratch) inPlace++;
+          return next;
+        },
+        callback: (n, buffer) => {
+          holder.session!.received(n, buffer);
+          return true;
+        },
+      });
+      serve(theirs, theirs);
+      close = () => {
+        ours.destroy();
+        theirs.destroy();
+      };
+      const started = SftpSession.begin(ours, ours, { maxInFlight: 4, readsInPlace: true });
+      holder.session = started.session;
+      return started.ready;
+    })();
+  } else {
+    const toServer = new PassThrough();
+    const toClient = new PassThrough();
+    serve(toServer, toClient);
+    session = SftpSession.start(toClient, toServer, { maxInFlight: 4 });
+  }
+  return { session, requests: () => requests, readsInPlace: () => inPlace, close: () => close() };
 }
 
 const idOf = (id: number): Buffer => {
@@ -340,56 +376,60 @@ void describe('SFTP protocol client', () => {
     assert.ok(tail.equals(file.subarray(90_000)));
   });
 
-  void it('reads into the caller\'s buffer: DATA replies cut anywhere (inside their header too) or run together land in it byte for byte, next to STATUS replies and short answers', async () => {
-    const file = Buffer.from(Array.from({ length: 300_000 }, (_, i) => (i * 13 + (i >> 9)) % 256));
-    let seed = 7;
-    const random = (n: number): number => {
-      seed = (seed * 1103515245 + 12345) >>> 0;
-      return seed % n;
-    };
-    let pendingOut: Buffer[] = [];
-    let flushing: NodeJS.Timeout | undefined;
-    const server = scriptedServer((type, id, body, send, raw) => {
-      if (type !== 5) return send(statusOf(id, 8));
-      const handleLength = body.readUInt32BE(0);
-      const offset = Number(body.readBigUInt64BE(4 + handleLength));
-      const length = body.readUInt32BE(12 + handleLength);
-      let reply: Buffer;
-      if (offset >= file.length) reply = statusOf(id, 1);
-      else {
-        const data = file.subarray(offset, Math.min(offset + length, offset + (id % 3 === 0 ? 5_000 : length), file.length));
-        reply = Buffer.concat([Buffer.from([103]), idOf(id), stringOf(data)]);
-      }
-      const framed = Buffer.concat([idOf(reply.length), reply]);
-      // Replies run together, then go out cut at random points (1 byte up to 40 kB).
-      pendingOut.push(framed);
-      flushing ??= setTimeout(() => {
-        flushing = undefined;
-        let all = Buffer.concat(pendingOut);
-        pendingOut = [];
-        while (all.length > 0) {
-          const n = Math.min(all.length, 1 + (random(4) === 0 ? random(13) : random(40_000)));
-          raw(Buffer.from(all.subarray(0, n)));
-          all = all.subarray(n);
+  for (const inPlace of [false, true]) {
+    void it(`reads into the caller's buffer${inPlace ? ' (read in place from a socket: the kernel writes the data into it)' : ''}: DATA replies cut anywhere (inside their header too) or run together land in it byte for byte, next to STATUS replies and short answers`, async () => {
+      const file = Buffer.from(Array.from({ length: 300_000 }, (_, i) => (i * 13 + (i >> 9)) % 256));
+      let seed = 7;
+      const random = (n: number): number => {
+        seed = (seed * 1103515245 + 12345) >>> 0;
+        return seed % n;
+      };
+      let pendingOut: Buffer[] = [];
+      let flushing: NodeJS.Timeout | undefined;
+      const server = scriptedServer((type, id, body, send, raw) => {
+        if (type !== 5) return send(statusOf(id, 8));
+        const handleLength = body.readUInt32BE(0);
+        const offset = Number(body.readBigUInt64BE(4 + handleLength));
+        const length = body.readUInt32BE(12 + handleLength);
+        let reply: Buffer;
+        if (offset >= file.length) reply = statusOf(id, 1);
+        else {
+          const data = file.subarray(offset, Math.min(offset + length, offset + (id % 3 === 0 ? 5_000 : length), file.length));
+          reply = Buffer.concat([Buffer.from([103]), idOf(id), stringOf(data)]);
         }
-      }, 1);
+        const framed = Buffer.concat([idOf(reply.length), reply]);
+        // Replies run together, then go out cut at random points (1 byte up to 40 kB).
+        pendingOut.push(framed);
+        flushing ??= setTimeout(() => {
+          flushing = undefined;
+          let all = Buffer.concat(pendingOut);
+          pendingOut = [];
+          while (all.length > 0) {
+            const n = Math.min(all.length, 1 + (random(4) === 0 ? random(13) : random(40_000)));
+            raw(Buffer.from(all.subarray(0, n)));
+            all = all.subarray(n);
+          }
+        }, 1);
+      }, { inPlace });
+      const session = await server.session;
+      for (const [offset, length] of [
+        [0, 300_000],
+        [12_345, 100_000],
+        [290_000, 50_000],
+        [299_999, 1],
+      ] as const) {
+        const got = await session.readRange(Buffer.from('h'), offset, length, { chunk: 16_384, window: 4 });
+        assert.ok(got.equals(file.subarray(offset, Math.min(offset + length, file.length))), `${offset}+${length}`);
+      }
+      const into = Buffer.alloc(20_000);
+      const got = (await session.read(Buffer.from('h'), 1000, 20_000, into))!;
+      assert.equal(got.buffer, into.buffer, 'the data is received into the caller\'s buffer');
+      assert.ok(got.equals(file.subarray(1000, 1000 + got.length)));
+      assert.equal(await session.read(Buffer.from('h'), 400_000, 10, Buffer.alloc(10)), undefined, 'end of file');
+      if (inPlace) assert.ok(server.readsInPlace() > 0, 'some reads went straight into the caller\'s buffer');
+      server.close();
     });
-    const session = await server.session;
-    for (const [offset, length] of [
-      [0, 300_000],
-      [12_345, 100_000],
-      [290_000, 50_000],
-      [299_999, 1],
-    ] as const) {
-      const got = await session.readRange(Buffer.from('h'), offset, length, { chunk: 16_384, window: 4 });
-      assert.ok(got.equals(file.subarray(offset, Math.min(offset + length, file.length))), `${offset}+${length}`);
-    }
-    const into = Buffer.alloc(20_000);
-    const got = (await session.read(Buffer.from('h'), 1000, 20_000, into))!;
-    assert.equal(got.buffer, into.buffer, 'the data is received into the caller\'s buffer');
-    assert.ok(got.equals(file.subarray(1000, 1000 + got.length)));
-    assert.equal(await session.read(Buffer.from('h'), 400_000, 10, Buffer.alloc(10)), undefined, 'end of file');
-  });
+  }
 
   void it('a session that ends in the middle of a DATA reply being received into a buffer fails that read with ECONNRESET', async () => {
     const toServer = new PassThrough();

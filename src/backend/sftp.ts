@@ -32,7 +32,9 @@
 import { spawn, type ChildProcessByStdio } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:buffer';
-import type { Readable, Writable } from 'node:stream';
+import type { Socket } from 'node:net';
+import type { Readable } from 'node:stream';
+import { socketPair } from './socket-pair.js';
 import { StorageAccessError, TargetNotEmptyError, UsageError } from '../errors.js';
 import type { Backend, FileInfo, FileKind, TemporaryFile } from './backend.js';
 import { OPEN_FLAGS, SftpError, SftpSession, isDirectory, isRegularFile, type DirectoryEntry, type FileAttributes } from './sftp-protocol.js';
@@ -150,7 +152,9 @@ export function loginFailure(where: string, host: string, stderr: string, exit: 
 
 interface Connection {
   session: SftpSession;
-  child: ChildProcessByStdio<Writable, Readable, Readable>;
+  child: ChildProcessByStdio<null, null, Readable>;
+  /** Our end of ssh's stdin and stdout. */
+  socket: Socket;
   /** Resolves when ssh ended, with how it ended. */
   exited: Promise<string>;
   stderr(): string;
@@ -202,7 +206,25 @@ export class SftpBackend implements Backend {
   private async connect(): Promise<Connection> {
     const argv = sshCommand(this.where, this.options);
     const env = Object.fromEntries(Object.entries(this.options.env ?? process.env).filter(([name]) => !SECRET_ENV.test(name)));
-    const child = spawn(argv[0]!, argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'], detached: true, env });
+    // ssh's stdin and stdout are one end of a socket pair: ours reads in place, so the data of a
+    // read reply lands straight in the buffer the read gave (SftpSession.readBuffer), not in a new
+    // buffer per chunk that is then copied (a fifth of this thread's time in a 2 GiB restore).
+    const reader: { session?: SftpSession; early: Buffer[] } = { early: [] };
+    const [socket, theirs] = await socketPair({
+      buffer: () => reader.session?.readBuffer() ?? Buffer.allocUnsafe(64 << 10),
+      callback: (n, buffer) => {
+        // Nothing comes before our INIT; were it to, it is kept for the session.
+        if (reader.session) reader.session.received(n, buffer);
+        else reader.early.push(Buffer.from(buffer.subarray(0, n)));
+        return true;
+      },
+    });
+    let child: ChildProcessByStdio<null, null, Readable>;
+    try {
+      child = spawn(argv[0]!, argv.slice(1), { stdio: [theirs, theirs, 'pipe'], detached: true, env });
+    } finally {
+      theirs.destroy(); // ssh has its own copy
+    }
     let stderr = '';
     child.stderr.on('data', (chunk: Buffer) => {
       stderr = (stderr + chunk.toString('utf8')).slice(-16384);
@@ -218,23 +240,27 @@ export class SftpBackend implements Backend {
     try {
       await spawned;
     } catch (error) {
+      socket.destroy();
       const missing = (error as NodeJS.ErrnoException).code === 'ENOENT';
       throw new StorageAccessError(`${this.location}: cannot run ${argv[0]!}${missing ? ' (install the OpenSSH client: apt-get install openssh-client)' : `: ${(error as Error).message}`}`, { cause: error });
     }
     // An idle connection does not keep this process alive (a command that forgot to close it, or
     // a test that failed before it could, still ends; ssh then sees its stdin close and ends too).
     const hold = (busy: boolean): void => {
-      for (const handle of [child, child.stdin, child.stdout, child.stderr] as unknown as { ref?(): void; unref?(): void }[]) {
+      for (const handle of [child, socket, child.stderr] as unknown as { ref?(): void; unref?(): void }[]) {
         if (busy) handle.ref?.();
         else handle.unref?.();
       }
     };
     let session: SftpSession;
     try {
-      session = await SftpSession.start(child.stdout, child.stdin, { onBusy: hold });
+      const starting = SftpSession.begin(socket, socket, { onBusy: hold, readsInPlace: true });
+      reader.session = starting.session;
+      for (const early of reader.early.splice(0)) reader.session.received(early.length, early);
+      session = await starting.ready;
     } catch (error) {
       // ssh could not log in (or the other side is no SFTP server): wait for its last words.
-      child.stdin.destroy();
+      socket.destroy();
       const timer = setTimeout(() => child.kill('SIGTERM'), 5000);
       const exit = await exited;
       clearTimeout(timer);
@@ -252,6 +278,7 @@ export class SftpBackend implements Backend {
     return {
       session,
       child,
+      socket,
       exited,
       stderr: () => stderr,
       hold,
@@ -302,7 +329,7 @@ export class SftpBackend implements Backend {
     const connection = await current?.catch(() => undefined);
     if (!connection) return;
     connection.hold(true); // until ssh has ended
-    connection.child.stdin.end();
+    connection.socket.end();
     const timer = setTimeout(() => connection.child.kill('SIGTERM'), 5000);
     await connection.exited;
     clearTimeout(timer);
