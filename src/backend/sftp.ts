@@ -17,7 +17,9 @@
  *
  * ssh runs in a session of its own (setsid), so a Ctrl-C reaches only us and the connection lives
  * on while the command removes its lock and starts CVAT again; ssh ends when its stdin closes
- * (`close`, or this process dying), and gets none of our secrets in its environment.
+ * (`close`, or this process dying), and gets none of our secrets in its environment. Its stdin and
+ * stdout are one end of a unix socket pair (socket-pair.ts), not pipes: our end is read in place,
+ * so the data of a read reply goes from the kernel straight into the buffer the read gave.
  *
  * One ssh process per backend, connected on first use; requests are pipelined over it (several
  * files at once, and several reads or writes in flight per file). If the connection drops, the
