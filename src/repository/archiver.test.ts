@@ -326,6 +326,9 @@ if (process.env['ARCHIVER_TEST_PASSES']) {
       await assert.rejects(new Archiver(repo, { pool }).archive(volume, undefined), /worker/);
       await closing;
       assert.deepEqual(volumeFds(), []);
+      await repo.abandonWrites();
+      assert.deepEqual(repoFiles(join(work, 'repo-workers')), []);
+      assert.deepEqual(temporaries(join(work, 'repo-workers')), []);
     });
   });
 
