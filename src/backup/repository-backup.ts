@@ -329,7 +329,8 @@ export async function backupToRepository(engine: DockerEngine, repo: Repository,
         }
       } catch (error) {
         // Nothing a snapshot needs is left only in the spool: the backup failed before its snapshot.
-        // The packs it was filling go too (their files closed and deleted, in the spool or not).
+        // The packs it was filling go too (their files closed and deleted; the deferral drops them
+        // as well, but a local repository defers nothing).
         await repo.abandonWrites();
         await deferral?.abandon().catch(() => undefined);
         throw error;

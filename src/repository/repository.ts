@@ -605,8 +605,9 @@ export class Repository {
       },
       abandon: async () => {
         if (!this.deferring) return;
-        // No pack write may still be on its way into the spool when it goes.
-        await this.packs.flush().catch(() => undefined);
+        // No pack write may still be on its way into the spool when it goes; the packs still open
+        // are dropped, not written into the spool only to be deleted with it.
+        await this.packs.abandon();
         end();
         await spool.discard();
         // What only the spool held is gone: the in-memory index must not claim it.
